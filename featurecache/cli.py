@@ -1,0 +1,212 @@
+"""The `featurecache` command: parse options, call the library, render, map errors.
+
+No torch logic lives here. Every expected failure is a FeatureCacheError and becomes
+one line `error: ...` on stderr with exit code 2 (bad input) or 1 (run-time failure);
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import FeatureCacheError
+from .inspect import describe_entry, entry_rows
+from .store import default_root
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Run a frozen backbone over images once; fit many heads on the cached features.")
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Dtype(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class OnError(str, Enum):
+    skip = "skip"
+    fail = "fail"
+
+
+class Compression(str, Enum):
+    none = "none"
+    lzf = "lzf"
+    gzip = "gzip"
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"featurecache {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        stream=sys.stderr)
+
+
+def handle_errors(function):
+    """Turn library errors into `error: ...` and an exit code, in one place."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except FeatureCacheError as error:
+            if _state["debug"]:
+                raise
+            err_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("error: interrupted; rerun the same command to resume", markup=False)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def progress_bar(description: str, quiet: bool):
+    """A rich progress bar with images/s and ETA, as a (context, callback) pair."""
+    progress = Progress(TextColumn(description), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=err_console, disable=quiet, transient=False, auto_refresh=False)
+    task = progress.add_task(description, total=None, rate="", start=False)
+
+    def update(done: int, total: int) -> None:
+        if not progress.live.is_started:  # appear only once there is work to show
+            progress.start()
+            progress.start_task(task)
+        elapsed = progress.tasks[0].elapsed or 0.0
+        rate = f"{done / elapsed:.1f} img/s" if elapsed > 0 else ""
+        progress.update(task, completed=done, total=total, rate=rate)
+        progress.refresh()
+
+    return progress, update
+
+
+@app.command()
+@handle_errors
+def extract(
+    source: Annotated[str, typer.Argument(help="Image folder, CSV (path,label[,split]), digits, cifar10:ROOT or cifar100:ROOT.")],
+    model: Annotated[str, typer.Option(help="Backbone architecture (torchvision ResNets).")] = "resnet50",
+    weights: Annotated[str, typer.Option(help="imagenet (IMAGENET1K_V1), an enum name like IMAGENET1K_V2, random, or a .pt/.pth/.safetensors file.")] = "imagenet",
+    tap: Annotated[list[str], typer.Option("--tap", help="Layer(s) to store: pool (default), layer3, layer4. Repeatable.")] = ["pool"],
+    image_size: Annotated[Optional[int], typer.Option(help="Input size override (crop size); part of the cache key.")] = None,
+    dtype: Annotated[Dtype, typer.Option(case_sensitive=False, help="Storage dtype of the features.")] = Dtype.float16,
+    precision: Annotated[Precision, typer.Option(case_sensitive=False, help="Forward-pass precision (auto: bf16 on CPU, bf16/fp16 on GPU).")] = Precision.auto,
+    device: Annotated[Device, typer.Option(case_sensitive=False)] = Device.auto,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    workers: Annotated[Optional[int], typer.Option(min=0, help="DataLoader workers (default: from the machine).")] = None,
+    shard_size: Annotated[int, typer.Option(min=1, help="Images per shard; the unit of resume.")] = 4096,
+    compression: Annotated[Compression, typer.Option(case_sensitive=False)] = Compression.none,
+    on_error: Annotated[OnError, typer.Option(case_sensitive=False, help="skip unreadable images (listed in the manifest) or fail.")] = OnError.skip,
+    content_hash: Annotated[bool, typer.Option(help="Fingerprint files by content hash instead of size and mtime.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for --weights random.")] = 0,
+    root: Annotated[Optional[Path], typer.Option(help="Cache root (default $FEATURECACHE_ROOT or ./cache).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary; print only the cache path.")] = False,
+) -> None:
+    """Extract backbone features of a dataset into the cache (resumable, incremental).
+
+    Example: featurecache extract ../shared/data/hymenoptera --weights random
+    """
+    from .extract import ExtractSpec, extract as run_extract
+
+    spec = ExtractSpec(
+        source=source, model=model, weights=weights, taps=tuple(tap), image_size=image_size,
+        dtype=dtype.value, precision=precision.value, device=device.value, batch_size=batch_size,
+        workers=workers, shard_size=shard_size, compression=None if compression is Compression.none else compression.value,
+        on_error=on_error.value, content_hash=content_hash, seed=seed, root=str(root) if root else None,
+    )
+    bar, update = progress_bar("extract", quiet)
+    try:
+        result = run_extract(spec, progress=update)
+    finally:
+        bar.stop()
+    if quiet:
+        console.print(str(result.path), markup=False, highlight=False)
+        return
+    if result.cache_hit:
+        console.print(f"cache hit: {result.path} (no backbone work)", markup=False, highlight=False)
+    else:
+        console.print(f"extracted {result.computed} images in {result.seconds:.1f}s "
+                      f"({result.images_per_second:.1f} img/s)", markup=False)
+    rows = ", ".join(f"{split} {count}" for split, count in result.splits.items())
+    console.print(f"rows: {rows}; skipped: {len(result.skipped)}", markup=False)
+    for skip in result.skipped[:10]:
+        console.print(f"  skipped {skip['path']}: {skip['reason']}", markup=False, highlight=False)
+    if len(result.skipped) > 10:
+        console.print(f"  ... and {len(result.skipped) - 10} more (see manifest.json)", markup=False)
+    console.print(f"cache: {result.path}", markup=False, highlight=False)
+
+
+@app.command("ls")
+@handle_errors
+def list_entries(
+    root: Annotated[Optional[Path], typer.Argument(help="Cache root (default $FEATURECACHE_ROOT or ./cache).")] = None,
+) -> None:
+    """List cache entries: source, architecture, weights, rows per split, size.
+
+    Example: featurecache ls cache/
+    """
+    rows = entry_rows(root or default_root())
+    if not rows:
+        console.print(f"no cache entries under {root or default_root()}", markup=False)
+        return
+    table = Table("entry", "source", "model", "weights", "rows", "size", "state")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+@app.command()
+@handle_errors
+def info(
+    cache: Annotated[str, typer.Argument(help="Cache entry path, folder name or key prefix.")],
+    root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
+) -> None:
+    """Show one cache entry's manifest in readable form.
+
+    Example: featurecache info cache/digits-resnet50-0123456789ab
+    """
+    for label, value in describe_entry(cache, root):
+        console.print(f"{label:>14}: {value}", markup=False, highlight=False)
+
+
+def main() -> None:
+    app(prog_name="featurecache")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The extract stage: dataset -> frozen backbone -> a cache entry of HDF5 shards.
+
+Only rows the entry lacks are computed: a rerun with the same inputs is a cache hit,
+new or changed files are added incrementally, removed files drop out, and a run that
+died resumes after its last committed shard. The manifest is the commit marker: it is
+rewritten atomically after every shard, and only shards it lists count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from filelock import FileLock, Timeout
+
+from . import __version__
+from .backbones import StagedBackbone, build_network, get_backbone, tap_shape, validate_taps
+from .engine import default_workers, resolve_device, resolve_precision, run_backbone
+from .errors import CacheLockedError, ExtractionError, UnreadableImageError, UsageError
+from .plan import Plan, make_plan
+from .shard_pipeline import ShardPipeline
+from .sources import open_source
+from .store import (MANIFEST, WEIGHTS_DIR, content_key, default_root, entry_dir_name, entry_id,
+                    read_manifest, write_json_atomic)
+from .weights import resolve_weights, store_weights
+
+log = logging.getLogger("featurecache")
+
+DTYPES = ("float16", "float32")
+ON_ERROR = ("skip", "fail")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractSpec:
+    """Everything `extract` needs; stored in the manifest of the entry it makes."""
+
+    source: str  # image folder, CSV file, "digits", "cifar10:ROOT" or "cifar100:ROOT"
+    model: str = "resnet50"
+    weights: str = "imagenet"  # imagenet | an enum name | random | path to a state dict
+    taps: tuple[str, ...] = ("pool",)
+    image_size: int | None = None  # overrides the weights' crop size (and scales the resize)
+    dtype: str = "float16"  # storage dtype of the features
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast of the forward pass)
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int | None = None  # DataLoader workers; None picks from the machine
+    shard_size: int = 4096  # images per shard: the unit of resume
+    compression: str | None = None  # None, "lzf" or "gzip"
+    on_error: str = "skip"  # skip unreadable images (listed in the manifest) or fail
+    content_hash: bool = False  # fingerprint files by content instead of size + mtime
+    seed: int = 0  # for --weights random
+    root: str | None = None  # cache root; default $FEATURECACHE_ROOT or ./cache
+    max_consecutive_failures: int = 50
+    lock_timeout: float = 10.0
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    key: str
+    cache_hit: bool
+    splits: dict[str, int]
+    computed: int  # images run through the backbone in this call
+    skipped: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 and self.computed else 0.0
+
+
+def _check_spec(spec: ExtractSpec) -> None:
+    if spec.dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype {spec.dtype!r}; use float16 or float32")
+    if spec.on_error not in ON_ERROR:
+        raise UsageError(f"unknown --on-error {spec.on_error!r}; use skip or fail")
+    if spec.compression not in (None, "lzf", "gzip"):
+        raise UsageError(f"unknown --compression {spec.compression!r}; use none, lzf or gzip")
+    for name in ("batch_size", "shard_size"):
+        if getattr(spec, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def extract(spec: ExtractSpec, *, progress: Callable[[int, int], None] | None = None) -> ExtractResult:
+    """Build or update the cache entry for `spec`; returns where it is and what was done."""
+    started = time.perf_counter()
+    _check_spec(spec)
+    entry = get_backbone(spec.model)
+    taps = validate_taps(entry, spec.taps)
+    device = resolve_device(spec.device)
+    precision = resolve_precision(spec.precision, device)
+    source = open_source(spec.source, content_hash=spec.content_hash)
+    weights = resolve_weights(entry, spec.weights, seed=spec.seed)
+    preprocessing = weights.preprocessing
+    if spec.image_size is not None:
+        preprocessing = preprocessing.with_image_size(spec.image_size)
+
+    config = {
+        "arch": entry.name,
+        "weights_sha256": weights.sha256,
+        "taps": list(taps),
+        "preprocessing": preprocessing.to_dict(),
+        "dtype": spec.dtype,
+        "precision": precision,
+        "source": source.identity(),
+        "fingerprint": "content" if spec.content_hash else "stat",
+    }
+    entry_hash = entry_id(config)
+    key = content_key(entry_hash, [s.fingerprint for s in source.samples])
+    root = Path(spec.root) if spec.root else default_root()
+    path = root / entry_dir_name(source.name, entry.name, entry_hash)
+    path.joinpath("shards").mkdir(parents=True, exist_ok=True)
+
+    try:
+        with FileLock(str(path / ".lock"), timeout=spec.lock_timeout):
+            previous = read_manifest(path) if (path / MANIFEST).exists() else None
+            if previous and previous.get("complete") and previous["key"] == key and _shards_present(path, previous):
+                log.info("cache hit: %s", path)
+                return ExtractResult(path, key, True, previous["splits"], 0, previous["skipped"],
+                                     time.perf_counter() - started)
+            plan = make_plan(path, previous, source, spec.shard_size, entry_id=entry_hash)
+            manifest = {
+                "format_version": 1, "tool_version": __version__, "entry_id": entry_hash, "key": key,
+                "complete": False, "config": config, "weights": {"spec": spec.weights, "description":
+                weights.description, "sha256": weights.sha256, "file": f"../{WEIGHTS_DIR}/{weights.sha256}.safetensors"},
+                "spec": dataclasses.asdict(spec), "classes": source.classes, "dtype": spec.dtype,
+                "taps": {t: {"shape": list(tap_shape(entry, t, preprocessing.crop_size))} for t in taps},
+                "created": (previous or {}).get("created", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+                "shards": [], "skipped": [], "splits": {},
+            }
+            store_weights(root / WEIGHTS_DIR, entry.name, weights)
+            pipeline = ShardPipeline(path, manifest, plan, spec)
+            pipeline.carry_over()
+            computed = 0
+            if plan.to_compute:
+                network = build_network(entry, weights.state_dict)
+                model = StagedBackbone(network).eval().to(device, memory_format=torch.channels_last)
+                workers = default_workers() if spec.workers is None else spec.workers
+                computed = _compute(model, source, plan, pipeline, spec, taps, device, precision,
+                                    preprocessing, workers, progress)
+            final = pipeline.finish()
+            pipeline.remove_unreferenced()
+    except Timeout:
+        raise CacheLockedError(
+            f"another featurecache process is writing {path}; wait for it to finish "
+            f"(or remove {path / '.lock'} if no such process is running)") from None
+    if not any(final["splits"].values()):
+        raise ExtractionError(f"no image in {spec.source} could be read; see the skipped list in {path / MANIFEST}")
+    return ExtractResult(path, key, False, final["splits"], computed, final["skipped"], time.perf_counter() - started)
+
+
+def _shards_present(path: Path, manifest: dict) -> bool:
+    return all((path / s["file"]).is_file() and (path / s["file"]).stat().st_size == s["bytes"]
+               for s in manifest["shards"])
+
+
+def _compute(model: StagedBackbone, source, plan: Plan, pipeline: ShardPipeline, spec: ExtractSpec,
+             taps, device, precision, preprocessing, workers: int, progress) -> int:
+    samples = plan.to_compute
+    # Batches never straddle a shard, so a resumed run batches images exactly as an
+    # uninterrupted one would, and gets bitwise-identical features.
+    batches = [list(range(start, min(start + spec.batch_size, shard.stop)))
+               for shard in plan.shards for start in range(shard.start, shard.stop, spec.batch_size)]
+    done, consecutive_failures, computed = 0, 0, 0
+    pipeline.start()
+    try:
+        for batch in run_backbone(model, source, samples, preprocessing=preprocessing, taps=taps,
+                                  device=device, precision=precision, dtype=spec.dtype,
+                                  batches=batches, num_workers=workers):
+            if batch.failures and spec.on_error == "fail":
+                position, reason = batch.failures[0]
+                raise UnreadableImageError(f"cannot read {samples[position].path}: {reason} "
+                                           "(use --on-error skip to skip unreadable images)")
+            failed = dict(batch.failures)
+            for position in sorted([*batch.positions, *failed]):
+                consecutive_failures = consecutive_failures + 1 if position in failed else 0
+                if consecutive_failures >= spec.max_consecutive_failures:
+                    raise ExtractionError(
+                        f"{consecutive_failures} images in a row could not be read (last: "
+                        f"{samples[position].path}: {failed[position]}); check the dataset")
+            pipeline.put(batch)
+            computed += len(batch.positions)
+            done += len(batch.positions) + len(batch.failures)
+            if progress:
+                progress(done, len(samples))
+        pipeline.close()
+    except BaseException:
+        pipeline.abort()
+        raise
+    return computed

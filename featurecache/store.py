@@ -1,0 +1,207 @@
+"""The cache format: keys, the manifest, entry paths, and reading an entry back.
+
+An entry lives in `<root>/<source>-<arch>-<id12>/`. Its id hashes everything that
+changes the numbers except the file list (format version, architecture, SHA-256 of
+the weights, taps, preprocessing, storage dtype, precision, source identity), so a
+dataset that gains or loses files keeps its entry and is updated incrementally. The
+entry's `key` adds every file's fingerprint: same key means nothing to compute, and
+heads remember the key they were trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CacheIncompleteError, CacheNotFoundError, CorruptCacheError
+from .shards import ShardRows, fsync_directory, open_shard, read_rows
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS_DIR = "_weights"
+DEFAULT_ROOT_ENV = "FEATURECACHE_ROOT"
+
+
+def default_root() -> Path:
+    return Path(os.environ.get(DEFAULT_ROOT_ENV, "cache"))
+
+
+def canonical_json(data: object) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def entry_id(config: dict) -> str:
+    return sha256_text(canonical_json({"format_version": FORMAT_VERSION, **config}))
+
+
+def content_key(entry: str, fingerprints: list[str]) -> str:
+    digest = hashlib.sha256(entry.encode())
+    for fingerprint in sorted(fingerprints):
+        digest.update(fingerprint.encode())
+    return digest.hexdigest()
+
+
+def entry_dir_name(source_name: str, arch: str, entry: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in source_name)[:40] or "source"
+    return f"{safe}-{arch}-{entry[:12]}"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON to a temp file, fsync, and rename: readers see the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1, sort_keys=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_directory(path.parent)
+
+
+def read_manifest(entry_path: Path) -> dict:
+    path = entry_path / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CacheNotFoundError(f"no cache entry at {entry_path} (no {MANIFEST}); run featurecache extract first") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptCacheError(f"manifest {path} is unreadable ({error}); run featurecache verify") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise CorruptCacheError(f"{path} is not a featurecache v{FORMAT_VERSION} manifest")
+    for shard in manifest.get("shards", []):
+        check_relative(shard.get("file", ""), entry_path)
+    return manifest
+
+
+def check_relative(relative: str, entry_path: Path) -> Path:
+    """Resolve a manifest path, refusing anything that escapes the entry folder."""
+    candidate = Path(relative)
+    if not relative or candidate.is_absolute() or ".." in candidate.parts:
+        raise CorruptCacheError(f"manifest in {entry_path} names a path outside the entry: {relative!r}")
+    return entry_path / candidate
+
+
+def resolve_entry(name: str | Path, root: Path | None = None) -> Path:
+    """A cache entry by path, by folder name under the root, or by a unique key prefix."""
+    path = Path(name).expanduser()
+    if (path / MANIFEST).exists():
+        return path
+    root = root or default_root()
+    if (root / str(name) / MANIFEST).exists():
+        return root / str(name)
+    matches = [e for e in list_entries(root) if str(name) and (
+        e.name.startswith(str(name)) or e.name.split("-")[-1].startswith(str(name)))]
+    if len(matches) == 1:
+        return matches[0]
+    hint = "" if not matches else f" ({len(matches)} entries match; be more specific)"
+    raise CacheNotFoundError(f"no cache entry {name}{hint}; run featurecache ls to see entries, or extract first")
+
+
+def list_entries(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).exists())
+
+
+def entry_size_bytes(entry_path: Path) -> int:
+    return sum(f.stat().st_size for f in entry_path.rglob("*") if f.is_file())
+
+
+class Cache:
+    """A finished cache entry: features, labels and paths per split and tap.
+
+    `features(split, tap)` loads a whole split into memory; `iter_shards` streams it
+    shard by shard for data larger than memory.
+    """
+
+    def __init__(self, path: Path, manifest: dict) -> None:
+        self.path, self.manifest = path, manifest
+        self.key: str = manifest["key"]
+        self.classes: list[str] = manifest["classes"]
+        self.tap_shapes = {tap: tuple(info["shape"]) for tap, info in manifest["taps"].items()}
+
+    @property
+    def splits(self) -> dict[str, int]:
+        return dict(self.manifest["splits"])
+
+    @property
+    def taps(self) -> list[str]:
+        return list(self.tap_shapes)
+
+    def _shards(self, split: str) -> list[dict]:
+        if split not in self.manifest["splits"]:
+            raise CacheNotFoundError(f"split {split!r} is not in {self.path.name}; it has: {', '.join(self.splits)}")
+        return [s for s in self.manifest["shards"] if s["split"] == split]
+
+    def _check_tap(self, tap: str) -> None:
+        if tap not in self.tap_shapes:
+            raise CacheNotFoundError(
+                f"tap {tap!r} is not in {self.path.name} (it has {', '.join(self.taps)}); "
+                f"rerun featurecache extract with --tap {tap}")
+
+    def iter_shards(self, split: str, tap: str = "pool") -> Iterator[ShardRows]:
+        """Yield each shard's rows (features of one tap, labels, index, paths)."""
+        self._check_tap(tap)
+        for shard in self._shards(split):
+            yield read_rows(self.path / shard["file"], shard["rows"], {tap: self.tap_shapes[tap]})
+
+    def features(self, split: str, tap: str = "pool") -> np.ndarray:
+        """All features of a split, read straight into one preallocated array."""
+        self._check_tap(tap)
+        shards = self._shards(split)
+        out = np.empty((sum(s["rows"] for s in shards), *self.tap_shapes[tap]), dtype=self.manifest["dtype"])
+        start = 0
+        for shard in shards:
+            path = self.path / shard["file"]
+            try:
+                with open_shard(path, shard["rows"], {tap: self.tap_shapes[tap]}) as handle:
+                    if shard["rows"]:
+                        handle[f"features/{tap}"].read_direct(out, dest_sel=np.s_[start : start + shard["rows"]])
+            except OSError as error:
+                raise CorruptCacheError(f"shard {path} is damaged ({error}); run featurecache verify") from None
+            start += shard["rows"]
+        return out
+
+    def _column(self, split: str, name: str) -> list:
+        values: list = []
+        for shard in self._shards(split):
+            path = self.path / shard["file"]
+            with open_shard(path, shard["rows"], {}) as handle:
+                values.extend(handle[name][:])
+        return values
+
+    def labels(self, split: str) -> np.ndarray:
+        return np.asarray(self._column(split, "labels"), dtype=np.int64)
+
+    def index(self, split: str) -> np.ndarray:
+        return np.asarray(self._column(split, "index"), dtype=np.int64)
+
+    def paths(self, split: str) -> list[str]:
+        return [p.decode() if isinstance(p, bytes) else p for p in self._column(split, "paths")]
+
+    def __repr__(self) -> str:
+        return f"Cache({self.path}, splits={self.splits}, taps={self.taps})"
+
+
+def open_cache(path: str | Path, *, root: Path | None = None) -> Cache:
+    """Open a finished entry; damage (missing or resized shards) is reported, not hidden."""
+    entry_path = resolve_entry(path, root)
+    manifest = read_manifest(entry_path)
+    if not manifest.get("complete"):
+        raise CacheIncompleteError(f"extraction of {entry_path} has not finished; rerun the same featurecache extract to resume")
+    for shard in manifest["shards"]:
+        file = entry_path / shard["file"]
+        if not file.exists():
+            raise CorruptCacheError(f"shard {shard['file']} of {entry_path} is missing; run featurecache verify --repair")
+        if file.stat().st_size != shard["bytes"]:
+            raise CorruptCacheError(f"shard {shard['file']} of {entry_path} has the wrong size; run featurecache verify --repair")
+    return Cache(entry_path, manifest)

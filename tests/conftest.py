@@ -1,0 +1,46 @@
+"""Tiny, self-contained data and settings for the test suite (no network, no shared data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featurecache.extract import ExtractSpec
+from helpers import write_image
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """Never download, and keep every cache under the test's own folder."""
+    monkeypatch.setenv("FEATURECACHE_OFFLINE", "1")
+    monkeypatch.setenv("FEATURECACHE_ROOT", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """train/ and val/ splits, 2 classes, 5 + 3 small images per class."""
+    root = tmp_path / "photos"
+    seed = 0
+    for split, count in (("train", 5), ("val", 3)):
+        for label in ("ants", "bees"):
+            for i in range(count):
+                seed += 1
+                write_image(root / split / label / f"{label}_{i}.png", seed)
+    return root
+
+
+@pytest.fixture
+def tiny_spec():
+    """An ExtractSpec factory: small random ResNet18 at 32 px, fp32, in-process decoding."""
+
+    def make(source, **overrides) -> ExtractSpec:
+        base = dict(source=str(source), model="resnet18", weights="random", image_size=32,
+                    precision="fp32", dtype="float32", batch_size=4, workers=0, shard_size=4)
+        base.update(overrides)
+        return ExtractSpec(**base)
+
+    return make

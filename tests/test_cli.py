@@ -1,0 +1,89 @@
+"""The CLI: help for every command, one-line errors with exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from featurecache.cli import app
+
+runner = CliRunner()
+
+
+def _commands():
+    import typer.main
+
+    return sorted(typer.main.get_command(app).commands)
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_every_command_has_help_with_an_example(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output
+
+
+def _one_line_error(result):
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("arguments, fragment", [
+    (["extract", "/no/such/folder"], "dataset not found"),
+    (["extract", "digits", "--model", "vgg99"], "unknown model"),
+    (["extract", "digits", "--weights", "IMAGENET9K"], "unknown weights"),
+    (["extract", "digits", "--weights", "/no/such/file.pt"], "weights file not found"),
+    (["extract", "digits", "--tap", "layer9", "--weights", "random"], "unknown tap"),
+    (["extract", "digits"], "not on this machine"),  # offline ImageNet weights
+    (["info", "nothing-here"], "no cache entry"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(arguments, fragment, tmp_path):
+    root = tmp_path / "cache"
+    result = runner.invoke(app, [*arguments[:1], *arguments[1:], *(["--root", str(root)] if arguments[0] == "extract" else [])])
+    assert result.exit_code == 2, result.output
+    assert fragment in _one_line_error(result)
+    assert not root.exists() or not any(p.name != "_weights" for p in root.iterdir())
+
+
+def test_empty_dataset(tmp_path):
+    (tmp_path / "empty" / "class_a").mkdir(parents=True)
+    result = runner.invoke(app, ["extract", str(tmp_path / "empty"), "--weights", "random", "--root", str(tmp_path / "c")])
+    assert result.exit_code == 2
+    assert "no images found" in _one_line_error(result)
+    assert not (tmp_path / "c").exists()
+
+
+def test_extract_then_hit_then_ls_and_info(image_folder, tmp_path):
+    root = str(tmp_path / "c")
+    args = ["extract", str(image_folder), "--model", "resnet18", "--weights", "random", "--image-size", "32",
+            "--root", root, "--workers", "0", "--precision", "FP32"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "rows: train 10, val 6" in first.stdout
+    second = runner.invoke(app, args)
+    assert "cache hit" in second.stdout
+    listing = runner.invoke(app, ["ls", root])
+    assert "photos" in listing.stdout and "resnet18" in listing.stdout
+    info = runner.invoke(app, ["info", "photos-resnet18", "--root", root])
+    assert info.exit_code == 0 and "random(seed=0)" in info.stdout and "centre crop 32" in info.stdout
+
+
+def test_unsafe_pickle_checkpoint_is_refused(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    checkpoint = tmp_path / "evil.pt"
+    with open(checkpoint, "wb") as handle:
+        pickle.dump({"conv1.weight": Exploit()}, handle)
+    result = runner.invoke(app, ["extract", "digits", "--weights", str(checkpoint), "--root", str(tmp_path / "c")])
+    assert result.exit_code == 2
+    assert "refused" in _one_line_error(result) or "cannot read checkpoint" in result.stderr
+    assert not marker.exists()
