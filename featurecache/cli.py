@@ -204,6 +204,10 @@ def info(
         console.print(f"{label:>14}: {value}", markup=False, highlight=False)
 
 
+# Commands of the other stages live in their own modules and register on `app`.
+from . import cli_commands  # noqa: E402,F401
+
+
 def main() -> None:
     app(prog_name="featurecache")
 
