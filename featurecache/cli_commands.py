@@ -1,1 +1,3 @@
 """Imports every module that registers commands on the CLI app (one line per stage)."""
+from . import cli_fit  # noqa: E402,F401  fit-head, heads, ensemble, predict, export
+from . import cli_verify  # noqa: E402,F401  verify [--repair]

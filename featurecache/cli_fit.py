@@ -1,0 +1,193 @@
+"""CLI commands of the fit-head stage: fit-head, heads, ensemble, predict, export."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from .cli import app, console, handle_errors
+from .errors import UsageError
+
+
+def _parse_params(values: list[str]) -> dict:
+    """`key=value` pairs; values are JSON when they parse (numbers, lists), else strings."""
+    params = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--param {item!r} is not key=value (e.g. --param C=0.1 or --param hidden_sizes=[256])")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _open(cache: str, root: Optional[Path]):
+    from .store import open_cache
+
+    return open_cache(cache, root=root)
+
+
+@app.command("fit-head")
+@handle_errors
+def fit_head_command(
+    cache: Annotated[str, typer.Argument(help="Cache entry (path, folder name or key prefix).")],
+    head: Annotated[str, typer.Option(help="logistic, mlp, knn, or sklearn:<module>.<Estimator> (e.g. sklearn:svm.LinearSVC).")] = "logistic",
+    name: Annotated[Optional[str], typer.Option(help="Name under heads/ (default: the head type).")] = None,
+    tap: Annotated[str, typer.Option(help="Which cached features to use.")] = "pool",
+    param: Annotated[list[str], typer.Option("--param", help="Head parameter key=value, repeatable: C=0.1, Cs=[0.01,1], hidden_sizes=[256], k=10.")] = [],
+    val_fraction: Annotated[Optional[float], typer.Option(help="Carve validation from train (stratified) instead of using the val split.")] = None,
+    refit: Annotated[bool, typer.Option(help="Retrain the chosen setting on train+val (logistic).")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+    root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
+) -> None:
+    """Fit a classifier head on cached features; choose hyper-parameters on validation.
+
+    Example: featurecache fit-head cache/digits-resnet50-0123456789ab --head logistic
+    """
+    from .fit import FitSpec, fit_head
+
+    spec = FitSpec(head=head, name=name, tap=tap, params=_parse_params(param), val_fraction=val_fraction,
+                   refit=refit, seed=seed)
+    result = fit_head(_open(cache, root), spec)
+    record = result.record
+    headline = record["headline"]
+    chosen = f" (chosen: {json.dumps(record['chosen'])})" if record.get("chosen") else ""
+    console.print(f"head {result.name}: {headline['split']} top-1 {_percent(headline['top1'])}%{chosen}",
+                  markup=False, highlight=False)
+    console.print(f"  {headline['note']}; fitted in {record['fit_seconds']:.1f}s; saved to {result.path}",
+                  markup=False, highlight=False)
+
+
+@app.command("heads")
+@handle_errors
+def heads_command(
+    cache: Annotated[str, typer.Argument(help="Cache entry.")],
+    root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
+) -> None:
+    """Leaderboard of every head and ensemble on a cache, best first.
+
+    Example: featurecache heads cache/digits-resnet50-0123456789ab
+    """
+    from .fit import leaderboard
+
+    rows = leaderboard(_open(cache, root))
+    if not rows:
+        console.print("no heads yet; fit one with featurecache fit-head", markup=False)
+        return
+    table = Table()
+    for column in ("name", "head", "split", "top-1 %", "top-5 %", "val top-1 %", "fit s", "chosen"):
+        table.add_column(column, no_wrap=column != "chosen", overflow="fold")
+    for row in rows:
+        label = row["name"] + ("" if row["tap"] == "pool" else f" [{row['tap']}]") + (" (stale)" if row["stale"] else "")
+        table.add_row(label, row["head"], row["split"], _percent(row["top1"]), _percent(row["top5"]),
+                      _percent(row["val_top1"]), f"{row['fit_seconds']:.1f}",
+                      json.dumps(row["chosen"]) if row["chosen"] else "-")
+    console.print(table)
+
+
+@app.command("ensemble")
+@handle_errors
+def ensemble_command(
+    cache: Annotated[str, typer.Argument(help="Cache entry.")],
+    members: Annotated[list[str], typer.Argument(help="Names of fitted heads to combine.")],
+    name: Annotated[str, typer.Option(help="Name of the ensemble head.")] = "ensemble",
+    weights: Annotated[Optional[str], typer.Option(help="Comma-separated weights, one per head (default equal).")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
+) -> None:
+    """Soft-voting ensemble (weighted average of probabilities) saved as a head.
+
+    Example: featurecache ensemble cache/digits-resnet50-0123456789ab logistic mlp knn --name vote
+    """
+    from .fit import make_ensemble
+
+    try:
+        parsed = [float(w) for w in weights.split(",")] if weights else None
+    except ValueError:
+        raise UsageError(f"--weights {weights!r} must be comma-separated numbers") from None
+    result = make_ensemble(_open(cache, root), members, name=name, weights=parsed)
+    headline = result.record["headline"]
+    console.print(f"ensemble {result.name} of {', '.join(members)}: {headline['split']} top-1 "
+                  f"{_percent(headline['top1'])}% ({headline['note']})", markup=False, highlight=False)
+
+
+def _predictor(cache: str, head: Optional[str], finetune: Optional[str], root: Optional[Path]):
+    if (head is None) == (finetune is None):
+        raise UsageError("give exactly one of --head NAME or --finetune NAME")
+    if finetune is not None:
+        from .finetune import load_finetuned_predictor
+
+        return load_finetuned_predictor(_open(cache, root), finetune)
+    from .predict import load_predictor
+
+    return load_predictor(_open(cache, root), head)
+
+
+@app.command("predict")
+@handle_errors
+def predict_command(
+    cache: Annotated[str, typer.Argument(help="Cache entry whose backbone and preprocessing to use.")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    head: Annotated[Optional[str], typer.Option(help="A fitted head on the cache.")] = None,
+    finetune: Annotated[Optional[str], typer.Option(help="A finetune run on the cache, instead of --head.")] = None,
+    top_k: Annotated[int, typer.Option(min=1)] = 3,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write CSV here instead of a table.")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
+) -> None:
+    """Classify new images with the cache's own backbone checkpoint and a head.
+
+    Example: featurecache predict cache/hymenoptera-resnet50-0123456789ab photo.jpg more/ --head logistic
+    """
+    from .predict import predict
+
+    results = predict(_predictor(cache, head, finetune, root), list(paths), top_k=top_k)
+    if output is not None:
+        with open(output, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path"] + [f"{kind}{i + 1}" for i in range(top_k) for kind in ("class", "prob")] + ["error"])
+            for r in results:
+                cells = [c for cls, p in r.top for c in (cls, f"{p:.6f}")]
+                writer.writerow([r.path] + cells + [""] * (2 * top_k - len(cells)) + [r.error])
+        console.print(f"wrote {len(results)} predictions to {output}", markup=False, highlight=False)
+        return
+    table = Table("path", "prediction", "probability", "runners-up")
+    for r in results:
+        if r.error:
+            table.add_row(r.path, "-", "-", f"unreadable: {r.error}")
+        else:
+            rest = ", ".join(f"{c} {p:.3f}" for c, p in r.top[1:])
+            table.add_row(r.path, r.top[0][0], f"{r.top[0][1]:.3f}", rest)
+    console.print(table)
+
+
+@app.command("export")
+@handle_errors
+def export_command(
+    cache: Annotated[str, typer.Argument(help="Cache entry.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output file, e.g. model.pt.")],
+    head: Annotated[Optional[str], typer.Option(help="A fitted head on the cache.")] = None,
+    finetune: Annotated[Optional[str], typer.Option(help="A finetune run on the cache, instead of --head.")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
+) -> None:
+    """Write backbone + head + class names + preprocessing as one TorchScript file.
+
+    Example: featurecache export cache/digits-resnet50-0123456789ab --head logistic -o model.pt
+    """
+    from .export import export_model
+
+    predictor = _predictor(cache, head, finetune, root)
+    path = export_model(predictor, output, provenance={"cache": str(cache), "head": head, "finetune": finetune})
+    console.print(f"wrote {path} ({len(predictor.classes)} classes, input {predictor.preprocessing.crop_size}px)",
+                  markup=False, highlight=False)
+    print("load it with: torch.jit.load(path, _extra_files={'featurecache.json': ''})", file=sys.stderr)

@@ -1,0 +1,179 @@
+"""The fit-head stage: heads on cached features, chosen on validation, reported honestly.
+
+Hyper-parameters are chosen on a validation split (the cache's own, or a stratified
+fraction carved from train); the headline figure is the test split's when there is
+one. A figure chosen and reported on the same split is labelled as such.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from . import __version__
+from .errors import CorruptCacheError, HeadError, MismatchError
+from .headstore import default_head_name, list_heads, load_head, read_record, save_head
+from .heads import EnsembleHead, Head, make_head
+from .metrics import classification_metrics
+from .store import Cache, open_cache
+
+log = logging.getLogger("featurecache")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitSpec:
+    """What `fit_head` needs; stored in head.json."""
+
+    head: str = "logistic"  # logistic | mlp | knn | sklearn:<module>.<Estimator> | registered name
+    name: str | None = None  # folder under heads/; defaults to the head type
+    tap: str = "pool"
+    params: dict[str, Any] = field(default_factory=dict)  # passed to the head's constructor
+    val_fraction: float | None = None  # carve validation from train (stratified) instead of the val split
+    refit: bool = False  # retrain the chosen setting on train + val
+    seed: int = 0
+
+
+@dataclass
+class FitResult:
+    name: str
+    path: Path
+    head: Head
+    record: dict
+
+
+def _features(cache: Cache, split: str, tap: str) -> np.ndarray:
+    values = cache.features(split, tap)
+    values = values.reshape(len(values), -1)
+    if not np.isfinite(values).all():
+        raise CorruptCacheError(f"the {split} features of {cache.path.name} hold NaN or inf; "
+                                "run featurecache verify, or extract again with --dtype float32")
+    return values
+
+
+def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    indices = np.arange(len(labels))
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 else None
+    return train_test_split(indices, test_size=fraction, random_state=seed, stratify=stratify)
+
+
+def _splits(cache: Cache, spec: FitSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """train / val (for selection) / test arrays, with how val was obtained in the keys."""
+    if cache.splits.get("train", 0) == 0:
+        raise HeadError(f"{cache.path.name} has no training rows (splits: {cache.splits}); "
+                        "extract a dataset with a train split")
+    X, y = _features(cache, "train", spec.tap), cache.labels("train")
+    data = {}
+    if spec.val_fraction is None and cache.splits.get("val", 0) > 0:
+        data["train"] = (X, y)
+        data["val"] = (_features(cache, "val", spec.tap), cache.labels("val"))
+    else:
+        fraction = spec.val_fraction if spec.val_fraction is not None else 0.2
+        if not 0 < fraction < 1:
+            raise HeadError(f"--val-fraction must be between 0 and 1, got {fraction}")
+        train, val = _stratified_split(y, fraction, spec.seed)
+        data["train"], data["val (from train)"] = (X[train], y[train]), (X[val], y[val])
+    if cache.splits.get("test", 0) > 0:
+        data["test"] = (_features(cache, "test", spec.tap), cache.labels("test"))
+    return data
+
+
+def _evaluate(head: Head, data: dict, classes: list[str]) -> dict[str, dict]:
+    return {split: classification_metrics(head.predict_proba(X), y, classes)
+            for split, (X, y) in data.items() if split != "train" and len(y)}
+
+
+def _headline(metrics: dict, refit: bool) -> dict:
+    if "test" in metrics:
+        return {"split": "test", "top1": metrics["test"]["top1"], "note": "chosen on validation, reported on test"}
+    split = next(iter(metrics))
+    note = "chosen and reported on the same split (optimistic)"
+    if refit:
+        note = "reported on data the refit trained on (optimistic)"
+    return {"split": split, "top1": metrics[split]["top1"], "note": note}
+
+
+def fit_head(cache: Cache | str | Path, spec: FitSpec) -> FitResult:
+    """Fit one head on a cache and write it to `heads/<name>/` with its metrics."""
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    if spec.tap not in cache.tap_shapes:
+        raise HeadError(f"tap {spec.tap!r} is not in {cache.path.name} (it has {', '.join(cache.taps)})")
+    data = _splits(cache, spec)
+    (X, y), (val_name, (X_val, y_val)) = data["train"], list(data.items())[1]
+    params = dict(spec.params)
+    if spec.refit:
+        if spec.head != "logistic":
+            raise HeadError("--refit is supported for the logistic head")
+        params["refit"] = True
+    head = make_head(spec.head, **params)
+    started = time.perf_counter()
+    head.fit(X, y, X_val, y_val, n_classes=len(cache.classes))
+    seconds = time.perf_counter() - started
+    metrics = _evaluate(head, data, cache.classes)
+    record = {
+        "head": spec.head, "tap": spec.tap, "cache_key": cache.key, "cache": cache.path.name,
+        "classes": cache.classes, "selection_split": val_name,
+        "chosen": getattr(head, "best_params_", None), "metrics": metrics,
+        "headline": _headline(metrics, spec.refit), "fit_seconds": seconds,
+        "rows": {split: int(len(labels)) for split, (_, labels) in data.items()},
+        "spec": {"head": spec.head, "tap": spec.tap, "params": spec.params, "val_fraction": spec.val_fraction,
+                 "refit": spec.refit, "seed": spec.seed},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tool_version": __version__,
+    }
+    name = spec.name or default_head_name(spec.head)
+    path = save_head(cache, name, head, record)
+    log.info("head %s: %s top-1 %.4f", name, record["headline"]["split"], record["headline"]["top1"])
+    return FitResult(name, path, head, read_record(cache, name))
+
+
+def make_ensemble(cache: Cache | str | Path, members: list[str], *, name: str,
+                  weights: list[float] | None = None) -> FitResult:
+    """Soft voting: a weighted average of the members' probabilities, saved as a head."""
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    if not members:
+        raise HeadError("name at least one head to ensemble")
+    if weights is not None and len(weights) != len(members):
+        raise HeadError(f"{len(weights)} weights for {len(members)} heads; give one weight per head")
+    loaded = [load_head(cache, member) for member in members]
+    taps = {record["tap"] for _, record in loaded}
+    if len(taps) > 1:
+        raise MismatchError(f"heads {', '.join(members)} use different taps ({', '.join(sorted(taps))})")
+    tap = taps.pop()
+    head = EnsembleHead.from_members([h for h, _ in loaded], weights, list(members))
+    spec = FitSpec(head="ensemble", tap=tap, val_fraction=None)
+    data = _splits(cache, spec)
+    metrics = _evaluate(head, data, cache.classes)
+    record = {
+        "head": "ensemble", "tap": tap, "cache_key": cache.key, "cache": cache.path.name,
+        "classes": cache.classes, "selection_split": None, "members": members,
+        "weights": list(head._normalized_weights()), "metrics": metrics,
+        "headline": _headline(metrics, False) | ({} if "test" in metrics else
+                                                 {"note": "members were chosen on this split (optimistic)"}),
+        "fit_seconds": 0.0, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tool_version": __version__,
+    }
+    path = save_head(cache, name, head, record)
+    return FitResult(name, path, head, read_record(cache, name))
+
+
+def leaderboard(cache: Cache | str | Path) -> list[dict]:
+    """Every head on the cache with its headline figure, best first."""
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    rows = []
+    for name in list_heads(cache):
+        record = read_record(cache, name)
+        split = record["headline"]["split"]
+        metrics = record["metrics"].get(split, {})
+        rows.append({
+            "name": name, "head": record["head"], "tap": record["tap"], "split": split,
+            "top1": metrics.get("top1"), "top5": metrics.get("top5"),
+            "val_top1": next((m["top1"] for s, m in record["metrics"].items() if s.startswith("val")), None),
+            "chosen": record.get("chosen"), "fit_seconds": record.get("fit_seconds", 0.0),
+            "stale": record.get("cache_key") != cache.key, "note": record["headline"].get("note", ""),
+        })
+    return sorted(rows, key=lambda r: (r["stale"], -(r["top1"] or 0.0)))

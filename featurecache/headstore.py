@@ -1,0 +1,106 @@
+"""Heads on disk: `heads/<name>/head.safetensors` (+ a readable `head.json` copy).
+
+The safetensors file carries the tensors and, in its metadata, the whole head record
+(config, cache key, metrics). It is the one authoritative file and is replaced
+atomically, so a kill during a save keeps the previous head. `head.json` is written
+after it for people and tools to read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from .errors import HeadError, MismatchError
+from .heads import Head, head_from_saved
+from .shards import fsync_directory
+from .store import Cache, write_json_atomic
+
+RECORD_METADATA = "featurecache.head"
+HEADS_DIR = "heads"
+
+
+def head_dir(cache: Cache, name: str) -> Path:
+    return cache.path / HEADS_DIR / name
+
+
+def check_head_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}", name):
+        raise HeadError(f"bad head name {name!r}; use letters, digits, '_', '-', '.' or '+'")
+    return name
+
+
+def default_head_name(head_type: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]", "-", head_type.replace("sklearn:", "sklearn-"))
+
+
+def save_head(cache: Cache, name: str, head: Head, record: dict) -> Path:
+    """Write the head atomically; `record` is stored in the file and as head.json."""
+    directory = head_dir(cache, check_head_name(name))
+    directory.mkdir(parents=True, exist_ok=True)
+    record = {**record, "name": name, "config": head.to_config()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.to_tensors().items()}
+    final = directory / "head.safetensors"
+    tmp = directory / f".head.safetensors.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, str(tmp), metadata={RECORD_METADATA: json.dumps(record)})
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+        fsync_directory(directory)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_json_atomic(directory / "head.json", record)
+    return directory
+
+
+def read_record(cache: Cache, name: str) -> dict:
+    path = head_dir(cache, name) / "head.safetensors"
+    if not path.exists():
+        known = ", ".join(list_heads(cache)) or "none yet"
+        raise HeadError(f"no head {name!r} on {cache.path.name} (heads: {known}); fit one with featurecache fit-head")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return json.loads((handle.metadata() or {})[RECORD_METADATA])
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as error:
+        raise HeadError(f"head file {path} is unreadable ({error}); fit the head again") from None
+
+
+def load_head(cache: Cache, name: str) -> tuple[Head, dict]:
+    """Rebuild a fitted head, refusing one trained on other features than this cache's."""
+    record = read_record(cache, name)
+    if record.get("cache_key") != cache.key:
+        raise MismatchError(
+            f"head {name!r} was fitted on other features (cache key {str(record.get('cache_key'))[:12]}, "
+            f"this cache is {cache.key[:12]}); fit it again with featurecache fit-head")
+    tap = record.get("tap", "pool")
+    if tap not in cache.tap_shapes or record["config"].get("n_features") not in (None, _width(cache, tap)):
+        raise MismatchError(f"head {name!r} expects {record['config'].get('n_features')} features of tap {tap!r}, "
+                            f"which this cache does not have")
+    members = None
+    if record["config"].get("head") == "ensemble":
+        members = [load_head(cache, member)[0] for member in record["config"]["params"]["members"]]
+    try:
+        tensors = load_file(str(head_dir(cache, name) / "head.safetensors"))
+    except (SafetensorError, OSError) as error:
+        raise HeadError(f"head {name!r} is unreadable ({error}); fit it again") from None
+    return head_from_saved(record["config"], tensors, members=members), record
+
+
+def _width(cache: Cache, tap: str) -> int:
+    size = 1
+    for dimension in cache.tap_shapes[tap]:
+        size *= dimension
+    return size
+
+
+def list_heads(cache: Cache) -> list[str]:
+    root = cache.path / HEADS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "head.safetensors").exists())

@@ -1,0 +1,515 @@
+"""Heads made of torch linear layers: multinomial logistic regression and an MLP.
+
+Also what every head shares: the `Head` base (scikit-learn estimator contract, input
+checks, JSON config) and the `Standardize` layer that carries the training statistics
+inside exported modules, so that they take raw features.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_is_fitted
+from torch import Tensor, nn
+
+from .errors import HeadError, MismatchError
+
+logger = logging.getLogger("featurecache")
+
+STD_FLOOR = 1e-6
+DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 4, 12))
+BLOCK_ELEMENTS = 2**24  # largest (rows x columns) intermediate computed at once
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map "auto" / "cpu" / "cuda[:i]" to a torch device, refusing CUDA when absent."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise HeadError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HeadError("CUDA is not available here; use device='cpu' or 'auto'")
+    return torch.device(device)
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with numpy scalars/arrays and tuples turned into JSON types."""
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [jsonable(item) for item in value]
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        return {key: jsonable(item) for key, item in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise HeadError(f"{type(value).__name__} value {value!r} cannot be stored in head.json")
+
+
+def as_features(X: Any, n_features: int | None = None) -> np.ndarray:
+    """X as a (N, D) float32 C-contiguous array, checked against `n_features`."""
+    X = np.asarray(X)
+    if X.ndim != 2:
+        raise MismatchError(f"features must be a 2-D (N, D) array, got shape {X.shape}")
+    if n_features is not None and X.shape[1] != n_features:
+        raise MismatchError(f"head expects {n_features} features, got {X.shape[1]}")
+    return np.ascontiguousarray(X, dtype=np.float32)
+
+
+def as_labels(y: Any, n_rows: int) -> np.ndarray:
+    labels = np.asarray(y)
+    if labels.shape != (n_rows,):
+        raise MismatchError(f"{n_rows} feature rows but labels have shape {labels.shape}")
+    if labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0):
+        raise MismatchError("labels must be integer class indices 0..C-1")
+    return labels.astype(np.int64)
+
+
+def standardization(X: np.ndarray) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and std (floored at STD_FLOOR) as float32 tensors."""
+    mean = X.mean(axis=0, dtype=np.float64)
+    std = np.maximum(X.std(axis=0, dtype=np.float64), STD_FLOOR)
+    return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32))
+
+
+def run_in_blocks(function: Callable[[Tensor], Tensor], X: np.ndarray, width: int) -> np.ndarray:
+    """`function` over row blocks of a non-empty X, sized so that an intermediate of
+    `width` columns stays under BLOCK_ELEMENTS values."""
+    rows = max(1, BLOCK_ELEMENTS // max(width, 1))
+    blocks = (torch.from_numpy(X[start : start + rows]) for start in range(0, len(X), rows))
+    return torch.cat([function(block) for block in blocks]).numpy()
+
+
+class Standardize(nn.Module):
+    """(x - mean) / scale, with the training statistics as buffers."""
+
+    def __init__(self, mean: Tensor, scale: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.clone())
+        self.register_buffer("scale", scale.clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.scale
+
+
+class Head(ClassifierMixin, BaseEstimator):
+    """Base of all heads: the sklearn contract plus persistence without pickle.
+
+    Subclasses implement `_fit`, `_predict_proba`, `to_tensors` and `_load_tensors`, and
+    list their JSON-able learned attributes in `_saved_attributes`. The class count is
+    `n_classes` from `fit`, else from the constructor, else max(y) + 1.
+    """
+
+    name: ClassVar[str] = ""
+    _saved_attributes: ClassVar[tuple[str, ...]] = ()
+
+    def _check_params(self) -> None:
+        """Raise HeadError for bad parameter values (called by fit and make_head)."""
+
+    def fit(self, X, y, X_val=None, y_val=None, *, n_classes: int | None = None) -> Head:
+        self._check_params()
+        X = as_features(X)
+        y = as_labels(y, X.shape[0])
+        if X.shape[0] == 0:
+            raise HeadError("cannot fit a head on zero samples")
+        if (X_val is None) != (y_val is None):
+            raise HeadError("pass both X_val and y_val, or neither")
+        if X_val is not None:
+            X_val = as_features(X_val, X.shape[1])
+            y_val = as_labels(y_val, X_val.shape[0])
+        n_classes = n_classes or getattr(self, "n_classes", None) or int(y.max()) + 1
+        for labels in (y, y_val):
+            if labels is not None and labels.size and labels.max() >= n_classes:
+                raise MismatchError(f"label {labels.max()} is out of range for {n_classes} classes")
+        self._fit(X, y, X_val, y_val, n_classes)
+        self.classes_ = np.arange(n_classes)
+        self.n_features_in_ = X.shape[1]
+        return self
+
+    def _fit(self, X: np.ndarray, y: np.ndarray, X_val: np.ndarray | None,
+             y_val: np.ndarray | None, n_classes: int) -> None:
+        raise NotImplementedError
+
+    def predict_proba(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = as_features(X, self.n_features_in_)
+        if len(X) == 0:
+            return np.zeros((0, len(self.classes_)), dtype=np.float32)
+        return self._predict_proba(X)
+
+    def _predict_proba(self, X: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict(self, X) -> np.ndarray:
+        return self.predict_proba(X).argmax(axis=1)
+
+    def to_config(self) -> dict:
+        """JSON-able head type, parameters, shapes and chosen hyper-parameters."""
+        check_is_fitted(self)
+        config = {
+            "head": self.name,
+            "params": jsonable(self.get_params(deep=False)),
+            "n_classes": len(self.classes_),
+            "n_features": int(self.n_features_in_),
+        }
+        for attribute in self._saved_attributes:
+            config[attribute] = jsonable(getattr(self, attribute))
+        return config
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_saved(cls, config: dict, tensors: dict[str, Tensor]) -> Head:
+        """Rebuild a fitted head from `to_config()` and `to_tensors()` output."""
+        head = cls(**config["params"])
+        head.classes_ = np.arange(config["n_classes"])
+        head.n_features_in_ = config["n_features"]
+        for attribute in cls._saved_attributes:
+            setattr(head, attribute, config.get(attribute))
+        head._load_tensors(tensors, config)
+        return head
+
+    def _load_tensors(self, tensors: dict[str, Tensor], config: dict) -> None:
+        raise NotImplementedError
+
+    def as_module(self) -> nn.Module:
+        """Module mapping raw float32 features (B, D) to class probabilities (B, C)."""
+        raise HeadError(f"the {self.name} head cannot be expressed as a torch module")
+
+
+class _NetworkHead(Head):
+    """A head whose fitted state is one torch network `network_`: raw features -> logits."""
+
+    def _build_network(self, n_features: int, n_classes: int) -> nn.Sequential:
+        raise NotImplementedError
+
+    def _predict_proba(self, X: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return run_in_blocks(lambda x: torch.softmax(self.network_(x), dim=1), X, X.shape[1])
+
+    def as_logits_module(self) -> nn.Module:
+        """A copy of the network: raw float32 features (B, D) -> logits (B, C)."""
+        check_is_fitted(self)
+        return copy.deepcopy(self.network_).eval()
+
+    def as_module(self) -> nn.Module:
+        logits = self.as_logits_module()
+        return nn.Sequential(OrderedDict(logits=logits, softmax=nn.Softmax(dim=1))).eval()
+
+    def to_tensors(self) -> dict[str, Tensor]:
+        check_is_fitted(self)
+        return {key: value.detach().clone() for key, value in self.network_.state_dict().items()}
+
+    def _load_tensors(self, tensors: dict[str, Tensor], config: dict) -> None:
+        network = self._build_network(self.n_features_in_, len(self.classes_))
+        try:
+            network.load_state_dict(tensors)
+        except RuntimeError as error:
+            raise HeadError(f"saved tensors do not match the {self.name} head: {error}") from error
+        self.network_ = network.eval()
+
+    def _standardized_network(self, X: np.ndarray, n_classes: int) -> nn.Sequential:
+        network = self._build_network(X.shape[1], n_classes)
+        mean, scale = standardization(X)
+        with torch.no_grad():
+            network.standardize.mean.copy_(mean)
+            network.standardize.scale.copy_(scale)
+        return network
+
+
+def _grid(value: float | Sequence[float], name: str, *, allow_zero: bool = False) -> list[float]:
+    """A number or a list of numbers as a non-empty list of positive floats."""
+    values = [value] if np.isscalar(value) else list(value)
+    allowed = [np.isscalar(v) and math.isfinite(v) and (v > 0 or allow_zero and v == 0)
+               for v in values]
+    if not values or not all(allowed):
+        raise HeadError(f"{name} must be a positive number or a list of them, got {value!r}")
+    return [float(v) for v in values]
+
+
+def fit_logistic_path(features: Tensor, labels: Tensor, n_classes: int, Cs: Sequence[float], *,
+                      max_iter: int, tol: float) -> tuple[Tensor, Tensor]:
+    """Minimise 0.5 * ||W||^2 + C * sum_i CE_i (bias unpenalised) for every C in `Cs`.
+
+    Returns CPU weights (G, C, D) and biases (G, C) in the order of `Cs`. Each objective
+    is divided by C * N (same optimum, sklearn's scaling), so `tol` bounds the gradient
+    of a mean cross-entropy plus penalty, as sklearn's lbfgs `tol` does.
+
+    Why a warm-started path rather than one L-BFGS over all G objectives stacked into a
+    (D, G, C) tensor: both reach the same optima, but stacking makes every evaluation G
+    times as costly while the shared line search waits for the worst-conditioned member.
+    Measured on CPU (3000 x 512 features, 20 classes, 12 Cs), the path was 5x faster:
+    170 small evaluations against 200 twelve-fold ones. Going from strong to weak
+    regularisation, each solve starts near its optimum and needs few iterations.
+    """
+    n, d = features.shape
+    weight = torch.zeros(d, n_classes, device=features.device, requires_grad=True)
+    bias = torch.zeros(n_classes, device=features.device, requires_grad=True)
+    rows = max(1, BLOCK_ELEMENTS // n_classes)
+    weights, biases = torch.empty(len(Cs), n_classes, d), torch.empty(len(Cs), n_classes)
+    for index in sorted(range(len(Cs)), key=lambda i: Cs[i]):
+        strength = 1.0 / (Cs[index] * n)
+        optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=tol,
+                                      history_size=10, line_search_fn="strong_wolfe")
+
+        def closure() -> Tensor:
+            optimizer.zero_grad()
+            loss = 0.5 * strength * weight.square().sum()
+            loss.backward()
+            total = loss.detach()
+            for start in range(0, n, rows):  # chunks bound the (rows, C) logits
+                logits = features[start : start + rows] @ weight + bias
+                part = F.cross_entropy(logits, labels[start : start + rows], reduction="sum") / n
+                part.backward()
+                total = total + part.detach()
+            return total
+
+        optimizer.step(closure)
+        logger.debug("logistic C=%.3g: %d L-BFGS iterations",
+                     Cs[index], optimizer.state[weight].get("n_iter", 0))
+        weights[index], biases[index] = weight.detach().T.cpu(), bias.detach().cpu()
+    return weights, biases
+
+
+def _validate_linear(features: Tensor, labels: Tensor, weights: Tensor,
+                     biases: Tensor) -> list[tuple[float, float]]:
+    """(top-1, log-loss) of each of G linear models (weights (G, C, D)) on validation data."""
+    g, n_classes, _ = weights.shape
+    weights, biases = weights.to(features.device), biases.to(features.device)
+    correct = torch.zeros(g, device=features.device)
+    loss = torch.zeros(g, device=features.device)
+    rows = max(1, BLOCK_ELEMENTS // (g * n_classes))
+    for start in range(0, len(features), rows):
+        chunk_labels = labels[start : start + rows]
+        logits = torch.einsum("nd,gcd->ngc", features[start : start + rows], weights) + biases
+        log_probs = torch.log_softmax(logits, dim=2)
+        correct += (log_probs.argmax(dim=2) == chunk_labels[:, None]).sum(dim=0)
+        true_class = chunk_labels[:, None, None].expand(-1, g, 1)
+        loss -= log_probs.gather(2, true_class).squeeze(2).sum(dim=0)
+    n = len(labels)
+    return [(c / n, total / n) for c, total in zip(correct.tolist(), loss.tolist())]
+
+
+def _standardized(network: nn.Sequential, X: np.ndarray, device: torch.device) -> Tensor:
+    return network.standardize.to(device)(torch.from_numpy(X).to(device))
+
+
+class LogisticHead(_NetworkHead):
+    """Multinomial L2 logistic regression on standardised features, full-batch L-BFGS.
+
+    `C` fixes the inverse regularisation strength (sklearn's scaling); without it the
+    `Cs` grid (default 12 values in 1e-4..1e4) is fitted as one warm-started path and
+    the C with the best validation accuracy (then log-loss) is kept. `refit` retrains
+    the chosen C on train+val.
+    """
+
+    name = "logistic"
+    _saved_attributes = ("best_params_", "sweep_")
+
+    def __init__(self, *, C: float | None = None, Cs: Sequence[float] | None = None,
+                 refit: bool = False, max_iter: int = 100, tol: float = 1e-5,
+                 device: str = "auto", n_classes: int | None = None) -> None:
+        self.C = C
+        self.Cs = Cs
+        self.refit = refit
+        self.max_iter = max_iter
+        self.tol = tol
+        self.device = device
+        self.n_classes = n_classes
+
+    def _Cs(self) -> list[float]:
+        if self.C is None:
+            return _grid(DEFAULT_CS if self.Cs is None else self.Cs, "Cs")
+        if not np.isscalar(self.C):
+            raise HeadError(f"C must be one number (use Cs for a grid), got {self.C!r}")
+        return _grid(self.C, "C")
+
+    def _check_params(self) -> None:
+        self._Cs()
+        if not (isinstance(self.max_iter, int) and self.max_iter > 0):
+            raise HeadError(f"max_iter must be a positive integer, got {self.max_iter!r}")
+        resolve_device(self.device)
+
+    def _build_network(self, n_features: int, n_classes: int) -> nn.Sequential:
+        return nn.Sequential(OrderedDict(
+            standardize=Standardize(torch.zeros(n_features), torch.ones(n_features)),
+            classifier=nn.Linear(n_features, n_classes),
+        ))
+
+    def _path(self, network: nn.Sequential, X: np.ndarray, y: np.ndarray,
+              Cs: list[float], device: torch.device) -> tuple[Tensor, Tensor]:
+        return fit_logistic_path(_standardized(network, X, device), torch.from_numpy(y).to(device),
+                                 network.classifier.out_features, Cs,
+                                 max_iter=self.max_iter, tol=self.tol)
+
+    def _fit(self, X, y, X_val, y_val, n_classes: int) -> None:
+        Cs = self._Cs()
+        if len(Cs) > 1 and X_val is None:
+            raise HeadError("logistic sweep needs validation data (or pass a single C)")
+        device = resolve_device(self.device)
+        network = self._standardized_network(X, n_classes)
+        weights, biases = self._path(network, X, y, Cs, device)
+        best, self.sweep_ = 0, []
+        if X_val is not None:
+            scores = _validate_linear(_standardized(network, X_val, device),
+                                      torch.from_numpy(y_val).to(device), weights, biases)
+            self.sweep_ = [{"C": C, "val_top1": top1, "val_log_loss": loss}
+                           for C, (top1, loss) in zip(Cs, scores)]
+            best = max(range(len(Cs)), key=lambda index: (scores[index][0], -scores[index][1]))
+            logger.info("logistic: chose C=%.3g (val top-1 %.4f)", Cs[best], scores[best][0])
+        self.best_params_ = {"C": Cs[best]}
+        if self.refit and X_val is not None:
+            X, y = np.concatenate([X, X_val]), np.concatenate([y, y_val])
+            network = self._standardized_network(X, n_classes)
+            weights, biases = self._path(network, X, y, [Cs[best]], device)
+            best = 0
+        with torch.no_grad():
+            network.classifier.weight.copy_(weights[best])
+            network.classifier.bias.copy_(biases[best])
+        self.network_ = network.cpu().eval()
+
+
+def _evaluate(network: nn.Module, features: Tensor, labels: Tensor,
+              batch_size: int) -> tuple[float, float]:
+    """(mean cross-entropy, top-1) of `network` in eval mode."""
+    network.eval()
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(features), batch_size):
+            logits = network(features[start : start + batch_size])
+            chunk_labels = labels[start : start + batch_size]
+            loss += F.cross_entropy(logits, chunk_labels, reduction="sum").item()
+            correct += int((logits.argmax(dim=1) == chunk_labels).sum())
+    return loss / len(labels), correct / len(labels)
+
+
+class MLPHead(_NetworkHead):
+    """ReLU MLP on standardised features: AdamW, cosine schedule, early stopping.
+
+    `lr` and `weight_decay` are values or lists; their grid is searched on validation
+    data and the best epoch's weights of the best setting are kept. Seeded by `seed`
+    without touching the caller's global RNG; deterministic on CPU.
+    """
+
+    name = "mlp"
+    _saved_attributes = ("best_params_", "sweep_", "history_")
+
+    def __init__(self, *, hidden_sizes: Sequence[int] = (512,), dropout: float = 0.1,
+                 lr: float | Sequence[float] = (1e-3, 3e-3),
+                 weight_decay: float | Sequence[float] = (1e-4, 1e-2), epochs: int = 100,
+                 batch_size: int = 256, patience: int = 10, seed: int = 0, device: str = "auto",
+                 n_classes: int | None = None) -> None:
+        self.hidden_sizes = hidden_sizes
+        self.dropout = dropout
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.patience = patience
+        self.seed = seed
+        self.device = device
+        self.n_classes = n_classes
+
+    def _settings(self) -> list[tuple[float, float]]:
+        weight_decays = _grid(self.weight_decay, "weight_decay", allow_zero=True)
+        return list(itertools.product(_grid(self.lr, "lr"), weight_decays))
+
+    def _check_params(self) -> None:
+        self._settings()
+        if not all(isinstance(size, int) and size > 0 for size in self.hidden_sizes):
+            raise HeadError(f"hidden_sizes must be positive integers, got {self.hidden_sizes!r}")
+        if not 0 <= self.dropout < 1:
+            raise HeadError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("epochs", "batch_size", "patience"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+                raise HeadError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        resolve_device(self.device)
+
+    def _build_network(self, n_features: int, n_classes: int) -> nn.Sequential:
+        layers: OrderedDict[str, nn.Module] = OrderedDict(
+            standardize=Standardize(torch.zeros(n_features), torch.ones(n_features)))
+        width = n_features
+        for index, size in enumerate(self.hidden_sizes):
+            layers[f"fc{index}"] = nn.Linear(width, size)
+            layers[f"relu{index}"] = nn.ReLU()
+            layers[f"dropout{index}"] = nn.Dropout(self.dropout)
+            width = size
+        layers["classifier"] = nn.Linear(width, n_classes)
+        return nn.Sequential(layers)
+
+    def _train(self, network: nn.Module, data: tuple, lr: float, weight_decay: float) -> tuple:
+        """Train one setting: (best state, history, best epoch, (val top-1, -val loss) or None)."""
+        features, labels, features_val, labels_val = data
+        optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=weight_decay)
+        steps = self.epochs * math.ceil(len(features) / self.batch_size)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        generator = torch.Generator().manual_seed(self.seed)
+        history: list[dict] = []
+        best_state, best_epoch, best_score, stale = None, self.epochs, None, 0
+        for epoch in range(1, self.epochs + 1):
+            network.train()
+            total = torch.zeros((), device=features.device)
+            for batch in torch.randperm(len(features), generator=generator).split(self.batch_size):
+                batch = batch.to(features.device)
+                loss = F.cross_entropy(network(features[batch]), labels[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total += loss.detach() * len(batch)
+            record = {"epoch": epoch, "train_loss": total.item() / len(features),
+                      "val_loss": None, "val_top1": None}
+            history.append(record)
+            if features_val is None:
+                continue
+            record["val_loss"], record["val_top1"] = _evaluate(
+                network, features_val, labels_val, 4 * self.batch_size)
+            score = (record["val_top1"], -record["val_loss"])
+            if best_score is None or score > best_score:
+                best_state = copy.deepcopy(network.state_dict())
+                best_epoch, best_score, stale = epoch, score, 0
+            else:
+                stale += 1
+                if stale >= self.patience:
+                    break
+        return best_state or network.state_dict(), history, best_epoch, best_score
+
+    def _fit(self, X, y, X_val, y_val, n_classes: int) -> None:
+        settings = self._settings()
+        if len(settings) > 1 and X_val is None:
+            raise HeadError("mlp grid over lr/weight_decay needs validation data "
+                            "(or pass single values)")
+        device = resolve_device(self.device)
+        data = tuple(None if array is None else torch.from_numpy(array).to(device)
+                     for array in (X, y, X_val, y_val))
+        cuda_devices = [device.index or 0] if device.type == "cuda" else []
+        best, self.sweep_ = None, []
+        for lr, weight_decay in settings:
+            # fork_rng seeds weight init and dropout but leaves the caller's RNG as it was.
+            with torch.random.fork_rng(devices=cuda_devices):
+                torch.manual_seed(self.seed)
+                network = self._standardized_network(X, n_classes).to(device)
+                state, history, epoch, score = self._train(network, data, lr, weight_decay)
+            entry = {"lr": lr, "weight_decay": weight_decay, "epoch": epoch,
+                     "val_top1": score and score[0], "val_log_loss": score and -score[1]}
+            self.sweep_.append(entry)
+            if best is None or (score is not None and score > best[0]):
+                best = (score, entry, state, history)
+        _, entry, state, self.history_ = best
+        network = self._build_network(X.shape[1], n_classes)
+        network.load_state_dict(state)
+        self.network_ = network.eval()
+        self.best_params_ = {key: entry[key] for key in ("lr", "weight_decay", "epoch")}
+        logger.info("mlp: chose %s", self.best_params_)

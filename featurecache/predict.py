@@ -1,0 +1,118 @@
+"""Predict on new images with a cache's own backbone checkpoint, preprocessing and a head.
+
+A `Predictor` is a whole image classifier: the backbone rebuilt from the checkpoint the
+cache was made with (no network), the cache's preprocessing, and a head module mapping
+tap features to class probabilities. `export` turns the same thing into TorchScript.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .backbones import Preprocessing, StagedBackbone, build_network, get_backbone
+from .errors import CacheNotFoundError, CorruptCacheError, SourceError
+from .headstore import load_head
+from .images import ImageDecodeError, load_rgb
+from .preprocess import normalize_batch, prepare_image
+from .sources import IMAGE_EXTENSIONS
+from .store import WEIGHTS_DIR, Cache, open_cache
+
+
+def cache_backbone(cache: Cache) -> tuple[StagedBackbone, Preprocessing]:
+    """The frozen backbone a cache was extracted with, rebuilt from `_weights/<sha>.safetensors`."""
+    sha = cache.manifest["weights"]["sha256"]
+    path = cache.path.parent / WEIGHTS_DIR / f"{sha}.safetensors"
+    try:
+        state = load_file(str(path))
+    except FileNotFoundError:
+        raise CacheNotFoundError(f"the backbone checkpoint {path} of {cache.path.name} is missing; "
+                                 "extract the dataset again to restore it") from None
+    except (SafetensorError, OSError) as error:
+        raise CorruptCacheError(f"the backbone checkpoint {path} is unreadable ({error})") from None
+    entry = get_backbone(cache.manifest["config"]["arch"])
+    model = StagedBackbone(build_network(entry, state)).eval()
+    return model, Preprocessing.from_dict(cache.manifest["config"]["preprocessing"])
+
+
+@dataclass
+class Predictor:
+    """Images -> probabilities, with everything needed to reproduce the cache's features."""
+
+    backbone: StagedBackbone
+    preprocessing: Preprocessing
+    tap: str
+    head: nn.Module  # tap features (B, D) -> probabilities (B, C)
+    classes: list[str]
+    storage_dtype: str = "float32"  # features are rounded like the cache's, so heads see the same inputs
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, 3, S, S), already resized and cropped -> flat tap features."""
+        with torch.inference_mode():
+            x = normalize_batch(images, self.preprocessing)
+            values = self.backbone(x, (self.tap,))[self.tap].float().flatten(1)
+            return values.to(getattr(torch, self.storage_dtype)).float()
+
+    def predict_proba(self, images: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return self.head(self.features(images)).float().numpy()
+
+
+def load_predictor(cache: Cache | str | Path, head_name: str) -> Predictor:
+    """The cache's backbone plus one of its fitted heads."""
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    head, record = load_head(cache, head_name)
+    backbone, preprocessing = cache_backbone(cache)
+    return Predictor(backbone.to(memory_format=torch.channels_last), preprocessing, record["tap"],
+                     head.as_module().eval(), cache.classes, cache.manifest["dtype"])
+
+
+def image_files(paths: list[str | Path]) -> list[Path]:
+    """Files as given, and the image files inside any folder given, in sorted order."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.exists() or os.path.islink(path):
+            files.append(path)
+        else:
+            raise SourceError(f"no such image file or folder: {path}")
+    if not files:
+        raise SourceError("no image files found in the given paths")
+    return files
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]]  # (class, probability), best first; empty when unreadable
+    error: str = ""
+
+
+def predict(predictor: Predictor, paths: list[str | Path], *, top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
+    """Classify image files (or folders of them); unreadable files get an error instead."""
+    files = image_files(paths)
+    k = max(1, min(top_k, len(predictor.classes)))
+    results: list[Prediction] = []
+    for start in range(0, len(files), batch_size):
+        chunk, tensors, good = files[start : start + batch_size], [], []
+        for file in chunk:
+            try:
+                tensors.append(prepare_image(load_rgb(file), predictor.preprocessing))
+                good.append(file)
+            except ImageDecodeError as error:
+                results.append(Prediction(str(file), [], error.reason))
+        if tensors:
+            probabilities = predictor.predict_proba(torch.stack(tensors))
+            for file, row in zip(good, probabilities):
+                order = np.argsort(-row)[:k]
+                results.append(Prediction(str(file), [(predictor.classes[i], float(row[i])) for i in order]))
+    position = {str(f): i for i, f in enumerate(files)}
+    return sorted(results, key=lambda r: position[r.path])

@@ -1,0 +1,191 @@
+"""fit-head, heads, ensemble, predict and export on a small real cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from featurecache import ExtractSpec, extract, open_cache
+from featurecache.cli import app
+from featurecache.errors import CorruptCacheError, MismatchError
+from featurecache.export import METADATA_FILE, export_model
+from featurecache.fit import FitSpec, fit_head, leaderboard, make_ensemble
+from featurecache.headstore import load_head
+from featurecache.images import load_rgb
+from featurecache.predict import load_predictor, predict
+from featurecache.preprocess import prepare_image
+
+from helpers import replace_spec
+
+runner = CliRunner()
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 220)}
+
+
+def _colour_folder(root, counts=(("train", 8), ("val", 4), ("test", 4))):
+    """Three classes told apart by colour, with noise, so heads have something to learn."""
+    rng = np.random.default_rng(0)
+    for split, count in counts:
+        for label, colour in COLOURS.items():
+            for i in range(count):
+                pixels = np.clip(rng.normal(colour, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                (root / split / label).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def _colour_template(tmp_path_factory):
+    base = tmp_path_factory.mktemp("template")
+    folder = _colour_folder(base / "colours")
+    spec = ExtractSpec(source=str(folder), model="resnet18", weights="random", image_size=32, precision="fp32",
+                       dtype="float16", batch_size=16, workers=0, shard_size=64, root=str(base / "cache"))
+    return extract(spec).path, folder
+
+
+@pytest.fixture
+def colour_cache(_colour_template, tmp_path):
+    """A fresh copy of one extracted cache per test (extracting once saves minutes)."""
+    path, folder = _colour_template
+    shutil.copytree(path.parent, tmp_path / "cache", dirs_exist_ok=True)
+    return open_cache(tmp_path / "cache" / path.name), folder
+
+
+@pytest.mark.parametrize("head", ["logistic", "mlp", "knn", "sklearn:svm.LinearSVC"])
+def test_fit_head_writes_weights_and_record(colour_cache, head):
+    cache, _ = colour_cache
+    params = {"epochs": 30, "lr": 3e-3, "weight_decay": 1e-4} if head == "mlp" else {}
+    result = fit_head(cache, FitSpec(head=head, params=params))
+    assert (result.path / "head.safetensors").exists()
+    record = json.loads((result.path / "head.json").read_text())
+    assert record["cache_key"] == cache.key and record["tap"] == "pool"
+    assert set(record["metrics"]) == {"val", "test"}
+    test = record["metrics"]["test"]
+    assert {"top1", "per_class_accuracy", "confusion_matrix"} <= set(test)
+    assert np.asarray(test["confusion_matrix"]).sum() == 12
+    assert record["headline"]["split"] == "test" and record["fit_seconds"] >= 0
+    assert test["top1"] > 0.6  # well above chance (1/3) on colour classes
+    loaded, _ = load_head(cache, result.name)
+    X = cache.features("test")
+    np.testing.assert_allclose(loaded.predict_proba(X), result.head.predict_proba(X), atol=1e-6)
+
+
+def test_logistic_sweep_is_chosen_on_validation(colour_cache):
+    cache, _ = colour_cache
+    record = fit_head(cache, FitSpec(head="logistic")).record
+    assert "C" in record["chosen"] and record["selection_split"] == "val"
+    assert len(record["config"]["sweep_"]) >= 10
+
+
+def test_without_test_split_the_headline_is_labelled(tmp_path, tiny_spec):
+    folder = _colour_folder(tmp_path / "c2", counts=(("train", 8), ("val", 4)))
+    cache = open_cache(extract(tiny_spec(folder)).path)
+    record = fit_head(cache, FitSpec(head="knn")).record
+    assert record["headline"]["split"] == "val" and "same split" in record["headline"]["note"]
+    carved = fit_head(cache, FitSpec(head="knn", name="carved", val_fraction=0.25)).record
+    assert carved["selection_split"] == "val (from train)" and carved["rows"]["train"] == 18
+
+
+def test_ensemble_of_one_head_equals_the_head(colour_cache):
+    cache, _ = colour_cache
+    fit_head(cache, FitSpec(head="logistic"))
+    single = make_ensemble(cache, ["logistic"], name="solo")
+    X = cache.features("val")
+    np.testing.assert_array_equal(single.head.predict_proba(X), load_head(cache, "logistic")[0].predict_proba(X))
+    fit_head(cache, FitSpec(head="knn"))
+    vote = make_ensemble(cache, ["logistic", "knn"], name="vote", weights=[3, 1])
+    assert vote.record["members"] == ["logistic", "knn"]
+    names = [row["name"] for row in leaderboard(cache)]
+    assert set(names) == {"logistic", "knn", "solo", "vote"}
+
+
+def test_predict_matches_the_head_on_cached_features(colour_cache):
+    cache, folder = colour_cache
+    fit_head(cache, FitSpec(head="logistic"))
+    paths = cache.paths("test")
+    results = predict(load_predictor(cache, "logistic"), [folder / p for p in paths], top_k=3)
+    head, _ = load_head(cache, "logistic")
+    cached = head.predict_proba(cache.features("test"))
+    assert [r.top[0][0] for r in results] == [cache.classes[i] for i in cached.argmax(axis=1)]
+    np.testing.assert_allclose([r.top[0][1] for r in results], cached.max(axis=1), atol=2e-3)
+
+
+def test_export_reproduces_predict(colour_cache, tmp_path):
+    cache, folder = colour_cache
+    fit_head(cache, FitSpec(head="logistic"))
+    predictor = load_predictor(cache, "logistic")
+    path = export_model(predictor, tmp_path / "model.pt")
+    extra = {METADATA_FILE: ""}
+    model = torch.jit.load(str(path), _extra_files=extra)  # plain PyTorch, no featurecache needed
+    meta = json.loads(extra[METADATA_FILE])
+    assert meta["classes"] == cache.classes and meta["preprocessing"]["crop_size"] == 32
+    files = sorted((folder / "test").rglob("*.png"))
+    images = torch.stack([prepare_image(load_rgb(f), predictor.preprocessing) for f in files])
+    expected = np.array([[p for _, p in sorted(r.top, key=lambda t: cache.classes.index(t[0]))]
+                         for r in predict(predictor, files, top_k=3)])
+    np.testing.assert_allclose(model(images).detach().numpy(), expected, atol=1e-5)
+
+
+def test_head_refuses_another_caches_features(colour_cache, tiny_spec):
+    cache, folder = colour_cache
+    fit_head(cache, FitSpec(head="knn"))
+    other = open_cache(extract(replace_spec(tiny_spec(folder), seed=7, dtype="float16", shard_size=64)).path)
+    shutil.copytree(cache.path / "heads", other.path / "heads")
+    with pytest.raises(MismatchError, match="other features"):
+        load_head(other, "knn")
+    assert leaderboard(other)[0]["stale"]
+
+
+def test_nan_features_are_refused_at_fit_time(colour_cache):
+    cache, _ = colour_cache
+    shard = cache.path / cache.manifest["shards"][0]["file"]
+    with h5py.File(shard, "r+") as handle:
+        handle["features/pool"][0, 0] = np.nan
+    with pytest.raises(CorruptCacheError, match="NaN"):
+        fit_head(open_cache(cache.path), FitSpec(head="knn"))
+
+
+def test_cli_fit_heads_ensemble_predict_export(colour_cache, tmp_path):
+    cache, folder = colour_cache
+    path = str(cache.path)
+    assert runner.invoke(app, ["fit-head", path, "--head", "logistic"]).exit_code == 0
+    result = runner.invoke(app, ["fit-head", path, "--head", "knn", "--param", "k=[1,3]", "--name", "nn"])
+    assert result.exit_code == 0 and "head nn: test top-1" in result.stdout
+    assert runner.invoke(app, ["ensemble", path, "logistic", "nn", "--name", "vote"]).exit_code == 0
+    board = runner.invoke(app, ["heads", path])
+    assert all(name in board.stdout for name in ("logistic", "nn", "vote"))
+    out = tmp_path / "predictions.csv"
+    result = runner.invoke(app, ["predict", path, str(folder / "test"), "--head", "vote", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("path,class1,prob1") and len(lines) == 13
+    result = runner.invoke(app, ["export", path, "--head", "vote", "-o", str(tmp_path / "m.pt")])
+    assert result.exit_code == 0 and (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("arguments, fragment", [
+    (["fit-head", "{cache}", "--head", "bogus"], "unknown head"),
+    (["fit-head", "/no/such/cache"], "no cache entry"),
+    (["fit-head", "{cache}", "--tap", "layer3"], "tap 'layer3' is not in"),
+    (["predict", "{cache}", "/no/such.jpg", "--head", "logistic"], "no head"),
+    (["ensemble", "{cache}", "missing-head"], "no head"),
+    (["fit-head", "{cache}", "--param", "nonsense"], "key=value"),
+])
+def test_fit_bad_input(colour_cache, arguments, fragment):
+    cache, _ = colour_cache
+    result = runner.invoke(app, [a.format(cache=cache.path) for a in arguments])
+    assert result.exit_code == 2, result.output
+    assert fragment in result.stderr and result.stderr.startswith("error: ")
+
+
+def test_empty_train_split_is_refused(tmp_path, tiny_spec):
+    folder = _colour_folder(tmp_path / "only-test", counts=(("test", 2),))
+    cache = open_cache(extract(tiny_spec(folder)).path)
+    result = runner.invoke(app, ["fit-head", str(cache.path)])
+    assert result.exit_code == 2 and "no training rows" in result.stderr

@@ -1,0 +1,289 @@
+import functools
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from sklearn.base import clone
+from sklearn.datasets import load_digits
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression
+
+from featurecache.errors import HeadError, MismatchError
+from featurecache.heads import (
+    EnsembleHead,
+    Head,
+    KNNHead,
+    available_heads,
+    head_from_saved,
+    make_head,
+    register_head,
+    unregister_head,
+)
+
+N_CLASSES, N_FEATURES = 4, 64
+
+# Quick settings for every kind of head that can be saved and exported.
+FAST = {
+    "logistic": ("logistic", {"C": 1.0}),
+    "logistic-sweep": ("logistic", {}),
+    "mlp": ("mlp", {"hidden_sizes": (32,), "epochs": 15, "lr": [3e-3], "weight_decay": 1e-4}),
+    "knn": ("knn", {}),
+    "knn-uniform": ("knn", {"k": 5, "weighting": "uniform"}),
+    "linear-svc": ("sklearn:svm.LinearSVC", {}),
+    "sklearn-logistic": ("sklearn:linear_model.LogisticRegression", {}),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tensors here are tiny; on a shared 2-core machine thread hand-offs cost more than they save.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def blobs(n: int, seed: int, n_classes: int = N_CLASSES, dtype=np.float32):
+    """Gaussian clusters, separable enough for ~95% accuracy, non-negative like ReLU features."""
+    centers = np.random.default_rng(1).normal(size=(n_classes, N_FEATURES)) * 0.6 + 2.0
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n_classes, n)
+    return (centers[labels] + rng.normal(size=(n, N_FEATURES))).astype(dtype), labels
+
+
+TRAIN, VAL, TEST = blobs(400, 10), blobs(100, 11), blobs(200, 12)
+
+
+@functools.cache
+def fitted(key: str) -> Head:
+    name, params = FAST[key]
+    return make_head(name, **params).fit(*TRAIN, *VAL)
+
+
+def roundtrip(head: Head, tmp_path) -> Head:
+    """Save like the caller does (safetensors + head.json) and load back."""
+    save_file(head.to_tensors(), tmp_path / "head.safetensors")
+    (tmp_path / "head.json").write_text(json.dumps(head.to_config()))
+    config = json.loads((tmp_path / "head.json").read_text())
+    return head_from_saved(config, load_file(tmp_path / "head.safetensors"))
+
+
+@pytest.mark.parametrize("key", list(FAST))
+def test_head_beats_chance_and_follows_the_contract(key):
+    head = fitted(key)
+    assert head.score(*TEST) > 0.85  # chance is 0.25
+    probabilities = head.predict_proba(TEST[0])
+    assert probabilities.shape == (len(TEST[0]), N_CLASSES)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(head.predict(TEST[0]), probabilities.argmax(axis=1))
+    np.testing.assert_array_equal(head.classes_, np.arange(N_CLASSES))
+    assert head.n_features_in_ == N_FEATURES
+    assert clone(head).get_params() == head.get_params()
+
+
+@pytest.mark.parametrize("key", list(FAST))
+def test_saved_head_predicts_identically(key, tmp_path):
+    head = fitted(key)
+    loaded = roundtrip(head, tmp_path)
+    np.testing.assert_array_equal(loaded.predict_proba(TEST[0]), head.predict_proba(TEST[0]))
+    assert loaded.to_config() == json.loads(json.dumps(head.to_config()))
+
+
+@pytest.mark.parametrize("key", list(FAST))
+def test_module_matches_predict_proba_and_scripts(key):
+    head = fitted(key)
+    features = torch.from_numpy(TEST[0])
+    expected = head.predict_proba(TEST[0])
+    module = head.as_module()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still works
+        np.testing.assert_allclose(module(features).numpy(), expected, atol=1e-5)
+        np.testing.assert_allclose(torch.jit.script(module)(features).numpy(), expected, atol=1e-5)
+        traced = torch.jit.trace(module, features[:8])
+        np.testing.assert_allclose(traced(features).numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["logistic", "mlp"])
+def test_logits_module_softmax_is_predict_proba(key):
+    head = fitted(key)
+    with torch.no_grad():
+        logits = head.as_logits_module()(torch.from_numpy(TEST[0]))
+    probabilities = torch.softmax(logits, dim=1).numpy()
+    np.testing.assert_allclose(probabilities, head.predict_proba(TEST[0]), atol=1e-5)
+
+
+@pytest.mark.parametrize("C", [0.05, 1.0])
+def test_logistic_agrees_with_sklearn(C):
+    features, labels = load_digits(return_X_y=True)
+    train, test = slice(0, 1200), slice(1200, None)
+    mean, std = features[train].mean(axis=0), np.maximum(features[train].std(axis=0), 1e-6)
+    standardized = (features - mean) / std
+    reference = LogisticRegression(C=C, max_iter=2000).fit(standardized[train], labels[train])
+    head = make_head("logistic", C=C, device="cpu")
+    head.fit(features[train].astype(np.float32), labels[train])
+    reference_accuracy = reference.score(standardized[test], labels[test])
+    assert abs(head.score(features[test], labels[test]) - reference_accuracy) <= 0.01
+    assert head.best_params_ == {"C": C}
+
+
+def test_logistic_sweep_chooses_on_validation_and_refits():
+    head = fitted("logistic-sweep")
+    assert len(head.sweep_) >= 10
+    best = max(head.sweep_, key=lambda entry: (entry["val_top1"], -entry["val_log_loss"]))
+    assert head.best_params_ == {"C": best["C"]}
+    refit = make_head("logistic", Cs=[0.01, 0.1, 1.0], refit=True).fit(*TRAIN, *VAL)
+    assert refit.best_params_["C"] in (0.01, 0.1, 1.0)
+    assert refit.score(*TEST) > 0.85
+    with pytest.raises(HeadError, match="logistic sweep needs validation data"):
+        make_head("logistic").fit(*TRAIN)
+
+
+def test_other_grids_need_validation_data():
+    with pytest.raises(HeadError, match="validation"):
+        make_head("knn").fit(*TRAIN)
+    with pytest.raises(HeadError, match="validation"):
+        make_head("mlp", epochs=1).fit(*TRAIN)
+
+
+def test_mlp_is_seeded_deterministic_and_records_history():
+    params = {"hidden_sizes": (16,), "epochs": 30, "lr": 3e-3, "weight_decay": 1e-4, "patience": 3}
+    first = make_head("mlp", **params).fit(*TRAIN, *VAL)
+    second = make_head("mlp", **params).fit(*TRAIN, *VAL)
+    np.testing.assert_array_equal(first.predict_proba(TEST[0]), second.predict_proba(TEST[0]))
+    assert {"train_loss", "val_loss", "val_top1"} <= set(first.history_[0])
+    assert 1 <= first.best_params_["epoch"] <= len(first.history_) <= 30
+    grid = make_head("mlp", hidden_sizes=(16,), epochs=3, lr=[1e-3, 3e-3],
+                     weight_decay=[1e-4, 1e-2])
+    assert len(grid.fit(*TRAIN, *VAL).sweep_) == 4
+
+
+def test_knn_chooses_k_within_the_training_size():
+    head = make_head("knn", k=[1, 5, 1000]).fit(TRAIN[0][:50], TRAIN[1][:50], *VAL)
+    assert [entry["k"] for entry in head.sweep_] == [1, 5, 50]
+    assert head.best_params_["k"] in (1, 5, 50)
+    assert set(head.to_tensors()) == {"bank", "bank_labels"}
+
+
+def test_float16_features_and_absent_classes():
+    features, labels = TRAIN[0].astype(np.float16), TRAIN[1]
+    test_features = TEST[0].astype(np.float16)
+    keep = labels != 3  # class 3 never seen in training
+    for name in ("logistic", "sklearn:svm.LinearSVC"):
+        head = make_head(name, C=1.0, n_classes=5).fit(features[keep], labels[keep])
+        probabilities = head.predict_proba(test_features)
+        assert probabilities.shape == (len(TEST[0]), 5)
+        with torch.no_grad():
+            exported = head.as_module()(torch.from_numpy(test_features.astype(np.float32))).numpy()
+        np.testing.assert_allclose(exported, probabilities, atol=1e-5)
+    assert probabilities[:, 3:].max() == 0  # sklearn columns for unseen classes
+
+
+def test_binary_linear_svc_exports_two_columns():
+    keep = TRAIN[1] < 2
+    head = make_head("sklearn:svm.LinearSVC").fit(TRAIN[0][keep], TRAIN[1][keep])
+    probabilities = head.predict_proba(TEST[0])
+    assert probabilities.shape == (len(TEST[0]), 2)
+    with torch.no_grad():
+        exported = head.as_module()(torch.from_numpy(TEST[0])).numpy()
+    np.testing.assert_allclose(exported, probabilities, atol=1e-5)
+
+
+def test_random_forest_fits_but_cannot_be_saved_or_exported():
+    head = make_head("sklearn:ensemble.RandomForestClassifier", n_estimators=10, random_state=0)
+    head.fit(*TRAIN)
+    assert head.score(*TEST) > 0.6
+    with pytest.raises(HeadError, match="cannot be saved safely"):
+        head.to_tensors()
+    with pytest.raises(HeadError, match="torch module"):
+        head.as_module()
+
+
+def test_ensemble_of_one_head_equals_the_head(tmp_path):
+    head = fitted("logistic")
+    ensemble = make_head("ensemble", heads=[head], members=["logistic"]).fit(*TRAIN)
+    np.testing.assert_array_equal(ensemble.predict_proba(TEST[0]), head.predict_proba(TEST[0]))
+    save_file(ensemble.to_tensors(), tmp_path / "weights.safetensors")
+    config = json.loads(json.dumps(ensemble.to_config()))
+    loaded = head_from_saved(config, load_file(tmp_path / "weights.safetensors"), members=[head])
+    np.testing.assert_array_equal(loaded.predict_proba(TEST[0]), head.predict_proba(TEST[0]))
+
+
+def test_weighted_ensemble_averages_and_exports():
+    members = [fitted("logistic"), fitted("knn"), fitted("linear-svc")]
+    ensemble = EnsembleHead.from_members(members, [2, 1, 1], ["a", "b", "c"])
+    expected = sum(w * m.predict_proba(TEST[0]) for w, m in zip([0.5, 0.25, 0.25], members))
+    np.testing.assert_allclose(ensemble.predict_proba(TEST[0]), expected, atol=1e-12)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(ensemble.as_module())
+        np.testing.assert_allclose(scripted(torch.from_numpy(TEST[0])).numpy(), expected, atol=1e-5)
+    with pytest.raises(HeadError, match="members"):
+        head_from_saved(ensemble.to_config(), ensemble.to_tensors())
+
+
+def test_mismatches_raise():
+    head = fitted("logistic")
+    with pytest.raises(MismatchError, match="head expects 64 features, got 32"):
+        head.predict(TEST[0][:, :32])
+    with pytest.raises(MismatchError, match="out of range"):
+        make_head("logistic", C=1.0, n_classes=2).fit(*TRAIN)
+    with pytest.raises(MismatchError):
+        make_head("logistic", C=1.0).fit(TRAIN[0], TRAIN[1][:10])
+    narrow = make_head("logistic", C=1.0).fit(TRAIN[0][:, :32], TRAIN[1])
+    with pytest.raises(MismatchError, match="features"):
+        EnsembleHead([head, narrow]).fit()
+    three_classes = make_head("logistic", C=1.0).fit(TRAIN[0][TRAIN[1] < 3], TRAIN[1][TRAIN[1] < 3])
+    with pytest.raises(MismatchError, match="classes"):
+        EnsembleHead([head, three_classes]).fit()
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("nope", {}, "unknown head 'nope'; available: ensemble, knn, logistic, mlp"),
+        ("logistic", {"lambda_": 1}, "no parameter lambda_"),
+        ("logistic", {"C": -1}, "C must be"),
+        ("mlp", {"hidden_sizes": (0,)}, "hidden_sizes"),
+        ("sklearn:LinearSVC", {}, "sklearn:<module>.<Estimator>"),
+        ("sklearn:nonexistent.Thing", {}, "no module 'nonexistent'"),
+        ("sklearn:svm.Nope", {}, "no estimator 'Nope'"),
+        ("sklearn:preprocessing.StandardScaler", {}, "not a classifier"),
+        ("sklearn:svm.LinearSVC", {"bogus": 1}, "bad parameters"),
+    ],
+)
+def test_bad_names_and_params_raise(name, params, message):
+    with pytest.raises(HeadError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        make_head(name, **params)
+
+
+def test_registry_refuses_duplicates_and_unregisters():
+    class Constant(KNNHead):
+        name = "constant"
+
+    register_head("constant", Constant)
+    try:
+        assert "constant" in available_heads()
+        with pytest.raises(ValueError, match="already registered"):
+            register_head("constant", Constant)
+        assert isinstance(make_head("constant", k=1), Constant)
+    finally:
+        unregister_head("constant")
+    assert "constant" not in available_heads()
+    with pytest.raises(ValueError):
+        register_head("logistic", Constant)
+
+
+@pytest.mark.parametrize("key", list(FAST) + ["ensemble"])
+def test_predict_before_fit_raises(key):
+    if key == "ensemble":
+        head = EnsembleHead([fitted("logistic")])
+    else:
+        name, params = FAST[key]
+        head = make_head(name, **params)
+    with pytest.raises((NotFittedError, HeadError)):
+        head.predict(TEST[0])
+    with pytest.raises((NotFittedError, HeadError)):
+        head.to_tensors()
