@@ -240,7 +240,9 @@ def _grid(value: float | Sequence[float], name: str, *, allow_zero: bool = False
 
 
 def fit_logistic_path(features: Tensor, labels: Tensor, n_classes: int, Cs: Sequence[float], *,
-                      max_iter: int, tol: float) -> tuple[Tensor, Tensor]:
+                      max_iter: int, tol: float,
+                      stop: Callable[[int, Tensor, Tensor], bool] | None = None,
+                      start: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Minimise 0.5 * ||W||^2 + C * sum_i CE_i (bias unpenalised) for every C in `Cs`.
 
     Returns CPU weights (G, C, D) and biases (G, C) in the order of `Cs`. Each objective
@@ -253,12 +255,21 @@ def fit_logistic_path(features: Tensor, labels: Tensor, n_classes: int, Cs: Sequ
     Measured on CPU (3000 x 512 features, 20 classes, 12 Cs), the path was 5x faster:
     170 small evaluations against 200 twelve-fold ones. Going from strong to weak
     regularisation, each solve starts near its optimum and needs few iterations.
+
+    `stop(index, weight (C, D), bias)` is called after each C in path order; returning
+    True ends the path (the rows of Cs not reached stay NaN). `start` warm-starts the
+    first solve from a (weight (C, D), bias) pair.
     """
     n, d = features.shape
     weight = torch.zeros(d, n_classes, device=features.device, requires_grad=True)
     bias = torch.zeros(n_classes, device=features.device, requires_grad=True)
+    if start is not None:
+        with torch.no_grad():
+            weight.copy_(start[0].T)
+            bias.copy_(start[1])
     rows = max(1, BLOCK_ELEMENTS // n_classes)
-    weights, biases = torch.empty(len(Cs), n_classes, d), torch.empty(len(Cs), n_classes)
+    weights = torch.full((len(Cs), n_classes, d), float("nan"))
+    biases = torch.full((len(Cs), n_classes), float("nan"))
     for index in sorted(range(len(Cs)), key=lambda i: Cs[i]):
         strength = 1.0 / (Cs[index] * n)
         optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=tol,
@@ -280,6 +291,54 @@ def fit_logistic_path(features: Tensor, labels: Tensor, n_classes: int, Cs: Sequ
         logger.debug("logistic C=%.3g: %d L-BFGS iterations",
                      Cs[index], optimizer.state[weight].get("n_iter", 0))
         weights[index], biases[index] = weight.detach().T.cpu(), bias.detach().cpu()
+        if stop is not None and stop(index, weights[index], biases[index]):
+            break
+    return weights, biases
+
+
+def fit_logistic_path_cpu(features: np.ndarray, labels: np.ndarray, n_classes: int, Cs: Sequence[float], *,
+                          max_iter: int, tol: float,
+                          stop: Callable[[int, Tensor, Tensor], bool] | None = None,
+                          start: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """`fit_logistic_path` on the CPU with SciPy's L-BFGS-B and NumPy matrix products.
+
+    Why not torch here: the CPU torch wheels use MKL, which on AMD processors ran these
+    skinny products (6000x2048 by 2048x10) 2.5-7x slower than NumPy's OpenBLAS. Same
+    objective, same warm-started path; products in float32, the optimiser in float64.
+    """
+    from scipy.optimize import minimize
+
+    n, d = features.shape
+    rows = np.arange(n)
+    size = d * n_classes
+    weights = torch.full((len(Cs), n_classes, d), float("nan"))
+    biases = torch.full((len(Cs), n_classes), float("nan"))
+    point = np.zeros(size + n_classes)
+    if start is not None:
+        point[:size] = start[0].numpy().T.ravel()
+        point[size:] = start[1].numpy()
+    for index in sorted(range(len(Cs)), key=lambda i: Cs[i]):
+        strength = 1.0 / (Cs[index] * n)
+
+        def objective(flat: np.ndarray) -> tuple[float, np.ndarray]:
+            weight = flat[:size].reshape(d, n_classes).astype(np.float32)
+            logits = features @ weight + flat[size:].astype(np.float32)
+            logits -= logits.max(axis=1, keepdims=True)
+            log_norm = np.log(np.exp(logits).sum(axis=1))
+            loss = float((log_norm - logits[rows, labels]).mean()) + 0.5 * strength * float(np.square(weight).sum())
+            residual = np.exp(logits - log_norm[:, None])
+            residual[rows, labels] -= 1.0
+            residual /= n
+            gradient = np.concatenate([(features.T @ residual + strength * weight).ravel(), residual.sum(axis=0)])
+            return loss, gradient.astype(np.float64)
+
+        result = minimize(objective, point, jac=True, method="L-BFGS-B",
+                          options={"maxiter": max_iter, "gtol": tol})
+        point = result.x
+        weights[index] = torch.from_numpy(point[:size].reshape(d, n_classes).T.astype(np.float32))
+        biases[index] = torch.from_numpy(point[size:].astype(np.float32))
+        if stop is not None and stop(index, weights[index], biases[index]):
+            break
     return weights, biases
 
 
@@ -310,21 +369,27 @@ class LogisticHead(_NetworkHead):
     """Multinomial L2 logistic regression on standardised features, full-batch L-BFGS.
 
     `C` fixes the inverse regularisation strength (sklearn's scaling); without it the
-    `Cs` grid (default 12 values in 1e-4..1e4) is fitted as one warm-started path and
-    the C with the best validation accuracy (then log-loss) is kept. `refit` retrains
-    the chosen C on train+val.
+    `Cs` grid (default 12 values in 1e-4..1e4) is fitted as one warm-started path, from
+    strong to weak regularisation, each C with `sweep_max_iter` L-BFGS iterations. The
+    path stops early once validation accuracy has not improved for `patience` Cs in a
+    row (None: fit every C); weaker regularisation only overfits further. The C with the
+    best validation accuracy (then log-loss) is then polished to convergence
+    (`max_iter`). `refit` retrains the chosen C on train+val.
     """
 
     name = "logistic"
     _saved_attributes = ("best_params_", "sweep_")
 
     def __init__(self, *, C: float | None = None, Cs: Sequence[float] | None = None,
-                 refit: bool = False, max_iter: int = 100, tol: float = 1e-5,
-                 device: str = "auto", n_classes: int | None = None) -> None:
+                 refit: bool = False, max_iter: int = 100, sweep_max_iter: int = 30,
+                 patience: int | None = 3, tol: float = 1e-4, device: str = "auto",
+                 n_classes: int | None = None) -> None:
         self.C = C
         self.Cs = Cs
         self.refit = refit
         self.max_iter = max_iter
+        self.sweep_max_iter = sweep_max_iter
+        self.patience = patience
         self.tol = tol
         self.device = device
         self.n_classes = n_classes
@@ -338,8 +403,12 @@ class LogisticHead(_NetworkHead):
 
     def _check_params(self) -> None:
         self._Cs()
-        if not (isinstance(self.max_iter, int) and self.max_iter > 0):
-            raise HeadError(f"max_iter must be a positive integer, got {self.max_iter!r}")
+        for name in ("max_iter", "sweep_max_iter"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value > 0):
+                raise HeadError(f"{name} must be a positive integer, got {value!r}")
+        if self.patience is not None and not (isinstance(self.patience, int) and self.patience > 0):
+            raise HeadError(f"patience must be a positive integer or None, got {self.patience!r}")
         resolve_device(self.device)
 
     def _build_network(self, n_features: int, n_classes: int) -> nn.Sequential:
@@ -348,11 +417,37 @@ class LogisticHead(_NetworkHead):
             classifier=nn.Linear(n_features, n_classes),
         ))
 
-    def _path(self, network: nn.Sequential, X: np.ndarray, y: np.ndarray,
-              Cs: list[float], device: torch.device) -> tuple[Tensor, Tensor]:
+    def _solve(self, network: nn.Sequential, X: np.ndarray, y: np.ndarray, Cs: list[float],
+               device: torch.device, max_iter: int, **options) -> tuple[Tensor, Tensor]:
+        if device.type == "cpu":
+            with torch.no_grad():
+                standardized = _standardized(network, X, device).numpy()
+            return fit_logistic_path_cpu(standardized, y, network.classifier.out_features, Cs,
+                                         max_iter=max_iter, tol=self.tol, **options)
         return fit_logistic_path(_standardized(network, X, device), torch.from_numpy(y).to(device),
-                                 network.classifier.out_features, Cs,
-                                 max_iter=self.max_iter, tol=self.tol)
+                                 network.classifier.out_features, Cs, max_iter=max_iter, tol=self.tol,
+                                 **options)
+
+    def _sweep(self, network, X, y, X_val, y_val, Cs, device) -> tuple[int, Tensor, Tensor]:
+        """Fit the path with validation watching it; return the best index and the path."""
+        val_features = _standardized(network, X_val, device)
+        val_labels = torch.from_numpy(y_val).to(device)
+        scores: dict[int, tuple[float, float]] = {}
+
+        def stop(index: int, weight: Tensor, bias: Tensor) -> bool:
+            scores[index] = _validate_linear(val_features, val_labels, weight[None], bias[None])[0]
+            best_so_far = max(scores, key=lambda i: (scores[i][0], -scores[i][1]))
+            since_best = sum(1 for i in scores if Cs[i] > Cs[best_so_far])
+            return self.patience is not None and since_best >= self.patience
+
+        weights, biases = self._solve(network, X, y, Cs, device, self.sweep_max_iter, stop=stop)
+        self.sweep_ = [{"C": C, "val_top1": scores[i][0] if i in scores else None,
+                        "val_log_loss": scores[i][1] if i in scores else None,
+                        "fitted": i in scores} for i, C in enumerate(Cs)]
+        best = max(scores, key=lambda i: (scores[i][0], -scores[i][1]))
+        logger.info("logistic: chose C=%.3g (val top-1 %.4f); %d of %d Cs fitted",
+                    Cs[best], scores[best][0], len(scores), len(Cs))
+        return best, weights, biases
 
     def _fit(self, X, y, X_val, y_val, n_classes: int) -> None:
         Cs = self._Cs()
@@ -360,24 +455,22 @@ class LogisticHead(_NetworkHead):
             raise HeadError("logistic sweep needs validation data (or pass a single C)")
         device = resolve_device(self.device)
         network = self._standardized_network(X, n_classes)
-        weights, biases = self._path(network, X, y, Cs, device)
-        best, self.sweep_ = 0, []
-        if X_val is not None:
-            scores = _validate_linear(_standardized(network, X_val, device),
-                                      torch.from_numpy(y_val).to(device), weights, biases)
-            self.sweep_ = [{"C": C, "val_top1": top1, "val_log_loss": loss}
-                           for C, (top1, loss) in zip(Cs, scores)]
-            best = max(range(len(Cs)), key=lambda index: (scores[index][0], -scores[index][1]))
-            logger.info("logistic: chose C=%.3g (val top-1 %.4f)", Cs[best], scores[best][0])
-        self.best_params_ = {"C": Cs[best]}
+        start = None
+        if len(Cs) > 1:
+            best, weights, biases = self._sweep(network, X, y, X_val, y_val, Cs, device)
+            start = (weights[best], biases[best])
+        else:
+            best, self.sweep_ = 0, []
+        chosen = Cs[best]
+        self.best_params_ = {"C": chosen}
         if self.refit and X_val is not None:
-            X, y = np.concatenate([X, X_val]), np.concatenate([y, y_val])
+            X, y, start = np.concatenate([X, X_val]), np.concatenate([y, y_val]), None
             network = self._standardized_network(X, n_classes)
-            weights, biases = self._path(network, X, y, [Cs[best]], device)
-            best = 0
+        # Polish the chosen C to convergence, warm-started from its sweep solution.
+        weights, biases = self._solve(network, X, y, [chosen], device, self.max_iter, start=start)
         with torch.no_grad():
-            network.classifier.weight.copy_(weights[best])
-            network.classifier.bias.copy_(biases[best])
+            network.classifier.weight.copy_(weights[0])
+            network.classifier.bias.copy_(biases[0])
         self.network_ = network.cpu().eval()
 
 

@@ -132,8 +132,13 @@ def test_logistic_agrees_with_sklearn(C):
 def test_logistic_sweep_chooses_on_validation_and_refits():
     head = fitted("logistic-sweep")
     assert len(head.sweep_) >= 10
-    best = max(head.sweep_, key=lambda entry: (entry["val_top1"], -entry["val_log_loss"]))
+    fitted_entries = [entry for entry in head.sweep_ if entry["fitted"]]
+    best = max(fitted_entries, key=lambda entry: (entry["val_top1"], -entry["val_log_loss"]))
     assert head.best_params_ == {"C": best["C"]}
+    # Early stopping only skips Cs weaker than the best one.
+    assert all(entry["C"] > best["C"] for entry in head.sweep_ if not entry["fitted"])
+    full = make_head("logistic", patience=None, device="cpu").fit(*TRAIN, *VAL)
+    assert all(entry["fitted"] for entry in full.sweep_)
     refit = make_head("logistic", Cs=[0.01, 0.1, 1.0], refit=True).fit(*TRAIN, *VAL)
     assert refit.best_params_["C"] in (0.01, 0.1, 1.0)
     assert refit.score(*TEST) > 0.85
