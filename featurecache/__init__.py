@@ -4,6 +4,12 @@ __version__ = "0.1.0"
 
 from .errors import FeatureCacheError  # noqa: E402
 from .extract import ExtractResult, ExtractSpec, extract  # noqa: E402
+from .fit import FitSpec, fit_head, leaderboard, make_ensemble  # noqa: E402
+from .headstore import load_head  # noqa: E402
+from .predict import load_predictor, predict  # noqa: E402
 from .store import Cache, open_cache  # noqa: E402
 
-__all__ = ["Cache", "ExtractResult", "ExtractSpec", "FeatureCacheError", "extract", "open_cache", "__version__"]
+__all__ = [
+    "Cache", "ExtractResult", "ExtractSpec", "FeatureCacheError", "FitSpec", "__version__", "extract",
+    "fit_head", "leaderboard", "load_head", "load_predictor", "make_ensemble", "open_cache", "predict",
+]

@@ -29,6 +29,21 @@ def _parse_params(values: list[str]) -> dict:
     return params
 
 
+def _parse_bytes(text: str) -> int:
+    """`8G`, `512M`, `100K` or a plain number of bytes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.strip().upper().rstrip("IB"), ""
+    if number and number[-1] in units:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = int(float(number) * units[unit])
+    except ValueError:
+        raise UsageError(f"--max-memory {text!r} is not a size; use e.g. 8G, 512M or a number of bytes") from None
+    if value <= 0:
+        raise UsageError("--max-memory must be positive")
+    return value
+
+
 def _percent(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
@@ -50,6 +65,7 @@ def fit_head_command(
     val_fraction: Annotated[Optional[float], typer.Option(help="Carve validation from train (stratified) instead of using the val split.")] = None,
     refit: Annotated[bool, typer.Option(help="Retrain the chosen setting on train+val (logistic).")] = False,
     seed: Annotated[int, typer.Option()] = 0,
+    max_memory: Annotated[Optional[str], typer.Option(help="Features held in memory at most, e.g. 8G or 512M (default: half the free RAM); above it the logistic head streams shards.")] = None,
     root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
 ) -> None:
     """Fit a classifier head on cached features; choose hyper-parameters on validation.
@@ -59,7 +75,7 @@ def fit_head_command(
     from .fit import FitSpec, fit_head
 
     spec = FitSpec(head=head, name=name, tap=tap, params=_parse_params(param), val_fraction=val_fraction,
-                   refit=refit, seed=seed)
+                   refit=refit, seed=seed, max_memory=_parse_bytes(max_memory) if max_memory else None)
     result = fit_head(_open(cache, root), spec)
     record = result.record
     headline = record["headline"]

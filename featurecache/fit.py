@@ -22,6 +22,7 @@ from .headstore import default_head_name, list_heads, load_head, read_record, sa
 from .heads import EnsembleHead, Head, make_head
 from .metrics import classification_metrics
 from .store import Cache, open_cache
+from .streaming import available_memory, fit_streaming_logistic, in_memory_bytes, streamed_probabilities
 
 log = logging.getLogger("featurecache")
 
@@ -37,6 +38,7 @@ class FitSpec:
     val_fraction: float | None = None  # carve validation from train (stratified) instead of the val split
     refit: bool = False  # retrain the chosen setting on train + val
     seed: int = 0
+    max_memory: int | None = None  # bytes of features to hold at once; None: half the available RAM
 
 
 @dataclass
@@ -99,31 +101,64 @@ def _headline(metrics: dict, refit: bool) -> dict:
     return {"split": split, "top1": metrics[split]["top1"], "note": note}
 
 
+def _needs_streaming(cache: Cache, spec: FitSpec) -> bool:
+    budget = spec.max_memory if spec.max_memory is not None else available_memory() // 2
+    needed = in_memory_bytes(cache, spec.tap, list(cache.splits))
+    if needed <= budget:
+        return False
+    if spec.head != "logistic" or spec.refit or spec.val_fraction is not None or not cache.splits.get("val"):
+        raise HeadError(
+            f"the {spec.tap} features need {needed / 2**30:.1f} GiB, over the memory budget of "
+            f"{budget / 2**30:.1f} GiB; only the logistic head (without --refit, with the cache's val "
+            "split) streams from disk. Raise --max-memory or use --head logistic")
+    return True
+
+
+def _fit_streaming(cache: Cache, spec: FitSpec) -> tuple[Head, dict, str]:
+    log.info("features exceed the memory budget: streaming shard by shard")
+    for split in cache.splits:  # the same NaN/inf guard as the in-memory path, one shard at a time
+        for rows in cache.iter_shards(split, spec.tap):
+            if not np.isfinite(rows.features[spec.tap]).all():
+                raise CorruptCacheError(f"the {split} features of {cache.path.name} hold NaN or inf; "
+                                        "run featurecache verify")
+    head = fit_streaming_logistic(cache, tap=spec.tap, seed=spec.seed, **spec.params)
+    metrics = {split: classification_metrics(*streamed_probabilities(head, cache, split, spec.tap), cache.classes)
+               for split in ("val", "test") if cache.splits.get(split)}
+    return head, metrics, "val"
+
+
 def fit_head(cache: Cache | str | Path, spec: FitSpec) -> FitResult:
-    """Fit one head on a cache and write it to `heads/<name>/` with its metrics."""
+    """Fit one head on a cache and write it to `heads/<name>/` with its metrics.
+
+    Features over the memory budget (`spec.max_memory`) are streamed from the shards
+    (logistic head only); otherwise every split is loaded once.
+    """
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     if spec.tap not in cache.tap_shapes:
         raise HeadError(f"tap {spec.tap!r} is not in {cache.path.name} (it has {', '.join(cache.taps)})")
-    data = _splits(cache, spec)
-    (X, y), (val_name, (X_val, y_val)) = data["train"], list(data.items())[1]
-    params = dict(spec.params)
-    if spec.refit:
-        if spec.head != "logistic":
-            raise HeadError("--refit is supported for the logistic head")
-        params["refit"] = True
-    head = make_head(spec.head, **params)
+    if spec.refit and spec.head != "logistic":
+        raise HeadError("--refit is supported for the logistic head")
     started = time.perf_counter()
-    head.fit(X, y, X_val, y_val, n_classes=len(cache.classes))
+    streaming = _needs_streaming(cache, spec)
+    if streaming:
+        head, metrics, val_name = _fit_streaming(cache, spec)
+        rows = dict(cache.splits)
+    else:
+        data = _splits(cache, spec)
+        (X, y), (val_name, (X_val, y_val)) = data["train"], list(data.items())[1]
+        head = make_head(spec.head, **spec.params, **({"refit": True} if spec.refit else {}))
+        head.fit(X, y, X_val, y_val, n_classes=len(cache.classes))
+        metrics = _evaluate(head, data, cache.classes)
+        rows = {split: int(len(labels)) for split, (_, labels) in data.items()}
     seconds = time.perf_counter() - started
-    metrics = _evaluate(head, data, cache.classes)
     record = {
         "head": spec.head, "tap": spec.tap, "cache_key": cache.key, "cache": cache.path.name,
         "classes": cache.classes, "selection_split": val_name,
         "chosen": getattr(head, "best_params_", None), "metrics": metrics,
-        "headline": _headline(metrics, spec.refit), "fit_seconds": seconds,
-        "rows": {split: int(len(labels)) for split, (_, labels) in data.items()},
+        "headline": _headline(metrics, spec.refit), "fit_seconds": seconds, "rows": rows,
+        "streamed": streaming,
         "spec": {"head": spec.head, "tap": spec.tap, "params": spec.params, "val_fraction": spec.val_fraction,
-                 "refit": spec.refit, "seed": spec.seed},
+                 "refit": spec.refit, "seed": spec.seed, "max_memory": spec.max_memory},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tool_version": __version__,
     }
     name = spec.name or default_head_name(spec.head)
