@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 
 from .errors import CorruptCacheError
+from .faults import fault_point
 
 CHUNK_BYTES = 1 << 20  # about 1 MiB per chunk: large enough to read fast, small enough to append
 FINGERPRINT_DTYPE = "S32"
@@ -83,6 +84,7 @@ class ShardWriter:
             # HDF5 filters cannot apply to variable-length strings, so `paths` has no checksum.
             self.file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,),
                                      fletcher32=name != "paths")
+        fault_point("shard_open")
 
     def append(self, rows: ShardRows) -> None:
         n = len(rows)
@@ -98,6 +100,7 @@ class ShardWriter:
             self.file[name].resize(stop, axis=0)
             self.file[name][start:stop] = values
         self.rows = stop
+        fault_point("after_append")
 
     def commit(self) -> dict:
         """Close, fsync, rename into place; return the manifest record of the shard."""
@@ -106,8 +109,10 @@ class ShardWriter:
         with open(self.tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         record = {"rows": self.rows, "sha256": file_sha256(self.tmp_path), "bytes": self.tmp_path.stat().st_size}
+        fault_point("before_rename")
         os.replace(self.tmp_path, self.final_path)
         fsync_directory(self.final_path.parent)
+        fault_point("after_rename")
         return record
 
     def abort(self) -> None:

@@ -10,21 +10,31 @@ heads remember the key they were trained on.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, SoftFileLock, Timeout
 
-from .errors import CacheIncompleteError, CacheNotFoundError, CorruptCacheError
+from .errors import CacheIncompleteError, CacheLockedError, CacheNotFoundError, CorruptCacheError
+from .faults import fault_point
 from .shards import ShardRows, fsync_directory, open_shard, read_rows
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS_DIR = "_weights"
 DEFAULT_ROOT_ENV = "FEATURECACHE_ROOT"
+LOCK = ".lock"
+# errnos of file systems (some NFS, CIFS, FUSE mounts) that have no flock
+_NO_FLOCK = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
+
+log = logging.getLogger("featurecache")
 
 
 def default_root() -> Path:
@@ -58,13 +68,47 @@ def entry_dir_name(source_name: str, arch: str, entry: str) -> str:
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON to a temp file, fsync, and rename: readers see the old or the new file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, sort_keys=False)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=1, sort_keys=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        fault_point("before_manifest_rename")
+        os.replace(tmp, path)
+    except BaseException:  # disk full, interrupted: the old file stays, no temp file is left
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def entry_lock(entry_path: Path, timeout: float) -> Iterator[None]:
+    """Hold the entry's lock: one writer (extract, verify --repair) per entry at a time.
+
+    An flock on `<entry>/.lock`: the kernel releases it when its holder dies, so a
+    SIGKILLed run never blocks the next one; the file itself stays, harmlessly. Where
+    the file system has no flock, a soft lock (`.lock.soft`, holding the owner's pid)
+    replaces it; filelock breaks one whose owner is no longer alive on this host.
+    """
+    lock: FileLock | SoftFileLock = FileLock(str(entry_path / LOCK), timeout=timeout)
+    try:
+        try:
+            lock.acquire()
+        except OSError as error:
+            if error.errno not in _NO_FLOCK:
+                raise
+            log.warning("no flock on %s (%s); using a soft lock file", entry_path, error.strerror)
+            lock = SoftFileLock(str(entry_path / f"{LOCK}.soft"), timeout=timeout)
+            lock.acquire()
+    except Timeout:
+        raise CacheLockedError(
+            f"another featurecache process is writing {entry_path} (waited {timeout:g}s for its lock); "
+            f"wait for it to finish, then rerun") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def read_manifest(entry_path: Path) -> dict:
@@ -175,8 +219,11 @@ class Cache:
         values: list = []
         for shard in self._shards(split):
             path = self.path / shard["file"]
-            with open_shard(path, shard["rows"], {}) as handle:
-                values.extend(handle[name][:])
+            try:
+                with open_shard(path, shard["rows"], {}) as handle:
+                    values.extend(handle[name][:])
+            except OSError as error:  # fletcher32 mismatch
+                raise CorruptCacheError(f"shard {path} is damaged ({error}); run featurecache verify") from None
         return values
 
     def labels(self, split: str) -> np.ndarray:
@@ -204,4 +251,8 @@ def open_cache(path: str | Path, *, root: Path | None = None) -> Cache:
             raise CorruptCacheError(f"shard {shard['file']} of {entry_path} is missing; run featurecache verify --repair")
         if file.stat().st_size != shard["bytes"]:
             raise CorruptCacheError(f"shard {shard['file']} of {entry_path} has the wrong size; run featurecache verify --repair")
+    for split, count in manifest["splits"].items():
+        if sum(s["rows"] for s in manifest["shards"] if s["split"] == split) != count:
+            raise CorruptCacheError(f"the shards of {entry_path} do not add up to its {count} {split} rows; "
+                                    "run featurecache verify --repair")
     return Cache(entry_path, manifest)

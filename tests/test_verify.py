@@ -1,0 +1,208 @@
+"""Damaged caches: `verify` reports every problem, `--repair` recomputes only bad shards,
+and a normal open refuses damage and says to run verify."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from featurecache import extract, open_cache
+from featurecache.cli import app
+from featurecache.errors import CorruptCacheError
+from featurecache.extract import ExtractSpec
+from featurecache.shards import file_sha256
+from featurecache.store import read_manifest
+from featurecache.verify import repair_entry, verify_entry
+
+from helpers import replace_spec, write_image
+from processes import tiny_backbone
+
+runner = CliRunner()
+extract_module = importlib.import_module("featurecache.extract")  # the package re-exports a function of the same name
+TARGET = "shards/train-00001.h5"  # rows 4..7 of train
+
+
+def _manifest(entry):
+    return json.loads((entry / "manifest.json").read_text())
+
+
+def _save_manifest(entry, manifest):
+    (entry / "manifest.json").write_text(json.dumps(manifest))
+
+
+def zero_length(entry):
+    (entry / TARGET).write_bytes(b"")
+
+
+def truncated(entry):
+    data = (entry / TARGET).read_bytes()
+    (entry / TARGET).write_bytes(data[: len(data) // 2])
+
+
+def flipped_bytes(entry):
+    with h5py.File(entry / TARGET, "r") as handle:
+        offset = handle["features/pool"].id.get_chunk_info(0).byte_offset
+    with open(entry / TARGET, "r+b") as handle:
+        handle.seek(offset + 100)
+        byte = handle.read(1)
+        handle.seek(offset + 100)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+def not_in_manifest(entry):
+    manifest = _manifest(entry)
+    manifest["shards"] = [s for s in manifest["shards"] if s["file"] != TARGET]
+    _save_manifest(entry, manifest)
+
+
+def listed_but_missing(entry):
+    (entry / TARGET).unlink()
+
+
+DAMAGE = {  # how each is reported, and the word a normal open's error contains
+    zero_length: "zero-length",
+    truncated: "truncated",
+    flipped_bytes: "checksum mismatch",
+    not_in_manifest: "not in the manifest",
+    listed_but_missing: "missing",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny():
+    with tiny_backbone():
+        yield
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory, tiny_spec_module):
+    """One healthy entry (16 images, shards of 4: train 4+4+2, val 4+2), copied per test."""
+    base = tmp_path_factory.mktemp("verify")
+    for i in range(16):
+        split, label = ("train", "val")[i // 10], ("ants", "bees")[i % 2]
+        write_image(base / "photos" / split / label / f"{label}_{i}.png", i + 1)
+    spec = tiny_spec_module(base / "photos", root=str(base / "pristine"))
+    cache = open_cache(extract(spec).path)
+    return spec, cache.path, {split: _by_path(cache, split) for split in ("train", "val")}
+
+
+@pytest.fixture(scope="module")
+def tiny_spec_module():
+    def make(source, **overrides):
+        base = dict(source=str(source), model="tiny", weights="random", image_size=32,
+                    precision="fp32", dtype="float32", batch_size=4, workers=0, shard_size=4)
+        return ExtractSpec(**{**base, **overrides})
+
+    return make
+
+
+@pytest.fixture
+def damaged(pristine, tmp_path):
+    def make(damage):
+        spec, entry, _ = pristine
+        shutil.copytree(entry.parent, tmp_path / "cache")
+        copy = tmp_path / "cache" / entry.name
+        damage(copy)
+        return replace_spec(spec, root=str(tmp_path / "cache")), copy
+
+    return make
+
+
+def _computed_by(monkeypatch) -> list[int]:
+    counts: list[int] = []
+    original = extract_module.run_backbone
+
+    def counting(model, source, samples, **kwargs):
+        counts.append(len(samples))
+        return original(model, source, samples, **kwargs)
+
+    monkeypatch.setattr(extract_module, "run_backbone", counting)
+    return counts
+
+
+def _by_path(cache, split):
+    paths = cache.paths(split)
+    order = np.argsort(paths)
+    return [paths[i] for i in order], cache.features(split)[order]
+
+
+def test_healthy_entry_verifies(damaged):
+    _, entry = damaged(lambda entry: None)
+    report = verify_entry(entry)
+    assert report.ok and report.shards_checked == 5 and report.rows_checked == 16
+    result = runner.invoke(app, ["verify", str(entry)])
+    assert result.exit_code == 0 and "ok" in result.stdout
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=[d.__name__ for d in DAMAGE])
+def test_damage_is_reported_refused_on_open_and_repaired(damage, damaged, pristine, monkeypatch):
+    spec, entry = damaged(damage)
+    report = verify_entry(entry)
+    assert [str(p) for p in report.problems if p.file == TARGET and DAMAGE[damage] in p.what], report.problems
+
+    with pytest.raises(CorruptCacheError, match="run featurecache verify"):  # a normal open, then a read
+        cache = open_cache(entry)
+        cache.features("train"), cache.labels("train")
+
+    listing = runner.invoke(app, ["verify", str(entry)])
+    assert listing.exit_code == 1 and f"problem {TARGET}" in listing.stdout
+
+    computed = _computed_by(monkeypatch)
+    repaired = runner.invoke(app, ["verify", str(entry), "--repair"])
+    assert repaired.exit_code == 0, repaired.output
+    assert sum(computed) == (0 if damage is not_in_manifest else 4)  # a listed-free good shard is adopted
+    assert verify_entry(entry).ok and not list(entry.rglob("*.tmp-*"))
+    cache = open_cache(entry)
+    for split, (clean_paths, clean_features) in pristine[2].items():
+        paths, features = _by_path(cache, split)
+        assert paths == clean_paths
+        np.testing.assert_array_equal(features, clean_features)  # bitwise: same batches, same shapes
+
+
+def test_every_problem_is_reported_at_once(damaged):
+    _, entry = damaged(flipped_bytes)
+    (entry / "shards" / "val-00001.h5").unlink()
+    (entry / "shards" / ".train-00002.h5.tmp-1-deadbeef").write_bytes(b"partial")
+    shutil.copy(entry / "shards" / "val-00000.h5", entry / "shards" / "val-00009.h5")
+    files = {p.file for p in verify_entry(entry).problems}
+    assert {TARGET, "shards/val-00001.h5", "shards/.train-00002.h5.tmp-1-deadbeef", "shards/val-00009.h5"} <= files
+    repair_entry(entry)
+    assert verify_entry(entry).ok
+
+
+@pytest.mark.parametrize("name, make, fragment", [
+    ("features/pool", lambda h: h.create_dataset("features/pool", data=np.zeros((4, 100), np.float32)), "shape"),
+    ("labels", lambda h: h.create_dataset("labels", data=np.zeros(4, np.float64)), "dtype"),
+])
+def test_unexpected_shapes_and_dtypes_are_rejected(name, make, fragment, damaged):
+    _, entry = damaged(lambda entry: None)
+    with h5py.File(entry / TARGET, "a") as handle:
+        del handle[name]
+        make(handle)
+    manifest = _manifest(entry)  # even with a matching size and checksum
+    record = next(s for s in manifest["shards"] if s["file"] == TARGET)
+    record.update(bytes=(entry / TARGET).stat().st_size, sha256=file_sha256(entry / TARGET))
+    _save_manifest(entry, manifest)
+    with pytest.raises(CorruptCacheError, match=f"{fragment}.*run featurecache verify"):
+        open_cache(entry).features("train")
+    assert any(fragment in p.what for p in verify_entry(entry).problems)
+
+
+@pytest.mark.parametrize("bad_path", ["../../outside.h5", "/etc/passwd", "shards/../../x.h5"])
+def test_manifest_paths_outside_the_entry_are_refused(bad_path, damaged):
+    _, entry = damaged(lambda entry: None)
+    manifest = _manifest(entry)
+    manifest["shards"][0]["file"] = bad_path
+    _save_manifest(entry, manifest)
+    with pytest.raises(CorruptCacheError, match="outside the entry"):
+        read_manifest(entry)
+    report = verify_entry(entry)
+    assert not report.manifest_readable and "outside the entry" in str(report.problems[0])
+    with pytest.raises(CorruptCacheError, match="unreadable"):
+        repair_entry(entry)
