@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .backbones import Preprocessing, StagedBackbone
 from .errors import ExtractionError, UsageError
+from .faults import fault_point
 from .images import ImageDecodeError
 from .preprocess import normalize_batch, prepare_image
 from .sources import Sample, Source
@@ -76,6 +77,7 @@ class _DecodeDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str]:
+        fault_point("worker_load")
         try:
             image = self.source.load(self.samples[position])
             return position, prepare_image(image, self.preprocessing), ""

@@ -1,0 +1,86 @@
+"""3. Cache read throughput: all features of an entry vs np.load of the same array."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from featurecache.shards import ShardRows, ShardWriter, shard_name
+from featurecache.store import open_cache
+
+from .common import Config, Row, interleaved
+
+SHARD_ROWS = 4096  # ExtractSpec.shard_size's default
+
+
+def synthetic_features(rows: int, dim: int = 2048, seed: int = 0) -> np.ndarray:
+    """Non-negative, sparse-ish values like pooled ReLU features (incompressible noise otherwise)."""
+    rng = np.random.default_rng(seed)
+    values = rng.gamma(0.6, 0.5, (rows, dim)).astype(np.float32)
+    values[rng.random((rows, dim)) < 0.1] = 0.0  # pooled ReLU outputs: some exact zeros
+    return values
+
+
+def write_entry(path: Path, features: np.ndarray, *, dtype: str = "float16", compression: str | None = None,
+                batch: int = 64) -> Path:
+    """A cache entry as extract writes it (ShardWriter, batches of `batch` rows, a manifest)."""
+    (path / "shards").mkdir(parents=True, exist_ok=True)
+    shards = []
+    for number, start in enumerate(range(0, len(features), SHARD_ROWS)):
+        part = features[start:start + SHARD_ROWS].astype(dtype)
+        writer = ShardWriter(path / "shards" / shard_name("train", number), tap_shapes={"pool": part.shape[1:]},
+                             dtype=dtype, attrs={}, compression=compression)
+        for offset in range(0, len(part), batch):
+            rows = part[offset:offset + batch]
+            n = len(rows)
+            writer.append(ShardRows({"pool": rows}, np.zeros(n, np.int64), np.arange(n), [f"x/{i}" for i in range(n)],
+                                    [f"{start + offset + i:032d}" for i in range(n)]))
+        shards.append({"file": f"shards/{shard_name('train', number)}", "split": "train", **writer.commit()})
+    manifest = {"format_version": 1, "key": "benchmark", "complete": True, "classes": ["a"], "dtype": dtype,
+                "taps": {"pool": {"shape": list(features.shape[1:])}}, "splits": {"train": len(features)},
+                "shards": shards, "skipped": []}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def entry_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in (path / "shards").glob("*.h5"))
+
+
+def run(config: Config) -> list[Row]:
+    features = synthetic_features(config.read_rows)
+    rows = []
+    for dtype in ("float16", "float32"):
+        entry = write_entry(config.workdir / f"read-{dtype}", features, dtype=dtype)
+        npy = config.workdir / f"read-{dtype}.npy"
+        np.save(npy, features.astype(dtype))
+        cache = open_cache(entry)
+        gigabytes = features.size * np.dtype(dtype).itemsize / 1e9
+        candidates = {"npy": lambda: np.load(npy), "ours": lambda: cache.features("train")}
+        # Layout variants, read with plain h5py: what the chunking and checksum cost.
+        variants = {"contiguous": {}, "chunk 1 MiB": {"fletcher32": False}, "chunk 1 MiB + fletcher32": {"fletcher32": True}}
+        for name, options in variants.items():
+            file = config.workdir / f"read-{dtype}-{name.replace(' ', '_')}.h5"
+            with h5py.File(file, "w") as handle:
+                data = features.astype(dtype)
+                if options:
+                    chunk_rows = min(len(data), max(1, (1 << 20) // (data.itemsize * data.shape[1])))
+                    handle.create_dataset("x", data=data, chunks=(chunk_rows, data.shape[1]), **options)
+                else:
+                    handle.create_dataset("x", data=data)
+            candidates[name] = lambda file=file: _read_h5(file)
+        seconds = interleaved(candidates, repeats=max(3, config.repeats), warmup=1)
+        rate = {name: gigabytes / s for name, s in seconds.items()}
+        rows.append(Row("3", f"read all features, {dtype} ({config.read_rows:,} x 2048)", rate["ours"], rate["npy"],
+                        "GB/s", target=">= 1.0x", note="Cache.features vs np.load (page cache warm)"))
+        for name in variants:
+            rows.append(Row("3", f"  h5py {name}, {dtype}", rate[name], rate["npy"], "GB/s", note="vs np.load"))
+    return rows
+
+
+def _read_h5(file: Path) -> np.ndarray:
+    with h5py.File(file, "r") as handle:
+        return handle["x"][:]

@@ -1,0 +1,35 @@
+"""Smoke test of the benchmarks: the smallest piece of each runs (resnet18, 32 px, a few images).
+
+No timing is asserted; this only keeps `python -m benchmarks` from rotting.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not installed
+
+from benchmarks.__main__ import MODULES, run_all  # noqa: E402
+from benchmarks.common import Config, Row, format_table  # noqa: E402
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Config:
+    return Config.make(tmp_path, tiny=True)
+
+
+@pytest.mark.parametrize("name", [name for name, _ in MODULES])
+def test_each_benchmark_runs_and_gives_rows(name, tiny_config):
+    rows = run_all(tiny_config, [name], echo=lambda text: None)
+    assert rows and all(isinstance(row, Row) for row in rows)
+    table = format_table(rows)
+    assert table.count("\n") == len(rows) + 1  # header, rule, one line per row
+
+
+def test_ratio_direction():
+    assert Row("x", "speed", 10.0, 5.0).ratio == 2.0
+    assert Row("x", "time", 1.0, 4.0, higher_is_better=False).ratio == 4.0
+    assert Row("x", "pending", None).ratio is None
