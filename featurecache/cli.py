@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import subprocess
 import sys
 from enum import Enum
 from pathlib import Path
@@ -52,6 +54,13 @@ class Device(str, Enum):
 class OnError(str, Enum):
     skip = "skip"
     fail = "fail"
+
+
+class Optimize(str, Enum):
+    auto = "auto"
+    eager = "eager"
+    freeze = "freeze"
+    compile = "compile"
 
 
 class Compression(str, Enum):
@@ -133,27 +142,39 @@ def extract(
     compression: Annotated[Compression, typer.Option(case_sensitive=False)] = Compression.none,
     on_error: Annotated[OnError, typer.Option(case_sensitive=False, help="skip unreadable images (listed in the manifest) or fail.")] = OnError.skip,
     content_hash: Annotated[bool, typer.Option(help="Fingerprint files by content hash instead of size and mtime.")] = False,
+    draft: Annotated[bool, typer.Option(help="Decode large JPEGs at reduced size (libjpeg draft mode): faster, slightly different features; part of the cache key.")] = False,
+    optimize: Annotated[Optimize, typer.Option(case_sensitive=False, help="Forward pass: auto (freeze on CPU fp32 for 256+ images), eager, freeze (TorchScript), compile (torch.compile, ~30 s to build).")] = Optimize.auto,
     seed: Annotated[int, typer.Option(help="Seed for --weights random.")] = 0,
     root: Annotated[Optional[Path], typer.Option(help="Cache root (default $FEATURECACHE_ROOT or ./cache).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary; print only the cache path.")] = False,
+    devices: Annotated[int, typer.Option(min=1, help="Processes on this machine, one per GPU: N > 1 reruns this command under torchrun (see README, Scaling out).")] = 1,
 ) -> None:
     """Extract backbone features of a dataset into the cache (resumable, incremental).
 
     Example: featurecache extract ../shared/data/hymenoptera --weights random
     """
+    if devices > 1 and "RANK" not in os.environ:
+        from .distributed import launch_command
+
+        raise typer.Exit(subprocess.call(launch_command(sys.argv[1:], devices)))
     from .extract import ExtractSpec, extract as run_extract
+
+    follower = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 alone reports
 
     spec = ExtractSpec(
         source=source, model=model, weights=weights, taps=tuple(tap), image_size=image_size,
         dtype=dtype.value, precision=precision.value, device=device.value, batch_size=batch_size,
         workers=workers, shard_size=shard_size, compression=None if compression is Compression.none else compression.value,
         on_error=on_error.value, content_hash=content_hash, seed=seed, root=str(root) if root else None,
+        draft=draft, optimize=optimize.value,
     )
-    bar, update = progress_bar("extract", quiet)
+    bar, update = progress_bar("extract", quiet or follower)
     try:
         result = run_extract(spec, progress=update)
     finally:
         bar.stop()
+    if follower:
+        return
     if quiet:
         console.print(str(result.path), markup=False, highlight=False)
         return

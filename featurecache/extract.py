@@ -8,6 +8,7 @@ rewritten atomically after every shard, and only shards it lists count.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -16,16 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from filelock import FileLock, Timeout
 
 from . import __version__
 from .backbones import StagedBackbone, build_network, get_backbone, tap_shape, validate_taps
-from .engine import default_workers, resolve_device, resolve_precision, run_backbone
-from .errors import CacheLockedError, ExtractionError, UnreadableImageError, UsageError
+from .distributed import Group, join_group
+from .engine import default_workers, resolve_precision, run_backbone
+from .errors import ExtractionError, UnreadableImageError, UsageError
+from .faults import fault_point
+from .optimize import optimize_backbone, resolve_optimize
 from .plan import Plan, make_plan
 from .shard_pipeline import ShardPipeline
-from .sources import open_source
-from .store import (MANIFEST, WEIGHTS_DIR, content_key, default_root, entry_dir_name, entry_id,
+from .sources import FileSource, open_source
+from .store import (MANIFEST, WEIGHTS_DIR, content_key, default_root, entry_dir_name, entry_id, entry_lock,
                     read_manifest, write_json_atomic)
 from .weights import resolve_weights, store_weights
 
@@ -57,6 +60,8 @@ class ExtractSpec:
     root: str | None = None  # cache root; default $FEATURECACHE_ROOT or ./cache
     max_consecutive_failures: int = 50
     lock_timeout: float = 10.0
+    draft: bool = False  # JPEG draft decoding (libjpeg's 1/2..1/8 scaling): faster, changes numbers, in the key
+    optimize: str = "auto"  # auto | eager | freeze | compile: how the forward pass is built (see optimize.py)
 
 
 @dataclass
@@ -87,24 +92,39 @@ def _check_spec(spec: ExtractSpec) -> None:
 
 
 def extract(spec: ExtractSpec, *, progress: Callable[[int, int], None] | None = None) -> ExtractResult:
-    """Build or update the cache entry for `spec`; returns where it is and what was done."""
-    started = time.perf_counter()
+    """Build or update the cache entry for `spec`; returns where it is and what was done.
+
+    Under torchrun, this process is one rank of a distributed run (see distributed.py).
+    """
     _check_spec(spec)
+    group = join_group(spec.device)
+    try:
+        return _extract(spec, group, progress)
+    finally:
+        group.close()
+
+
+def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], None] | None) -> ExtractResult:
+    started = time.perf_counter()
     entry = get_backbone(spec.model)
     taps = validate_taps(entry, spec.taps)
-    device = resolve_device(spec.device)
+    device = group.device
     precision = resolve_precision(spec.precision, device)
+    resolve_optimize(spec.optimize, device, precision)  # refuse a bad --optimize before writing anything
     source = open_source(spec.source, content_hash=spec.content_hash)
     weights = resolve_weights(entry, spec.weights, seed=spec.seed)
     preprocessing = weights.preprocessing
     if spec.image_size is not None:
         preprocessing = preprocessing.with_image_size(spec.image_size)
+    if spec.draft and isinstance(source, FileSource):
+        # libjpeg decodes at the smallest 1/2..1/8 scale whose shorter side still covers the resize.
+        source.draft_size = (preprocessing.resize_size, preprocessing.resize_size)
 
     config = {
         "arch": entry.name,
         "weights_sha256": weights.sha256,
         "taps": list(taps),
-        "preprocessing": preprocessing.to_dict(),
+        "preprocessing": {**preprocessing.to_dict(), **({"jpeg_draft": True} if spec.draft else {})},
         "dtype": spec.dtype,
         "precision": precision,
         "source": source.identity(),
@@ -116,39 +136,47 @@ def extract(spec: ExtractSpec, *, progress: Callable[[int, int], None] | None = 
     path = root / entry_dir_name(source.name, entry.name, entry_hash)
     path.joinpath("shards").mkdir(parents=True, exist_ok=True)
 
-    try:
-        with FileLock(str(path / ".lock"), timeout=spec.lock_timeout):
-            previous = read_manifest(path) if (path / MANIFEST).exists() else None
-            if previous and previous.get("complete") and previous["key"] == key and _shards_present(path, previous):
-                log.info("cache hit: %s", path)
-                return ExtractResult(path, key, True, previous["splits"], 0, previous["skipped"],
-                                     time.perf_counter() - started)
-            plan = make_plan(path, previous, source, spec.shard_size, entry_id=entry_hash)
-            manifest = {
-                "format_version": 1, "tool_version": __version__, "entry_id": entry_hash, "key": key,
-                "complete": False, "config": config, "weights": {"spec": spec.weights, "description":
-                weights.description, "sha256": weights.sha256, "file": f"../{WEIGHTS_DIR}/{weights.sha256}.safetensors"},
-                "spec": dataclasses.asdict(spec), "classes": source.classes, "dtype": spec.dtype,
-                "taps": {t: {"shape": list(tap_shape(entry, t, preprocessing.crop_size))} for t in taps},
-                "created": (previous or {}).get("created", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
-                "shards": [], "skipped": [], "splits": {},
-            }
+    # Only rank 0 (the only process outside torchrun) locks, cleans up, plans and writes the manifest.
+    with entry_lock(path, spec.lock_timeout) if group.leader else contextlib.nullcontext():
+        fault_point("after_lock")
+        previous = read_manifest(path) if group.leader and (path / MANIFEST).exists() else None
+        hit = previous and previous.get("complete") and previous["key"] == key and _shards_present(path, previous)
+        plan = None if hit or not group.leader else make_plan(path, previous, source, spec.shard_size,
+                                                              entry_id=entry_hash)
+        hit, plan = group.share_plan(key, previous if hit else None, plan, source)
+        if hit:
+            log.info("cache hit: %s", path)
+            return ExtractResult(path, key, True, hit["splits"], 0, hit["skipped"], time.perf_counter() - started)
+        manifest = {
+            "format_version": 1, "tool_version": __version__, "entry_id": entry_hash, "key": key,
+            "complete": False, "config": config, "weights": {"spec": spec.weights, "description":
+            weights.description, "sha256": weights.sha256, "file": f"../{WEIGHTS_DIR}/{weights.sha256}.safetensors"},
+            "spec": dataclasses.asdict(spec), "classes": source.classes, "dtype": spec.dtype,
+            "taps": {t: {"shape": list(tap_shape(entry, t, preprocessing.crop_size))} for t in taps},
+            "created": (previous or {}).get("created", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+            "shards": [], "skipped": [], "splits": {},
+        }
+        if group.leader:
             store_weights(root / WEIGHTS_DIR, entry.name, weights)
-            pipeline = ShardPipeline(path, manifest, plan, spec)
-            pipeline.carry_over()
-            computed = 0
-            if plan.to_compute:
-                network = build_network(entry, weights.state_dict)
-                model = StagedBackbone(network).eval().to(device, memory_format=torch.channels_last)
-                workers = default_workers() if spec.workers is None else spec.workers
-                computed = _compute(model, source, plan, pipeline, spec, taps, device, precision,
-                                    preprocessing, workers, progress)
-            final = pipeline.finish()
+        plan = group.assign(plan)  # this rank's shards: all of them outside torchrun
+        pipeline = ShardPipeline(path, manifest, plan, spec, publish=group.leader)
+        pipeline.carry_over()
+        computed = 0
+        if plan.shards:
+            network = build_network(entry, weights.state_dict)
+            model = StagedBackbone(network).eval().to(device, memory_format=torch.channels_last)
+            # Decided by the dataset's size, not by what is left to compute, so a resumed run
+            # builds the same graph as an uninterrupted one (bitwise-identical features).
+            optimize = resolve_optimize(spec.optimize, device, precision, images=len(source.samples))
+            model = optimize_backbone(model, taps, mode=optimize, batch_size=spec.batch_size,
+                                      image_size=preprocessing.crop_size, device=device)
+            workers = default_workers() if spec.workers is None else spec.workers
+            computed = _compute(model, source, plan, pipeline, spec, taps, device, precision,
+                                preprocessing, workers, progress)
+        computed = group.collect(pipeline, computed)  # waits for every rank; rank 0 lists their shards
+        final = group.share(pipeline.finish())
+        if group.leader:
             pipeline.remove_unreferenced()
-    except Timeout:
-        raise CacheLockedError(
-            f"another featurecache process is writing {path}; wait for it to finish "
-            f"(or remove {path / '.lock'} if no such process is running)") from None
     if not any(final["splits"].values()):
         raise ExtractionError(f"no image in {spec.source} could be read; see the skipped list in {path / MANIFEST}")
     return ExtractResult(path, key, False, final["splits"], computed, final["skipped"], time.perf_counter() - started)
@@ -167,6 +195,7 @@ def _compute(model: StagedBackbone, source, plan: Plan, pipeline: ShardPipeline,
     batches = [list(range(start, min(start + spec.batch_size, shard.stop)))
                for shard in plan.shards for start in range(shard.start, shard.stop, spec.batch_size)]
     done, consecutive_failures, computed = 0, 0, 0
+    total = sum(shard.stop - shard.start for shard in plan.shards)  # this rank's part under torchrun
     pipeline.start()
     try:
         for batch in run_backbone(model, source, samples, preprocessing=preprocessing, taps=taps,
@@ -187,7 +216,7 @@ def _compute(model: StagedBackbone, source, plan: Plan, pipeline: ShardPipeline,
             computed += len(batch.positions)
             done += len(batch.positions) + len(batch.failures)
             if progress:
-                progress(done, len(samples))
+                progress(done, total)
         pipeline.close()
     except BaseException:
         pipeline.abort()

@@ -8,6 +8,7 @@ complete shards.
 
 from __future__ import annotations
 
+import errno
 import json
 import queue
 import threading
@@ -18,6 +19,7 @@ import numpy as np
 
 from .engine import Batch
 from .errors import ExtractionError
+from .faults import fault_point
 from .plan import Plan, PlannedShard
 from .shards import ShardRows, ShardWriter, read_rows, shard_name
 from .store import MANIFEST, write_json_atomic
@@ -26,8 +28,9 @@ _DONE = object()
 
 
 class ShardPipeline:
-    def __init__(self, path: Path, manifest: dict, plan: Plan, spec) -> None:
+    def __init__(self, path: Path, manifest: dict, plan: Plan, spec, *, publish: bool = True) -> None:
         self.path, self.manifest, self.plan, self.spec = path, manifest, plan, spec
+        self.publish = publish  # False on torchrun ranks other than 0: rank 0 alone writes the manifest
         self.tap_shapes = {t: tuple(info["shape"]) for t, info in manifest["taps"].items()}
         manifest["shards"] = list(plan.kept)
         manifest["skipped"] = list(plan.kept_skipped)
@@ -41,6 +44,8 @@ class ShardPipeline:
 
     # -- manifest ---------------------------------------------------------------
     def _commit_manifest(self) -> None:
+        if not self.publish:
+            return
         splits = {split: 0 for split in self.plan.splits}
         for record in self.manifest["shards"]:
             splits[record["split"]] = splits.get(record["split"], 0) + record["rows"]
@@ -59,6 +64,7 @@ class ShardPipeline:
         self.manifest["shards"].append(record)
         self.manifest["skipped"].extend(skipped)
         self._commit_manifest()
+        fault_point("after_manifest")
 
     def carry_over(self) -> None:
         """Rewrite shards that lost rows or whose labels moved, without the backbone."""
@@ -104,6 +110,11 @@ class ShardPipeline:
     def _raise_writer_error(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
+            if isinstance(error, OSError) and (error.errno in (errno.ENOSPC, errno.EDQUOT)
+                                               or "No space left" in str(error)):  # h5py keeps only the text
+                raise ExtractionError(
+                    f"disk full while writing a shard in {self.path} ({error.strerror or error}); no partial shard was "
+                    "kept and earlier shards are intact. Free disk space, then rerun to resume") from error
             if isinstance(error, OSError):
                 raise ExtractionError(
                     f"writing a shard failed ({error}); earlier shards are intact. "
