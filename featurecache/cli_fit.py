@@ -103,13 +103,13 @@ def heads_command(
         console.print("no heads yet; fit one with featurecache fit-head", markup=False)
         return
     table = Table()
-    for column in ("name", "head", "split", "top-1 %", "top-5 %", "val top-1 %", "fit s", "chosen"):
-        table.add_column(column, no_wrap=column != "chosen", overflow="fold")
+    for column in ("head", "top-1 %", "top-5 %", "val top-1 %", "fit s"):
+        table.add_column(column, overflow="fold")
     for row in rows:
-        label = row["name"] + ("" if row["tap"] == "pool" else f" [{row['tap']}]") + (" (stale)" if row["stale"] else "")
-        table.add_row(label, row["head"], row["split"], _percent(row["top1"]), _percent(row["top5"]),
-                      _percent(row["val_top1"]), f"{row['fit_seconds']:.1f}",
-                      json.dumps(row["chosen"]) if row["chosen"] else "-")
+        label = row["name"] + ("" if row["head"] in (row["name"], f"sklearn:{row['name'][8:]}") else f" ({row['head']})")
+        label += ("" if row["tap"] == "pool" else f" [{row['tap']}]") + (" (stale)" if row["stale"] else "")
+        table.add_row(label, f"{_percent(row['top1'])} {row['split']}", _percent(row["top5"]),
+                      _percent(row["val_top1"]), f"{row['fit_seconds']:.1f}")
     console.print(table)
 
 

@@ -1,0 +1,201 @@
+"""Pipeline files: validation that names file, line and field; reruns that do no work; the demo."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from featurecache.cli import app
+from featurecache.errors import UsageError
+from featurecache.pipeline import demo_pipeline, imagenet_weights_file, load_pipeline, run_pipeline
+
+runner = CliRunner()
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 220)}
+
+PIPELINE = """\
+# a tiny pipeline: random ResNet18 at 32 px
+[pipeline]
+name = "tiny"
+
+[extract]
+source = "colours"
+model = "resnet18"
+weights = "random"
+image_size = 32
+taps = ["pool", "layer3"]
+precision = "fp32"
+workers = 0
+batch_size = 16
+
+[[heads]]
+head = "logistic"
+
+[[heads]]
+head = "knn"
+params = { k = [1, 3] }
+
+[ensemble]
+name = "vote"
+members = ["logistic", "knn"]
+
+[finetune]
+head = "logistic"
+unfreeze = "layer4"
+epochs = 1
+from_cache = true
+batch_size = 5
+workers = 0
+
+[report]
+worst = 4
+"""
+
+
+def _colour_folder(root):
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("val", 3), ("test", 3)):
+        for label, colour in COLOURS.items():
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(colour, 40, (24, 24, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / label / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def pipeline_file(tmp_path):
+    _colour_folder(tmp_path / "colours")
+    path = tmp_path / "tiny.toml"
+    path.write_text(PIPELINE)
+    return path
+
+
+def _error(tmp_path, text: str) -> str:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError) as caught:
+        load_pipeline(path)
+    return str(caught.value)
+
+
+def _edit(old: str, new: str) -> str:
+    assert old in PIPELINE
+    return PIPELINE.replace(old, new)
+
+
+def test_a_good_file_loads_into_specs(pipeline_file):
+    pipeline = load_pipeline(pipeline_file)
+    assert pipeline.name == "tiny"
+    assert pipeline.extract.source == str(pipeline_file.parent / "colours")  # relative to the file
+    assert pipeline.extract.taps == ("pool", "layer3") and pipeline.extract.image_size == 32
+    assert [h.head for h in pipeline.heads] == ["logistic", "knn"] and pipeline.heads[1].params == {"k": [1, 3]}
+    assert pipeline.ensemble.members == ("logistic", "knn")
+    assert pipeline.finetune.from_cache and pipeline.finetune.epochs == 1
+    assert pipeline.report.worst == 4
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ('image_size = 32', 'image_sise = 32', "bad.toml:9: extract.image_sise: unknown field; expected one of: source"),
+    ('image_size = 32', 'image_size = "big"', "bad.toml:9: extract.image_size: must be an integer, got 'big'"),
+    ('source = "colours"', 'source = "no/such/folder"', "bad.toml:6: extract.source: no such folder or CSV file"),
+    ('source = "colours"', 'source = "cifar10:nowhere"', "bad.toml:6: extract.source: no such folder"),
+    ('model = "resnet18"', 'model = "vgg99"', "bad.toml:7: extract.model: unknown model"),
+    ('taps = ["pool", "layer3"]', 'taps = ["pool", "layer9"]', "bad.toml:10: extract.taps: unknown tap"),
+    ('head = "knn"', 'head = "forest"', "bad.toml:19: heads[2].head: unknown head 'forest'"),
+    ('params = { k = [1, 3] }', 'params = { kk = 3 }', "bad.toml:20: heads[2].params: head 'knn' has no parameter kk"),
+    ('members = ["logistic", "knn"]', 'members = ["logistic", "svm"]',
+     "bad.toml:24: ensemble.members: 'svm' is not a head of this pipeline"),
+    ('epochs = 1', 'epochs = 1.5', "bad.toml:29: finetune.epochs: must be an integer"),
+    ('taps = ["pool", "layer3"]', 'taps = ["pool"]', "bad.toml:30: finetune.from_cache: needs the activations of tap layer3"),
+    ('worst = 4', 'colour = "blue"', "bad.toml:35: report.colour: unknown field"),
+    ('[report]', '[reports]', "bad.toml:34: reports: unknown table"),
+    ('name = "tiny"', 'name = "tiny"\ncolour = 1', "bad.toml:4: pipeline.colour: unknown field"),
+    ('worst = 4', 'worst = [4', "bad.toml:35: not valid TOML: Unclosed array"),
+    ('name = "vote"', 'name = vote', "bad.toml:23: not valid TOML"),
+])
+def test_errors_name_the_file_the_line_and_the_field(tmp_path, old, new, expected):
+    _colour_folder(tmp_path / "colours")
+    assert expected in _error(tmp_path, _edit(old, new))
+
+
+def test_missing_extract_and_missing_file(tmp_path):
+    assert "bad.toml:1: missing the [extract] table" in _error(tmp_path, "[[heads]]\nhead = 'logistic'\n")
+    result = runner.invoke(app, ["run", str(tmp_path / "absent.toml")])
+    assert result.exit_code == 2 and "error: no pipeline file" in result.stderr
+
+
+def test_run_check_validates_only(pipeline_file):
+    result = runner.invoke(app, ["run", str(pipeline_file), "--check"])
+    assert result.exit_code == 0, result.output
+    assert "valid (2 heads, an ensemble, a finetune)" in result.stdout
+    assert not (pipeline_file.parent / "cache").exists()
+
+
+def test_run_twice_does_no_work_the_second_time(pipeline_file, tmp_path):
+    pipeline = load_pipeline(pipeline_file)
+    first = run_pipeline(pipeline)
+    assert [s.step.split()[0] for s in first.steps] == ["extract", "head", "head", "ensemble", "finetune", "report"]
+    assert not any(s.cached for s in first.steps)
+    html = first.report_path.read_text()
+    assert "Leaderboard" in html and "Finetune runs" in html
+    files = sorted(p for p in first.cache_path.rglob("*") if p.is_file() and ".lock" not in p.name)
+    before = {p: p.stat().st_mtime_ns for p in files}
+
+    second = runner.invoke(app, ["run", str(pipeline_file)])
+    assert second.exit_code == 0, second.output
+    assert second.stdout.count("cached") == 6, second.stdout
+    assert {p: p.stat().st_mtime_ns for p in files} == before  # nothing rewritten
+
+    # Editing one head's settings redoes that head and what depends on it, nothing else.
+    pipeline_file.write_text(PIPELINE.replace("k = [1, 3]", "k = [1, 2]"))
+    third = run_pipeline(load_pipeline(pipeline_file))
+    assert {s.step: s.cached for s in third.steps} == {
+        "extract": True, "head logistic": True, "head knn": False, "ensemble vote": False,
+        "finetune logistic-layer4-cache": True, "report": False}
+
+
+def test_demo_uses_imagenet_weights_only_when_on_disk(tmp_path):
+    pipeline, note = demo_pipeline()
+    assert pipeline.extract.weights == "random" and "RANDOM weights" in note and "never downloads" in note
+    assert pipeline.extract.source == "digits" and pipeline.extract.image_size == 112
+    file = imagenet_weights_file("resnet50")
+    file.parent.mkdir(parents=True)
+    file.write_bytes(b"")  # only its presence matters here
+    pipeline, note = demo_pipeline()
+    assert pipeline.extract.weights == "imagenet" and "ImageNet weights" in note
+
+
+def test_demo_runs_offline_end_to_end(tmp_path):
+    """The real `featurecache demo` command path, shrunk by --quick."""
+    root = tmp_path / "demo-cache"
+    result = runner.invoke(app, ["demo", "--quick", "--root", str(root)])
+    assert result.exit_code == 0, result.output
+    assert "RANDOM weights" in result.stdout
+    report = next(root.glob("digits-resnet18-*/report/report.html"))
+    assert f"report: {report.resolve()}" in result.stdout.replace("\n", "")
+    html = report.read_text()
+    for section in ("Dataset", "Leaderboard", "confusion matrix", "Learning curves", "PCA scatter plot", "Provenance"):
+        assert section in html
+    assert "vote" in html and "logistic-layer4-cache" in html
+    again = runner.invoke(app, ["demo", "--quick", "--root", str(root)])
+    assert "0 of 7 steps computed" in again.stdout
+
+
+def test_shipped_pipelines_are_valid(tmp_path):
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parent.parent / "pipelines"
+    assert load_pipeline(shipped / "digits.toml").finetune.from_cache
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "data").mkdir()  # cifar10.toml reads ../data; imagefolder.toml a folder of the user's
+    for name in ("cifar10.toml", "imagefolder.toml"):
+        (tmp_path / "pipelines" / name).write_text((shipped / name).read_text())
+    cifar = load_pipeline(tmp_path / "pipelines" / "cifar10.toml")
+    assert cifar.extract.weights == "imagenet" and cifar.finetune.unfreeze == "layer4"
+    assert [h.head for h in cifar.heads] == ["logistic", "mlp"] and cifar.ensemble.members == ("logistic", "mlp")
+    with pytest.raises(UsageError, match=r"imagefolder.toml:\d+: extract.source: no such folder"):
+        load_pipeline(tmp_path / "pipelines" / "imagefolder.toml")
