@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from featurecache.backbones import IMAGENET_PREPROCESSING, StagedBackbone, get_backbone
+from featurecache.backbones import IMAGENET_PREPROCESSING, StagedBackbone
 from featurecache.images import load_rgb
 from featurecache.optimize import optimize_backbone
 from featurecache.preprocess import normalize_batch, prepare_image

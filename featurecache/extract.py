@@ -29,7 +29,7 @@ from .plan import Plan, make_plan
 from .shard_pipeline import ShardPipeline
 from .sources import FileSource, open_source
 from .store import (MANIFEST, WEIGHTS_DIR, content_key, default_root, entry_dir_name, entry_id, entry_lock,
-                    read_manifest, write_json_atomic)
+                    read_manifest)
 from .weights import resolve_weights, store_weights
 
 log = logging.getLogger("featurecache")
