@@ -123,11 +123,15 @@ def run_backbone(model: StagedBackbone, source: Source, samples: Sequence[Sample
                     for tap in taps:
                         features[tap] = _to_storage(outputs[tap], dtype, [samples[p].path for p in positions])
                 yield Batch(positions, features, failures)
-    except RuntimeError as error:
-        if "DataLoader worker" in str(error):
-            raise ExtractionError(f"a data-loading worker died ({str(error).splitlines()[0]}); rerun to resume, "
-                                  "or use --workers 0 to decode in the main process") from None
-        raise
+    except (RuntimeError, ConnectionError, EOFError) as error:
+        # A worker killed mid-batch surfaces either as torch's "DataLoader worker ... is
+        # killed" or, when it dies while handing over a batch's shared memory, as a
+        # reset connection; both mean the same to the user.
+        if isinstance(error, RuntimeError) and "DataLoader worker" not in str(error):
+            raise
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ExtractionError(f"a data-loading worker died ({detail}); rerun to resume, "
+                              "or use --workers 0 to decode in the main process") from None
 
 
 def _to_storage(values: torch.Tensor, dtype: str, paths: list[str]) -> np.ndarray:
