@@ -28,7 +28,7 @@ import torch.distributed as dist
 from .engine import resolve_device
 from .errors import CorruptCacheError, ExtractionError
 from .plan import Plan
-from .shards import file_sha256, shard_number
+from .shards import file_sha256
 from .sources import Source
 
 
@@ -104,9 +104,7 @@ class Group:
             for records, _, _ in parts[1:]:
                 for record in records:
                     _check_written(pipeline.path, record)
-            split_order = {split: i for i, split in enumerate(plan.splits)}
-            new_shards = sorted((r for records, _, _ in parts for r in records),
-                                key=lambda r: (split_order[r["split"]], shard_number(r["file"])))
+            new_shards = plan.canonical_order([r for records, _, _ in parts for r in records])
             new_skipped = sorted((s for _, skipped, _ in parts for s in skipped),
                                  key=lambda s: position[s["fingerprint"]])
             manifest["shards"] = [r for r in manifest["shards"] if r["file"] not in planned] + new_shards

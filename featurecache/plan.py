@@ -6,7 +6,9 @@ moved (the class list changed) is rewritten from its own rows, without the backb
 a shard file that was renamed into place but never listed (the run died before the
 manifest update) is adopted when it holds only wanted rows. Everything else is
 computed, in source order, in shards of `shard_size` images: the same layout an
-uninterrupted run produces.
+uninterrupted run produces. `Plan.first_position` lets the manifest list every shard
+of a split in source order, however the shards came to be (kept, adopted, rewritten or
+computed, by one process or by several ranks).
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ class Plan:
     rewrites: list[Rewrite] = field(default_factory=list)
     to_compute: list[Sample] = field(default_factory=list)
     shards: list[PlannedShard] = field(default_factory=list)
+    first_position: dict[str, int] = field(default_factory=dict)  # shard file -> its first row's source position
+
+    def canonical_order(self, records: list[dict]) -> list[dict]:
+        """Shard records by split, then by their first row's position in the source."""
+        split_order = {split: i for i, split in enumerate(self.splits)}
+        return sorted(records, key=lambda r: (split_order.get(r["split"], len(split_order)),
+                                              self.first_position.get(r["file"], len(self.samples)),
+                                              shard_number(r["file"])))
 
 
 def _remove_temp_files(path: Path) -> None:
@@ -83,6 +93,7 @@ def make_plan(path: Path, previous: dict | None, source: Source, shard_size: int
     """Compare the entry on disk with the source and return the work to do."""
     _remove_temp_files(path)
     current = {s.fingerprint: s for s in source.samples}
+    position = {s.fingerprint: i for i, s in enumerate(source.samples)}
     plan = Plan(samples=current, splits=sorted({s.split for s in source.samples}, key=split_sort_key))
     covered: set[str] = set()
     listed: set[str] = set()
@@ -106,6 +117,9 @@ def make_plan(path: Path, previous: dict | None, source: Source, shard_size: int
             plan.kept.append(record)
         elif keep.any():
             plan.rewrites.append(Rewrite(record, keep, -1))
+        if keep.any():
+            first = min(position[f] for f, k in zip(fingerprints, keep) if k)
+            plan.first_position[record["file"]] = first
     for skip in (previous or {}).get("skipped", []):
         if skip["fingerprint"] in current and skip["fingerprint"] not in covered:
             plan.kept_skipped.append(skip)
@@ -124,6 +138,8 @@ def make_plan(path: Path, previous: dict | None, source: Source, shard_size: int
         record, fingerprints = orphan
         plan.kept_skipped.extend(record.pop("skipped"))
         plan.kept.append(record)
+        if fingerprints:
+            plan.first_position[record["file"]] = min(position[f] for f in fingerprints)
         covered.update(fingerprints)
         covered.update(s["fingerprint"] for s in plan.kept_skipped)
         claim(record["split"], shard_number(file.name))
@@ -132,6 +148,8 @@ def make_plan(path: Path, previous: dict | None, source: Source, shard_size: int
         split = rewrite.record["split"]
         rewrite.number = next_number.get(split, 0)
         claim(split, rewrite.number)
+        first = plan.first_position.pop(rewrite.record["file"])
+        plan.first_position[f"shards/{shard_name(split, rewrite.number)}"] = first
 
     plan.to_compute = [s for s in source.samples if s.fingerprint not in covered]
     for split in plan.splits:
@@ -139,6 +157,8 @@ def make_plan(path: Path, previous: dict | None, source: Source, shard_size: int
         for offset in range(0, len(positions), shard_size):
             chunk = positions[offset : offset + shard_size]
             number = next_number.get(split, 0)
-            plan.shards.append(PlannedShard(split, number, chunk[0], chunk[-1] + 1))
+            planned = PlannedShard(split, number, chunk[0], chunk[-1] + 1)
+            plan.shards.append(planned)
+            plan.first_position[planned.file] = position[plan.to_compute[chunk[0]].fingerprint]
             claim(split, number)
     return plan

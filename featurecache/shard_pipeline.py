@@ -195,6 +195,9 @@ class ShardPipeline:
 
     # -- end ----------------------------------------------------------------------
     def finish(self) -> dict:
+        # Rows in source order whatever produced the shards: a resumed, repaired or
+        # distributed run lists its rows as an uninterrupted single process would.
+        self.manifest["shards"] = self.plan.canonical_order(self.manifest["shards"])
         self.manifest["complete"] = True
         self._commit_manifest()
         return self.manifest

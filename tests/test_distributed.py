@@ -47,21 +47,18 @@ def only_entry(root: Path) -> Path:
     return entries[0]
 
 
-def assert_same_entry(entry: Path, reference: Path, *, by_index: bool = False) -> None:
-    """Same key, rows, skipped list and bitwise features; `by_index`: rows may come in another order."""
+def assert_same_entry(entry: Path, reference: Path) -> None:
+    """Same key, rows in the same order, skipped list and bitwise features."""
     got, expected = open_cache(entry), open_cache(reference)
     assert got.key == expected.key
     assert got.splits == expected.splits
     assert sorted(s["path"] for s in got.manifest["skipped"]) == sorted(s["path"] for s in expected.manifest["skipped"])
     for split in expected.splits:
-        order = np.argsort(got.index(split)) if by_index else np.arange(got.splits[split])
-        expected_order = np.argsort(expected.index(split)) if by_index else order
         assert len(set(got.paths(split))) == len(got.paths(split)), "duplicated rows"
-        assert [got.paths(split)[i] for i in order] == [expected.paths(split)[i] for i in expected_order]
-        np.testing.assert_array_equal(got.labels(split)[order], expected.labels(split)[expected_order])
-        np.testing.assert_array_equal(got.index(split)[order], expected.index(split)[expected_order])
-        assert (got.features(split)[order].tobytes() == expected.features(split)[expected_order].tobytes()), \
-            f"{split} differs bitwise"
+        assert got.paths(split) == expected.paths(split)
+        np.testing.assert_array_equal(got.labels(split), expected.labels(split))
+        np.testing.assert_array_equal(got.index(split), expected.index(split))
+        assert got.features(split).tobytes() == expected.features(split).tobytes(), f"{split} differs bitwise"
 
 
 def test_launch_command_reruns_the_same_arguments_under_torchrun():
@@ -99,9 +96,9 @@ def test_killed_rank_then_rerun_with_one_process_loses_and_duplicates_nothing(ph
     assert not rerun.cache_hit
     assert rerun.computed == 16 - on_disk  # every complete shard of every rank was adopted
     assert not [f for f in entry.rglob("*") if ".tmp-" in f.name]
-    # Adopted shards are listed before the ones the rerun computes, so rows may come in
-    # another order than an uninterrupted run's (same batches, so bitwise the same features).
-    assert_same_entry(entry, reference.path, by_index=True)
+    # The adopted shard and the recomputed ones are listed in source order: the same rows,
+    # in the same order, bitwise, as an uninterrupted single-process run.
+    assert_same_entry(entry, reference.path)
 
 
 def open_cache_rows(file: Path) -> int:
