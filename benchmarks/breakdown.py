@@ -50,7 +50,8 @@ def stage_times(config: Config, files: list[Path], batch: torch.Tensor, forward)
     target.parent.mkdir(parents=True, exist_ok=True)
 
     def write(_):
-        writer = ShardWriter(target, tap_shapes={"pool": features.shape[1:]}, dtype="float16", attrs={})
+        writer = ShardWriter(target, tap_shapes={"pool": features.shape[1:]}, dtype="float16", attrs={},
+                             capacity=len(features))
         n = len(features)
         writer.append(ShardRows({"pool": features}, np.zeros(n, np.int64), np.arange(n), [f"x/{i}" for i in range(n)],
                                 [f"{i:032d}" for i in range(n)]))

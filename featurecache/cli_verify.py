@@ -17,7 +17,7 @@ def verify(
     repair: Annotated[bool, typer.Option("--repair", help="Drop bad shards and re-extract only their rows.")] = False,
     root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
 ) -> None:
-    """Check every shard of a cache entry (size, SHA-256, shapes, fletcher32); list each problem.
+    """Check every shard of a cache entry (size, SHA-256, shapes, checksums); list each problem.
 
     Exits 0 when the entry is healthy, 1 when problems remain. h5clear is never run:
     with --repair a damaged shard is recomputed from the images, never patched.

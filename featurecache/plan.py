@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 
 from .errors import CorruptCacheError
-from .shards import file_sha256, read_fingerprints, shard_name, shard_number
+from .shards import features_layout, file_sha256, read_fingerprints, shard_name, shard_number
 from .sources import Sample, Source, split_sort_key
 
 log = logging.getLogger("featurecache")
@@ -86,6 +86,8 @@ def _orphan_record(file: Path, entry_id: str) -> tuple[dict, list[str]] | None:
         return None
     record = {"file": f"shards/{file.name}", "split": split, "rows": len(fingerprints),
               "sha256": file_sha256(file), "bytes": file.stat().st_size, "skipped": skipped}
+    if layout := features_layout(file):
+        record["features"] = layout
     return record, fingerprints
 
 

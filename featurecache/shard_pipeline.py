@@ -53,11 +53,12 @@ class ShardPipeline:
         self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         write_json_atomic(self.path / MANIFEST, self.manifest)
 
-    def _new_writer(self, split: str, number: int, skipped: list[dict]) -> ShardWriter:
-        attrs = {"entry_id": self.manifest["entry_id"], "split": split, "skipped": json.dumps(skipped),
+    def _new_writer(self, split: str, number: int, capacity: int) -> ShardWriter:
+        attrs = {"entry_id": self.manifest["entry_id"], "split": split, "skipped": "[]",
                  "featurecache_format": str(self.manifest["format_version"])}
         return ShardWriter(self.path / "shards" / shard_name(split, number), tap_shapes=self.tap_shapes,
-                           dtype=self.manifest["dtype"], attrs=attrs, compression=self.spec.compression)
+                           dtype=self.manifest["dtype"], attrs=attrs, capacity=capacity,
+                           compression=self.spec.compression)
 
     def _commit_shard(self, writer: ShardWriter, split: str, skipped: list[dict]) -> None:
         record = {"file": f"shards/{writer.final_path.name}", "split": split, **writer.commit()}
@@ -74,7 +75,7 @@ class ShardPipeline:
             samples = [self.plan.samples[f] for f in rows.fingerprints]
             rows.labels = np.array([s.label for s in samples], dtype=np.int64)
             rows.index = np.array([s.index for s in samples], dtype=np.int64)
-            writer = self._new_writer(record["split"], rewrite.number, [])
+            writer = self._new_writer(record["split"], rewrite.number, len(rows))
             try:
                 writer.append(rows)
                 self._commit_shard(writer, record["split"], [])
@@ -171,7 +172,7 @@ class ShardPipeline:
             return
         if self._writer is None:
             shard = self.plan.shards[self._shard_index]
-            self._writer = self._new_writer(shard.split, shard.number, [])
+            self._writer = self._new_writer(shard.split, shard.number, shard.stop - shard.start)
         samples = self.plan.to_compute
         chosen = [batch.positions[i] for i in self._pending]
         self._writer.append(ShardRows(

@@ -4,8 +4,15 @@ A shard is written under a process-unique temporary name, closed, fsynced and on
 then renamed to `shards/<split>-NNNNN.h5`; a SIGKILLed HDF5 writer usually leaves an
 unreadable file, so nothing is ever written in place. Datasets:
 `features/<tap>` (N x ...), `labels` (int64), `index` (int64), `paths` (UTF-8),
-`fingerprints` (ASCII, the source fingerprint of each row). Chunks carry fletcher32
-checksums so flipped bytes fail on read.
+`fingerprints` (ASCII, the source fingerprint of each row).
+
+Features are stored contiguous and uncompressed, the layout HDF5 reads fastest (at
+`np.load` speed; chunking alone halves it, fletcher32 quarters it), and each features
+dataset carries an XXH3 checksum of its bytes (`checksum` attribute), checked on every
+whole read at ~20 GB/s. The small columns are chunked with fletcher32 checksums
+(`paths`, a variable-length string, cannot carry a filter; the shard's SHA-256 in the
+manifest covers it). With `--compression` the features are chunked and carry fletcher32
+too. Either way, flipped bytes fail on read.
 """
 
 from __future__ import annotations
@@ -14,17 +21,25 @@ import hashlib
 import os
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
+import xxhash
 
 from .errors import CorruptCacheError
 from .faults import fault_point
 
 CHUNK_BYTES = 1 << 20  # about 1 MiB per chunk: large enough to read fast, small enough to append
 FINGERPRINT_DTYPE = "S32"
+CHECKSUM_ATTR = "checksum"  # on contiguous features datasets: "xxh3_64:<hex>" of the stored bytes
+
+
+def features_checksum(values: np.ndarray) -> str:
+    """The checksum stored with contiguous features: XXH3-64 of the array's bytes."""
+    return "xxh3_64:" + xxhash.xxh3_64_hexdigest(np.ascontiguousarray(values).data)
 
 
 def shard_name(split: str, number: int) -> str:
@@ -66,19 +81,24 @@ class ShardWriter:
     """Append rows to a temporary shard file; `commit()` makes it final atomically."""
 
     def __init__(self, final_path: Path, *, tap_shapes: dict[str, tuple[int, ...]], dtype: str,
-                 attrs: dict[str, str], compression: str | None = None) -> None:
+                 attrs: dict[str, str], capacity: int, compression: str | None = None) -> None:
+        """`capacity`: the most rows the shard will get (contiguous datasets cannot grow)."""
         self.final_path = final_path
         self.tmp_path = final_path.with_name(f".{final_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        self.rows = 0
+        self.rows, self.capacity, self.dtype = 0, capacity, np.dtype(dtype)
         self.file = h5py.File(self.tmp_path, "w")
         for key, value in attrs.items():
             self.file.attrs[key] = value
-        item_bytes = np.dtype(dtype).itemsize
+        self._hashers: dict[str, xxhash.xxh3_64] = {}  # taps stored contiguous, and their running checksum
         for tap, shape in tap_shapes.items():
-            chunk_rows = max(1, CHUNK_BYTES // (item_bytes * int(np.prod(shape))))
-            self.file.create_dataset(f"features/{tap}", shape=(0, *shape), maxshape=(None, *shape),
-                                     dtype=dtype, chunks=(chunk_rows, *shape), fletcher32=True,
-                                     compression=compression)
+            if compression is None:
+                self.file.create_dataset(f"features/{tap}", shape=(capacity, *shape), dtype=dtype)
+                self._hashers[tap] = xxhash.xxh3_64()
+            else:
+                chunk_rows = max(1, CHUNK_BYTES // (self.dtype.itemsize * int(np.prod(shape))))
+                self.file.create_dataset(f"features/{tap}", shape=(0, *shape), maxshape=(None, *shape),
+                                         dtype=dtype, chunks=(chunk_rows, *shape), fletcher32=True,
+                                         compression=compression)
         for name, dt in (("labels", "int64"), ("index", "int64"), ("paths", h5py.string_dtype()),
                          ("fingerprints", FINGERPRINT_DTYPE)):
             # HDF5 filters cannot apply to variable-length strings, so `paths` has no checksum.
@@ -91,10 +111,16 @@ class ShardWriter:
         if n == 0:
             return
         start, stop = self.rows, self.rows + n
+        if stop > self.capacity:
+            raise ValueError(f"{stop} rows exceed the shard's capacity of {self.capacity}")
         for tap, values in rows.features.items():
             dataset = self.file[f"features/{tap}"]
-            dataset.resize(stop, axis=0)
-            dataset[start:stop] = values
+            stored = np.ascontiguousarray(values, dtype=self.dtype)
+            if tap in self._hashers:
+                self._hashers[tap].update(stored.data)
+            else:
+                dataset.resize(stop, axis=0)
+            dataset[start:stop] = stored
         for name, values in (("labels", rows.labels), ("index", rows.index), ("paths", rows.paths),
                              ("fingerprints", [f.encode("ascii") for f in rows.fingerprints])):
             self.file[name].resize(stop, axis=0)
@@ -104,16 +130,33 @@ class ShardWriter:
 
     def commit(self) -> dict:
         """Close, fsync, rename into place; return the manifest record of the shard."""
+        for tap, hasher in self._hashers.items():
+            name = f"features/{tap}"
+            if self.rows < self.capacity:  # images failed: keep exactly the rows written
+                self._shrink(name)
+            self.file[name].attrs[CHECKSUM_ATTR] = "xxh3_64:" + hasher.hexdigest()
         self.file.attrs["rows"] = self.rows
         self.file.close()
         with open(self.tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         record = {"rows": self.rows, "sha256": file_sha256(self.tmp_path), "bytes": self.tmp_path.stat().st_size}
+        if layout := features_layout(self.tmp_path):
+            record["features"] = layout
         fault_point("before_rename")
         os.replace(self.tmp_path, self.final_path)
         fsync_directory(self.final_path.parent)
         fault_point("after_rename")
         return record
+
+    def _shrink(self, name: str) -> None:
+        """Replace a contiguous dataset by its first `rows` rows, copied in ~64 MiB blocks."""
+        old = self.file[name]
+        exact = self.file.create_dataset(f"{name}.exact", shape=(self.rows, *old.shape[1:]), dtype=old.dtype)
+        step = max(1, (64 << 20) // max(1, old.dtype.itemsize * int(np.prod(old.shape[1:]))))
+        for start in range(0, self.rows, step):
+            exact[start : start + step] = old[start : min(start + step, self.rows)]
+        del self.file[name]
+        self.file.move(f"{name}.exact", name)
 
     def abort(self) -> None:
         """Drop the temporary file; the final path is never touched."""
@@ -155,6 +198,92 @@ def open_shard(path: Path, rows: int, tap_shapes: dict[str, tuple[int, ...]]) ->
     return handle
 
 
+def check_features(dataset: h5py.Dataset, values: np.ndarray, path: Path) -> None:
+    """Compare all rows of a contiguous features dataset, read into `values`, with its checksum."""
+    expected = dataset.attrs.get(CHECKSUM_ATTR)
+    if expected is not None and features_checksum(values) != expected:
+        raise CorruptCacheError(f"shard {path} is damaged ({dataset.name} fails its checksum); "
+                                "run featurecache verify")
+
+
+def read_features(dataset: h5py.Dataset, path: Path, out: np.ndarray | None = None) -> np.ndarray:
+    """All rows of a features dataset, checked: into `out` when given (same shape and dtype)."""
+    if out is None:
+        out = np.empty(dataset.shape, dtype=dataset.dtype)
+    if len(out):
+        dataset.read_direct(out)
+    check_features(dataset, out, path)
+    return out
+
+
+def features_layout(path: Path) -> dict[str, dict]:
+    """Where each contiguous, checksummed features dataset of a shard lies:
+    {tap: {"offset": byte offset in the file, "checksum": "xxh3_64:..."}}; listed in the manifest."""
+    layout = {}
+    with h5py.File(path, "r") as handle:
+        for tap, dataset in handle.get("features", {}).items():
+            offset = dataset.id.get_offset() if dataset.chunks is None else None
+            checksum = dataset.attrs.get(CHECKSUM_ATTR)
+            if offset is not None and checksum is not None:
+                layout[tap] = {"offset": int(offset), "checksum": str(checksum)}
+    return layout
+
+
+def read_split_features(shards: Sequence[tuple[Path, int, dict]], tap: str, shape: Sequence[int],
+                        out: np.ndarray) -> None:
+    """Fill `out` with the `tap` features of each (shard, rows, manifest record), in order, all checked.
+
+    Where the record gives the dataset's byte offset and checksum, the bytes are copied
+    with `pread` straight into `out` (what `np.load` does; two shards in flight, since
+    the copy releases the GIL) and checked against the checksum, which also proves the
+    offset, shape and dtype right. Other shards (compressed, adopted or written by an
+    older version) are read through h5py, with their own checks.
+    """
+    start, in_flight = 0, []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for path, rows, record in shards:
+            view, start = out[start : start + rows], start + rows
+            located = (record.get("features") or {}).get(tap)
+            if rows == 0:
+                continue
+            if located is None or out.dtype.byteorder == ">":
+                _read_with_h5py(path, rows, tap, shape, view)
+            else:
+                in_flight.append(pool.submit(_pread_checked, path, tap, located, view))
+        for future in in_flight:
+            future.result()
+
+
+def _read_with_h5py(path: Path, rows: int, tap: str, shape: Sequence[int], out: np.ndarray) -> None:
+    try:
+        with h5py.File(path, "r") as handle:
+            read_features(_check_dataset(handle, f"features/{tap}", (rows, *shape), "f", path), path, out)
+    except (OSError, ValueError) as error:  # unreadable file, or a fletcher32 mismatch
+        raise CorruptCacheError(f"shard {path} is damaged ({error}); run featurecache verify") from None
+
+
+def _pread_checked(path: Path, tap: str, located: dict, view: np.ndarray) -> None:
+    """Copy the bytes at the recorded offset into `view`; the checksum proves them right.
+
+    One read and one hash of the whole dataset: both release the GIL, so the pool's two
+    threads overlap. (Copying and hashing in cache-sized blocks was measured slower,
+    0.5-0.8x against 1.1-1.2x of np.load: the fresh output array's page faults then
+    interleave with many short reads in both threads.)"""
+    buffer = memoryview(view).cast("B")
+    try:
+        with open(path, "rb", buffering=0) as handle:
+            done = 0
+            while done < len(buffer):
+                count = os.preadv(handle.fileno(), [buffer[done:]], int(located["offset"]) + done)
+                if count == 0:
+                    raise CorruptCacheError(f"shard {path} is shorter than its manifest says; run featurecache verify")
+                done += count
+    except OSError as error:
+        raise CorruptCacheError(f"cannot read shard {path} ({error}); run featurecache verify") from None
+    if features_checksum(view) != located["checksum"]:
+        raise CorruptCacheError(f"shard {path} is damaged (features/{tap} fails its checksum); run featurecache verify")
+
+
 def read_rows(path: Path, rows: int, tap_shapes: dict[str, tuple[int, ...]],
               selection: np.ndarray | None = None) -> ShardRows:
     """Read a whole shard (or the rows where `selection` is True) into memory."""
@@ -162,12 +291,12 @@ def read_rows(path: Path, rows: int, tap_shapes: dict[str, tuple[int, ...]],
         with open_shard(path, rows, tap_shapes) as handle:
             pick = slice(None) if selection is None else np.flatnonzero(selection)
             return ShardRows(
-                features={tap: handle[f"features/{tap}"][pick] for tap in tap_shapes},
+                features={tap: read_features(handle[f"features/{tap}"], path)[pick] for tap in tap_shapes},
                 labels=handle["labels"][pick], index=handle["index"][pick],
                 paths=[p.decode() if isinstance(p, bytes) else p for p in handle["paths"][pick]],
                 fingerprints=[f.decode("ascii") for f in handle["fingerprints"][pick]],
             )
-    except OSError as error:  # fletcher32 mismatch or truncated data surfaces here
+    except OSError as error:  # a fletcher32 mismatch or truncated data surfaces here
         raise CorruptCacheError(f"shard {path} is damaged ({error}); run featurecache verify") from None
 
 

@@ -24,7 +24,7 @@ from filelock import FileLock, SoftFileLock, Timeout
 
 from .errors import CacheIncompleteError, CacheLockedError, CacheNotFoundError, CorruptCacheError
 from .faults import fault_point
-from .shards import ShardRows, fsync_directory, open_shard, read_rows
+from .shards import ShardRows, fsync_directory, open_shard, read_rows, read_split_features
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -203,16 +203,7 @@ class Cache:
         self._check_tap(tap)
         shards = self._shards(split)
         out = np.empty((sum(s["rows"] for s in shards), *self.tap_shapes[tap]), dtype=self.manifest["dtype"])
-        start = 0
-        for shard in shards:
-            path = self.path / shard["file"]
-            try:
-                with open_shard(path, shard["rows"], {tap: self.tap_shapes[tap]}) as handle:
-                    if shard["rows"]:
-                        handle[f"features/{tap}"].read_direct(out, dest_sel=np.s_[start : start + shard["rows"]])
-            except OSError as error:
-                raise CorruptCacheError(f"shard {path} is damaged ({error}); run featurecache verify") from None
-            start += shard["rows"]
+        read_split_features([(self.path / s["file"], s["rows"], s) for s in shards], tap, self.tap_shapes[tap], out)
         return out
 
     def _column(self, split: str, name: str) -> list:
@@ -222,7 +213,7 @@ class Cache:
             try:
                 with open_shard(path, shard["rows"], {}) as handle:
                     values.extend(handle[name][:])
-            except OSError as error:  # fletcher32 mismatch
+            except OSError as error:  # a fletcher32 mismatch
                 raise CorruptCacheError(f"shard {path} is damaged ({error}); run featurecache verify") from None
         return values
 

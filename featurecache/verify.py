@@ -2,7 +2,7 @@
 
 `verify_entry` reads everything: the manifest (parses, stays inside the entry), each
 listed shard (present, non-empty, the recorded size and SHA-256, the expected datasets,
-shapes and dtypes, every chunk's fletcher32 checksum), files in `shards/` the manifest
+shapes and dtypes, the features' XXH3 and the columns' fletcher32 checksums), files in `shards/` the manifest
 does not list, and temporary files. It reports every problem, not the first.
 
 `repair_entry` drops the bad shards from the manifest (atomically) and deletes their
@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 
 from .errors import CorruptCacheError, FeatureCacheError
-from .shards import file_sha256, read_rows
+from .shards import features_layout, file_sha256, read_rows
 from .store import MANIFEST, entry_lock, read_manifest, resolve_entry, write_json_atomic
 
 log = logging.getLogger("featurecache")
@@ -63,10 +63,12 @@ def _check_shard(path: Path, record: dict, tap_shapes: dict) -> str | None:
         return f"truncated or resized: {size} bytes, the manifest says {record['bytes']}"
     if file_sha256(file) != record["sha256"]:
         return "checksum mismatch: SHA-256 differs from the manifest (flipped bytes)"
-    try:  # every dataset's shape and dtype, and every chunk's fletcher32
+    try:  # every dataset's shape and dtype, and every checksum
         read_rows(file, record["rows"], tap_shapes)
     except FeatureCacheError as error:
         return str(error).split("; run featurecache verify")[0]
+    if "features" in record and record["features"] != features_layout(file):
+        return "the manifest's feature offsets or checksums differ from the shard's"
     return None
 
 

@@ -15,7 +15,9 @@ from featurecache import extract, open_cache
 from featurecache.backbones import StagedBackbone, get_backbone
 from featurecache.errors import ExtractionError, UnreadableImageError
 from featurecache.preprocess import normalize_batch, prepare_image
+from featurecache.errors import CorruptCacheError
 from featurecache.shard_pipeline import ShardPipeline
+from featurecache.shards import ShardRows, ShardWriter, features_checksum, read_rows
 from featurecache.sources import open_source
 
 from helpers import replace_spec, write_image
@@ -150,7 +152,36 @@ def test_shard_readable_with_plain_h5py(image_folder, tiny_spec):
         assert handle["features/pool"].shape == (4, 512)
         assert handle["labels"].dtype == np.int64 and handle["index"].dtype == np.int64
         assert handle["paths"][0].decode().startswith("train/")
-        assert handle["features/pool"].fletcher32
+        assert handle["features/pool"].chunks is None  # contiguous: read at np.load speed
+        assert handle["features/pool"].attrs["checksum"] == features_checksum(handle["features/pool"][:])
+        assert handle["labels"].fletcher32
+
+
+@pytest.mark.parametrize("compression", [None, "lzf"])
+def test_a_shard_short_of_its_capacity_holds_exactly_its_rows_and_detects_flipped_bytes(tmp_path, compression):
+    values = np.random.default_rng(0).random((4, 8, 3)).astype(np.float32)
+    writer = ShardWriter(tmp_path / "train-00000.h5", tap_shapes={"pool": (8, 3)}, dtype="float16", attrs={},
+                         capacity=6, compression=compression)  # 2 of 6 planned images failed
+    for rows in (slice(0, 3), slice(3, 4)):
+        n = len(values[rows])
+        writer.append(ShardRows({"pool": values[rows]}, np.zeros(n, np.int64), np.arange(n),
+                                [f"p/{i}" for i in range(n)], [f"{i:032d}" for i in range(n)]))
+    writer.commit()
+    shard = tmp_path / "train-00000.h5"
+    got = read_rows(shard, 4, {"pool": (8, 3)})
+    np.testing.assert_array_equal(got.features["pool"], values.astype(np.float16))
+    with h5py.File(shard, "r") as handle:
+        dataset = handle["features/pool"]
+        assert dataset.shape == (4, 8, 3)
+        assert (dataset.chunks is None) == (compression is None) and dataset.fletcher32 == (compression is not None)
+        offset = dataset.id.get_offset() if compression is None else dataset.id.get_chunk_info(0).byte_offset
+    with open(shard, "r+b") as handle:
+        handle.seek(offset + 5)
+        byte = handle.read(1)
+        handle.seek(offset + 5)
+        handle.write(bytes([byte[0] ^ 0x10]))
+    with pytest.raises(CorruptCacheError, match="run featurecache verify"):
+        read_rows(shard, 4, {"pool": (8, 3)})
 
 
 def test_unreadable_images_are_skipped_and_listed(image_folder, tiny_spec):

@@ -21,6 +21,7 @@ from featurecache.headstore import load_head
 from featurecache.images import load_rgb
 from featurecache.predict import load_predictor, predict
 from featurecache.preprocess import prepare_image
+from featurecache.shards import CHECKSUM_ATTR, features_checksum, features_layout, file_sha256
 
 from helpers import replace_spec
 
@@ -145,8 +146,14 @@ def test_head_refuses_another_caches_features(colour_cache, tiny_spec):
 def test_nan_features_are_refused_at_fit_time(colour_cache):
     cache, _ = colour_cache
     shard = cache.path / cache.manifest["shards"][0]["file"]
-    with h5py.File(shard, "r+") as handle:
-        handle["features/pool"][0, 0] = np.nan
+    with h5py.File(shard, "r+") as handle:  # NaN written by the backbone itself: checksums agree with it
+        dataset = handle["features/pool"]
+        dataset[0, 0] = np.nan
+        dataset.attrs[CHECKSUM_ATTR] = features_checksum(dataset[:])
+    manifest = json.loads((cache.path / "manifest.json").read_text())
+    record = manifest["shards"][0]
+    record.update(features=features_layout(shard), sha256=file_sha256(shard), bytes=shard.stat().st_size)
+    (cache.path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CorruptCacheError, match="NaN"):
         fit_head(open_cache(cache.path), FitSpec(head="knn"))
 
