@@ -27,6 +27,7 @@ MODULES = [
     ("storage", "benchmarks.storage"),
     ("scaling", "benchmarks.scaling"),
     ("optimisations", "benchmarks.optimisations"),
+    ("streaming", "benchmarks.streaming"),
 ]
 
 

@@ -65,7 +65,7 @@ def fit_head_command(
     val_fraction: Annotated[Optional[float], typer.Option(help="Carve validation from train (stratified) instead of using the val split.")] = None,
     refit: Annotated[bool, typer.Option(help="Retrain the chosen setting on train+val (logistic).")] = False,
     seed: Annotated[int, typer.Option()] = 0,
-    max_memory: Annotated[Optional[str], typer.Option(help="Features held in memory at most, e.g. 8G or 512M (default: half the free RAM); above it the logistic head streams shards.")] = None,
+    max_memory: Annotated[Optional[str], typer.Option(help="Features held in memory at most, e.g. 8G or 512M (default: half the free RAM); above it the logistic, mlp and knn heads stream shards.")] = None,
     root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
 ) -> None:
     """Fit a classifier head on cached features; choose hyper-parameters on validation.

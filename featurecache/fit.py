@@ -8,6 +8,7 @@ one. A figure chosen and reported on the same split is labelled as such.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +23,12 @@ from .headstore import default_head_name, list_heads, load_head, read_record, sa
 from .heads import EnsembleHead, Head, make_head
 from .metrics import classification_metrics
 from .store import Cache, open_cache
-from .streaming import available_memory, fit_streaming_logistic, in_memory_bytes, streamed_probabilities
+from .streaming import available_memory, in_memory_bytes, streamed_probabilities
+from .streaming_heads import fit_streaming_knn, fit_streaming_logistic, fit_streaming_mlp
 
 log = logging.getLogger("featurecache")
+
+STREAMING_HEADS = ("logistic", "mlp", "knn")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,16 +105,24 @@ def _headline(metrics: dict, refit: bool) -> dict:
     return {"split": split, "top1": metrics[split]["top1"], "note": note}
 
 
+def _budget(spec: FitSpec) -> int:
+    return spec.max_memory if spec.max_memory is not None else available_memory() // 2
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
 def _needs_streaming(cache: Cache, spec: FitSpec) -> bool:
-    budget = spec.max_memory if spec.max_memory is not None else available_memory() // 2
+    budget = _budget(spec)
     needed = in_memory_bytes(cache, spec.tap, list(cache.splits))
     if needed <= budget:
         return False
-    if spec.head != "logistic" or spec.refit or spec.val_fraction is not None or not cache.splits.get("val"):
+    if spec.head not in STREAMING_HEADS or spec.refit or spec.val_fraction is not None or not cache.splits.get("val"):
         raise HeadError(
-            f"the {spec.tap} features need {needed / 2**30:.1f} GiB, over the memory budget of "
-            f"{budget / 2**30:.1f} GiB; only the logistic head (without --refit, with the cache's val "
-            "split) streams from disk. Raise --max-memory or use --head logistic")
+            f"the {spec.tap} features need {_size(needed)}, over the memory budget of "
+            f"{_size(budget)}; only the {', '.join(STREAMING_HEADS)} heads (without --refit or "
+            "--val-fraction, with the cache's val split) stream from disk. Raise --max-memory or use one of them")
     return True
 
 
@@ -121,8 +133,16 @@ def _fit_streaming(cache: Cache, spec: FitSpec) -> tuple[Head, dict, str]:
             if not np.isfinite(rows.features[spec.tap]).all():
                 raise CorruptCacheError(f"the {split} features of {cache.path.name} hold NaN or inf; "
                                         "run featurecache verify")
-    head = fit_streaming_logistic(cache, tap=spec.tap, seed=spec.seed, **spec.params)
-    metrics = {split: classification_metrics(*streamed_probabilities(head, cache, split, spec.tap), cache.classes)
+    block_rows = 0  # network heads evaluate 1024 rows at a time
+    if spec.head == "logistic":
+        head = fit_streaming_logistic(cache, tap=spec.tap, seed=spec.seed, **spec.params)
+    elif spec.head == "mlp":
+        head = fit_streaming_mlp(cache, tap=spec.tap, **spec.params)
+    else:  # knn reads the whole train split per block of queries: blocks as large as half the budget
+        block_rows = max(1, _budget(spec) // (2 * 4 * math.prod(cache.tap_shapes[spec.tap])))
+        head = fit_streaming_knn(cache, tap=spec.tap, block_rows=block_rows, **spec.params)
+    metrics = {split: classification_metrics(*streamed_probabilities(head, cache, split, spec.tap, block_rows),
+                                             cache.classes)
                for split in ("val", "test") if cache.splits.get(split)}
     return head, metrics, "val"
 
@@ -131,7 +151,7 @@ def fit_head(cache: Cache | str | Path, spec: FitSpec) -> FitResult:
     """Fit one head on a cache and write it to `heads/<name>/` with its metrics.
 
     Features over the memory budget (`spec.max_memory`) are streamed from the shards
-    (logistic head only); otherwise every split is loaded once.
+    (logistic, mlp and knn heads); otherwise every split is loaded once.
     """
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     if spec.tap not in cache.tap_shapes:

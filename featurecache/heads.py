@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .errors import HeadError, MismatchError
 from .linear import (BLOCK_ELEMENTS, Head, LogisticHead, MLPHead, Standardize, as_features,
-                     jsonable, resolve_device, run_in_blocks, standardization)
+                     jsonable, resolve_device, standardization)
 
 __all__ = [
     "EnsembleHead", "Head", "KNNHead", "LogisticHead", "MLPHead", "SklearnHead",
@@ -34,6 +34,7 @@ __all__ = [
 logger = logging.getLogger("featurecache")
 
 SKLEARN_PREFIX = "sklearn:"
+STREAMED_BLOCK_ELEMENTS = 2**22  # a streamed k-NN head's (queries, shard) products: 16 MiB
 _HEADS: dict[str, type[Head]] = {}
 
 
@@ -129,6 +130,33 @@ def knn_vote(similarities: Tensor, neighbor_labels: Tensor, n_classes: int,
     return votes / votes.sum(dim=1, keepdim=True) * (1.0 - 1e-4) + 1e-4 / n_classes
 
 
+def nearest_neighbours(queries: Tensor, bank_chunks: Iterable[tuple[Tensor, Tensor]], k: int,
+                       block_elements: int = BLOCK_ELEMENTS) -> tuple[Tensor, Tensor]:
+    """(similarities, labels) of the k bank rows most similar to each query, best first.
+
+    Queries and bank rows are L2-normalised. The bank comes in chunks (the whole bank, or
+    one shard at a time) and a running top-k is merged chunk by chunk, so memory is one
+    chunk plus queries x k; blocks of queries keep each (queries, chunk) product under
+    `block_elements` values."""
+    similarities = queries.new_empty((len(queries), 0))
+    labels = torch.empty((len(queries), 0), dtype=torch.long, device=queries.device)
+    for bank, bank_labels in bank_chunks:
+        if len(bank) == 0:
+            continue
+        rows, found, found_labels = max(1, block_elements // len(bank)), [], []
+        for start in range(0, len(queries), rows):
+            values, indices = (queries[start : start + rows] @ bank.T).topk(min(k, len(bank)), dim=1)
+            found.append(values)
+            found_labels.append(bank_labels[indices])
+        chunk, chunk_labels = torch.cat(found), torch.cat(found_labels)
+        if similarities.shape[1]:
+            chunk, chunk_labels = torch.cat([similarities, chunk], 1), torch.cat([labels, chunk_labels], 1)
+            chunk, order = chunk.topk(min(k, chunk.shape[1]), dim=1)
+            chunk_labels = chunk_labels.gather(1, order)
+        similarities, labels = chunk, chunk_labels
+    return similarities, labels
+
+
 class KNNModule(nn.Module):
     """Cosine k-NN classifier with its L2-normalised training bank as buffers."""
 
@@ -148,12 +176,36 @@ class KNNModule(nn.Module):
                         self.temperature, self.uniform)
 
 
+class StreamedKNNModule(nn.Module):
+    """Features -> probabilities of a k-NN head whose bank is read from disk at each call.
+
+    Usable for prediction; TorchScript (script or trace, hence export) is refused with
+    the head's reason, since the bank is not in the module."""
+
+    def __init__(self, head: KNNHead) -> None:
+        super().__init__()
+        self.head = head
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise HeadError(self.head.export_refusal())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_tracing():
+            raise HeadError(self.head.export_refusal())
+        return torch.from_numpy(self.head.predict_proba(x.detach().cpu().numpy()))
+
+
 class KNNHead(Head):
     """k nearest neighbours by cosine similarity, votes weighted by exp(similarity /
-    temperature) or uniform; `k` is an int or a grid chosen on validation data."""
+    temperature) or uniform; `k` is an int or a grid chosen on validation data.
+
+    The bank is the normalised training features, in memory (`bank_`), or, for a head
+    fitted out of core, read shard by shard from its cache (`bank_source_` names the
+    split and tap; `bank_reader_` yields raw (features, labels) chunks and is attached
+    by `featurecache.load_head`)."""
 
     name = "knn"
-    _saved_attributes = ("best_params_", "sweep_")
+    _saved_attributes = ("best_params_", "sweep_", "bank_source_")
 
     def __init__(self, *, k: int | Sequence[int] = (1, 3, 5, 10, 20, 50),
                  weighting: str = "similarity", temperature: float = 0.07,
@@ -188,48 +240,78 @@ class KNNHead(Head):
             raise HeadError("knn needs validation data to choose k from a grid (or pass one k)")
         self.bank_ = F.normalize(torch.from_numpy(X), dim=1)
         self.bank_labels_ = torch.from_numpy(y)
-        self.sweep_ = []
-        if X_val is not None:
-            self.sweep_ = self._sweep(ks, X_val, y_val, n_classes)
+        self.bank_source_ = None
+        self.choose_k(ks, [] if X_val is None else [(X_val, y_val)], n_classes)
+
+    def choose_k(self, ks: list[int], validation: Iterable[tuple[np.ndarray, np.ndarray]],
+                 n_classes: int) -> None:
+        """Score every k in `ks` (sorted, at most the bank size) on validation blocks of
+        (features, labels), one neighbour search per block; keep the best k."""
+        device = resolve_device(self.device)
+        correct, loss, n = np.zeros(len(ks)), np.zeros(len(ks)), 0
+        for X_val, y_val in validation:
+            similarities, neighbour_labels = self._neighbours(X_val, ks[-1], device)
+            labels = torch.from_numpy(y_val).to(device)
+            for index, k in enumerate(ks):  # the top-k of every k are prefixes of the top-max(k)
+                probabilities = knn_vote(similarities[:, :k], neighbour_labels[:, :k], n_classes,
+                                         float(self.temperature), self.weighting == "uniform")
+                correct[index] += (probabilities.argmax(dim=1) == labels).sum().item()
+                loss[index] -= probabilities.gather(1, labels[:, None]).log().sum().item()
+            n += len(y_val)
+        self.sweep_ = [{"k": k, "val_top1": c / n, "val_log_loss": total / n}
+                       for k, c, total in zip(ks, correct, loss)] if n else []
         best = max(self.sweep_, key=lambda entry: (entry["val_top1"], -entry["val_log_loss"]),
                    default={"k": ks[0]})
         self.best_params_ = {"k": best["k"]}
         logger.info("knn: chose k=%d", best["k"])
 
-    def _sweep(self, ks: list[int], X_val: np.ndarray, y_val: np.ndarray, n_classes: int) -> list:
-        device = resolve_device(self.device)
-        module = self._module(ks[-1], n_classes, device)
-        labels = torch.from_numpy(y_val).to(device)
-        correct, loss = np.zeros(len(ks)), np.zeros(len(ks))
-        rows = max(1, BLOCK_ELEMENTS // len(self.bank_))  # never all (val, train) pairs at once
-        for start in range(0, len(X_val), rows):
-            queries = F.normalize(torch.from_numpy(X_val[start : start + rows]).to(device), dim=1)
-            similarities, indices = (queries @ module.bank.T).topk(ks[-1], dim=1)
-            chunk_labels = labels[start : start + rows]
-            for index, k in enumerate(ks):  # the top-k of every k are prefixes of the top-max(k)
-                probabilities = knn_vote(similarities[:, :k], module.bank_labels[indices[:, :k]],
-                                         n_classes, module.temperature, module.uniform)
-                correct[index] += (probabilities.argmax(dim=1) == chunk_labels).sum().item()
-                loss[index] -= probabilities.gather(1, chunk_labels[:, None]).log().sum().item()
-        n = len(X_val)
-        return [{"k": k, "val_top1": c / n, "val_log_loss": total / n}
-                for k, c, total in zip(ks, correct, loss)]
+    def _bank_chunks(self, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+        if not getattr(self, "bank_source_", None):
+            yield self.bank_.to(device), self.bank_labels_.to(device)
+            return
+        reader = getattr(self, "bank_reader_", None)
+        if reader is None:
+            raise HeadError("this knn head searches its cache's features on disk; load it with "
+                            "featurecache.load_head(cache, name), which attaches them")
+        for features, labels in reader():  # normalised in place, as F.normalize would: one copy of a shard
+            features = features.to(device)
+            yield features.div_(features.norm(dim=1, keepdim=True).clamp_min(1e-12)), labels.to(device)
+
+    def _neighbours(self, X: np.ndarray, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        queries = F.normalize(torch.from_numpy(as_features(X)).to(device), dim=1)
+        streamed = getattr(self, "bank_source_", None)  # out of core: smaller products too
+        return nearest_neighbours(queries, self._bank_chunks(device), k,
+                                  STREAMED_BLOCK_ELEMENTS if streamed else BLOCK_ELEMENTS)
 
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         device = resolve_device(self.device)
-        module = self._module(self.best_params_["k"], len(self.classes_), device)
-        with torch.no_grad():  # blocks of queries bound the (rows, bank) similarity matrix
-            return run_in_blocks(lambda x: module(x.to(device)).cpu(), X, len(self.bank_))
+        with torch.no_grad():
+            similarities, labels = self._neighbours(X, self.best_params_["k"], device)
+            return knn_vote(similarities, labels, len(self.classes_), float(self.temperature),
+                            self.weighting == "uniform").cpu().numpy()
+
+    def export_refusal(self) -> str:
+        """Why a streamed head has no self-contained module, and what to do instead."""
+        source = self.bank_source_
+        return (f"this knn head searches the cache's {source['rows']:,} {source['split']} rows on disk (its bank "
+                f"exceeded the memory budget when it was fitted), so it cannot be exported; export a logistic or "
+                f"mlp head, or fit knn again with --max-memory {-(-source['bytes'] // 2**20)}M or more")
 
     def as_module(self) -> nn.Module:
         check_is_fitted(self)
+        if getattr(self, "bank_source_", None):
+            return StreamedKNNModule(self).eval()
         return self._module(self.best_params_["k"], len(self.classes_)).eval()
 
     def to_tensors(self) -> dict[str, Tensor]:
         check_is_fitted(self)
+        if getattr(self, "bank_source_", None):
+            return {}  # the bank stays in the cache's shards
         return {"bank": self.bank_.contiguous(), "bank_labels": self.bank_labels_.contiguous()}
 
     def _load_tensors(self, tensors: dict[str, Tensor], config: dict) -> None:
+        if self.bank_source_:
+            return
         self.bank_ = tensors["bank"].float()
         self.bank_labels_ = tensors["bank_labels"].long()
         if self.bank_.shape[1] != self.n_features_in_:

@@ -20,6 +20,7 @@ from .errors import HeadError, MismatchError
 from .heads import Head, head_from_saved
 from .shards import fsync_directory
 from .store import Cache, write_json_atomic
+from .streaming import bank_reader
 
 RECORD_METADATA = "featurecache.head"
 HEADS_DIR = "heads"
@@ -89,7 +90,11 @@ def load_head(cache: Cache, name: str) -> tuple[Head, dict]:
         tensors = load_file(str(head_dir(cache, name) / "head.safetensors"))
     except (SafetensorError, OSError) as error:
         raise HeadError(f"head {name!r} is unreadable ({error}); fit it again") from None
-    return head_from_saved(record["config"], tensors, members=members), record
+    head = head_from_saved(record["config"], tensors, members=members)
+    source = getattr(head, "bank_source_", None)
+    if source:  # a streamed knn head searches this cache's shards (the key check above ties them)
+        head.bank_reader_ = bank_reader(cache, source["split"], source["tap"])
+    return head, record
 
 
 def _width(cache: Cache, tap: str) -> int:

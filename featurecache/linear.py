@@ -31,6 +31,11 @@ STD_FLOOR = 1e-6
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 4, 12))
 
 
+def cuda_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose RNG `torch.random.fork_rng` must fork for `device`."""
+    return [device.index or 0] if device.type == "cuda" else []
+
+
 def resolve_device(device: str) -> torch.device:
     """Map "auto" / "cpu" / "cuda[:i]" to a torch device, refusing CUDA when absent."""
     if device == "auto":
@@ -366,6 +371,25 @@ def _evaluate(network: nn.Module, features: Tensor, labels: Tensor,
     return loss / len(labels), correct / len(labels)
 
 
+class EarlyStopping:
+    """Keeps the state of the best epoch by (val top-1, -val loss) and says when to stop:
+    after `patience` epochs without a better one."""
+
+    def __init__(self, patience: int, epochs: int) -> None:
+        self.patience = patience
+        self.state: dict | None = None
+        self.epoch, self.score, self.stale = epochs, None, 0
+
+    def update(self, network: nn.Module, epoch: int, score: tuple[float, float]) -> bool:
+        """Record one epoch's validation score; True when training should stop."""
+        if self.score is None or score > self.score:
+            self.state = copy.deepcopy(network.state_dict())
+            self.epoch, self.score, self.stale = epoch, score, 0
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
+
+
 class MLPHead(_NetworkHead):
     """ReLU MLP on standardised features: AdamW, cosine schedule, early stopping.
 
@@ -428,7 +452,7 @@ class MLPHead(_NetworkHead):
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         generator = torch.Generator().manual_seed(self.seed)
         history: list[dict] = []
-        best_state, best_epoch, best_score, stale = None, self.epochs, None, 0
+        stopping = EarlyStopping(self.patience, self.epochs)
         for epoch in range(1, self.epochs + 1):
             network.train()
             total = torch.zeros((), device=features.device)
@@ -447,15 +471,9 @@ class MLPHead(_NetworkHead):
                 continue
             record["val_loss"], record["val_top1"] = _evaluate(
                 network, features_val, labels_val, 4 * self.batch_size)
-            score = (record["val_top1"], -record["val_loss"])
-            if best_score is None or score > best_score:
-                best_state = copy.deepcopy(network.state_dict())
-                best_epoch, best_score, stale = epoch, score, 0
-            else:
-                stale += 1
-                if stale >= self.patience:
-                    break
-        return best_state or network.state_dict(), history, best_epoch, best_score
+            if stopping.update(network, epoch, (record["val_top1"], -record["val_loss"])):
+                break
+        return stopping.state or network.state_dict(), history, stopping.epoch, stopping.score
 
     def _fit(self, X, y, X_val, y_val, n_classes: int) -> None:
         settings = self._settings()
@@ -465,21 +483,28 @@ class MLPHead(_NetworkHead):
         device = resolve_device(self.device)
         data = tuple(None if array is None else torch.from_numpy(array).to(device)
                      for array in (X, y, X_val, y_val))
-        cuda_devices = [device.index or 0] if device.type == "cuda" else []
-        best, self.sweep_ = None, []
+        trials = []
         for lr, weight_decay in settings:
             # fork_rng seeds weight init and dropout but leaves the caller's RNG as it was.
-            with torch.random.fork_rng(devices=cuda_devices):
+            with torch.random.fork_rng(devices=cuda_devices(device)):
                 torch.manual_seed(self.seed)
                 network = self._standardized_network(X, n_classes).to(device)
                 state, history, epoch, score = self._train(network, data, lr, weight_decay)
+            trials.append((lr, weight_decay, state, history, epoch, score))
+        self.keep_best(trials, X.shape[1], n_classes)
+
+    def keep_best(self, trials: list[tuple], n_features: int, n_classes: int) -> None:
+        """Set the fitted state from the grid's (lr, weight_decay, best state, history,
+        best epoch, (val top-1, -val loss) or None), in grid order: the best score wins."""
+        best, self.sweep_ = None, []
+        for lr, weight_decay, state, history, epoch, score in trials:
             entry = {"lr": lr, "weight_decay": weight_decay, "epoch": epoch,
                      "val_top1": score and score[0], "val_log_loss": score and -score[1]}
             self.sweep_.append(entry)
             if best is None or (score is not None and score > best[0]):
                 best = (score, entry, state, history)
         _, entry, state, self.history_ = best
-        network = self._build_network(X.shape[1], n_classes)
+        network = self._build_network(n_features, n_classes)
         network.load_state_dict(state)
         self.network_ = network.eval()
         self.best_params_ = {key: entry[key] for key in ("lr", "weight_decay", "epoch")}
