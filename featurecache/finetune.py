@@ -200,7 +200,7 @@ def _rows(cache: Cache, split_rows: dict[str, tuple[str, np.ndarray | None]], sp
         labels = cache.labels(split)
         keep = np.arange(len(labels)) if subset is None else subset
         if spec.from_cache:
-            out[role] = TapRows(cache.features(split, tap)[keep], labels[keep])
+            out[role] = TapRows(cache.row_reader(split, tap), keep, labels[keep])
             continue
         paths = cache.paths(split)
         missing = [paths[i] for i in keep if paths[i] not in by_path]

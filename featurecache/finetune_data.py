@@ -3,8 +3,9 @@
 Two kinds of batches feed the same model. `ImageRows` decodes the cache's source images
 (random resized crop and flip when augmenting, else exactly extract's resize and
 centre crop). `TapRows` serves the activations the cache stored at the input of the
-unfrozen blocks: no decoding and no forward pass through the frozen part, but also no
-augmentation, since the activations were computed once from the centre crop.
+unfrozen blocks, read from the shards one batch at a time: no decoding and no forward
+pass through the frozen part, but also no augmentation, since the activations were
+computed once from the centre crop.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .errors import ExtractionError
 from .images import ImageDecodeError
 from .metrics import classification_metrics
 from .preprocess import normalize_batch, prepare_image
+from .shards import RowReader
 from .sources import Sample, Source
 
 Progress = Callable[[dict], None]
@@ -91,20 +93,22 @@ class ImageRows:
 
 
 class TapRows:
-    """Rows of a split as the cached activations of one tap (the fast path)."""
+    """Rows of a split as the cached activations of one tap (the fast path), read from the
+    shards batch by batch: memory holds one batch, whatever the size of the split."""
 
     from_tap = True
 
-    def __init__(self, activations: np.ndarray, labels: np.ndarray) -> None:
-        self.activations, self.labels = activations, torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    def __init__(self, reader: RowReader, rows: np.ndarray, labels: np.ndarray) -> None:
+        self.reader, self.rows = reader, np.asarray(rows, dtype=np.int64)
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
 
     def __len__(self) -> int:
-        return len(self.activations)
+        return len(self.rows)
 
     def batches(self, order: list[list[int]], device: torch.device,
                 augmentation: Augmentation | None = None, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for rows in order:
-            x = torch.from_numpy(self.activations[np.asarray(rows)]).to(device).float()
+            x = torch.from_numpy(self.reader.read(self.rows[np.asarray(rows)])).to(device).float()
             yield x.contiguous(memory_format=torch.channels_last), self.labels[rows].to(device)
 
 

@@ -284,6 +284,58 @@ def _pread_checked(path: Path, tap: str, located: dict, view: np.ndarray) -> Non
         raise CorruptCacheError(f"shard {path} is damaged (features/{tap} fails its checksum); run featurecache verify")
 
 
+class RowReader:
+    """Any rows of one split's tap, read where they lie: minibatches over features larger
+    than memory, in any order.
+
+    Each shard's features are checked against their checksum once, when the reader is
+    made (one shard in memory at a time). After that a row of a contiguous dataset is one
+    `pread` at its offset; shards without a recorded offset (compressed, or written by an
+    older version) are read through h5py.
+    """
+
+    def __init__(self, shards: Sequence[tuple[Path, int, dict]], tap: str, shape: Sequence[int], dtype) -> None:
+        self.shards, self.tap, self.shape, self.dtype = list(shards), tap, tuple(shape), np.dtype(dtype)
+        self.starts = np.cumsum([0] + [rows for _, rows, _ in self.shards])
+        self.row_bytes = self.dtype.itemsize * int(np.prod(self.shape))
+        for path, rows, record in self.shards:
+            if rows:
+                read_split_features([(path, rows, record)], tap, self.shape, np.empty((rows, *self.shape), self.dtype))
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def read(self, positions: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The rows at these positions of the split (distinct), in the order given."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if len(positions) and (positions.min() < 0 or positions.max() >= len(self)):
+            raise IndexError(f"rows {positions.min()}..{positions.max()} are outside 0..{len(self) - 1}")
+        out = np.empty((len(positions), *self.shape), self.dtype)
+        owner = np.searchsorted(self.starts, positions, side="right") - 1
+        for shard in np.unique(owner):
+            picked = np.flatnonzero(owner == shard)
+            local = positions[picked] - self.starts[shard]
+            path, _, record = self.shards[shard]
+            located = (record.get("features") or {}).get(self.tap)
+            try:
+                if located is None or self.dtype.byteorder == ">":
+                    order = np.argsort(local)  # h5py reads increasing row lists only
+                    with h5py.File(path, "r") as handle:
+                        out[picked[order]] = handle[f"features/{self.tap}"][local[order]]
+                else:
+                    self._pread_rows(path, int(located["offset"]), local, out, picked)
+            except (OSError, ValueError) as error:
+                raise CorruptCacheError(f"cannot read shard {path} ({error}); run featurecache verify") from None
+        return out
+
+    def _pread_rows(self, path: Path, offset: int, local: np.ndarray, out: np.ndarray, picked: np.ndarray) -> None:
+        with open(path, "rb", buffering=0) as handle:
+            for target, row in zip(picked, local):
+                if os.preadv(handle.fileno(), [memoryview(out[target]).cast("B")],
+                             offset + int(row) * self.row_bytes) != self.row_bytes:
+                    raise CorruptCacheError(f"shard {path} is shorter than its manifest says; run featurecache verify")
+
+
 def read_rows(path: Path, rows: int, tap_shapes: dict[str, tuple[int, ...]],
               selection: np.ndarray | None = None) -> ShardRows:
     """Read a whole shard (or the rows where `selection` is True) into memory."""

@@ -24,7 +24,7 @@ from filelock import FileLock, SoftFileLock, Timeout
 
 from .errors import CacheIncompleteError, CacheLockedError, CacheNotFoundError, CorruptCacheError
 from .faults import fault_point
-from .shards import ShardRows, fsync_directory, open_shard, read_rows, read_split_features
+from .shards import RowReader, ShardRows, fsync_directory, open_shard, read_rows, read_split_features
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -164,7 +164,7 @@ class Cache:
     """A finished cache entry: features, labels and paths per split and tap.
 
     `features(split, tap)` loads a whole split into memory; `iter_shards` streams it
-    shard by shard for data larger than memory.
+    shard by shard and `row_reader` reads any rows, for data larger than memory.
     """
 
     def __init__(self, path: Path, manifest: dict) -> None:
@@ -205,6 +205,14 @@ class Cache:
         out = np.empty((sum(s["rows"] for s in shards), *self.tap_shapes[tap]), dtype=self.manifest["dtype"])
         read_split_features([(self.path / s["file"], s["rows"], s) for s in shards], tap, self.tap_shapes[tap], out)
         return out
+
+    def row_reader(self, split: str, tap: str = "pool") -> RowReader:
+        """Random access to a split's rows (checked once, then read where they lie): for
+        minibatches in any order without loading the split."""
+        self._check_tap(tap)
+        shards = self._shards(split)
+        return RowReader([(self.path / s["file"], s["rows"], s) for s in shards], tap, self.tap_shapes[tap],
+                         self.manifest["dtype"])
 
     def _column(self, split: str, name: str) -> list:
         values: list = []

@@ -145,6 +145,30 @@ def test_several_taps_in_one_pass(image_folder, tiny_spec):
     np.testing.assert_allclose(pooled, cache.features("train", "pool"), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("compression", [None, "lzf"])
+def test_row_reader_reads_any_rows_in_any_order_and_checks_shards_first(image_folder, tiny_spec, compression):
+    result = extract(tiny_spec(image_folder, taps=("pool", "layer3"), compression=compression))
+    cache = open_cache(result.path)
+    everything = cache.features("train", "layer3")  # 10 rows over 3 shards of 4
+    reader = cache.row_reader("train", "layer3")
+    positions = [9, 0, 5, 4, 3, 8]
+    np.testing.assert_array_equal(reader.read(positions), everything[positions])
+    assert len(reader) == 10 and reader.read([]).shape == (0, *everything.shape[1:])
+    with pytest.raises(IndexError):
+        reader.read([10])
+    shard = cache.path / cache.manifest["shards"][1]["file"]
+    with h5py.File(shard, "r") as handle:
+        dataset = handle["features/layer3"]
+        offset = dataset.id.get_offset() if compression is None else dataset.id.get_chunk_info(0).byte_offset
+    with open(shard, "r+b") as handle:
+        handle.seek(offset + 7)
+        byte = handle.read(1)
+        handle.seek(offset + 7)
+        handle.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(CorruptCacheError, match="run featurecache verify"):
+        cache.row_reader("train", "layer3")
+
+
 def test_shard_readable_with_plain_h5py(image_folder, tiny_spec):
     result = extract(tiny_spec(image_folder))
     shard = sorted((result.path / "shards").glob("train-*.h5"))[0]
