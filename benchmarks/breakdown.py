@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from featurecache.backbones import IMAGENET_PREPROCESSING, StagedBackbone
+from featurecache.engine import autocast
 from featurecache.images import load_rgb
 from featurecache.optimize import optimize_backbone
 from featurecache.preprocess import normalize_batch, prepare_image
@@ -22,11 +23,19 @@ def preprocessing(config: Config):
     return IMAGENET_PREPROCESSING.with_image_size(config.image_size) if config.image_size else IMAGENET_PREPROCESSING
 
 
-def our_forward(config: Config, batch_size: int, mode: str | None = None):
-    """Our forward pass (random weights, seeded by the caller); `mode` defaults to config's."""
+def our_forward(config: Config, batch_size: int, mode: str | None = None, precision: str | None = None):
+    """Our forward pass (random weights, seeded by the caller): `mode` and `precision`
+    default to config's, which are extract's defaults on this CPU."""
     model = StagedBackbone(naive_model(config.model)).eval().to(memory_format=torch.channels_last)
-    return optimize_backbone(model, ("pool",), mode=mode or config.forward_mode, batch_size=batch_size,
-                             image_size=preprocessing(config).crop_size, device=torch.device("cpu"))
+    forward = optimize_backbone(model, ("pool",), mode=mode or config.forward_mode, batch_size=batch_size,
+                                image_size=preprocessing(config).crop_size, device=torch.device("cpu"))
+    precision = precision or config.precision
+
+    def run(x: torch.Tensor, taps=("pool",)) -> dict[str, torch.Tensor]:
+        with autocast(torch.device("cpu"), precision):
+            return forward(x, taps)
+
+    return run
 
 
 def _per_image_ms(function, items, repeats: int) -> float:
@@ -89,5 +98,6 @@ def run(config: Config) -> list[Row]:
             "ours": lambda: forward(normalize_batch(uint8, pre), ("pool",)),
         }, repeats=config.repeats, warmup=1)
     rows.append(Row("2", f"compute only, uint8 {size}px batch {batch_size}", batch_size / seconds["ours"],
-                     batch_size / seconds["naive"], "img/s", note="freeze+channels_last vs NCHW eager"))
+                     batch_size / seconds["naive"], "img/s",
+                     note=f"{config.forward_mode} {config.precision} channels_last vs NCHW eager fp32"))
     return rows

@@ -11,7 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+
+from featurecache.engine import resolve_precision
+from featurecache.optimize import resolve_optimize
 
 HYMENOPTERA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hymenoptera"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")
@@ -33,7 +37,8 @@ class Config:
     read_rows: int = 100_000  # rows of 2048 features in the read benchmark
     scaling_images: int = 64  # 1x of the scaling benchmark
     scaling_factors: tuple[int, ...] = (1, 2, 4)
-    forward_mode: str = "freeze"  # how breakdown/optimisations build our forward pass (extract's CPU default)
+    forward_mode: str = ""  # how breakdown/optimisations build our forward pass; "" = extract's CPU default
+    precision: str = ""  # our forward's precision; "" = extract's CPU default (bf16 with native support)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -52,6 +57,8 @@ class Config:
             setattr(config, key, value)
         if config.hymenoptera is not None and not config.hymenoptera.is_dir():
             config.hymenoptera = None
+        config.precision = config.precision or resolve_precision("auto", torch.device("cpu"))
+        config.forward_mode = config.forward_mode or resolve_optimize("auto", torch.device("cpu"), config.precision)
         return config
 
 

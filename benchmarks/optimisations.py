@@ -1,7 +1,7 @@
 """Optimisations, each measured against the plain path: keep only what pays.
 
 Forward pass (pre-decoded uint8 tensors, batch B): NCHW eager fp32 (the naive loop),
-channels_last, bf16 autocast, TorchScript freeze, torch.compile (full run or
+channels_last, bf16 autocast (with BatchNorm folded or not), TorchScript freeze, torch.compile (full run or
 `--compile`). Then batch size, JPEG draft decoding (speed and how far the features
 move), and DataLoader workers end to end.
 """
@@ -33,18 +33,18 @@ def forward_variants(config: Config, batch_size: int) -> list[Row]:
     uint8 = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)
     naive = naive_model(config.model)  # same seed as our_forward's network: same weights
-    torch.manual_seed(0)
-    eager = our_forward(config, batch_size, mode="eager")
-    torch.manual_seed(0)
-    frozen = our_forward(config, batch_size, mode="freeze")
-    candidates = {
-        "NCHW eager fp32 (naive)": lambda: naive(normalize_batch(uint8, pre, channels_last=False)),
-        "channels_last eager fp32": lambda: eager(normalize_batch(uint8, pre), ("pool",))["pool"],
-        "channels_last bf16 autocast": lambda: _bf16(eager, normalize_batch(uint8, pre)),
-        "freeze (TorchScript) fp32": lambda: frozen(normalize_batch(uint8, pre), ("pool",))["pool"],
-    }
-    if config.tiny:  # emulated bf16 is slow enough to dominate the smoke test
-        del candidates["channels_last bf16 autocast"]
+    forwards = {}
+    for name, mode, precision in (("channels_last eager fp32", "eager", "fp32"),
+                                  ("channels_last bf16 autocast", "eager", "bf16"),
+                                  ("fuse (BatchNorm folded) channels_last bf16 autocast", "fuse", "bf16"),
+                                  ("freeze (TorchScript) fp32", "freeze", "fp32")):
+        if config.tiny and precision == "bf16":  # emulated bf16 is slow enough to dominate the smoke test
+            continue
+        torch.manual_seed(0)
+        forwards[name] = our_forward(config, batch_size, mode=mode, precision=precision)
+    candidates = {"NCHW eager fp32 (naive)": lambda: naive(normalize_batch(uint8, pre, channels_last=False))}
+    for name, forward in forwards.items():
+        candidates[name] = lambda forward=forward: forward(normalize_batch(uint8, pre), ("pool",))["pool"]
     notes = {}
     if config.extra.get("compile"):
         torch.manual_seed(0)
@@ -64,11 +64,6 @@ def forward_variants(config: Config, batch_size: int) -> list[Row]:
             for name, s in seconds.items()]
 
 
-def _bf16(model, x):
-    with autocast(torch.device("cpu"), "bf16"):
-        return model(x, ("pool",))["pool"]
-
-
 def batch_sizes(config: Config) -> list[Row]:
     pre = preprocessing(config)
     candidates = {}
@@ -80,7 +75,7 @@ def batch_sizes(config: Config) -> list[Row]:
     with torch.inference_mode():
         seconds = interleaved(candidates, repeats=config.repeats, warmup=1)
     base = sizes[-1]
-    return [Row("O", f"forward {config.forward_mode}, batch {b}", b / s, base / seconds[base], "img/s",
+    return [Row("O", f"forward {config.forward_mode} {config.precision}, batch {b}", b / s, base / seconds[base], "img/s",
                 note=f"vs batch {base} (64 is the default)")
             for b, s in seconds.items()]
 

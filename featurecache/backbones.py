@@ -191,9 +191,16 @@ class StagedBackbone(nn.Module):
 
 
 def build_network(entry: BackboneEntry, state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    """Build the full torchvision network and load a backbone state dict (fc ignored)."""
-    network = entry.build()
-    missing, unexpected = network.load_state_dict(state_dict, strict=False)
+    """Build the full torchvision network and load a backbone state dict (fc ignored).
+
+    The network is made on the meta device and the state's tensors are assigned to it:
+    no random initialisation that the load would overwrite (0.2 s for ResNet50 on CPU)."""
+    with torch.device("meta"):
+        network = entry.build()
+    if isinstance(getattr(network, "fc", None), nn.Module):
+        network.fc = nn.Identity()  # never loaded, never used: the backbone ends at the pool
+    state = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
+    missing, unexpected = network.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         problem = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"

@@ -59,6 +59,7 @@ class OnError(str, Enum):
 class Optimize(str, Enum):
     auto = "auto"
     eager = "eager"
+    fuse = "fuse"
     freeze = "freeze"
     compile = "compile"
 
@@ -143,7 +144,7 @@ def extract(
     on_error: Annotated[OnError, typer.Option(case_sensitive=False, help="skip unreadable images (listed in the manifest) or fail.")] = OnError.skip,
     content_hash: Annotated[bool, typer.Option(help="Fingerprint files by content hash instead of size and mtime.")] = False,
     draft: Annotated[bool, typer.Option(help="Decode large JPEGs at reduced size (libjpeg draft mode): faster, slightly different features; part of the cache key.")] = False,
-    optimize: Annotated[Optimize, typer.Option(case_sensitive=False, help="Forward pass: auto (freeze on CPU fp32 for 256+ images), eager, freeze (TorchScript), compile (torch.compile, ~30 s to build).")] = Optimize.auto,
+    optimize: Annotated[Optimize, typer.Option(case_sensitive=False, help="Forward pass: auto (on CPU: freeze in fp32 for 256+ images, else fuse), eager, fuse (BatchNorm folded into the convolutions), freeze (TorchScript, CPU fp32), compile (torch.compile, ~30 s to build).")] = Optimize.auto,
     seed: Annotated[int, typer.Option(help="Seed for --weights random.")] = 0,
     root: Annotated[Optional[Path], typer.Option(help="Cache root (default $FEATURECACHE_ROOT or ./cache).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary; print only the cache path.")] = False,

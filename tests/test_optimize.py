@@ -25,9 +25,10 @@ def test_auto_picks_freeze_only_for_cpu_fp32():
     cpu = torch.device("cpu")
     assert resolve_optimize("auto", cpu, "fp32") == "freeze"
     assert resolve_optimize("auto", cpu, "fp32", images=FREEZE_MIN_IMAGES) == "freeze"
-    assert resolve_optimize("auto", cpu, "fp32", images=FREEZE_MIN_IMAGES - 1) == "eager"  # build cost not repaid
-    assert resolve_optimize("AUTO", cpu, "bf16") == "eager"
-    assert resolve_optimize("freeze", cpu, "bf16") == "eager"  # TorchScript freeze is fp32-only
+    assert resolve_optimize("auto", cpu, "fp32", images=FREEZE_MIN_IMAGES - 1) == "fuse"  # build cost not repaid
+    assert resolve_optimize("AUTO", cpu, "bf16") == "fuse"
+    assert resolve_optimize("freeze", cpu, "bf16") == "fuse"  # TorchScript freeze is fp32-only
+    assert resolve_optimize("auto", torch.device("cuda"), "bf16") == "eager"
     assert resolve_optimize("compile", cpu, "fp32") == "compile"
     with pytest.raises(UsageError, match="--optimize"):
         resolve_optimize("fastest", cpu, "fp32")
@@ -43,6 +44,23 @@ def test_frozen_forward_matches_eager_for_any_batch_size():
             expected, got = model(x, taps), frozen(x, taps)
             for tap in taps:
                 torch.testing.assert_close(got[tap], expected[tap], rtol=1e-4, atol=1e-4)
+
+
+def test_folded_batchnorm_matches_eager_and_leaves_the_model_alone():
+    model = _backbone()
+    for module in model.modules():  # non-trivial statistics, as trained weights have
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    taps = ("layer2", "pool")
+    fused = optimize_backbone(model, taps, mode="fuse", batch_size=4, image_size=32, device=torch.device("cpu"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 20  # resnet18's, untouched
+    x = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected, got = model(x, taps), fused(x, taps)
+    for tap in taps:
+        torch.testing.assert_close(got[tap], expected[tap], rtol=1e-4, atol=1e-4)
 
 
 def test_compiled_forward_pads_to_one_shape(monkeypatch):
@@ -76,6 +94,10 @@ def test_a_failing_optimisation_falls_back_to_eager(monkeypatch):
 
 def test_optimize_modes_give_the_same_cache_entry(image_folder, tiny_spec):
     eager = extract(tiny_spec(image_folder, optimize="eager", root=str(image_folder.parent / "a")))
+    fused = extract(tiny_spec(image_folder, optimize="fuse", root=str(image_folder.parent / "c")))
+    assert fused.path.name == eager.path.name
+    np.testing.assert_allclose(open_cache(fused.path).features("train"), open_cache(eager.path).features("train"),
+                               rtol=1e-4, atol=1e-4)
     frozen = extract(tiny_spec(image_folder, optimize="freeze", root=str(image_folder.parent / "b")))
     assert eager.path.name == frozen.path.name  # not part of the key: same function up to rounding
     np.testing.assert_allclose(open_cache(frozen.path).features("train"), open_cache(eager.path).features("train"),
