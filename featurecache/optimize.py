@@ -6,7 +6,8 @@
 - `eager`: the `StagedBackbone` as is (channels_last).
 - `fuse`: a copy with every BatchNorm folded into the convolution before it (eval
   statistics), still eager, so it works under bf16/fp16 autocast and builds in
-  milliseconds. Measured 1.14x on the bf16 ResNet50 forward on CPU (BENCHMARKS.md).
+  a tenth of a second. Measured 1.09-1.14x on the bf16 ResNet50 forward on CPU
+  (BENCHMARKS.md).
 - `freeze`: TorchScript trace, freeze and `optimize_for_inference`, which folds
   BatchNorm into the convolutions, fuses ReLU and prepacks oneDNN weights. CPU and
   fp32 only; builds in about a second. See BENCHMARKS.md for the measured speed-up.
@@ -17,8 +18,9 @@
   `fuse` otherwise; on GPUs `eager` (cuDNN with channels_last and autocast; folding
   has not been measured there).
 
-All of them compute the same function up to float rounding (features within 1e-4 of
-eager, the same as channels_last vs NCHW), so the mode is not part of the cache key.
+All of them compute the same function up to float rounding (in fp32, features within
+1e-4 of eager, the same as channels_last vs NCHW; under bf16 autocast, within bf16's
+own rounding), so the mode is not part of the cache key; the precision is.
 A mode that fails to build falls back to eager with a warning in the log.
 """
 
@@ -40,7 +42,7 @@ log = logging.getLogger("featurecache")
 
 OPTIMIZE = ("auto", "eager", "fuse", "freeze", "compile")
 # Building the frozen graph costs a fixed 3-15 s for ResNet50 on 2 busy cores; below
-# this many images that is more than it saves, so `auto` stays eager.
+# this many images that is more than it saves, so `auto` folds BatchNorm instead.
 FREEZE_MIN_IMAGES = 256
 
 Forward = Callable[[torch.Tensor, Sequence[str]], dict[str, torch.Tensor]]
@@ -76,7 +78,7 @@ class _Taps(nn.Module):
 
 def optimize_backbone(model: StagedBackbone, taps: Sequence[str], *, mode: str, batch_size: int,
                       image_size: int, device: torch.device) -> Forward:
-    """Return `forward(x, taps)` for `mode` (resolved: eager, freeze or compile)."""
+    """Return `forward(x, taps)` for `mode` (resolved: eager, fuse, freeze or compile)."""
     if mode == "eager":
         return model
     if mode == "fuse":
