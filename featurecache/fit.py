@@ -138,8 +138,9 @@ def _fit_streaming(cache: Cache, spec: FitSpec) -> tuple[Head, dict, str]:
         head = fit_streaming_logistic(cache, tap=spec.tap, seed=spec.seed, **spec.params)
     elif spec.head == "mlp":
         head = fit_streaming_mlp(cache, tap=spec.tap, **spec.params)
-    else:  # knn reads the whole train split per block of queries: blocks as large as half the budget
-        block_rows = max(1, _budget(spec) // (2 * 4 * math.prod(cache.tap_shapes[spec.tap])))
+    else:  # knn reads the whole train split per block of queries, held twice as float32 (raw and
+        # normalised): blocks of a quarter of the budget each
+        block_rows = max(1, _budget(spec) // (4 * 4 * math.prod(cache.tap_shapes[spec.tap])))
         head = fit_streaming_knn(cache, tap=spec.tap, block_rows=block_rows, **spec.params)
     metrics = {split: classification_metrics(*streamed_probabilities(head, cache, split, spec.tap, block_rows),
                                              cache.classes)

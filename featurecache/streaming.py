@@ -73,18 +73,22 @@ def feature_statistics(cache: Cache, split: str, tap: str) -> tuple[torch.Tensor
     return mean.float(), scale.float(), count
 
 
+BANK_CHUNK_ROWS = 1024  # float32 rows of a streamed k-NN bank widened at a time: 8 MiB at 2048-d
+
+
 def bank_reader(cache: Cache, split: str, tap: str) -> Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]:
-    """What a streamed k-NN head searches: the split's (features, labels), one shard per item."""
-    return functools.partial(shard_batches, cache, split, tap, None, None)
+    """What a streamed k-NN head searches: the split's (float32 features, labels), one shard
+    read at a time and widened `BANK_CHUNK_ROWS` rows at a time."""
+    return functools.partial(shard_batches, cache, split, tap, BANK_CHUNK_ROWS, None)
 
 
 def split_blocks(cache: Cache, split: str, tap: str, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(float32 features, labels) of a split in blocks of whole shards, each under `rows` rows
-    where shards allow (one shard per block when `rows` <= 0)."""
+    """(float32 features, labels) of a split in blocks of at most `rows` rows, in order (one
+    shard per block when `rows` <= 0)."""
     features: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     count = 0
-    for shard_features, shard_labels in shard_batches(cache, split, tap, None, None):
+    for shard_features, shard_labels in shard_batches(cache, split, tap, rows if rows > 0 else None, None):
         if features and count + len(shard_labels) > rows:
             yield _joined(features), _joined(labels)
             features, labels, count = [], [], 0
