@@ -1,6 +1,5 @@
-"""Heads made of torch linear layers: multinomial logistic regression and an MLP.
-
-Also what every head shares: the `Head` base (scikit-learn estimator contract, input
+"""The logistic head (multinomial logistic regression on standardised features), and
+what every head shares: the `Head` base (scikit-learn estimator contract, input
 checks, JSON config) and the `Standardize` layer that carries the training statistics
 inside exported modules, so that they take raw features.
 """
@@ -8,7 +7,6 @@ inside exported modules, so that they take raw features.
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import math
 from collections import OrderedDict
@@ -17,7 +15,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import Tensor, nn
@@ -194,7 +191,7 @@ class Head(ClassifierMixin, BaseEstimator):
         raise HeadError(f"the {self.name} head cannot be expressed as a torch module")
 
 
-class _NetworkHead(Head):
+class NetworkHead(Head):
     """A head whose fitted state is one torch network `network_`: raw features -> logits."""
 
     def _build_network(self, n_features: int, n_classes: int) -> nn.Sequential:
@@ -234,7 +231,7 @@ class _NetworkHead(Head):
         return network
 
 
-def _grid(value: float | Sequence[float], name: str, *, allow_zero: bool = False) -> list[float]:
+def parameter_grid(value: float | Sequence[float], name: str, *, allow_zero: bool = False) -> list[float]:
     """A number or a list of numbers as a non-empty list of positive floats."""
     values = [value] if np.isscalar(value) else list(value)
     allowed = [np.isscalar(v) and math.isfinite(v) and (v > 0 or allow_zero and v == 0)
@@ -248,7 +245,7 @@ def _standardized(network: nn.Sequential, X: np.ndarray, device: torch.device) -
     return network.standardize.to(device)(torch.from_numpy(X).to(device))
 
 
-class LogisticHead(_NetworkHead):
+class LogisticHead(NetworkHead):
     """Multinomial L2 logistic regression on standardised features, full-batch L-BFGS.
 
     `C` fixes the inverse regularisation strength (sklearn's scaling); without it the
@@ -279,10 +276,10 @@ class LogisticHead(_NetworkHead):
 
     def _Cs(self) -> list[float]:
         if self.C is None:
-            return _grid(DEFAULT_CS if self.Cs is None else self.Cs, "Cs")
+            return parameter_grid(DEFAULT_CS if self.Cs is None else self.Cs, "Cs")
         if not np.isscalar(self.C):
             raise HeadError(f"C must be one number (use Cs for a grid), got {self.C!r}")
-        return _grid(self.C, "C")
+        return parameter_grid(self.C, "C")
 
     def _check_params(self) -> None:
         self._Cs()
@@ -355,157 +352,3 @@ class LogisticHead(_NetworkHead):
             network.classifier.weight.copy_(weights[0])
             network.classifier.bias.copy_(biases[0])
         self.network_ = network.cpu().eval()
-
-
-def _evaluate(network: nn.Module, features: Tensor, labels: Tensor,
-              batch_size: int) -> tuple[float, float]:
-    """(mean cross-entropy, top-1) of `network` in eval mode."""
-    network.eval()
-    loss, correct = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(features), batch_size):
-            logits = network(features[start : start + batch_size])
-            chunk_labels = labels[start : start + batch_size]
-            loss += F.cross_entropy(logits, chunk_labels, reduction="sum").item()
-            correct += int((logits.argmax(dim=1) == chunk_labels).sum())
-    return loss / len(labels), correct / len(labels)
-
-
-class EarlyStopping:
-    """Keeps the state of the best epoch by (val top-1, -val loss) and says when to stop:
-    after `patience` epochs without a better one."""
-
-    def __init__(self, patience: int, epochs: int) -> None:
-        self.patience = patience
-        self.state: dict | None = None
-        self.epoch, self.score, self.stale = epochs, None, 0
-
-    def update(self, network: nn.Module, epoch: int, score: tuple[float, float]) -> bool:
-        """Record one epoch's validation score; True when training should stop."""
-        if self.score is None or score > self.score:
-            self.state = copy.deepcopy(network.state_dict())
-            self.epoch, self.score, self.stale = epoch, score, 0
-            return False
-        self.stale += 1
-        return self.stale >= self.patience
-
-
-class MLPHead(_NetworkHead):
-    """ReLU MLP on standardised features: AdamW, cosine schedule, early stopping.
-
-    `lr` and `weight_decay` are values or lists; their grid is searched on validation
-    data and the best epoch's weights of the best setting are kept. Seeded by `seed`
-    without touching the caller's global RNG; deterministic on CPU.
-    """
-
-    name = "mlp"
-    _saved_attributes = ("best_params_", "sweep_", "history_")
-
-    def __init__(self, *, hidden_sizes: Sequence[int] = (512,), dropout: float = 0.1,
-                 lr: float | Sequence[float] = (1e-3, 3e-3),
-                 weight_decay: float | Sequence[float] = (1e-4, 1e-2), epochs: int = 100,
-                 batch_size: int = 256, patience: int = 10, seed: int = 0, device: str = "auto",
-                 n_classes: int | None = None) -> None:
-        self.hidden_sizes = hidden_sizes
-        self.dropout = dropout
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.patience = patience
-        self.seed = seed
-        self.device = device
-        self.n_classes = n_classes
-
-    def _settings(self) -> list[tuple[float, float]]:
-        weight_decays = _grid(self.weight_decay, "weight_decay", allow_zero=True)
-        return list(itertools.product(_grid(self.lr, "lr"), weight_decays))
-
-    def _check_params(self) -> None:
-        self._settings()
-        if not all(isinstance(size, int) and size > 0 for size in self.hidden_sizes):
-            raise HeadError(f"hidden_sizes must be positive integers, got {self.hidden_sizes!r}")
-        if not 0 <= self.dropout < 1:
-            raise HeadError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        for name in ("epochs", "batch_size", "patience"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
-                raise HeadError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        resolve_device(self.device)
-
-    def _build_network(self, n_features: int, n_classes: int) -> nn.Sequential:
-        layers: OrderedDict[str, nn.Module] = OrderedDict(
-            standardize=Standardize(torch.zeros(n_features), torch.ones(n_features)))
-        width = n_features
-        for index, size in enumerate(self.hidden_sizes):
-            layers[f"fc{index}"] = nn.Linear(width, size)
-            layers[f"relu{index}"] = nn.ReLU()
-            layers[f"dropout{index}"] = nn.Dropout(self.dropout)
-            width = size
-        layers["classifier"] = nn.Linear(width, n_classes)
-        return nn.Sequential(layers)
-
-    def _train(self, network: nn.Module, data: tuple, lr: float, weight_decay: float) -> tuple:
-        """Train one setting: (best state, history, best epoch, (val top-1, -val loss) or None)."""
-        features, labels, features_val, labels_val = data
-        optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=weight_decay)
-        steps = self.epochs * math.ceil(len(features) / self.batch_size)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-        generator = torch.Generator().manual_seed(self.seed)
-        history: list[dict] = []
-        stopping = EarlyStopping(self.patience, self.epochs)
-        for epoch in range(1, self.epochs + 1):
-            network.train()
-            total = torch.zeros((), device=features.device)
-            for batch in torch.randperm(len(features), generator=generator).split(self.batch_size):
-                batch = batch.to(features.device)
-                loss = F.cross_entropy(network(features[batch]), labels[batch])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                total += loss.detach() * len(batch)
-            record = {"epoch": epoch, "train_loss": total.item() / len(features),
-                      "val_loss": None, "val_top1": None}
-            history.append(record)
-            if features_val is None:
-                continue
-            record["val_loss"], record["val_top1"] = _evaluate(
-                network, features_val, labels_val, 4 * self.batch_size)
-            if stopping.update(network, epoch, (record["val_top1"], -record["val_loss"])):
-                break
-        return stopping.state or network.state_dict(), history, stopping.epoch, stopping.score
-
-    def _fit(self, X, y, X_val, y_val, n_classes: int) -> None:
-        settings = self._settings()
-        if len(settings) > 1 and X_val is None:
-            raise HeadError("mlp grid over lr/weight_decay needs validation data "
-                            "(or pass single values)")
-        device = resolve_device(self.device)
-        data = tuple(None if array is None else torch.from_numpy(array).to(device)
-                     for array in (X, y, X_val, y_val))
-        trials = []
-        for lr, weight_decay in settings:
-            # fork_rng seeds weight init and dropout but leaves the caller's RNG as it was.
-            with torch.random.fork_rng(devices=cuda_devices(device)):
-                torch.manual_seed(self.seed)
-                network = self._standardized_network(X, n_classes).to(device)
-                state, history, epoch, score = self._train(network, data, lr, weight_decay)
-            trials.append((lr, weight_decay, state, history, epoch, score))
-        self.keep_best(trials, X.shape[1], n_classes)
-
-    def keep_best(self, trials: list[tuple], n_features: int, n_classes: int) -> None:
-        """Set the fitted state from the grid's (lr, weight_decay, best state, history,
-        best epoch, (val top-1, -val loss) or None), in grid order: the best score wins."""
-        best, self.sweep_ = None, []
-        for lr, weight_decay, state, history, epoch, score in trials:
-            entry = {"lr": lr, "weight_decay": weight_decay, "epoch": epoch,
-                     "val_top1": score and score[0], "val_log_loss": score and -score[1]}
-            self.sweep_.append(entry)
-            if best is None or (score is not None and score > best[0]):
-                best = (score, entry, state, history)
-        _, entry, state, self.history_ = best
-        network = self._build_network(n_features, n_classes)
-        network.load_state_dict(state)
-        self.network_ = network.eval()
-        self.best_params_ = {key: entry[key] for key in ("lr", "weight_decay", "epoch")}
-        logger.info("mlp: chose %s", self.best_params_)

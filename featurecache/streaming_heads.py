@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .heads import KNNHead, LogisticHead, MLPHead, make_head
-from .linear import DEFAULT_CS, EarlyStopping, cuda_devices, resolve_device
+from .linear import DEFAULT_CS, cuda_devices, resolve_device
+from .mlp import EarlyStopping
 from .store import Cache
 from .streaming import (bank_reader, feature_statistics, in_memory_bytes, shard_batches, split_blocks,
                         steps_per_epoch)

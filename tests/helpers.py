@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import h5py
 import numpy as np
 from PIL import Image
 
@@ -22,3 +23,15 @@ def write_image(path: Path, seed: int, size: int = 40, fmt: str | None = None) -
 
 def replace_spec(spec: ExtractSpec, **changes) -> ExtractSpec:
     return dataclasses.replace(spec, **changes)
+
+
+def flip_feature_byte(shard: Path, tap: str, at: int, mask: int = 0x01) -> None:
+    """XOR one byte of a shard's stored features (contiguous, or in the first chunk)."""
+    with h5py.File(shard, "r") as handle:
+        dataset = handle[f"features/{tap}"]
+        offset = dataset.id.get_offset() if dataset.chunks is None else dataset.id.get_chunk_info(0).byte_offset
+    with open(shard, "r+b") as handle:
+        handle.seek(offset + at)
+        byte = handle.read(1)
+        handle.seek(offset + at)
+        handle.write(bytes([byte[0] ^ mask]))

@@ -20,7 +20,7 @@ from featurecache.shard_pipeline import ShardPipeline
 from featurecache.shards import ShardRows, ShardWriter, features_checksum, read_rows
 from featurecache.sources import open_source
 
-from helpers import replace_spec, write_image
+from helpers import flip_feature_byte, replace_spec, write_image
 
 
 def _reference_features(result, source_path, model_name, split):
@@ -156,15 +156,7 @@ def test_row_reader_reads_any_rows_in_any_order_and_checks_shards_first(image_fo
     assert len(reader) == 10 and reader.read([]).shape == (0, *everything.shape[1:])
     with pytest.raises(IndexError):
         reader.read([10])
-    shard = cache.path / cache.manifest["shards"][1]["file"]
-    with h5py.File(shard, "r") as handle:
-        dataset = handle["features/layer3"]
-        offset = dataset.id.get_offset() if compression is None else dataset.id.get_chunk_info(0).byte_offset
-    with open(shard, "r+b") as handle:
-        handle.seek(offset + 7)
-        byte = handle.read(1)
-        handle.seek(offset + 7)
-        handle.write(bytes([byte[0] ^ 0x01]))
+    flip_feature_byte(cache.path / cache.manifest["shards"][1]["file"], "layer3", at=7)
     with pytest.raises(CorruptCacheError, match="run featurecache verify"):
         cache.row_reader("train", "layer3")
 
@@ -198,12 +190,7 @@ def test_a_shard_short_of_its_capacity_holds_exactly_its_rows_and_detects_flippe
         dataset = handle["features/pool"]
         assert dataset.shape == (4, 8, 3)
         assert (dataset.chunks is None) == (compression is None) and dataset.fletcher32 == (compression is not None)
-        offset = dataset.id.get_offset() if compression is None else dataset.id.get_chunk_info(0).byte_offset
-    with open(shard, "r+b") as handle:
-        handle.seek(offset + 5)
-        byte = handle.read(1)
-        handle.seek(offset + 5)
-        handle.write(bytes([byte[0] ^ 0x10]))
+    flip_feature_byte(shard, "pool", at=5, mask=0x10)
     with pytest.raises(CorruptCacheError, match="run featurecache verify"):
         read_rows(shard, 4, {"pool": (8, 3)})
 

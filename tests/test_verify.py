@@ -20,7 +20,7 @@ from featurecache.shards import file_sha256
 from featurecache.store import read_manifest
 from featurecache.verify import repair_entry, verify_entry
 
-from helpers import replace_spec, write_image
+from helpers import flip_feature_byte, replace_spec, write_image
 from processes import tiny_backbone
 
 runner = CliRunner()
@@ -46,13 +46,7 @@ def truncated(entry):
 
 
 def flipped_bytes(entry):
-    with h5py.File(entry / TARGET, "r") as handle:
-        offset = handle["features/pool"].id.get_offset()  # contiguous: where the feature bytes start
-    with open(entry / TARGET, "r+b") as handle:
-        handle.seek(offset + 100)
-        byte = handle.read(1)
-        handle.seek(offset + 100)
-        handle.write(bytes([byte[0] ^ 0xFF]))
+    flip_feature_byte(entry / TARGET, "pool", at=100, mask=0xFF)
 
 
 def not_in_manifest(entry):
