@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from .shards import read_rows
+from .shards import read_split_features
 from .store import Cache
 
 
@@ -38,13 +38,20 @@ def shard_batches(cache: Cache, split: str, tap: str, batch_size: int | None, rn
     """(float32 features (n, D), labels) minibatches of one shard at a time (whole shards when
     `batch_size` is None); shards and rows shuffled when `rng` is given."""
     shards = [s for s in cache.manifest["shards"] if s["split"] == split]
+    starts = np.cumsum([0] + [s["rows"] for s in shards])
+    split_labels = torch.from_numpy(cache.labels(split))  # small: read once, sliced per shard
+    shape = cache.tap_shapes[tap]
     order = rng.permutation(len(shards)) if rng is not None else range(len(shards))
     for position in order:
-        shard = shards[position]
-        rows = read_rows(cache.path / shard["file"], shard["rows"], {tap: cache.tap_shapes[tap]})
-        stored = torch.from_numpy(rows.features[tap].reshape(len(rows), -1))  # float16 mostly: half the bytes
-        labels, count = torch.from_numpy(rows.labels), len(rows)
-        size = batch_size or max(1, count)
+        shard, count = shards[position], shards[position]["rows"]
+        if count == 0:
+            continue
+        # Only the features (checked) and labels: paths and fingerprints are not read on this hot path.
+        values = np.empty((count, *shape), dtype=cache.manifest["dtype"])
+        read_split_features([(cache.path / shard["file"], count, shard)], tap, shape, values)
+        stored = torch.from_numpy(values.reshape(count, -1))  # float16 mostly: half the bytes
+        labels = split_labels[starts[position] : starts[position + 1]]
+        size = batch_size or count
         if rng is None:
             for features, batch_labels in zip(stored.split(size), labels.split(size)):
                 yield features.float(), batch_labels
