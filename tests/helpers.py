@@ -35,3 +35,17 @@ def flip_feature_byte(shard: Path, tap: str, at: int, mask: int = 0x01) -> None:
         byte = handle.read(1)
         handle.seek(offset + at)
         handle.write(bytes([byte[0] ^ mask]))
+
+
+def assert_features_of_the_same_images(computed: np.ndarray, cached: np.ndarray) -> None:
+    """Features recomputed from the image files against the cached ones (float16 storage):
+    rounded to float16 as the cache is, and each at most one float16 step from the cached
+    value, or within float32 noise of the row's largest feature for small values (extract's
+    BatchNorm-folded forward and the plain one sum in another order: measured 3.6e-7)."""
+    assert cached.dtype == np.float16 and computed.shape == cached.shape
+    np.testing.assert_array_equal(computed, computed.astype(np.float16).astype(np.float32))
+    one_step = np.spacing(np.abs(cached)).astype(np.float32)  # float16's step at each cached value
+    cached = cached.astype(np.float32)
+    float32_noise = 1e-5 * np.abs(cached).max(axis=1, keepdims=True)
+    assert (np.abs(computed - cached) <= np.maximum(one_step, float32_noise)).all()
+    assert (computed != cached).mean() < 0.02  # measured: 31 of 6,144 values one step apart

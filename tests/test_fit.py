@@ -23,7 +23,7 @@ from featurecache.predict import load_predictor, predict
 from featurecache.preprocess import prepare_image
 from featurecache.shards import CHECKSUM_ATTR, features_checksum, features_layout, file_sha256
 
-from helpers import replace_spec
+from helpers import assert_features_of_the_same_images, replace_spec
 
 runner = CliRunner()
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 220)}
@@ -115,6 +115,39 @@ def test_predict_matches_the_head_on_cached_features(colour_cache):
     cached = head.predict_proba(cache.features("test"))
     assert [r.top[0][0] for r in results] == [cache.classes[i] for i in cached.argmax(axis=1)]
     np.testing.assert_allclose([r.top[0][1] for r in results], cached.max(axis=1), atol=2e-3)
+
+
+def _test_images(cache, folder, preprocessing) -> torch.Tensor:
+    return torch.stack([prepare_image(load_rgb(folder / p), preprocessing) for p in cache.paths("test")])
+
+
+def test_predict_computes_the_cached_features_of_the_same_files(colour_cache):
+    cache, folder = colour_cache
+    fit_head(cache, FitSpec(head="logistic"))
+    predictor = load_predictor(cache, "logistic")
+    cached = cache.features("test")
+    assert_features_of_the_same_images(predictor.features(_test_images(cache, folder, predictor.preprocessing)).numpy(),
+                                        cached)
+    results = predict(predictor, [folder / p for p in cache.paths("test")], top_k=3)
+    head, _ = load_head(cache, "logistic")
+    expected = head.predict_proba(cached)
+    got = np.array([[dict(r.top)[name] for name in cache.classes] for r in results])
+    np.testing.assert_allclose(got, expected, atol=1e-6)  # measured 2e-8
+
+
+def test_exported_model_computes_the_cached_features(colour_cache, tmp_path):
+    cache, folder = colour_cache
+    fit_head(cache, FitSpec(head="logistic"))
+    predictor = load_predictor(cache, "logistic")
+    model = torch.jit.load(str(export_model(predictor, tmp_path / "model.pt")))
+    images = _test_images(cache, folder, predictor.preprocessing)
+    normalize, classifier = getattr(model, "0"), getattr(model, "1")
+    with torch.no_grad():
+        features = classifier.features(normalize(images)).flatten(1)
+        rounded = features.half().float()
+        assert_features_of_the_same_images(rounded.numpy(), cache.features("test"))
+        # The exported head sees float16-rounded features, as the head did when it was fitted.
+        np.testing.assert_allclose(model(images).numpy(), predictor.head(rounded).numpy(), rtol=0, atol=1e-8)
 
 
 def test_export_reproduces_predict(colour_cache, tmp_path):
