@@ -58,8 +58,33 @@ def test_key_field_weights(image_folder, tiny_spec):
     assert open_cache(a.path).manifest["weights"]["sha256"] != open_cache(b.path).manifest["weights"]["sha256"]
 
 
-def test_key_field_model(image_folder, tiny_spec):
-    _assert_two_entries(tiny_spec(image_folder, model="resnet18"), tiny_spec(image_folder, model="resnet34"))
+def test_key_field_model(image_folder, tiny_spec, tmp_path):
+    # Two architectures that load the very same checkpoint (the second has no max-pool, which
+    # has no parameters): only the architecture tells their features apart, not the weights' hash.
+    from torch import nn
+
+    from featurecache.backbones import BackboneEntry, register_backbone, unregister_backbone
+    from processes import TINY, TinyResNet
+
+    class NoMaxPool(TinyResNet):
+        def __init__(self) -> None:
+            super().__init__()
+            self.maxpool = nn.Identity()
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in TinyResNet().state_dict().items()}, str(checkpoint))
+    register_backbone(TINY)
+    register_backbone(BackboneEntry(name="tiny-no-maxpool", build=NoMaxPool, tap_channels=TINY.tap_channels,
+                                    downsampling=16))
+    try:
+        a, b = _assert_two_entries(tiny_spec(image_folder, model="tiny", weights=str(checkpoint)),
+                                   tiny_spec(image_folder, model="tiny-no-maxpool", weights=str(checkpoint)))
+    finally:
+        unregister_backbone("tiny")
+        unregister_backbone("tiny-no-maxpool")
+    assert open_cache(a.path).manifest["weights"]["sha256"] == open_cache(b.path).manifest["weights"]["sha256"]
+    assert not np.allclose(open_cache(a.path).features("train"), open_cache(b.path).features("train"))
 
 
 def test_key_field_tap(image_folder, tiny_spec):

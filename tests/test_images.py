@@ -5,9 +5,14 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import struct
+import subprocess
+import sys
+import tempfile
 import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,14 +164,37 @@ def test_symlink_loop(tmp_path):
     assert reason_of(tmp_path / "a.png") == "symlink loop"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_unreadable_file(tmp_path):
-    path = save(quadrants(), tmp_path / "locked.png")
-    os.chmod(path, 0)
+_READ_AS_USER = """
+import sys
+from featurecache.images import ImageDecodeError, load_rgb
+try:
+    load_rgb(sys.argv[1])
+except ImageDecodeError as error:
+    print(error.reason)
+"""
+
+
+def test_unreadable_file():
+    """A real mode-000 file. Root reads files whatever their mode, so under root (as in CI)
+    the read runs in a child process with the privileges of `nobody` (setpriv)."""
+    folder = Path(tempfile.mkdtemp(prefix="featurecache-unreadable-"))  # reachable by nobody
     try:
-        assert reason_of(path) == "permission denied"
+        folder.chmod(0o755)
+        path = save(quadrants(), folder / "locked.png")
+        os.chmod(path, 0)
+        if os.geteuid() != 0:
+            assert reason_of(path) == "permission denied"
+            return
+        setpriv = shutil.which("setpriv")
+        assert setpriv, "setpriv (util-linux) is needed to run this test as root"
+        package = str(Path(images.__file__).resolve().parent.parent)
+        done = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                               _READ_AS_USER, str(path)], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": package})
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.strip() == "permission denied"
     finally:
-        os.chmod(path, 0o644)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_permission_error_from_open(tmp_path, monkeypatch):
