@@ -95,7 +95,7 @@ MUTATIONS = [
              "        strength = 1.0 / n\n\n        def objective",
              ("tests/test_heads.py", "-k", "follows_C"), "the CPU logistic solver follows C"),
     Mutation("logistic-penalises-bias", "logistic_path.py",
-             "residual.sum(axis=0)])", "residual.sum(axis=0) + strength * point[size:]])",
+             "residual.sum(axis=0)])", "residual.sum(axis=0) + strength * flat[size:]])",
              ("tests/test_heads.py", "-k", "follows_C"), "the bias is not penalised, as in scikit-learn"),
     Mutation("torch-logistic-ignores-C", "logistic_path.py",
              "        strength = 1.0 / (Cs[index] * n)\n        optimizer",
