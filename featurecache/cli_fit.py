@@ -154,20 +154,34 @@ def _predictor(cache: str, head: Optional[str], finetune: Optional[str], root: O
 @handle_errors
 def predict_command(
     cache: Annotated[str, typer.Argument(help="Cache entry whose backbone and preprocessing to use.")],
-    paths: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Image files or folders (or --split instead).")] = None,
     head: Annotated[Optional[str], typer.Option(help="A fitted head on the cache.")] = None,
     finetune: Annotated[Optional[str], typer.Option(help="A finetune run on the cache, instead of --head.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Predict a split the cache holds (e.g. an unlabelled test) from its cached features, without decoding images.")] = None,
     top_k: Annotated[int, typer.Option(min=1)] = 3,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write CSV here instead of a table.")] = None,
     root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
 ) -> None:
-    """Classify new images with the cache's own backbone checkpoint and a head.
+    """Classify new images with the cache's own backbone checkpoint and a head, or a cached split.
 
     Example: featurecache predict cache/hymenoptera-resnet50-0123456789ab photo.jpg more/ --head logistic
+    Example: featurecache predict cache/tinyimagenet-resnet50-0123456789ab --split test --head logistic -o test.csv
     """
-    from .predict import predict
+    if split is not None:
+        if paths:
+            raise UsageError("give image paths or --split, not both")
+        if finetune is not None or head is None:
+            raise UsageError("--split predicts from the cached features, so it needs --head NAME "
+                             "(a finetune run changed the backbone: pass it image paths instead)")
+        from .predict import predict_split
 
-    results = predict(_predictor(cache, head, finetune, root), list(paths), top_k=top_k)
+        results = predict_split(_open(cache, root), head, split, top_k=top_k)
+    else:
+        if not paths:
+            raise UsageError("give image files or folders to classify, or --split SPLIT to predict a cached split")
+        from .predict import predict
+
+        results = predict(_predictor(cache, head, finetune, root), list(paths), top_k=top_k)
     if output is not None:
         with open(output, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
