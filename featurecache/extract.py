@@ -119,7 +119,8 @@ def extract(spec: ExtractSpec | None = None, *, progress: Callable[[int, int], N
             from .python_sources import from_python
 
             prepared = from_python(source, name=settings.get("name"), unlabeled=settings.get("unlabeled", ()))
-            spec = ExtractSpec(source=f"python:{prepared.kind}:{prepared.name}", **settings)
+            kind = prepared.kind.removeprefix("python:")
+            spec = ExtractSpec(source=f"python:{kind}:{prepared.name}", **settings)
     elif source is not None or settings:
         raise UsageError("give extract either an ExtractSpec or keyword settings, not both")
     _check_spec(spec)
