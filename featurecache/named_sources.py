@@ -185,10 +185,13 @@ NAMED: dict[str, Named] = {
 
 
 def _register_torchvision() -> None:
+    import functools
+
     from .torchvision_sources import TORCHVISION
 
     for prefix, entry in TORCHVISION.items():
-        NAMED.setdefault(prefix, Named(entry.title, entry.layout, entry.splits, entry.open))
+        NAMED.setdefault(prefix, Named(entry.title, entry.layout, entry.splits,
+                                       functools.partial(entry.open, prefix=prefix)))
 
 
 _register_torchvision()

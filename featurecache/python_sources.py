@@ -71,9 +71,10 @@ def _file_list(dataset) -> list[str] | None:
         items = getattr(dataset, name, None)
         if isinstance(items, Sequence) and len(items) == len(dataset) and items and isinstance(items[0], tuple):
             return [str(item[0]) for item in items]
-    files = getattr(dataset, "_image_files", None)
-    if isinstance(files, Sequence) and len(files) == len(dataset):
-        return [str(f) for f in files]
+    for name in ("_image_files", "_images"):  # Flowers102, DTD, FGVCAircraft, SUN397; OxfordIIITPet
+        files = getattr(dataset, name, None)
+        if isinstance(files, Sequence) and len(files) == len(dataset) and not isinstance(files, (str, bytes)):
+            return [str(f) for f in files]
     if all(hasattr(dataset, a) for a in ("categories", "index", "y", "root")):  # torchvision's Caltech101
         return [os.path.join(dataset.root, "101_ObjectCategories", dataset.categories[c], f"image_{i:04d}.jpg")
                 for c, i in zip(dataset.y, dataset.index)]

@@ -108,3 +108,213 @@ def cifar10(parent: Path, *, per_batch: int = 3, string_names: bool = False) -> 
     meta = {"label_names": names} if string_names else {b"label_names": [n.encode() for n in names]}
     (base / "batches.meta").write_bytes(pickle.dumps({**meta, b"num_cases_per_batch": per_batch}))
     return base
+
+
+# ----------------------------------------------------------------------------- torchvision's layouts
+# Each builder writes ROOT as torchvision's `root=` expects it and returns
+# {split: [(file name or None, class name), ...]} in torchvision's item order.
+
+
+def _jpeg(path: Path, label: int, seed: int, size: int = 32) -> Path:
+    return class_image(path, label, seed, size=size, fmt="JPEG")
+
+
+def _idx(path: Path, array: np.ndarray) -> None:
+    import struct
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    code = 0x08  # unsigned byte
+    header = struct.pack(">HBB", 0, code, array.ndim) + b"".join(struct.pack(">I", n) for n in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def mnist(root: Path, folder: str = "MNIST") -> dict:
+    classes = (["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                "Ankle boot"] if folder == "FashionMNIST" else
+               ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
+                "8 - eight", "9 - nine"])
+    truth = {}
+    rng = np.random.default_rng(0)
+    for split, prefix, count in (("train", "train", 6), ("test", "t10k", 4)):
+        labels = np.array([(i * 3 + (split == "test")) % 10 for i in range(count)])
+        images = (labels[:, None, None] * 25 + rng.integers(0, 5, (count, 28, 28))).astype(np.uint8)
+        _idx(root / folder / "raw" / f"{prefix}-images-idx3-ubyte", images)
+        _idx(root / folder / "raw" / f"{prefix}-labels-idx1-ubyte", labels)
+        truth[split] = [(None, classes[label]) for label in labels]
+    return truth
+
+
+def svhn(root: Path) -> dict:
+    from scipy.io import savemat
+
+    truth = {}
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 5), ("test", 3)):
+        digits = np.array([(i * 7 + (split == "test")) % 10 for i in range(count)])
+        y = np.where(digits == 0, 10, digits).reshape(-1, 1)  # SVHN stores the digit 0 as 10
+        X = rng.integers(0, 256, (32, 32, 3, count), dtype=np.uint8)
+        root.mkdir(parents=True, exist_ok=True)
+        savemat(root / f"{split}_32x32.mat", {"X": X, "y": y})
+        truth[split] = [(None, str(d)) for d in digits]
+    return truth
+
+
+def stl10(root: Path) -> dict:
+    base = root / "stl10_binary"
+    base.mkdir(parents=True)
+    names = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+    (base / "class_names.txt").write_text("\n".join(names) + "\n")
+    rng = np.random.default_rng(0)
+    truth = {}
+    for split, count in (("train", 4), ("test", 3)):
+        labels = np.array([(i * 3 + (split == "test")) % 10 + 1 for i in range(count)], dtype=np.uint8)  # 1-based
+        (base / f"{split}_X.bin").write_bytes(rng.integers(0, 256, count * 3 * 96 * 96, dtype=np.uint8).tobytes())
+        (base / f"{split}_y.bin").write_bytes(labels.tobytes())
+        truth[split] = [(None, names[label - 1]) for label in labels]
+    return truth
+
+
+def flowers102(root: Path) -> dict:
+    from scipy.io import savemat
+
+    base = root / "flowers-102"
+    labels = [1, 2, 3, 1, 2, 3, 3, 2, 1]  # 1-based, per image_00001.. image_00009
+    for i, label in enumerate(labels, start=1):
+        _jpeg(base / "jpg" / f"image_{i:05d}.jpg", label - 1, i)
+    savemat(base / "imagelabels.mat", {"labels": np.array([labels])})
+    savemat(base / "setid.mat", {"trnid": np.array([[1, 5, 9]]), "valid": np.array([[2, 6]]),
+                                 "tstid": np.array([[3, 4, 7, 8]])})
+    import torchvision.datasets as d
+
+    names = d.Flowers102.classes
+    ids = {"train": [1, 5, 9], "val": [2, 6], "test": [3, 4, 7, 8]}
+    return {split: [(f"image_{i:05d}.jpg", names[labels[i - 1] - 1]) for i in chosen] for split, chosen in ids.items()}
+
+
+def oxford_pet(root: Path) -> dict:
+    base = root / "oxford-iiit-pet"
+    breeds = [("Abyssinian", 1, 1), ("american_bulldog", 2, 2), ("american_pit_bull_terrier", 3, 2)]
+    names = ["Abyssinian", "American Bulldog", "American Pit Bull Terrier"]
+    truth = {}
+    (base / "annotations" / "trimaps").mkdir(parents=True)
+    for split, listing, count in (("train", "trainval", 2), ("test", "test", 1)):
+        lines, truth[split] = [], []
+        for breed, class_id, species in breeds:
+            for i in range(count):
+                image_id = f"{breed}_{i + (10 if split == 'test' else 1)}"
+                _jpeg(base / "images" / f"{image_id}.jpg", class_id - 1, class_id * 100 + i + 10 * (split == "test"))
+                lines.append(f"{image_id} {class_id} {species} {i + 1}\n")
+                truth[split].append((f"{image_id}.jpg", names[class_id - 1]))
+        (base / "annotations" / f"{listing}.txt").write_text("".join(lines))
+    return truth
+
+
+def dtd(root: Path) -> dict:
+    data = root / "dtd" / "dtd"
+    classes = ["banded", "blotchy", "braided"]
+    truth = {}
+    number = 0
+    for split in ("train", "val", "test"):
+        lines, truth[split] = [], []
+        for label, name in enumerate(classes):
+            number += 1
+            file = f"{name}_{number:04d}.jpg"
+            _jpeg(data / "images" / name / file, label, number)
+            lines.append(f"{name}/{file}\n")
+            truth[split].append((file, name))
+        (data / "labels").mkdir(parents=True, exist_ok=True)
+        (data / "labels" / f"{split}1.txt").write_text("".join(lines))
+    return truth
+
+
+def fgvc_aircraft(root: Path) -> dict:
+    data = root / "fgvc-aircraft-2013b" / "data"
+    variants = ["707-320", "727-200", "737-200"]
+    (data / "images").mkdir(parents=True)
+    (data / "variants.txt").write_text("".join(f"{v}\n" for v in variants))
+    truth, number = {}, 1000000
+    for split in ("train", "val", "test"):
+        lines, truth[split] = [], []
+        for label, variant in enumerate(variants):
+            number += 17
+            _jpeg(data / "images" / f"{number}.jpg", label, number)
+            lines.append(f"{number} {variant}\n")
+            truth[split].append((f"{number}.jpg", variant))
+        (data / f"images_variant_{split}.txt").write_text("".join(lines))
+    return truth
+
+
+def eurosat(root: Path) -> dict:
+    classes = ["AnnualCrop", "Forest", "HerbaceousVegetation"]
+    truth = []
+    for label, name in enumerate(classes):
+        for i in range(1, 4):
+            _jpeg(root / "eurosat" / "2750" / name / f"{name}_{i}.jpg", label, label * 10 + i, size=64)
+            truth.append((f"{name}_{i}.jpg", name))
+    return {"train": truth}
+
+
+def caltech101(root: Path) -> dict:
+    base = root / "caltech101" / "101_ObjectCategories"
+    truth = []
+    for label, name in enumerate(["BACKGROUND_Google", "Faces", "accordion", "airplanes"]):
+        for i in range(1, 3 + (name == "Faces")):
+            _jpeg(base / name / f"image_{i:04d}.jpg", label, label * 10 + i)
+            if name != "BACKGROUND_Google":  # torchvision leaves the background class out
+                truth.append((f"image_{i:04d}.jpg", name))
+    return {"train": truth}
+
+
+def sun397(root: Path) -> dict:
+    base = root / "SUN397"
+    classes = ["/a/abbey", "/a/airplane_cabin", "/b/bakery/shop"]
+    base.mkdir(parents=True)
+    (base / "ClassName.txt").write_text("".join(f"{c}\n" for c in classes))
+    truth = {}
+    for label, name in enumerate(classes):
+        for i in range(2):
+            file = f"sun_{'abcdefgh'[label * 2 + i]}{label}{i}.jpg"
+            _jpeg(base / name.strip("/") / file, label, label * 10 + i)
+            truth[file] = name[3:]
+    return {"train": truth}  # rglob order is the file system's: checked by name
+
+
+def stanford_cars(root: Path) -> dict:
+    from scipy.io import savemat
+
+    base = root / "stanford_cars"
+    names = ["AM General Hummer SUV 2000", "Acura RL Sedan 2012", "Acura TL Sedan 2012"]
+    (base / "devkit").mkdir(parents=True)
+    savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array([names], dtype=object)})
+    truth = {}
+    for split, folder, annos in (("train", "cars_train", base / "devkit" / "cars_train_annos.mat"),
+                                 ("test", "cars_test", base / "cars_test_annos_withlabels.mat")):
+        records, truth[split] = [], []
+        for i, label in enumerate([1, 2, 3, 2] if split == "train" else [3, 1, 2]):
+            fname = f"{i + 1:05d}.jpg"
+            _jpeg(base / folder / fname, label - 1, label * 10 + i + 50 * (split == "test"))
+            records.append((1, 2, 30, 30, label, fname))
+            truth[split].append((fname, names[label - 1]))
+        dtype = [("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"), ("class", "O"), ("fname", "O")]
+        savemat(annos, {"annotations": np.array([records], dtype=dtype)})
+    return truth
+
+
+def imagenet(root: Path) -> dict:
+    import torch
+
+    wnid_to_classes = {"n01440764": ("tench", "Tinca tinca"), "n01443537": ("goldfish", "Carassius auratus"),
+                       "n01484850": ("great white shark", "white shark", "man-eater")}
+    wnids = sorted(wnid_to_classes)
+    root.mkdir(parents=True, exist_ok=True)
+    truth = {}
+    for split, count in (("train", 3), ("val", 2)):
+        truth[split] = []
+        for label, wnid in enumerate(wnids):
+            for i in range(count):
+                file = f"{wnid}_{i}.JPEG" if split == "train" else f"ILSVRC2012_val_{label * 10 + i + 1:08d}.JPEG"
+                _jpeg(root / split / wnid / file, label, label * 10 + i + 100 * (split == "val"))
+                truth[split].append((file, wnid_to_classes[wnid][0]))
+    val_wnids = [w for w in wnids for _ in range(2)]
+    torch.save((wnid_to_classes, val_wnids), root / "meta.bin")
+    return truth

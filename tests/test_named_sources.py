@@ -110,7 +110,8 @@ def test_missing_root_names_the_layout(tmp_path):
 def test_sources_lists_every_named_layout():
     result = runner.invoke(app, ["sources"])
     assert result.exit_code == 0
-    for name in ("tinyimagenet:ROOT", "food101:ROOT", "cifar10:ROOT", "cifar100-coarse:ROOT", "digits"):
+    for name in ("tinyimagenet:ROOT", "food101:ROOT", "cifar10:ROOT", "cifar100-coarse:ROOT", "digits",
+                 "flowers102:ROOT", "imagenet:ROOT", "stanfordcars:ROOT", "fashionmnist:ROOT"):
         assert name in result.output
 
 
