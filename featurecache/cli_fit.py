@@ -221,3 +221,24 @@ def export_command(
     console.print(f"wrote {path} ({len(predictor.classes)} classes, input {predictor.preprocessing.crop_size}px)",
                   markup=False, highlight=False)
     print("load it with: torch.jit.load(path, _extra_files={'featurecache.json': ''})", file=sys.stderr)
+
+
+@app.command("export-features")
+@handle_errors
+def export_features_command(
+    cache: Annotated[str, typer.Argument(help="Cache entry.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="A new (or empty) folder to write.")],
+    format: Annotated[str, typer.Option("--format", help="npy (one .npy per array and split) or parquet (one file per split; needs pyarrow).")] = "npy",
+    tap: Annotated[str, typer.Option(help="Which cached features to write.")] = "pool",
+    split: Annotated[list[str], typer.Option("--split", help="Only these splits (repeatable; default all).")] = [],
+    root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
+) -> None:
+    """Write features, labels, paths and splits as .npy files or parquet, for other tools.
+
+    Example: featurecache export-features cache/digits-resnet50-0123456789ab --format npy -o digits-features
+    """
+    from .export_features import export_features
+
+    path = export_features(_open(cache, root), output, format=format, tap=tap, splits=list(split) or None)
+    console.print(f"wrote the {tap} features of {', '.join(split) or 'every split'} to {path} ({format}; "
+                  "dataset.json describes them)", markup=False, highlight=False)
