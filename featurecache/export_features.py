@@ -30,9 +30,13 @@ def _describe(cache: Cache, tap: str) -> dict:
             "dtype": cache.manifest["dtype"], "cache": cache.path.name, "cache_key": cache.key}
 
 
-def export_features(cache: Cache, output: Path, *, format: str = "npy", tap: str = "pool",
+def export_features(cache: Cache | str | Path, output: str | Path, *, format: str = "npy", tap: str = "pool",
                     splits: list[str] | None = None) -> Path:
     """Write `cache`'s features of `tap` (every split, or `splits`) under `output`; returns it."""
+    from .store import open_cache
+
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    output = Path(output)
     if format not in FORMATS:
         raise UsageError(f"unknown --format {format!r}; use one of {', '.join(FORMATS)}")
     if tap not in cache.tap_shapes:
