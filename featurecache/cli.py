@@ -129,7 +129,7 @@ def progress_bar(description: str, quiet: bool):
 @app.command()
 @handle_errors
 def extract(
-    source: Annotated[str, typer.Argument(help="Image folder, CSV (path,label[,split]), digits, cifar10:ROOT or cifar100:ROOT.")],
+    source: Annotated[str, typer.Argument(help="Image folder, CSV (path,label[,split]), digits, cifar10:ROOT, tinyimagenet:ROOT, food101:ROOT, ... (featurecache sources lists them).")],
     model: Annotated[str, typer.Option(help="Backbone architecture (torchvision ResNets).")] = "resnet50",
     weights: Annotated[str, typer.Option(help="imagenet (IMAGENET1K_V1), an enum name like IMAGENET1K_V2, random, or a .pt/.pth/.safetensors file.")] = "imagenet",
     tap: Annotated[list[str], typer.Option("--tap", help="Layer(s) to store: pool (default), layer3, layer4. Repeatable.")] = ["pool"],
@@ -149,6 +149,9 @@ def extract(
     root: Annotated[Optional[Path], typer.Option(help="Cache root (default $FEATURECACHE_ROOT or ./cache).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary; print only the cache path.")] = False,
     devices: Annotated[int, typer.Option(min=1, help="Processes on this machine, one per GPU: N > 1 reruns this command under torchrun (see README, Scaling out).")] = 1,
+    name: Annotated[Optional[str], typer.Option(help="Name of the entry's folder (default: the source's name).")] = None,
+    unlabeled: Annotated[list[str], typer.Option("--unlabeled", help="A split folder (e.g. test) whose images have no label: cached to predict on, never fitted or scored. Repeatable.")] = [],
+    allow_layout: Annotated[bool, typer.Option("--allow-layout", help="Read a folder whose layout looks wrong (a class named images, an empty class, one class, a known dataset's folder) anyway.")] = False,
 ) -> None:
     """Extract backbone features of a dataset into the cache (resumable, incremental).
 
@@ -167,7 +170,7 @@ def extract(
         dtype=dtype.value, precision=precision.value, device=device.value, batch_size=batch_size,
         workers=workers, shard_size=shard_size, compression=None if compression is Compression.none else compression.value,
         on_error=on_error.value, content_hash=content_hash, seed=seed, root=str(root) if root else None,
-        draft=draft, optimize=optimize.value,
+        draft=draft, optimize=optimize.value, name=name, allow_layout=allow_layout, unlabeled=tuple(unlabeled),
     )
     bar, update = progress_bar("extract", quiet or follower)
     try:
@@ -184,7 +187,9 @@ def extract(
     else:
         console.print(f"extracted {result.computed} images in {result.seconds:.1f}s "
                       f"({result.images_per_second:.1f} img/s)", markup=False)
-    rows = ", ".join(f"{split} {count}" for split, count in result.splits.items())
+    unlabeled_splits = set(result.unlabeled_splits)
+    rows = ", ".join(f"{split} {count}" + (" (unlabelled)" if split in unlabeled_splits else "")
+                     for split, count in result.splits.items())
     console.print(f"rows: {rows}; skipped: {len(result.skipped)}", markup=False)
     for skip in result.skipped[:10]:
         console.print(f"  skipped {skip['path']}: {skip['reason']}", markup=False, highlight=False)
@@ -198,7 +203,7 @@ def extract(
 def list_entries(
     root: Annotated[Optional[Path], typer.Argument(help="Cache root (default $FEATURECACHE_ROOT or ./cache).")] = None,
 ) -> None:
-    """List cache entries: source, architecture, weights, rows per split, size.
+    """List cache entries: source, architecture, input size and taps, weights, rows per split, size.
 
     Example: featurecache ls cache/
     """
@@ -224,6 +229,21 @@ def info(
     """
     for label, value in describe_entry(cache, root):
         console.print(f"{label:>14}: {value}", markup=False, highlight=False)
+
+
+@app.command("sources")
+@handle_errors
+def sources_command() -> None:
+    """List every kind of dataset extract reads, with the layout each expects.
+
+    Example: featurecache sources
+    """
+    from .named_sources import describe_sources
+
+    table = Table("source", "layout expected under ROOT (never downloaded)", "splits")
+    for row in describe_sources():
+        table.add_row(*row)
+    console.print(table)
 
 
 # Commands of the other stages live in their own modules and register on `app`.

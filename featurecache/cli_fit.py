@@ -154,20 +154,34 @@ def _predictor(cache: str, head: Optional[str], finetune: Optional[str], root: O
 @handle_errors
 def predict_command(
     cache: Annotated[str, typer.Argument(help="Cache entry whose backbone and preprocessing to use.")],
-    paths: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
+    paths: Annotated[Optional[list[Path]], typer.Argument(help="Image files or folders (or --split instead).")] = None,
     head: Annotated[Optional[str], typer.Option(help="A fitted head on the cache.")] = None,
     finetune: Annotated[Optional[str], typer.Option(help="A finetune run on the cache, instead of --head.")] = None,
+    split: Annotated[Optional[str], typer.Option(help="Predict a split the cache holds (e.g. an unlabelled test) from its cached features, without decoding images.")] = None,
     top_k: Annotated[int, typer.Option(min=1)] = 3,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write CSV here instead of a table.")] = None,
     root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
 ) -> None:
-    """Classify new images with the cache's own backbone checkpoint and a head.
+    """Classify new images with the cache's own backbone checkpoint and a head, or a cached split.
 
     Example: featurecache predict cache/hymenoptera-resnet50-0123456789ab photo.jpg more/ --head logistic
+    Example: featurecache predict cache/tinyimagenet-resnet50-0123456789ab --split test --head logistic -o test.csv
     """
-    from .predict import predict
+    if split is not None:
+        if paths:
+            raise UsageError("give image paths or --split, not both")
+        if finetune is not None or head is None:
+            raise UsageError("--split predicts from the cached features, so it needs --head NAME "
+                             "(a finetune run changed the backbone: pass it image paths instead)")
+        from .predict import predict_split
 
-    results = predict(_predictor(cache, head, finetune, root), list(paths), top_k=top_k)
+        results = predict_split(_open(cache, root), head, split, top_k=top_k)
+    else:
+        if not paths:
+            raise UsageError("give image files or folders to classify, or --split SPLIT to predict a cached split")
+        from .predict import predict
+
+        results = predict(_predictor(cache, head, finetune, root), list(paths), top_k=top_k)
     if output is not None:
         with open(output, "w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
@@ -207,3 +221,24 @@ def export_command(
     console.print(f"wrote {path} ({len(predictor.classes)} classes, input {predictor.preprocessing.crop_size}px)",
                   markup=False, highlight=False)
     print("load it with: torch.jit.load(path, _extra_files={'featurecache.json': ''})", file=sys.stderr)
+
+
+@app.command("export-features")
+@handle_errors
+def export_features_command(
+    cache: Annotated[str, typer.Argument(help="Cache entry.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="A new (or empty) folder to write.")],
+    format: Annotated[str, typer.Option("--format", help="npy (one .npy per array and split) or parquet (one file per split; needs pyarrow).")] = "npy",
+    tap: Annotated[str, typer.Option(help="Which cached features to write.")] = "pool",
+    split: Annotated[list[str], typer.Option("--split", help="Only these splits (repeatable; default all).")] = [],
+    root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
+) -> None:
+    """Write features, labels, paths and splits as .npy files or parquet, for other tools.
+
+    Example: featurecache export-features cache/digits-resnet50-0123456789ab --format npy -o digits-features
+    """
+    from .export_features import export_features
+
+    path = export_features(_open(cache, root), output, format=format, tap=tap, splits=list(split) or None)
+    console.print(f"wrote the {tap} features of {', '.join(split) or 'every split'} to {path} ({format}; "
+                  "dataset.json describes them)", markup=False, highlight=False)

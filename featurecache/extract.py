@@ -42,7 +42,7 @@ ON_ERROR = ("skip", "fail")
 class ExtractSpec:
     """Everything `extract` needs; stored in the manifest of the entry it makes."""
 
-    source: str  # image folder, CSV file, "digits", "cifar10:ROOT" or "cifar100:ROOT"
+    source: str  # image folder, CSV file, "digits", "cifar10:ROOT", "tinyimagenet:ROOT", ... (featurecache sources)
     model: str = "resnet50"
     weights: str = "imagenet"  # imagenet | an enum name | random | path to a state dict
     taps: tuple[str, ...] = ("pool",)
@@ -62,6 +62,9 @@ class ExtractSpec:
     lock_timeout: float = 10.0
     draft: bool = False  # JPEG draft decoding (libjpeg's 1/2..1/8 scaling): faster, changes numbers, in the key
     optimize: str = "auto"  # auto | eager | freeze | compile: how the forward pass is built (see optimize.py)
+    name: str | None = None  # names the entry's folder (default: the source's name); not in the key
+    allow_layout: bool = False  # read a folder whose layout looks wrong anyway (see layout.py)
+    unlabeled: tuple[str, ...] = ()  # split folders of an image folder whose images have no label
 
 
 @dataclass
@@ -73,6 +76,7 @@ class ExtractResult:
     computed: int  # images run through the backbone in this call
     skipped: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    unlabeled_splits: list[str] = field(default_factory=list)  # cached, never fitted or scored
 
     @property
     def images_per_second(self) -> float:
@@ -89,29 +93,54 @@ def _check_spec(spec: ExtractSpec) -> None:
     for name in ("batch_size", "shard_size"):
         if getattr(spec, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if spec.name is not None and (not spec.name.strip() or "/" in spec.name or spec.name.startswith(".")):
+        raise UsageError(f"--name {spec.name!r} must be a non-empty folder name without '/' or a leading '.'")
 
 
-def extract(spec: ExtractSpec, *, progress: Callable[[int, int], None] | None = None) -> ExtractResult:
+def extract(spec: ExtractSpec | None = None, *, progress: Callable[[int, int], None] | None = None,
+            source: object = None, **settings) -> ExtractResult:
     """Build or update the cache entry for `spec`; returns where it is and what was done.
+
+    `extract(ExtractSpec(source="data/photos"))`, or with keyword arguments:
+    `extract(source=..., model="resnet18", name="pets")`, where `source` is anything
+    `ExtractSpec.source` accepts or a Python object: a torchvision dataset (or a dict of
+    them by split), a list of (path, label[, split]) pairs, `(images, labels)` uint8
+    arrays, or a Hugging Face `datasets.Dataset`/`DatasetDict` (see python_sources.py).
 
     Under torchrun, this process is one rank of a distributed run (see distributed.py).
     """
+    prepared = None
+    if spec is None:
+        if source is None:
+            raise UsageError("extract needs an ExtractSpec or source=...")
+        if isinstance(source, (str, Path)):
+            spec = ExtractSpec(source=str(source), **settings)
+        else:
+            from .python_sources import from_python
+
+            prepared = from_python(source, name=settings.get("name"), unlabeled=settings.get("unlabeled", ()))
+            kind = prepared.kind.removeprefix("python:")
+            spec = ExtractSpec(source=f"python:{kind}:{prepared.name}", **settings)
+    elif source is not None or settings:
+        raise UsageError("give extract either an ExtractSpec or keyword settings, not both")
     _check_spec(spec)
     group = join_group(spec.device)
     try:
-        return _extract(spec, group, progress)
+        return _extract(spec, group, progress, prepared)
     finally:
         group.close()
 
 
-def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], None] | None) -> ExtractResult:
+def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], None] | None,
+             prepared=None) -> ExtractResult:
     started = time.perf_counter()
     entry = get_backbone(spec.model)
     taps = validate_taps(entry, spec.taps)
     device = group.device
     precision = resolve_precision(spec.precision, device)
     resolve_optimize(spec.optimize, device, precision)  # refuse a bad --optimize before writing anything
-    source = open_source(spec.source, content_hash=spec.content_hash)
+    source = prepared if prepared is not None else open_source(
+        spec.source, content_hash=spec.content_hash, allow_layout=spec.allow_layout, unlabeled=tuple(spec.unlabeled))
     weights = resolve_weights(entry, spec.weights, seed=spec.seed)
     preprocessing = weights.preprocessing
     if spec.image_size is not None:
@@ -133,7 +162,7 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
     entry_hash = entry_id(config)
     key = content_key(entry_hash, [s.fingerprint for s in source.samples])
     root = Path(spec.root) if spec.root else default_root()
-    path = root / entry_dir_name(source.name, entry.name, entry_hash)
+    path = root / entry_dir_name(spec.name or source.name, entry.name, entry_hash)
     path.joinpath("shards").mkdir(parents=True, exist_ok=True)
 
     # Only rank 0 (the only process outside torchrun) locks, cleans up, plans and writes the manifest.
@@ -146,7 +175,8 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
         hit, plan = group.share_plan(key, previous if hit else None, plan, source)
         if hit:
             log.info("cache hit: %s", path)
-            return ExtractResult(path, key, True, hit["splits"], 0, hit["skipped"], time.perf_counter() - started)
+            return ExtractResult(path, key, True, hit["splits"], 0, hit["skipped"], time.perf_counter() - started,
+                                 list(source.unlabeled_splits))
         manifest = {
             "format_version": 1, "tool_version": __version__, "entry_id": entry_hash, "key": key,
             "complete": False, "config": config, "weights": {"spec": spec.weights, "description":
@@ -155,7 +185,12 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
             "taps": {t: {"shape": list(tap_shape(entry, t, preprocessing.crop_size))} for t in taps},
             "created": (previous or {}).get("created", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
             "shards": [], "skipped": [], "splits": {},
+            # Rows of these splits carry label -1: cached, never fitted or scored (predict --split reads them).
+            "unlabeled_splits": list(source.unlabeled_splits),
+            "fingerprints": "content" if spec.content_hash else source.fingerprint_kind,
         }
+        if source.class_ids:
+            manifest["class_ids"] = list(source.class_ids)
         if group.leader:
             store_weights(root / WEIGHTS_DIR, entry.name, weights)
         plan = group.assign(plan)  # this rank's shards: all of them outside torchrun
@@ -179,7 +214,8 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
             pipeline.remove_unreferenced()
     if not any(final["splits"].values()):
         raise ExtractionError(f"no image in {spec.source} could be read; see the skipped list in {path / MANIFEST}")
-    return ExtractResult(path, key, False, final["splits"], computed, final["skipped"], time.perf_counter() - started)
+    return ExtractResult(path, key, False, final["splits"], computed, final["skipped"], time.perf_counter() - started,
+                         list(source.unlabeled_splits))
 
 
 def _shards_present(path: Path, manifest: dict) -> bool:

@@ -36,7 +36,7 @@ from .headstore import check_head_name, load_head
 from .heads import head_from_saved
 from .predict import Predictor, cache_backbone
 from .shards import fsync_directory
-from .sources import open_source
+from .sources import reopen_source
 from .store import Cache, open_cache, write_json_atomic
 from .weights import ARCH_METADATA, PREPROCESSING_METADATA
 
@@ -191,8 +191,7 @@ def _rows(cache: Cache, split_rows: dict[str, tuple[str, np.ndarray | None]], sp
     tap = model.input_tap
     if spec.from_cache and (tap is None or tap not in cache.tap_shapes):
         raise UsageError(_missing_tap_message(cache, spec, tap))
-    source = None if spec.from_cache else open_source(cache.manifest["spec"]["source"],
-                                                       content_hash=cache.manifest["spec"].get("content_hash", False))
+    source = None if spec.from_cache else reopen_source(cache.manifest["spec"])
     by_path = {} if source is None else {s.path: s for s in source.samples}
     workers = default_workers() if spec.workers is None else spec.workers
     out = {}
@@ -238,16 +237,17 @@ def _split_rows(cache: Cache, record: dict) -> dict[str, tuple[str, np.ndarray |
     """train/val(/test) as (cache split, row subset): the starting head's own validation rows."""
     from .fit import _stratified_split
 
-    selection = record.get("selection_split") or ("val" if cache.splits.get("val") else "val (from train)")
+    labeled = cache.labeled_splits  # unlabeled splits are neither trained nor scored on
+    selection = record.get("selection_split") or ("val" if labeled.get("val") else "val (from train)")
     rows: dict[str, tuple[str, np.ndarray | None]] = {}
-    if selection == "val" and cache.splits.get("val"):
+    if selection == "val" and labeled.get("val"):
         rows = {"train": ("train", None), "val": ("val", None)}
     else:
         head_spec = record.get("spec") or {}
         fraction = head_spec.get("val_fraction") or 0.2
         train, val = _stratified_split(cache.labels("train"), fraction, head_spec.get("seed", 0))
         rows = {"train": ("train", np.sort(train)), "val": ("train", np.sort(val))}
-    if cache.splits.get("test"):
+    if labeled.get("test"):
         rows["test"] = ("test", None)
     return rows
 

@@ -71,12 +71,14 @@ def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[n
 
 def _splits(cache: Cache, spec: FitSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """train / val (for selection) / test arrays, with how val was obtained in the keys."""
-    if cache.splits.get("train", 0) == 0:
-        raise HeadError(f"{cache.path.name} has no training rows (splits: {cache.splits}); "
-                        "extract a dataset with a train split")
+    labeled = cache.labeled_splits  # unlabeled splits are never fitted or scored
+    if labeled.get("train", 0) == 0:
+        raise HeadError(f"{cache.path.name} has no training rows with labels (splits: {cache.splits}"
+                        + (f", unlabelled: {', '.join(cache.unlabeled_splits)}" if cache.unlabeled_splits else "")
+                        + "); extract a dataset with a labelled train split")
     X, y = _features(cache, "train", spec.tap), cache.labels("train")
     data = {}
-    if spec.val_fraction is None and cache.splits.get("val", 0) > 0:
+    if spec.val_fraction is None and labeled.get("val", 0) > 0:
         data["train"] = (X, y)
         data["val"] = (_features(cache, "val", spec.tap), cache.labels("val"))
     else:
@@ -85,7 +87,10 @@ def _splits(cache: Cache, spec: FitSpec) -> dict[str, tuple[np.ndarray, np.ndarr
             raise HeadError(f"--val-fraction must be between 0 and 1, got {fraction}")
         train, val = _stratified_split(y, fraction, spec.seed)
         data["train"], data["val (from train)"] = (X[train], y[train]), (X[val], y[val])
-    if cache.splits.get("test", 0) > 0:
+        if labeled.get("val", 0) > 0 and not labeled.get("test"):
+            # No labelled test (Tiny-ImageNet): the cache's val, unseen by the selection, is the held-out figure.
+            data["val"] = (_features(cache, "val", spec.tap), cache.labels("val"))
+    if labeled.get("test", 0) > 0:
         data["test"] = (_features(cache, "test", spec.tap), cache.labels("test"))
     return data
 
@@ -98,6 +103,9 @@ def _evaluate(head: Head, data: dict, classes: list[str]) -> dict[str, dict]:
 def _headline(metrics: dict, refit: bool) -> dict:
     if "test" in metrics:
         return {"split": "test", "top1": metrics["test"]["top1"], "note": "chosen on validation, reported on test"}
+    if "val" in metrics and "val (from train)" in metrics:  # refit trains on train + the carved fraction only
+        return {"split": "val", "top1": metrics["val"]["top1"],
+                "note": "chosen on a fraction of train, reported on the held-out val split"}
     split = next(iter(metrics))
     note = "chosen and reported on the same split (optimistic)"
     if refit:
@@ -115,10 +123,11 @@ def _size(count: int) -> str:
 
 def _needs_streaming(cache: Cache, spec: FitSpec) -> bool:
     budget = _budget(spec)
-    needed = in_memory_bytes(cache, spec.tap, list(cache.splits))
+    needed = in_memory_bytes(cache, spec.tap, list(cache.labeled_splits))
     if needed <= budget:
         return False
-    if spec.head not in STREAMING_HEADS or spec.refit or spec.val_fraction is not None or not cache.splits.get("val"):
+    if (spec.head not in STREAMING_HEADS or spec.refit or spec.val_fraction is not None
+            or not cache.labeled_splits.get("val")):
         raise HeadError(
             f"the {spec.tap} features need {_size(needed)}, over the memory budget of "
             f"{_size(budget)}; only the {', '.join(STREAMING_HEADS)} heads (without --refit or "
@@ -128,7 +137,7 @@ def _needs_streaming(cache: Cache, spec: FitSpec) -> bool:
 
 def _fit_streaming(cache: Cache, spec: FitSpec) -> tuple[Head, dict, str]:
     log.info("features exceed the memory budget: streaming shard by shard")
-    for split in cache.splits:  # the same NaN/inf guard as the in-memory path, one shard at a time
+    for split in cache.labeled_splits:  # the same NaN/inf guard as the in-memory path, one shard at a time
         for rows in cache.iter_shards(split, spec.tap):
             if not np.isfinite(rows.features[spec.tap]).all():
                 raise CorruptCacheError(f"the {split} features of {cache.path.name} hold NaN or inf; "
@@ -144,7 +153,7 @@ def _fit_streaming(cache: Cache, spec: FitSpec) -> tuple[Head, dict, str]:
         head = fit_streaming_knn(cache, tap=spec.tap, block_rows=block_rows, **spec.params)
     metrics = {split: classification_metrics(*streamed_probabilities(head, cache, split, spec.tap, block_rows),
                                              cache.classes)
-               for split in ("val", "test") if cache.splits.get(split)}
+               for split in ("val", "test") if cache.labeled_splits.get(split)}
     return head, metrics, "val"
 
 
@@ -163,7 +172,7 @@ def fit_head(cache: Cache | str | Path, spec: FitSpec) -> FitResult:
     streaming = _needs_streaming(cache, spec)
     if streaming:
         head, metrics, val_name = _fit_streaming(cache, spec)
-        rows = dict(cache.splits)
+        rows = dict(cache.labeled_splits)
     else:
         data = _splits(cache, spec)
         (X, y), (val_name, (X_val, y_val)) = data["train"], list(data.items())[1]

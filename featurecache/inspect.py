@@ -17,23 +17,37 @@ def human_bytes(count: float) -> str:
 
 
 def _rows(manifest: dict) -> str:
-    return ", ".join(f"{split} {n}" for split, n in manifest.get("splits", {}).items()) or "-"
+    unlabeled = set(manifest.get("unlabeled_splits", []))
+    return ", ".join(f"{split} {n}" + (" (unlabelled)" if split in unlabeled else "")
+                     for split, n in manifest.get("splits", {}).items()) or "-"
 
 
 def entry_rows(root: Path) -> list[tuple[str, ...]]:
-    """One row per entry: name, source, model, weights, rows per split, size, state."""
+    """One row per entry: name, source, model with input size and taps, weights, rows per split, size, state."""
     rows = []
     for path in list_entries(root):
         try:
             manifest = read_manifest(path)
         except FeatureCacheError as error:
-            rows.append((path.name, "?", "?", "?", "?", human_bytes(entry_size_bytes(path)), f"damaged: {error}"))
+            rows.append((path.name, "?", "?", "?", "?", human_bytes(entry_size_bytes(path)),
+                         f"damaged: {error}"))
             continue
         config = manifest["config"]
-        rows.append((path.name, config["source"]["name"], config["arch"], manifest["weights"]["description"],
+        model = f"{config['arch']}\n{config['preprocessing'].get('crop_size', '?')} px\n{', '.join(manifest.get('taps', {}))}"
+        rows.append((path.name, config["source"]["name"], model, manifest["weights"]["description"],
                      _rows(manifest), human_bytes(entry_size_bytes(path)),
                      "complete" if manifest.get("complete") else "incomplete (rerun extract to resume)"))
     return rows
+
+
+def _fingerprints(manifest: dict) -> str:
+    kind = manifest.get("fingerprints") or manifest["config"].get("fingerprint", "stat")
+    if kind == "content":
+        source_kind = str(manifest["config"]["source"].get("kind", ""))
+        if source_kind == "arrays" or source_kind.startswith("python"):
+            return "content (no files to stat: each row is identified by a hash of its pixels)"
+        return "content (a hash of each file's bytes)"
+    return "stat (each file's path, size and mtime)"
 
 
 def describe_entry(name: str, root: Path | None = None) -> list[tuple[str, str]]:
@@ -49,6 +63,7 @@ def describe_entry(name: str, root: Path | None = None) -> list[tuple[str, str]]
         ("key", manifest["key"]),
         ("state", "complete" if manifest.get("complete") else "incomplete (rerun extract to resume)"),
         ("source", f"{config['source']['kind']} {config['source']['root']}"),
+        ("fingerprints", _fingerprints(manifest)),
         ("model", config["arch"]),
         ("weights", f"{manifest['weights']['description']} (sha256 {manifest['weights']['sha256'][:16]}…)"),
         ("preprocessing", f"resize {pre['resize_size']} ({pre['interpolation']}), centre crop {pre['crop_size']}"),

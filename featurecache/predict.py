@@ -116,3 +116,28 @@ def predict(predictor: Predictor, paths: list[str | Path], *, top_k: int = 5, ba
                 results.append(Prediction(str(file), [(predictor.classes[i], float(row[i])) for i in order]))
     position = {str(f): i for i, f in enumerate(files)}
     return sorted(results, key=lambda r: position[r.path])
+
+
+def predict_split(cache: Cache | str | Path, head_name: str, split: str, *, top_k: int = 5,
+                  block_rows: int = 4096) -> list[Prediction]:
+    """Classify the rows of a cached split (e.g. an unlabeled `test`) with a fitted head,
+    straight from the cached features: no image is decoded, no backbone is run.
+
+    The split is read one shard at a time, so memory holds one shard whatever its size.
+    """
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    if split not in cache.splits:
+        raise CacheNotFoundError(f"split {split!r} is not in {cache.path.name}; it has: {', '.join(cache.splits)}")
+    head, record = load_head(cache, head_name)
+    tap = record["tap"]
+    k = max(1, min(top_k, len(cache.classes)))
+    results: list[Prediction] = []
+    for rows in cache.iter_shards(split, tap):
+        features = rows.features[tap]
+        for start in range(0, len(features), block_rows):
+            block = features[start : start + block_rows]
+            probabilities = np.asarray(head.predict_proba(block.reshape(len(block), -1).astype(np.float32)))
+            for path, row in zip(rows.paths[start : start + block_rows], probabilities):
+                order = np.argsort(-row, kind="stable")[:k]
+                results.append(Prediction(path, [(cache.classes[i], float(row[i])) for i in order]))
+    return results

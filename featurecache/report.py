@@ -89,7 +89,8 @@ def is_current(path: Path, inputs: str) -> bool:
 # ---------------------------------------------------------------- data gathering
 
 def _class_counts(cache: Cache) -> dict[str, list[int]]:
-    return {split: np.bincount(cache.labels(split), minlength=len(cache.classes)).tolist() for split in cache.splits}
+    return {split: np.bincount(cache.labels(split), minlength=len(cache.classes)).tolist()
+            for split in cache.labeled_splits}
 
 
 def _chosen_head(cache: Cache, board: list[dict], name: str | None) -> str | None:
@@ -101,7 +102,8 @@ def _chosen_head(cache: Cache, board: list[dict], name: str | None) -> str | Non
 
 
 def _projection_split(cache: Cache) -> str:
-    return next(s for s in ("test", "val", "train", *cache.splits) if cache.splits.get(s))
+    labeled = cache.labeled_splits  # an unlabelled split has no classes to colour or mistakes to show
+    return next(s for s in ("test", "val", "train", *labeled) if labeled.get(s))
 
 
 def _projection(cache: Cache, spec: ReportSpec, split: str) -> tuple[np.ndarray, np.ndarray, tuple[str, str]]:
@@ -149,10 +151,9 @@ def _mistakes(cache: Cache, head_name: str, split: str, count: int) -> tuple[lis
     if not rows:
         return rows, None
     try:
-        from .sources import open_source
+        from .sources import reopen_source
 
-        made = cache.manifest["spec"]
-        source = open_source(made["source"], content_hash=made.get("content_hash", False))
+        source = reopen_source(cache.manifest["spec"])
         by_path = {sample.path: sample for sample in source.samples}
         for row in rows:
             if row["path"] in by_path:
@@ -243,15 +244,22 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
     counts = _class_counts(cache)
     splits = list(counts)
     skipped = manifest.get("skipped", [])
+    unlabeled = [s for s in cache.unlabeled_splits if s in cache.splits]
     cards = [(len(cache.classes), "classes"), *((cache.splits[s], f"{s} images") for s in splits),
+             *((cache.splits[s], f"{s} images, unlabelled") for s in unlabeled),
              (len(skipped), "skipped files"), (len(board), "heads"), (len(runs), "finetune runs")]
     sections.append('<div class=cards>' + "".join(f"<div class=card><b>{_e(v)}</b><span>{_e(k)}</span></div>"
                                                  for v, k in cards) + "</div>")
     class_rows = [[name, *(counts[s][i] for s in splits), sum(counts[s][i] for s in splits)]
                   for i, name in enumerate(cache.classes)]
-    class_rows.append(["all", *(cache.splits[s] for s in splits), sum(cache.splits.values())])
+    class_rows.append(["all", *(cache.splits[s] for s in splits), sum(cache.splits[s] for s in splits)])
     sections.append("<h2 id=dataset>Dataset</h2>" + _table(["class", *splits, "total"], class_rows,
                                                             set(range(1, len(splits) + 2))))
+    if unlabeled:
+        sections.append("<p class=note>Unlabelled, cached to predict on and never scored: "
+                        + ", ".join(f"{_e(s)} {cache.splits[s]} images" for s in unlabeled)
+                        + f" (<code>featurecache predict {_e(cache.path.name)} --split {_e(unlabeled[0])} "
+                        "--head NAME</code>).</p>")
     if skipped:
         sections.append(f"<p>{len(skipped)} files could not be read and were left out:</p>"
                         + _table(["file", "reason"], [[s["path"], s["reason"]] for s in skipped[:50]])
@@ -296,7 +304,7 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
         sections.append('<div class=figs>' + _figure(figures["confusion"], "Rows: true class; columns: predicted. "
                         "Colour: share of the row; numbers: counts.", "confusion matrix")
                         + _figure(figures["per-class"], "Worst class at the top.", "per-class accuracy") + "</div>")
-        cache_split = split if split in cache.splits else _projection_split(cache)
+        cache_split = split if split in cache.labeled_splits else _projection_split(cache)
         mistakes, why = _mistakes(cache, result.head, cache_split, spec.worst) if spec.worst else ([], None)
         if mistakes:
             sections.append(f"<h3>The {len(mistakes)} most confident mistakes ({_e(cache_split)})</h3><div class=thumbs>"

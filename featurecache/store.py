@@ -175,7 +175,25 @@ class Cache:
 
     @property
     def splits(self) -> dict[str, int]:
+        """Rows per split, labelled or not."""
         return dict(self.manifest["splits"])
+
+    @property
+    def unlabeled_splits(self) -> list[str]:
+        """Splits whose rows have no label (label -1): cached to predict on, never fitted or scored."""
+        return list(self.manifest.get("unlabeled_splits", []))
+
+    @property
+    def labeled_splits(self) -> dict[str, int]:
+        """Rows per split of the splits with labels: what heads are fitted and scored on."""
+        unlabeled = set(self.unlabeled_splits)
+        return {split: n for split, n in self.manifest["splits"].items() if split not in unlabeled}
+
+    def arrays(self, split: str, tap: str = "pool") -> dict[str, np.ndarray]:
+        """One split as numpy arrays: `features` (N, *tap shape), `labels` (int64, -1 for an
+        unlabeled split), `index` (int64) and `paths` (str), rows in the same order."""
+        return {"features": self.features(split, tap), "labels": self.labels(split), "index": self.index(split),
+                "paths": np.asarray(self.paths(split), dtype=str)}
 
     @property
     def taps(self) -> list[str]:

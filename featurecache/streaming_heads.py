@@ -184,7 +184,7 @@ def fit_streaming_knn(cache: Cache, *, tap: str = "pool", val_split: str = "val"
     head = make_head("knn", **params)
     rows, n_classes = cache.splits["train"], len(cache.classes)
     head.bank_source_ = {"split": "train", "tap": tap, "rows": rows,
-                         "bytes": in_memory_bytes(cache, tap, list(cache.splits))}
+                         "bytes": in_memory_bytes(cache, tap, list(cache.labeled_splits))}
     head.bank_reader_ = bank_reader(cache, "train", tap)
     head.classes_, head.n_features_in_ = np.arange(n_classes), math.prod(cache.tap_shapes[tap])
     head.choose_k(sorted({min(k, rows) for k in head._ks()}), split_blocks(cache, val_split, tap, block_rows),

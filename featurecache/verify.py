@@ -138,6 +138,10 @@ def repair_entry(name: str | Path, *, root: Path | None = None, progress=None) -
         raise CorruptCacheError(
             f"the manifest of {path} is unreadable, so there is no record of what to recompute; "
             f"delete {path} and run featurecache extract again")
+    if str(read_manifest(path).get("spec", {}).get("source", "")).startswith("python:"):
+        raise CorruptCacheError(
+            f"{path} was extracted from a Python object, which --repair cannot reopen; delete {path} and run "
+            "featurecache.extract(source=...) again with the same object")
     with entry_lock(path, 10.0):
         manifest = read_manifest(path)
         bad = set(before.bad_shards)
@@ -150,6 +154,8 @@ def repair_entry(name: str | Path, *, root: Path | None = None, progress=None) -
     spec = dict(manifest["spec"])
     spec["taps"] = tuple(spec["taps"])
     spec["root"] = str(path.parent)  # the entry's own root, wherever it was made from
+    spec["allow_layout"] = True  # the entry exists: its layout was accepted when it was made
+    spec["unlabeled"] = tuple(spec.get("unlabeled") or ())
     known = {f.name for f in dataclasses.fields(ExtractSpec)}
     result = extract(ExtractSpec(**{k: v for k, v in spec.items() if k in known}), progress=progress)
     if result.path.resolve() != path.resolve():

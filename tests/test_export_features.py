@@ -1,0 +1,57 @@
+"""export-features writes features, labels, paths and splits that round-trip bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import featurecache
+from featurecache import open_cache
+from featurecache.cli import app
+
+SETTINGS = dict(model="resnet18", weights="random", image_size=32, precision="fp32", dtype="float16",
+                batch_size=8, workers=0, shard_size=4, taps=("pool", "layer4"))
+
+
+@pytest.fixture
+def cache(tmp_path):
+    rng = np.random.default_rng(0)
+    source = {"train": (rng.integers(0, 256, (10, 20, 20, 3), dtype=np.uint8), np.arange(10) % 2),
+              "test": rng.integers(0, 256, (3, 20, 20, 3), dtype=np.uint8), "classes": ["even", "odd"]}
+    return open_cache(featurecache.extract(source=source, root=str(tmp_path / "c"), **SETTINGS).path)
+
+
+def test_npy_round_trips_bit_for_bit(cache, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["export-features", str(cache.path), "-o", str(out), "--tap", "layer4"])
+    assert result.exit_code == 0, result.output
+    for split in ("train", "test"):
+        arrays = cache.arrays(split, "layer4")
+        for name, values in arrays.items():
+            loaded = np.load(out / split / f"{name}.npy", allow_pickle=False)
+            assert loaded.dtype == values.dtype and loaded.tobytes() == values.tobytes()
+    described = json.loads((out / "dataset.json").read_text())
+    assert described["classes"] == ["even", "odd"] and described["unlabeled_splits"] == ["test"]
+    assert described["shape"] == [512, 1, 1] and described["dtype"] == "float16"
+    again = CliRunner().invoke(app, ["export-features", str(cache.path), "-o", str(out)])
+    assert again.exit_code == 2 and "not an empty folder" in again.output
+
+
+def test_parquet_round_trips_bit_for_bit(cache, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = featurecache.export_features(cache, tmp_path / "pq", format="parquet", splits=["train"])
+    table = pq.read_table(out / "train.parquet")
+    features = np.asarray(table.column("features").combine_chunks().flatten()).reshape(10, -1)
+    assert features.tobytes() == cache.features("train").reshape(10, -1).tobytes()
+    assert table.column("label").to_pylist() == list(cache.labels("train"))
+    assert table.column("path").to_pylist() == cache.paths("train")
+    assert not (out / "test.parquet").exists()
+
+
+def test_bad_format_and_split_are_one_line(cache, tmp_path):
+    for arguments, fragment in ((["--format", "csv"], "unknown --format"), (["--split", "val"], "split 'val'")):
+        result = CliRunner().invoke(app, ["export-features", str(cache.path), "-o", str(tmp_path / "x"), *arguments])
+        assert result.exit_code == 2 and fragment in result.output

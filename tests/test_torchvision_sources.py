@@ -1,0 +1,80 @@
+"""torchvision's named datasets, read by torchvision's own parsers (download=False) from
+miniature replicas in each dataset's exact on-disk layout: class names, split sizes, and
+each image's official label and split."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torchvision.datasets as tv
+from typer.testing import CliRunner
+
+from featurecache import extract, open_cache
+from featurecache.cli import app
+from featurecache.sources import open_source
+
+import replicas
+
+# Replicas cannot match the md5 sums torchvision checks these datasets' real files against.
+MD5_CHECKED = {"svhn": tv.SVHN, "stl10": tv.STL10, "flowers102": tv.Flowers102}
+
+CASES = {
+    "mnist": (replicas.mnist, None), "fashionmnist": (lambda r: replicas.mnist(r, "FashionMNIST"), None),
+    "svhn": (replicas.svhn, None), "stl10": (replicas.stl10, "stl10_binary"),
+    "flowers102": (replicas.flowers102, "flowers-102"), "oxfordiiitpet": (replicas.oxford_pet, "oxford-iiit-pet"),
+    "dtd": (replicas.dtd, "dtd"), "fgvcaircraft": (replicas.fgvc_aircraft, "fgvc-aircraft-2013b"),
+    "eurosat": (replicas.eurosat, "eurosat"), "caltech101": (replicas.caltech101, "caltech101"),
+    "sun397": (replicas.sun397, "SUN397"), "stanfordcars": (replicas.stanford_cars, "stanford_cars"),
+    "imagenet": (replicas.imagenet, None),
+}
+
+
+@pytest.fixture
+def no_md5(monkeypatch):
+    for dataset in MD5_CHECKED.values():
+        monkeypatch.setattr(dataset, "_check_integrity", lambda self: True)
+
+
+@pytest.mark.parametrize("prefix", sorted(CASES))
+def test_named_torchvision_dataset_official_labels_and_splits(prefix, tmp_path, no_md5):
+    build, folder = CASES[prefix]
+    truth = build(tmp_path / "root")
+    for root in [tmp_path / "root"] + ([tmp_path / "root" / folder] if folder else []):
+        source = open_source(f"{prefix}:{root}")
+        assert source.split_counts() == {split: len(items) for split, items in truth.items()}
+        for split, expected in truth.items():
+            got = [s for s in source.samples if s.split == split]
+            if isinstance(expected, dict):  # order is the file system's: compare by file name
+                assert {os.path.basename(s.path): source.classes[s.label] for s in got} == expected
+                continue
+            assert [source.classes[s.label] for s in got] == [name for _, name in expected]
+            if expected[0][0] is not None:  # file-backed: each file its own label
+                assert [os.path.basename(s.path) for s in got] == [file for file, _ in expected]
+        image = source.load(source.samples[0])
+        assert image.mode == "RGB"
+
+
+def test_imagenet_names_and_wnids(tmp_path):
+    replicas.imagenet(tmp_path)
+    source = open_source(f"imagenet:{tmp_path}")
+    assert source.classes == ["tench", "goldfish", "great white shark"]
+    assert source.class_ids == ["n01440764", "n01443537", "n01484850"]
+
+
+def test_named_torchvision_extract_end_to_end(tmp_path, tiny_spec):
+    replicas.dtd(tmp_path)
+    cache = open_cache(extract(tiny_spec(f"dtd:{tmp_path}")).path)
+    assert cache.splits == {"train": 3, "val": 3, "test": 3} and cache.classes == ["banded", "blotchy", "braided"]
+    assert cache.manifest["fingerprints"] == "stat"
+    assert cache.paths("train")[0] == "dtd/dtd/images/banded/banded_0001.jpg"
+
+
+@pytest.mark.parametrize("prefix, layout", [("dtd", "dtd/dtd/ holding images/<class>/"),
+                                            ("mnist", "MNIST/raw/ holding train-images-idx3-ubyte"),
+                                            ("imagenet", "meta.bin")])
+def test_missing_torchvision_root_is_one_error_naming_the_layout(tmp_path, prefix, layout):
+    result = CliRunner().invoke(app, ["extract", f"{prefix}:{tmp_path}", "--weights", "random"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and layout in lines[0], result.output
