@@ -14,6 +14,8 @@ unfinished), `before_rename` (shard closed and fsynced under its temporary name)
 (new manifest written to its temporary file), `after_manifest` (manifest lists the
 shard), and `worker_load` (a DataLoader worker decoding an image).
 Under torchrun, `FEATURECACHE_FAULT_RANK=<rank>` limits the fault to that rank.
+`FEATURECACHE_FAULT_PAUSE="<point>:<seconds>"` instead sleeps at every pass of a point,
+so that a test can signal a run from outside at a known stage even on a loaded machine.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import time
 from collections import Counter
 
 FAULT_ENV = "FEATURECACHE_FAULT"
 FAULT_RANK_ENV = "FEATURECACHE_FAULT_RANK"
+PAUSE_ENV = "FEATURECACHE_FAULT_PAUSE"
 _reached: Counter[str] = Counter()
 
 
@@ -39,8 +43,17 @@ def _target() -> tuple[str, int] | None:
     return name, int(count or 1)
 
 
+@functools.cache
+def _pause() -> tuple[str, float] | None:
+    name, _, seconds = os.environ.get(PAUSE_ENV, "").partition(":")
+    return (name, float(seconds or 0)) if name else None
+
+
 def fault_point(name: str) -> None:
-    """SIGKILL this process if the fault environment variable asks for it here."""
+    """SIGKILL this process (or pause it) if the fault environment variables ask for it here."""
+    pause = _pause()
+    if pause is not None and pause[0] == name:
+        time.sleep(pause[1])
     target = _target()
     if target is None or target[0] != name:
         return

@@ -156,7 +156,9 @@ def test_killed_again_while_resuming(first, second, seed, kill_data, references,
 
 
 def _real_process(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FEATURECACHE_OFFLINE": "1"}
+    # A pause after each manifest update: on a loaded machine the rest of the run could
+    # otherwise finish before the signal sent after the first listed shard arrives.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FEATURECACHE_OFFLINE": "1", "FEATURECACHE_FAULT_PAUSE": "after_manifest:1"}
     return subprocess.Popen([sys.executable, "-m", "featurecache", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
