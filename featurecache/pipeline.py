@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import FeatureCacheError, HeadError, UsageError
+from .errors import FeatureCacheError, UsageError
 from .extract import ExtractSpec, extract
 from .fit import FitSpec, fit_head, make_ensemble
-from .headstore import default_head_name, read_record
+from .headstore import default_head_name, read_record, stale_members
 from .report import ReportSpec, build_report, default_output, is_current, report_inputs
 from .store import Cache, open_cache
 
@@ -225,7 +225,8 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
     tables = data.get("heads", [])
     if not isinstance(tables, list):
         raise source.error("must be an array of tables: write [[heads]] once per head", "heads", label="heads")
-    heads = tuple(_spec(source, FitSpec, table, "heads", i, f"heads[{i + 1}]") for i, table in enumerate(tables))
+    heads = tuple(_spec(source, FitSpec, table, "heads", i, f"heads[{i + 1}]", exclude=("overwrite",))
+                  for i, table in enumerate(tables))
     names: list[str] = []
     for i, head in enumerate(heads):
         _check_head(source, head, i)
@@ -303,19 +304,21 @@ def _same_settings(saved: dict, spec, ignore: tuple[str, ...]) -> bool:
 def _head_is_current(cache: Cache, spec: FitSpec) -> bool:
     try:
         record = read_record(cache, spec.name or default_head_name(spec.head))
-    except HeadError:
+    except FeatureCacheError:  # missing or damaged: fit it (again)
         return False
-    return record.get("cache_key") == cache.key and _same_settings(record.get("spec") or {}, spec, ("name",))
+    return record.get("cache_key") == cache.key and _same_settings(record.get("spec") or {}, spec,
+                                                                   ("name", "overwrite"))
 
 
 def _ensemble_is_current(cache: Cache, step: EnsembleStep) -> bool:
     try:
         record = read_record(cache, step.name)
-    except HeadError:
+    except FeatureCacheError:
         return False
     weights = step.weights or (1.0,) * len(step.members)
     total = sum(weights)
     return (record.get("head") == "ensemble" and record.get("cache_key") == cache.key
+            and not stale_members(cache, record)
             and record.get("members") == list(step.members) and len(record.get("weights", [])) == len(weights)
             and all(abs(a - b / total) < 1e-9 for a, b in zip(record["weights"], weights)))
 
@@ -370,8 +373,8 @@ def run_pipeline(pipeline: Pipeline, *, on_step: Callable[[StepOutcome], None] |
     for spec in pipeline.heads:
         started, name = time.perf_counter(), spec.name or default_head_name(spec.head)
         cached = _head_is_current(cache, spec)
-        if not cached:
-            fit_head(cache, spec)
+        if not cached:  # the pipeline owns the names of its heads: it replaces an outdated one
+            fit_head(cache, dataclasses.replace(spec, overwrite=True))
             changed.add(name)
         headline = read_record(cache, name)["headline"]
         done(f"head {name}", cached, f"{headline['split']} top-1 {_pct(headline['top1'])}", started)
@@ -380,7 +383,7 @@ def run_pipeline(pipeline: Pipeline, *, on_step: Callable[[StepOutcome], None] |
         cached = not changed.intersection(step.members) and _ensemble_is_current(cache, step)
         if not cached:
             make_ensemble(cache, list(step.members), name=step.name,
-                          weights=list(step.weights) if step.weights else None)
+                          weights=list(step.weights) if step.weights else None, overwrite=True)
         headline = read_record(cache, step.name)["headline"]
         done(f"ensemble {step.name}", cached, f"{headline['split']} top-1 {_pct(headline['top1'])}", started)
     if pipeline.finetune is not None:

@@ -22,6 +22,7 @@ from .errors import ExtractionError
 from .faults import fault_point
 from .plan import Plan, PlannedShard
 from .shards import ShardRows, ShardWriter, read_rows, shard_name
+from .sources import printable_path
 from .store import MANIFEST, write_json_atomic
 
 _DONE = object()
@@ -147,7 +148,8 @@ class ShardPipeline:
             shard = self._current_shard(position)
             if position in failures:
                 sample = samples[position]
-                self._skipped.append({"path": sample.path, "split": sample.split, "reason": failures[position],
+                self._skipped.append({"path": printable_path(sample.path), "split": sample.split,
+                                      "reason": failures[position],
                                       "fingerprint": sample.fingerprint})
             else:
                 self._pending.append(row_of[position])

@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock, SoftFileLock, Timeout
 
-from .errors import CacheIncompleteError, CacheLockedError, CacheNotFoundError, CorruptCacheError
+from .errors import (CacheIncompleteError, CacheLockedError, CacheNotFoundError, CorruptCacheError,
+                     InvalidRecordError)
 from .faults import fault_point
+from .schema import check_manifest
 from .shards import RowReader, ShardRows, fsync_directory, open_shard, read_rows, read_split_features
 
 FORMAT_VERSION = 1
@@ -112,26 +114,20 @@ def entry_lock(entry_path: Path, timeout: float) -> Iterator[None]:
 
 
 def read_manifest(entry_path: Path) -> dict:
+    """The entry's manifest, validated by the schema (featurecache.schema) before any use."""
     path = entry_path / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CacheNotFoundError(f"no cache entry at {entry_path} (no {MANIFEST}); run featurecache extract first") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CorruptCacheError(f"manifest {path} is unreadable ({error}); run featurecache verify") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise CorruptCacheError(f"{path} is not a featurecache v{FORMAT_VERSION} manifest")
-    for shard in manifest.get("shards", []):
-        check_relative(shard.get("file", ""), entry_path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise CorruptCacheError(f"manifest {path} is unreadable ({type(error).__name__}: {str(error)[:200]}); "
+                                "run featurecache verify") from None
+    if isinstance(manifest, dict) and manifest.get("format_version") not in (None, FORMAT_VERSION):
+        raise InvalidRecordError(f"{path}: field format_version: {manifest.get('format_version')!r} is not "
+                                 f"featurecache's format {FORMAT_VERSION}; extract the dataset again")
+    check_manifest(manifest, path)
     return manifest
-
-
-def check_relative(relative: str, entry_path: Path) -> Path:
-    """Resolve a manifest path, refusing anything that escapes the entry folder."""
-    candidate = Path(relative)
-    if not relative or candidate.is_absolute() or ".." in candidate.parts:
-        raise CorruptCacheError(f"manifest in {entry_path} names a path outside the entry: {relative!r}")
-    return entry_path / candidate
 
 
 def resolve_entry(name: str | Path, root: Path | None = None) -> Path:
@@ -196,7 +192,9 @@ class Cache:
         """Yield each shard's rows (features of one tap, labels, index, paths)."""
         self._check_tap(tap)
         for shard in self._shards(split):
-            yield read_rows(self.path / shard["file"], shard["rows"], {tap: self.tap_shapes[tap]})
+            rows = read_rows(self.path / shard["file"], shard["rows"], {tap: self.tap_shapes[tap]}, split=split)
+            self._check_labels(rows.labels, split)
+            yield rows
 
     def features(self, split: str, tap: str = "pool") -> np.ndarray:
         """All features of a split, read straight into one preallocated array."""
@@ -219,14 +217,22 @@ class Cache:
         for shard in self._shards(split):
             path = self.path / shard["file"]
             try:
-                with open_shard(path, shard["rows"], {}) as handle:
+                with open_shard(path, shard["rows"], {}, shard["split"]) as handle:
                     values.extend(handle[name][:])
             except OSError as error:  # a fletcher32 mismatch
                 raise CorruptCacheError(f"shard {path} is damaged ({error}); run featurecache verify") from None
         return values
 
     def labels(self, split: str) -> np.ndarray:
-        return np.asarray(self._column(split, "labels"), dtype=np.int64)
+        """Class indices 0..C-1 of a split's rows (-1 marks a row without a label)."""
+        return self._check_labels(np.asarray(self._column(split, "labels"), dtype=np.int64), split)
+
+    def _check_labels(self, labels: np.ndarray, split: str) -> np.ndarray:
+        if labels.size and (labels.min() < -1 or labels.max() >= len(self.classes)):
+            raise CorruptCacheError(
+                f"the {split} labels of {self.path} run from {labels.min()} to {labels.max()}, but the manifest "
+                f"lists {len(self.classes)} classes; run featurecache verify")
+        return labels
 
     def index(self, split: str) -> np.ndarray:
         return np.asarray(self._column(split, "index"), dtype=np.int64)
