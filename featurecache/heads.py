@@ -211,8 +211,9 @@ class SklearnHead(Head):
     def check_saveable(self, X: np.ndarray, y: np.ndarray, n_classes: int) -> None:
         """Fit a copy on a small sample, save it and load it back: refuses, before the real fit,
         an estimator whose fitted state featurecache cannot store exactly (it never pickles)."""
-        rng = np.random.default_rng(0)
-        picked = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:3] for c in np.unique(y)])
+        rng = np.random.default_rng(0)  # enough rows that size-dependent choices (kd-trees) happen here too
+        per_class = max(3, min(40, 400 // max(len(np.unique(y)), 1)))
+        picked = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in np.unique(y)])
         sample, labels = X[np.sort(picked)], y[np.sort(picked)]
         probe = SklearnHead(estimator=self.estimator, params=self.params, n_classes=n_classes)
         try:

@@ -24,14 +24,13 @@ import featurecache.integrity as integrity
 import featurecache.sources as sources
 from featurecache import extract, open_cache
 from featurecache.cli import app
-from featurecache.errors import (CorruptCacheError, FeatureCacheError, HeadError, InvalidRecordError, NameTakenError,
-                                 SourceError, StaleError, StorageError)
+from featurecache.errors import CorruptCacheError, FeatureCacheError, HeadError, NameTakenError, SourceError, StaleError
 from featurecache.extract import ExtractSpec
 from featurecache.fit import FitSpec, _stratified_split, fit_head, leaderboard, make_ensemble
 from featurecache.headstore import load_head, read_record
 from featurecache.integrity import seal
 from featurecache.shards import file_sha256
-from featurecache.verify import repair_entry, verify_entry
+from featurecache.verify import verify_entry
 
 from helpers import write_image
 from processes import run_cli, tiny_backbone
@@ -787,6 +786,77 @@ def test_offline_missing_weights_suggests_random(tmp_path):
                  "not on this machine", "--weights random")
 
 
-def test_every_exception_in_this_file_is_a_featurecache_error():
-    for cls in (InvalidRecordError, NameTakenError, StaleError, StorageError):
-        assert issubclass(cls, FeatureCacheError)
+
+# ------------------------------------------------------------------ 11. finetune outputs, pipelines
+
+@pytest.fixture
+def finetuned(entry):
+    """The entry with one finetune run (1 epoch, from the images, tiny)."""
+    from featurecache.finetune import FinetuneSpec, finetune
+
+    finetune(entry, FinetuneSpec(head="logistic", epochs=1, batch_size=4, workers=0, augment=False, name="ft"))
+    return entry
+
+
+FINETUNE_ATTACKS = {
+    "backbone-flipped-byte": (lambda d: flip_byte(d / "backbone.safetensors", 100), "fail their checksum"),
+    "head-nan": (lambda d: _nan_finetune_head(d / "head.safetensors"), "NaN"),
+    "record-edited": (lambda d: edit_json(d / "finetune.json", lambda r: r.update(best_val_top1=1.0)),
+                      "fails its checksum"),
+}
+
+
+def _nan_finetune_head(path):
+    tensors = load_file(str(path))
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = {k: v for k, v in handle.metadata().items()
+                    if k not in ("featurecache.tensors", "featurecache.checksum")}
+    key = next(k for k in tensors if k.endswith("weight") and tensors[k].ndim == 2)
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(path), metadata=seal(metadata, tensors))
+
+
+@pytest.mark.parametrize("attack", FINETUNE_ATTACKS)
+def test_damaged_finetune_output_is_refused_and_reported(attack, finetuned, image):
+    how, fragment = FINETUNE_ATTACKS[attack]
+    assert cli("predict", finetuned, image, "--finetune", "ft").exit_code == 0
+    how(finetuned / "finetune" / "ft")
+    assert_error(cli("predict", finetuned, image, "--finetune", "ft"), 1, fragment)
+    report = verify_entry(finetuned)
+    assert any(p.file.startswith("finetune/ft/") and fragment in p.what for p in report.problems), report.problems
+
+
+def test_damaged_finetune_checkpoint_asks_for_restart(finetuned):
+    from featurecache.finetune import FinetuneSpec, finetune
+
+    flip_byte(finetuned / "finetune" / "ft" / "checkpoint.safetensors", 60)
+    spec = FinetuneSpec(head="logistic", epochs=2, batch_size=4, workers=0, augment=False, name="ft")
+    with pytest.raises(FeatureCacheError, match="damaged.*--restart"):
+        finetune(finetuned, spec)
+
+
+def test_finetune_checkpoint_on_a_full_disk(entry, monkeypatch):
+    monkeypatch.setattr(integrity.os, "replace", _failing(errno.ENOSPC))
+    assert_error(cli("finetune", entry, "--head", "logistic", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+                     "--no-augment", "--name", "full"), 1, "disk is full")
+    assert not list((entry / "finetune" / "full").glob("*.safetensors"))
+    assert not [p for p in entry.rglob("*") if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("table, fragment", [
+    ('[[heads]]\nhead = "logistic"\nname = "../../x"\n', "heads[1].name"),
+    ('[[heads]]\nhead = "logistic"\nval_fraction = 1.5\n', "heads[1].val_fraction"),
+    ('[[heads]]\nhead = "mlp"\nparams = { hidden_sizes = 256 }\n', "heads[1].params"),
+    ('[[heads]]\nhead = "logistic"\n[ensemble]\nmembers = ["logistic"]\nname = "logistic"\n', "ensemble.name"),
+    ('[report]\nworst = -1\n', "report.worst"),
+    ('[finetune]\nlr = -1.0\n', "finetune.lr"),
+])
+def test_run_check_names_file_line_and_field(table, fragment, tmp_path):
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text('[extract]\nsource = "digits"\nmodel = "tiny"\nweights = "random"\nimage_size = 32\n'
+                        + table)
+    line = assert_error(cli("run", pipeline, "--check"), 2, str(pipeline), fragment)
+    assert line.split(":")[2].isdigit()  # file:line: field
+    extract_line = '[extract]\nsource = "digits"\nmodel = "tiny"\nweights = "random"\nimage_size = 0\n'
+    pipeline.write_text(extract_line)
+    assert_error(cli("run", pipeline, "--check"), 2, f"{pipeline}:5: extract.image_size")
