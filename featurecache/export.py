@@ -85,7 +85,7 @@ def export_model(predictor: Predictor, output: str | Path, *, provenance: dict |
             warnings.simplefilter("ignore", FutureWarning)
             torch.jit.save(model, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
 
-    remove_stale_temporaries(output.parent)
+    remove_stale_temporaries(output.parent, (output.name,))
     try:
         write_atomic(output, write, "the exported model")
     except RuntimeError as error:  # torch.jit.save reports a failed write (disk full) as a RuntimeError

@@ -31,7 +31,8 @@ from .engine import default_workers, resolve_device, resolve_precision
 from .errors import CacheNotFoundError, CorruptCacheError, HeadError, MismatchError, UsageError
 from .finetune_data import Augmentation, ImageRows, Progress, TapRows, epoch_order, evaluate, train_epoch
 from .headstore import check_head_name, load_head
-from .integrity import read_safetensors, read_sealed_json, seal_json, write_safetensors
+from .integrity import (read_safetensors, read_sealed_json, remove_stale_temporaries, seal_json, storage_error,
+                        write_safetensors)
 from .heads import head_from_saved
 from .predict import Predictor, cache_backbone
 from .sources import open_source
@@ -383,7 +384,11 @@ def finetune(cache: Cache | str | Path, spec: FinetuneSpec, progress: Progress |
     augmentation = Augmentation(scale=tuple(spec.crop_scale), hflip=spec.hflip) \
         if spec.augment and not spec.from_cache else None
     directory = cache.path / FINETUNE_DIR / name
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise storage_error(error, directory, "the finetune folder") from None
+    remove_stale_temporaries(directory)  # of a killed earlier write
     checkpoint = directory / "checkpoint.safetensors"
     settings = {k: v for k, v in _spec_dict(spec).items() if k not in _RESUME_FREE}
     record = {

@@ -86,11 +86,13 @@ def _owner_alive(name: str) -> bool:
     return True
 
 
-def remove_stale_temporaries(directory: Path) -> list[str]:
+def remove_stale_temporaries(directory: Path, names: tuple[str, ...] | None = None) -> list[str]:
     """Delete temporary files in `directory` left by writers that died; returns their names.
 
-    A file whose writer (by the pid in its name) is still running is left alone, unless
-    it is older than a day (the pid was reused)."""
+    `names`: only the temporaries of these final file names (in a folder that is not
+    featurecache's own, such as the folder of `export -o`). A file whose writer (by the
+    pid in its name) is still running is left alone, unless it is older than a day (the
+    pid was reused)."""
     removed = []
     try:
         entries = list(directory.iterdir())
@@ -98,6 +100,8 @@ def remove_stale_temporaries(directory: Path) -> list[str]:
         return removed
     for file in entries:
         if not is_temporary(file.name) or not file.is_file():
+            continue
+        if names is not None and not any(file.name.startswith(f".{name}.tmp-") for name in names):
             continue
         try:
             old = time.time() - file.stat().st_mtime > STALE_SECONDS

@@ -368,7 +368,8 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
     sections.append("<h2 id=provenance>Provenance</h2><table>" + "".join(
         f"<tr><th>{_e(k)}</th><td><code>{_e(v)}</code></td></tr>" for k, v in provenance) + "</table>")
 
-    remove_stale_temporaries(output.parent)
+    remove_stale_temporaries(output.parent, (output.name, *(f"{output.stem}-{name}.png" for name in
+                                                            ("confusion", "per-class", "curves", "pca", "tsne"))))
     for name, png in figures.items():
         path = output.with_name(f"{output.stem}-{name}.png")
         write_bytes_atomic(path, png, "the report figure")

@@ -25,7 +25,6 @@ from filelock import FileLock, SoftFileLock, Timeout
 from .errors import (CacheIncompleteError, CacheLockedError, CacheNotFoundError, CorruptCacheError,
                      InvalidRecordError)
 from .faults import fault_point
-from .schema import check_manifest
 from .shards import RowReader, ShardRows, fsync_directory, open_shard, read_rows, read_split_features
 
 FORMAT_VERSION = 1
@@ -126,6 +125,8 @@ def read_manifest(entry_path: Path) -> dict:
     if isinstance(manifest, dict) and manifest.get("format_version") not in (None, FORMAT_VERSION):
         raise InvalidRecordError(f"{path}: field format_version: {manifest.get('format_version')!r} is not "
                                  f"featurecache's format {FORMAT_VERSION}; extract the dataset again")
+    from .schema import check_manifest  # pydantic: imported when a manifest is read, not at CLI start-up
+
     check_manifest(manifest, path)
     return manifest
 
