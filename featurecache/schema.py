@@ -169,6 +169,7 @@ class Manifest(Record):
     skipped: list[SkipRecord]
     splits: dict[SplitName, Count]
     updated: str | None = None
+    checksum: Checksum | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":

@@ -25,6 +25,7 @@ from filelock import FileLock, SoftFileLock, Timeout
 from .errors import (CacheIncompleteError, CacheLockedError, CacheNotFoundError, CorruptCacheError,
                      InvalidRecordError)
 from .faults import fault_point
+from .integrity import JSON_CHECKSUM, json_checksum, seal_json
 from .shards import RowReader, ShardRows, fsync_directory, open_shard, read_rows, read_split_features
 
 FORMAT_VERSION = 1
@@ -112,8 +113,23 @@ def entry_lock(entry_path: Path, timeout: float) -> Iterator[None]:
         lock.release()
 
 
-def read_manifest(entry_path: Path) -> dict:
-    """The entry's manifest, validated by the schema (featurecache.schema) before any use."""
+def write_manifest(entry_path: Path, manifest: dict) -> None:
+    """Write the manifest atomically, sealed with a checksum of its content."""
+    write_json_atomic(entry_path / MANIFEST, seal_json(manifest))
+
+
+def manifest_seal_problem(manifest: dict) -> str | None:
+    """What is wrong with the manifest's checksum, or None."""
+    if JSON_CHECKSUM not in manifest:
+        return "carries no checksum (written by an older featurecache, or edited)"
+    if json_checksum(manifest) != manifest[JSON_CHECKSUM]:
+        return "fails its checksum (edited or damaged after featurecache wrote it)"
+    return None
+
+
+def read_manifest(entry_path: Path, *, check_seal: bool = True) -> dict:
+    """The entry's manifest, validated by the schema (featurecache.schema) and its checksum
+    before any use (`check_seal=False`: verify, which reports a bad checksum with the rest)."""
     path = entry_path / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -128,6 +144,10 @@ def read_manifest(entry_path: Path) -> dict:
     from .schema import check_manifest  # pydantic: imported when a manifest is read, not at CLI start-up
 
     check_manifest(manifest, path)
+    problem = manifest_seal_problem(manifest) if check_seal else None
+    if problem:
+        raise CorruptCacheError(f"manifest {path} {problem}; run featurecache verify, then featurecache verify "
+                                "--repair to check its shards and seal it again")
     return manifest
 
 

@@ -29,7 +29,8 @@ from pathlib import Path
 from .errors import CorruptCacheError, FeatureCacheError, InvalidRecordError, MismatchError
 from .integrity import is_temporary, read_safetensors, read_sealed_json
 from .shards import features_layout, file_sha256, open_h5, read_rows
-from .store import MANIFEST, WEIGHTS_DIR, Cache, entry_lock, read_manifest, resolve_entry, write_json_atomic
+from .store import (MANIFEST, WEIGHTS_DIR, Cache, entry_lock, manifest_seal_problem, read_manifest, resolve_entry,
+                    write_manifest)
 
 log = logging.getLogger("featurecache")
 
@@ -54,6 +55,7 @@ class VerifyReport:
     manifest_readable: bool = True
     invalid_records: list[str] = field(default_factory=list)  # malformed manifest or head records (exit code 2)
     checkpoint_bad: bool = False  # the backbone checkpoint is missing or damaged
+    manifest_unsealed: bool = False  # the manifest's checksum is missing or wrong
     shards_checked: int = 0
     rows_checked: int = 0
     artifacts_checked: int = 0  # checkpoint, heads, finetune outputs
@@ -189,13 +191,17 @@ def verify_entry(name: str | Path, *, root: Path | None = None, lock_timeout: fl
     report = VerifyReport(path)
     with entry_lock(path, lock_timeout):  # a running extract's temp files are not damage
         try:
-            manifest = read_manifest(path)
+            manifest = read_manifest(path, check_seal=False)
         except FeatureCacheError as error:
             report.problems.append(Problem(MANIFEST, str(error)))
             report.manifest_readable = False
             if isinstance(error, InvalidRecordError):
                 report.invalid_records.append(str(error))
             return report
+        seal = manifest_seal_problem(manifest)
+        if seal:
+            report.problems.append(Problem(MANIFEST, seal))
+            report.manifest_unsealed = True
         if not manifest.get("complete"):
             report.problems.append(Problem(MANIFEST, "extraction has not finished (rerun extract to resume)"))
         tap_shapes = {tap: tuple(info["shape"]) for tap, info in manifest["taps"].items()}
@@ -278,21 +284,26 @@ def repair_entry(name: str | Path, *, root: Path | None = None, progress=None) -
         raise error(
             f"the manifest of {path} is unreadable or invalid ({first}), so there is no record of what to "
             f"recompute; delete {path} and run featurecache extract again")
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, check_seal=False)
+    if before.manifest_unsealed:  # every shard was checked against it above; seal what is there again
+        with entry_lock(path, 10.0):
+            write_manifest(path, manifest)
+        log.warning("sealed %s again; its classes and settings are as found", path / MANIFEST)
     if before.checkpoint_bad:  # first: the shards' recomputation needs the same weights
         restore_checkpoint(path, manifest)
     with entry_lock(path, 10.0):
         for relative in before.stray_files:
             (path / relative).unlink(missing_ok=True)
             log.info("removed %s", relative)
-        shards_bad = bool(before.bad_shards) or any(p.file == MANIFEST or p.file.startswith("shards/")
-                                                    for p in before.problems if p.file not in before.stray_files)
+        shards_bad = bool(before.bad_shards) or any(
+            p.file == MANIFEST or p.file.startswith("shards/") for p in before.problems
+            if p.file not in before.stray_files and not (p.file == MANIFEST and "checksum" in p.what))
         if shards_bad:
             manifest = read_manifest(path)
             bad = set(before.bad_shards)
             manifest["shards"] = [s for s in manifest["shards"] if s["file"] not in bad]
             manifest["complete"] = False
-            write_json_atomic(path / MANIFEST, manifest)  # the commit marker first, then the files
+            write_manifest(path, manifest)  # the commit marker first, then the files
             for relative in bad:
                 (path / relative).unlink(missing_ok=True)
                 log.info("removed %s", relative)

@@ -28,7 +28,7 @@ from featurecache.errors import CorruptCacheError, FeatureCacheError, HeadError,
 from featurecache.extract import ExtractSpec
 from featurecache.fit import FitSpec, _stratified_split, fit_head, leaderboard, make_ensemble
 from featurecache.headstore import load_head, read_record
-from featurecache.integrity import seal
+from featurecache.integrity import seal, seal_json
 from featurecache.shards import file_sha256
 from featurecache.verify import verify_entry
 
@@ -96,10 +96,10 @@ def assert_error(result, code: int, *fragments: str) -> str:
     return lines[0]
 
 
-def edit_json(path, change) -> None:
+def edit_json(path, change, sealed=False) -> None:
     data = json.loads(path.read_text())
     change(data)
-    path.write_text(json.dumps(data))
+    path.write_text(json.dumps(seal_json(data) if sealed else data))
 
 
 def reseal(path, change_tensors=None, change_record=None, keep_checksum=False) -> None:
@@ -202,6 +202,22 @@ def test_malformed_manifest_is_one_error_line_in_every_command(attack, entry, tm
     assert not (tmp_path / "model.pt").exists() and not (tmp_path / "report.html").exists()
 
 
+@pytest.mark.parametrize("attack", ["classes-renamed", "key-changed", "checksum-stripped"])
+def test_manifest_edited_with_valid_values_is_detected_by_its_checksum(attack, entry, tmp_path, image):
+    """Well-typed edits the schema cannot tell from real values: the manifest's own checksum does."""
+    change = {"classes-renamed": lambda m: m.update(classes=["bees", "ants"]),
+              "key-changed": lambda m: m.update(key="0" * 64),
+              "checksum-stripped": lambda m: m.pop("checksum")}[attack]
+    edit_json(entry / "manifest.json", change)
+    fragment = "carries no checksum" if attack == "checksum-stripped" else "fails its checksum"
+    for command in ("info", "fit-head", "heads", "predict", "report"):
+        assert_error(cli(*COMMANDS[command](entry, tmp_path, image)), 1, "manifest.json", fragment)
+    listing = cli("verify", entry)
+    assert listing.exit_code == 1 and fragment in listing.stdout
+    assert cli("verify", entry, "--repair").exit_code == 0  # every shard checked, then sealed as found
+    assert verify_entry(entry).ok
+
+
 @pytest.mark.parametrize("dtype", ["int8", "complex64", ">f4", "float64"])
 def test_manifest_dtype_edit_never_crashes_the_interpreter(dtype, entry, tmp_path):
     """Seen as a segmentation fault of fit-head before the schema: run in a child process."""
@@ -227,7 +243,7 @@ def _resize_record(entry, file):
     def change(manifest):
         record = next(s for s in manifest["shards"] if s["file"] == file)
         record.update(bytes=(entry / file).stat().st_size, sha256=file_sha256(entry / file))
-    edit_json(entry / "manifest.json", change)
+    edit_json(entry / "manifest.json", change, sealed=True)
 
 
 def _external_link(handle, entry):
