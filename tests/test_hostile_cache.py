@@ -670,6 +670,19 @@ def test_bad_head_parameters_are_one_error_line(arguments, fragment, entry):
     assert not (entry / "heads" / "bad").exists()
 
 
+def test_sklearn_estimator_holding_shared_arrays_is_saved_exactly(entry):
+    """SVC keeps `_dual_coef_` as a view of `dual_coef_`; safetensors refuses shared memory."""
+    result = cli("fit-head", entry, "--head", "sklearn:svm.SVC", "--param", "probability=false")
+    assert result.exit_code == 0, result.output
+    cache = open_cache(entry)
+    head, _ = load_head(cache, "sklearn-svm.SVC")
+    features = cache.features("test").reshape(cache.splits["test"], -1)
+    assert head.predict_proba(features).shape == (len(features), 2)
+    assert verify_entry(entry).ok
+    assert_error(cli("fit-head", entry, "--head", "sklearn:linear_model.LogisticRegressionCV", "--name", "cv"), 2,
+                 "cannot be saved")
+
+
 @pytest.mark.parametrize("arguments, fragment", [
     (["", "--weights", "random"], "empty"),
     (["   ", "--weights", "random"], "empty"),
