@@ -291,7 +291,7 @@ def check(model: type[Record], data: Any, file: Path | str, advice: str) -> None
 
 
 def check_manifest(data: Any, file: Path | str) -> None:
-    check(Manifest, data, file, "run featurecache verify, or delete the entry and extract again")
+    check(Manifest, data, file, "correct that field, or delete the entry and run featurecache extract again")
 
 
 def check_head_record(data: Any, file: Path | str) -> None:
