@@ -73,7 +73,7 @@ def prepare(workdir: Path, *, model: str, image_size: int | None, images: int) -
     source = digits_folder(workdir, images)
     result = extract(ExtractSpec(source=str(source), model=model, weights="random", image_size=image_size,
                                  taps=("pool", "layer3"), root=str(workdir / "cache")))
-    fit_head(open_cache(result.path), FitSpec(head="logistic"))
+    fit_head(open_cache(result.path), FitSpec(head="logistic", overwrite=True))
     return result.path
 
 

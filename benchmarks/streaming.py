@@ -33,7 +33,7 @@ def status(key):
 
 def fit(path, name, max_memory):
     return fit_head(open_cache(path), FitSpec(head=args["head"], name=name, params=args["params"],
-                                              max_memory=max_memory)).record
+                                              max_memory=max_memory, overwrite=True)).record
 
 # The same path on a tiny cache first: one-off lazy imports and allocations are not the fit's.
 fit(args["warmup"], "warmup", 1 if args["max_memory"] < 1 << 40 else args["max_memory"])

@@ -190,6 +190,17 @@ class StagedBackbone(nn.Module):
         return x
 
 
+def state_fits(entry: BackboneEntry, state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether a state dict has exactly the backbone's tensor names and shapes (fc ignored)."""
+    with torch.device("meta"):
+        network = entry.build()
+    def shapes(state: dict) -> dict:  # old checkpoints lack BatchNorm's num_batches_tracked
+        return {k: tuple(v.shape) for k, v in state.items()
+                if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+
+    return shapes(network.state_dict()) == shapes(state_dict)
+
+
 def build_network(entry: BackboneEntry, state_dict: dict[str, torch.Tensor]) -> nn.Module:
     """Build the full torchvision network and load a backbone state dict (fc ignored).
 
@@ -200,7 +211,11 @@ def build_network(entry: BackboneEntry, state_dict: dict[str, torch.Tensor]) -> 
     if isinstance(getattr(network, "fc", None), nn.Module):
         network.fc = nn.Identity()  # never loaded, never used: the backbone ends at the pool
     state = {k: v for k, v in state_dict.items() if not k.startswith("fc.")}
-    missing, unexpected = network.load_state_dict(state, strict=False, assign=True)
+    try:
+        missing, unexpected = network.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as error:  # same names, other shapes (e.g. resnet50 vs wide_resnet50_2)
+        raise BackboneError(f"these weights do not fit {entry.name} ({str(error).splitlines()[-1].strip()[:160]}); "
+                            "pass --model matching the checkpoint") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         problem = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"

@@ -98,11 +98,25 @@ def handle_errors(function):
         except FeatureCacheError as error:
             if _state["debug"]:
                 raise
-            err_console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+            message = " ".join(str(error).split())  # one line, whatever the cause's text held
+            err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(error.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("error: interrupted; rerun the same command to resume", markup=False)
             raise typer.Exit(130) from None
+        except OSError as error:  # an unwritable folder or a failing disk the library did not expect
+            if _state["debug"]:
+                raise
+            from .integrity import os_error_text
+
+            err_console.print(f"error: {os_error_text(error)}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except MemoryError:
+            if _state["debug"]:
+                raise
+            err_console.print("error: out of memory; use a smaller --batch-size or --max-memory, or a machine with "
+                              "more memory", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -187,6 +201,8 @@ def extract(
     else:
         console.print(f"extracted {result.computed} images in {result.seconds:.1f}s "
                       f"({result.images_per_second:.1f} img/s)", markup=False)
+    for note in result.notes:
+        console.print(note, markup=False, highlight=False, soft_wrap=True)
     unlabeled_splits = set(result.unlabeled_splits)
     rows = ", ".join(f"{split} {count}" + (" (unlabelled)" if split in unlabeled_splits else "")
                      for split, count in result.splits.items())

@@ -33,6 +33,7 @@ def finetune_command(
     workers: Annotated[Optional[int], typer.Option(min=0, help="Image-decoding workers (default: from the machine).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of shuffling and augmentation.")] = 0,
     restart: Annotated[bool, typer.Option("--restart", help="Start over instead of resuming an interrupted run.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing run of the same name (as --restart).")] = False,
     root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -53,7 +54,7 @@ def finetune_command(
                         weight_decay=weight_decay, batch_size=batch_size, from_cache=from_cache, augment=augment,
                         crop_scale=(crop_min, 1.0),
                         hflip=hflip, train_bn=train_bn, name=name, device=device.value, precision=precision.value,
-                        workers=workers, seed=seed, restart=restart)
+                        workers=workers, seed=seed, restart=restart or overwrite)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                         TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), console=err_console,
                         disable=quiet, auto_refresh=False)

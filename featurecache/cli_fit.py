@@ -66,6 +66,7 @@ def fit_head_command(
     refit: Annotated[bool, typer.Option(help="Retrain the chosen setting on train+val (logistic).")] = False,
     seed: Annotated[int, typer.Option()] = 0,
     max_memory: Annotated[Optional[str], typer.Option(help="Features held in memory at most, e.g. 8G or 512M (default: half the free RAM); above it the logistic, mlp and knn heads stream shards.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing head of the same name.")] = False,
     root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
 ) -> None:
     """Fit a classifier head on cached features; choose hyper-parameters on validation.
@@ -75,7 +76,8 @@ def fit_head_command(
     from .fit import FitSpec, fit_head
 
     spec = FitSpec(head=head, name=name, tap=tap, params=_parse_params(param), val_fraction=val_fraction,
-                   refit=refit, seed=seed, max_memory=_parse_bytes(max_memory) if max_memory else None)
+                   refit=refit, seed=seed, max_memory=_parse_bytes(max_memory) if max_memory else None,
+                   overwrite=overwrite)
     result = fit_head(_open(cache, root), spec)
     record = result.record
     headline = record["headline"]
@@ -120,6 +122,7 @@ def ensemble_command(
     members: Annotated[list[str], typer.Argument(help="Names of fitted heads to combine.")],
     name: Annotated[str, typer.Option(help="Name of the ensemble head.")] = "ensemble",
     weights: Annotated[Optional[str], typer.Option(help="Comma-separated weights, one per head (default equal).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing head or ensemble of that name (never one of its members).")] = False,
     root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
 ) -> None:
     """Soft-voting ensemble (weighted average of probabilities) saved as a head.
@@ -132,7 +135,7 @@ def ensemble_command(
         parsed = [float(w) for w in weights.split(",")] if weights else None
     except ValueError:
         raise UsageError(f"--weights {weights!r} must be comma-separated numbers") from None
-    result = make_ensemble(_open(cache, root), members, name=name, weights=parsed)
+    result = make_ensemble(_open(cache, root), members, name=name, weights=parsed, overwrite=overwrite)
     headline = result.record["headline"]
     console.print(f"ensemble {result.name} of {', '.join(members)}: {headline['split']} top-1 "
                   f"{_percent(headline['top1'])}% ({headline['note']})", markup=False, highlight=False)

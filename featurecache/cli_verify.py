@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .cli import app, console, handle_errors, progress_bar
+from .cli import app, console, err_console, handle_errors, progress_bar
 
 
 @app.command()
@@ -17,10 +17,12 @@ def verify(
     repair: Annotated[bool, typer.Option("--repair", help="Drop bad shards and re-extract only their rows.")] = False,
     root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
 ) -> None:
-    """Check every shard of a cache entry (size, SHA-256, shapes, checksums); list each problem.
+    """Check every shard, the backbone checkpoint, heads and finetune outputs of a cache entry.
 
-    Exits 0 when the entry is healthy, 1 when problems remain. h5clear is never run:
-    with --repair a damaged shard is recomputed from the images, never patched.
+    Lists each problem. Exits 0 when the entry is healthy, 1 when problems remain, 2 when
+    a record (manifest, head) is malformed. h5clear is never run: with --repair a damaged
+    shard is recomputed from the images, never patched, and a damaged checkpoint is
+    rewritten from the source weights.
 
     Example: featurecache verify cache/digits-resnet50-0123456789ab --repair
     """
@@ -32,14 +34,19 @@ def verify(
             before, report = repair_entry(cache, root=root, progress=update)
         finally:
             bar.stop()
-        for problem in before.problems:
-            console.print(f"repaired {problem}", markup=False, highlight=False)
+        for problem in (p for p in before.problems if p not in report.problems):
+            console.print(f"repaired {problem}", markup=False, highlight=False, soft_wrap=True)
     else:
         report = verify_entry(cache, root=root)
     for problem in report.problems:
-        console.print(f"problem {problem}", markup=False, highlight=False)
+        console.print(f"problem {problem}", markup=False, highlight=False, soft_wrap=True)
+    if report.invalid_records:  # a hand-edited or damaged record: bad input, one error line, exit code 2
+        err_console.print(f"error: {' '.join(report.invalid_records[0].split())}", markup=False, highlight=False,
+                          soft_wrap=True)
+        raise typer.Exit(2)
     state = "ok" if report.ok else f"{len(report.problems)} problem(s); run featurecache verify --repair"
-    console.print(f"{report.path}: {report.shards_checked} shards, {report.rows_checked} rows checked; {state}",
-                  markup=False, highlight=False)
+    console.print(f"{report.path}: {report.shards_checked} shards, {report.rows_checked} rows, "
+                  f"{report.artifacts_checked} other artifacts checked; {state}", markup=False, highlight=False,
+                  soft_wrap=True)
     if not report.ok:
         raise typer.Exit(1)

@@ -47,6 +47,13 @@ class CorruptCacheError(FeatureCacheError):
     """A shard or the manifest is damaged; `featurecache verify` reports and repairs."""
 
 
+class InvalidRecordError(CorruptCacheError):
+    """A manifest or head record has a field of the wrong type or value (hand-edited or
+    damaged): the message names the file and the field. Bad input, so exit code 2."""
+
+    exit_code = 2
+
+
 class CacheLockedError(FeatureCacheError):
     """Another process is writing the same cache entry."""
 
@@ -61,6 +68,18 @@ class ExtractionError(FeatureCacheError):
 
 class HeadError(UsageError):
     """Unknown head, bad head parameters, or a head that is missing."""
+
+
+class NameTakenError(UsageError):
+    """A head, ensemble or finetune run would replace an existing one without --overwrite."""
+
+
+class StaleError(MismatchError):
+    """An artifact was made from inputs that have changed since (a refitted ensemble member)."""
+
+
+class StorageError(FeatureCacheError):
+    """Writing failed: disk full, read-only file system, permission denied; nothing partial was kept."""
 
 
 class UnreadableImageError(SourceError):

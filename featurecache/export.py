@@ -12,7 +12,6 @@ its input is a uint8 or float [0, 1] batch already resized and centre-cropped as
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -21,7 +20,8 @@ from torch import nn
 
 from . import __version__
 from .backbones import TAP_ORDER
-from .errors import UsageError
+from .errors import StorageError, UsageError
+from .integrity import remove_stale_temporaries, storage_error, write_atomic
 from .predict import Predictor
 
 METADATA_FILE = "featurecache.json"
@@ -62,7 +62,10 @@ def export_model(predictor: Predictor, output: str | Path, *, provenance: dict |
     output = Path(output)
     if output.is_dir():
         raise UsageError(f"-o {output} is a folder; give a file name such as model.pt")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise storage_error(error, output.parent, "the export folder") from None
     size = predictor.preprocessing.crop_size
     # TorchScript still loads everywhere with plain PyTorch; torch >= 2.10 only warns that
     # it is in maintenance mode, which is noise for our users.
@@ -77,12 +80,15 @@ def export_model(predictor: Predictor, output: str | Path, *, provenance: dict |
         "output": "class probabilities (B, C)", "tap": predictor.tap, "tool_version": __version__,
         **(provenance or {}),
     }
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    try:
+    def write(tmp: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             torch.jit.save(model, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    remove_stale_temporaries(output.parent, (output.name,))
+    try:
+        write_atomic(output, write, "the exported model")
+    except RuntimeError as error:  # torch.jit.save reports a failed write (disk full) as a RuntimeError
+        raise StorageError(f"cannot write the exported model {output}: {str(error).splitlines()[0][:200]}; "
+                           "nothing was written under that name") from None
     return output

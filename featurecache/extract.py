@@ -22,15 +22,16 @@ from . import __version__
 from .backbones import StagedBackbone, build_network, get_backbone, tap_shape, validate_taps
 from .distributed import Group, join_group
 from .engine import default_workers, resolve_precision, run_backbone
-from .errors import ExtractionError, UnreadableImageError, UsageError
+from .errors import CacheNotFoundError, CorruptCacheError, ExtractionError, UnreadableImageError, UsageError
 from .faults import fault_point
+from .integrity import storage_error
 from .optimize import optimize_backbone, resolve_optimize
 from .plan import Plan, make_plan
 from .shard_pipeline import ShardPipeline
 from .sources import FileSource, open_source
 from .store import (MANIFEST, WEIGHTS_DIR, content_key, default_root, entry_dir_name, entry_id, entry_lock,
                     read_manifest)
-from .weights import resolve_weights, store_weights
+from .weights import read_checkpoint, resolve_weights, store_weights
 
 log = logging.getLogger("featurecache")
 
@@ -77,23 +78,44 @@ class ExtractResult:
     skipped: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     unlabeled_splits: list[str] = field(default_factory=list)  # cached, never fitted or scored
+    notes: list[str] = field(default_factory=list)  # what else was done, e.g. a damaged checkpoint restored
 
     @property
     def images_per_second(self) -> float:
         return self.computed / self.seconds if self.seconds > 0 and self.computed else 0.0
 
 
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_spec(spec: ExtractSpec) -> None:
+    """Refuse bad settings before any work, one message per field."""
+    if not isinstance(spec.source, str) or not spec.source.strip():
+        raise UsageError("the dataset source is empty; pass an image folder, a CSV file, digits, or cifar10:ROOT")
+    if not isinstance(spec.weights, str) or not spec.weights.strip():
+        raise UsageError("--weights is empty; use imagenet, random, an enum name or a path to a checkpoint")
+    if not isinstance(spec.taps, (tuple, list)) or not spec.taps or not all(isinstance(t, str) for t in spec.taps):
+        raise UsageError(f"--tap must name at least one layer (pool, layer3, layer4), got {spec.taps!r}")
+    if spec.image_size is not None and (not _integer(spec.image_size) or not 16 <= spec.image_size <= 4096):
+        raise UsageError(f"--image-size must be an integer from 16 to 4096, got {spec.image_size!r}")
+    for name in ("batch_size", "shard_size", "max_consecutive_failures"):
+        value = getattr(spec, name)
+        if not _integer(value) or not 1 <= value <= 1 << 24:
+            raise UsageError(f"--{name.replace('_', '-')} must be an integer from 1 to {1 << 24}, got {value!r}")
+    if spec.workers is not None and (not _integer(spec.workers) or not 0 <= spec.workers <= 1024):
+        raise UsageError(f"--workers must be an integer from 0 to 1024, got {spec.workers!r}")
+    if not _integer(spec.seed) or not 0 <= spec.seed < 2**63:
+        raise UsageError(f"--seed must be a non-negative integer, got {spec.seed!r}")
+    if not isinstance(spec.lock_timeout, (int, float)) or isinstance(spec.lock_timeout, bool) or spec.lock_timeout < 0:
+        raise UsageError(f"lock_timeout must be a non-negative number of seconds, got {spec.lock_timeout!r}")
     if spec.dtype not in DTYPES:
         raise UsageError(f"unknown --dtype {spec.dtype!r}; use float16 or float32")
     if spec.on_error not in ON_ERROR:
         raise UsageError(f"unknown --on-error {spec.on_error!r}; use skip or fail")
     if spec.compression not in (None, "lzf", "gzip"):
         raise UsageError(f"unknown --compression {spec.compression!r}; use none, lzf or gzip")
-    for name in ("batch_size", "shard_size"):
-        if getattr(spec, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if spec.name is not None and (not spec.name.strip() or "/" in spec.name or spec.name.startswith(".")):
+    if spec.name is not None and (not isinstance(spec.name, str) or not spec.name.strip() or "/" in spec.name or spec.name.startswith(".")):
         raise UsageError(f"--name {spec.name!r} must be a non-empty folder name without '/' or a leading '.'")
 
 
@@ -163,13 +185,18 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
     key = content_key(entry_hash, [s.fingerprint for s in source.samples])
     root = Path(spec.root) if spec.root else default_root()
     path = root / entry_dir_name(spec.name or source.name, entry.name, entry_hash)
-    path.joinpath("shards").mkdir(parents=True, exist_ok=True)
+    try:
+        path.joinpath("shards").mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise storage_error(error, path, "the cache entry") from None
 
     # Only rank 0 (the only process outside torchrun) locks, cleans up, plans and writes the manifest.
     with entry_lock(path, spec.lock_timeout) if group.leader else contextlib.nullcontext():
         fault_point("after_lock")
         previous = read_manifest(path) if group.leader and (path / MANIFEST).exists() else None
-        hit = previous and previous.get("complete") and previous["key"] == key and _shards_present(path, previous)
+        damaged_checkpoint = bool(previous) and group.leader and not _checkpoint_intact(root, previous)
+        hit = (previous and previous.get("complete") and previous["key"] == key and _shards_present(path, previous)
+               and not damaged_checkpoint)
         plan = None if hit or not group.leader else make_plan(path, previous, source, spec.shard_size,
                                                               entry_id=entry_hash)
         hit, plan = group.share_plan(key, previous if hit else None, plan, source)
@@ -214,8 +241,21 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
             pipeline.remove_unreferenced()
     if not any(final["splits"].values()):
         raise ExtractionError(f"no image in {spec.source} could be read; see the skipped list in {path / MANIFEST}")
+    notes = [f"restored the backbone checkpoint {root / WEIGHTS_DIR}/{weights.sha256}.safetensors "
+             "(it was missing or damaged)"] if damaged_checkpoint else []
     return ExtractResult(path, key, False, final["splits"], computed, final["skipped"], time.perf_counter() - started,
-                         list(source.unlabeled_splits))
+                         list(source.unlabeled_splits), notes)
+
+
+def _checkpoint_intact(root: Path, manifest: dict) -> bool:
+    """Whether `_weights/<sha>.safetensors` is there and hashes to its name: no cache hit otherwise,
+    so the run goes on and rewrites it from the resolved weights."""
+    try:
+        read_checkpoint(root / WEIGHTS_DIR, manifest["weights"]["sha256"])
+    except (CacheNotFoundError, CorruptCacheError) as error:
+        log.warning("%s", error)
+        return False
+    return True
 
 
 def _shards_present(path: Path, manifest: dict) -> bool:

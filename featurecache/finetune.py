@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -23,19 +23,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
 from .backbones import TAP_ORDER, Preprocessing, StagedBackbone
 from .engine import default_workers, resolve_device, resolve_precision
-from .errors import CacheNotFoundError, HeadError, UsageError
+from .errors import CacheNotFoundError, CorruptCacheError, HeadError, MismatchError, UsageError
 from .finetune_data import Augmentation, ImageRows, Progress, TapRows, epoch_order, evaluate, train_epoch
 from .headstore import check_head_name, load_head
+from .integrity import (read_safetensors, read_sealed_json, remove_stale_temporaries, seal_json, storage_error,
+                        write_safetensors)
 from .heads import head_from_saved
 from .predict import Predictor, cache_backbone
-from .shards import fsync_directory
 from .sources import reopen_source
 from .store import Cache, open_cache, write_json_atomic
 from .weights import ARCH_METADATA, PREPROCESSING_METADATA
@@ -274,15 +273,16 @@ def _optimizer(model: FinetuneModel, spec: FinetuneSpec) -> torch.optim.Optimize
 
 
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write_safetensors(path, tensors, metadata, "the finetune output")
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A finetune output or checkpoint, every checksum checked."""
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_directory(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return read_safetensors(path, "finetune output", "run featurecache finetune again with --restart")
+    except FileNotFoundError:
+        raise CacheNotFoundError(f"the finetune output {path} is missing; run featurecache finetune again "
+                                 "with --restart") from None
 
 
 def _save_checkpoint(path: Path, model: FinetuneModel, optimizer, scaler, state: dict) -> None:
@@ -302,9 +302,8 @@ def _save_checkpoint(path: Path, model: FinetuneModel, optimizer, scaler, state:
 
 
 def _load_checkpoint(path: Path, model: FinetuneModel, optimizer, scaler) -> dict:
-    with safe_open(str(path), framework="pt") as handle:
-        state = json.loads(handle.metadata()[STATE_METADATA])
-    tensors = load_file(str(path))
+    tensors, metadata = _read_safetensors(path)
+    state = json.loads(metadata[STATE_METADATA])
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
     optimizer_state: dict = {}
     for key, value in [*((k[len("optimizer."):], v) for k, v in tensors.items() if k.startswith("optimizer.")),
@@ -328,19 +327,51 @@ def _save_outputs(directory: Path, model: FinetuneModel, cache: Cache, head_conf
 
 
 def _load_outputs(directory: Path, model: FinetuneModel) -> None:
-    model.backbone.load_state_dict(_staged_state(load_file(str(directory / "backbone.safetensors"))))
-    model.head.load_state_dict(load_file(str(directory / "head.safetensors")))
+    model.backbone.load_state_dict(_staged_state(_read_safetensors(directory / "backbone.safetensors")[0]))
+    model.head.load_state_dict(_read_safetensors(directory / "head.safetensors")[0])
 
 
 def _spec_dict(spec: FinetuneSpec) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(spec)))
 
 
+def check_finetune_spec(spec: FinetuneSpec) -> None:
+    """Refuse bad settings before any work, one message per field."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not integer(spec.epochs) or not 1 <= spec.epochs <= 100_000:
+        raise UsageError(f"--epochs must be an integer of at least 1, got {spec.epochs!r}")
+    if not integer(spec.batch_size) or not 2 <= spec.batch_size <= 1 << 20:
+        raise UsageError(f"--batch-size must be an integer of at least 2, got {spec.batch_size!r}")
+    for field_name in ("lr", "backbone_lr", "weight_decay"):
+        value = getattr(spec, field_name)
+        if not number(value) or value < 0 or (field_name == "lr" and value == 0):
+            raise UsageError(f"--{field_name.replace('_', '-')} must be a {'positive' if field_name == 'lr' else 'non-negative'}"
+                             f" number, got {value!r}")
+    scale = spec.crop_scale
+    if not (isinstance(scale, (tuple, list)) and len(scale) == 2 and all(number(v) for v in scale)
+            and 0 < scale[0] <= scale[1] <= 1):
+        raise UsageError(f"--crop-min must be in (0, 1] (crop_scale {scale!r})")
+    if not integer(spec.seed) or not 0 <= spec.seed < 2**32:
+        raise UsageError(f"--seed must be an integer from 0 to 2**32 - 1, got {spec.seed!r}")
+    if spec.workers is not None and (not integer(spec.workers) or spec.workers < 0):
+        raise UsageError(f"--workers must be a non-negative integer, got {spec.workers!r}")
+    if not isinstance(spec.unfreeze, str) or not spec.unfreeze.strip():
+        raise UsageError(f"--unfreeze must be layer4, layer3+, layer2+ or a number of blocks, got {spec.unfreeze!r}")
+    if spec.name is not None:
+        check_head_name(spec.name, "finetune run")
+    if spec.head is not None:
+        check_head_name(spec.head)
+
+
 def finetune(cache: Cache | str | Path, spec: FinetuneSpec, progress: Progress | None = None) -> FinetuneResult:
     """Fine-tune the cache's backbone and a fitted head; resumes an interrupted run of the same spec."""
+    check_finetune_spec(spec)
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
-    if spec.epochs < 1 or spec.batch_size < 2:
-        raise UsageError("--epochs must be at least 1 and --batch-size at least 2")
     device = resolve_device(spec.device)
     precision = resolve_precision(spec.precision, device)
     model, head_name, head_record = build_model(cache, spec)
@@ -353,7 +384,11 @@ def finetune(cache: Cache | str | Path, spec: FinetuneSpec, progress: Progress |
     augmentation = Augmentation(scale=tuple(spec.crop_scale), hflip=spec.hflip) \
         if spec.augment and not spec.from_cache else None
     directory = cache.path / FINETUNE_DIR / name
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise storage_error(error, directory, "the finetune folder") from None
+    remove_stale_temporaries(directory)  # of a killed earlier write
     checkpoint = directory / "checkpoint.safetensors"
     settings = {k: v for k, v in _spec_dict(spec).items() if k not in _RESUME_FREE}
     record = {
@@ -372,8 +407,10 @@ def finetune(cache: Cache | str | Path, spec: FinetuneSpec, progress: Progress |
     if checkpoint.exists() and not spec.restart:
         try:
             saved = _load_checkpoint(checkpoint, model, optimizer, scaler)
-        except (SafetensorError, OSError, KeyError, ValueError, json.JSONDecodeError) as error:
-            raise UsageError(f"the checkpoint {checkpoint} is unreadable ({error}); pass --restart") from None
+        except (CorruptCacheError, CacheNotFoundError, OSError, KeyError, ValueError, TypeError, RuntimeError,
+                json.JSONDecodeError) as error:
+            raise UsageError(f"the checkpoint {checkpoint} is unreadable or damaged ({str(error)[:200]}); "
+                             "pass --restart to start over") from None
         if saved["settings"] != settings:
             changed = sorted(k for k in settings if saved["settings"].get(k) != settings[k])
             raise UsageError(f"{directory} was started with other settings ({', '.join(changed)}); "
@@ -405,7 +442,7 @@ def finetune(cache: Cache | str | Path, spec: FinetuneSpec, progress: Progress |
             _save_outputs(directory, model, cache, head_record["config"], {"epoch": epoch, **_small(record)})
         state["epoch"] = epoch
         _save_checkpoint(checkpoint, model, optimizer, scaler, state)
-        write_json_atomic(directory / "finetune.json", {**record, **_summary(state), "complete": False})
+        write_json_atomic(directory / "finetune.json", seal_json({**record, **_summary(state), "complete": False}))
     if state["best_epoch"] != state["epoch"]:
         _load_outputs(directory, model)
         model.to(device, memory_format=torch.channels_last)
@@ -414,6 +451,7 @@ def finetune(cache: Cache | str | Path, spec: FinetuneSpec, progress: Progress |
         test = evaluate(model, rows["test"], cache.classes, batch_size=spec.batch_size, device=device,
                         precision=precision)
         final["test_metrics"] = {"top1": test["top1"], "log_loss": test["log_loss"], "n": test["n"]}
+    final = seal_json(final)
     write_json_atomic(directory / "finetune.json", final)
     return FinetuneResult(name, directory, final, resumed_from)
 
@@ -429,9 +467,10 @@ def _summary(state: dict) -> dict:
 
 
 def read_finetune_record(cache: Cache, name: str) -> dict:
+    check_head_name(name, "finetune run")
     path = cache.path / FINETUNE_DIR / name / "finetune.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_sealed_json(path, "finetune record", "run featurecache finetune again with --restart")
     except FileNotFoundError:
         known = sorted(p.name for p in (cache.path / FINETUNE_DIR).glob("*/head.safetensors"))
         raise HeadError(f"no finetune run {name!r} on {cache.path.name} (runs: {', '.join(known) or 'none yet'}); "
@@ -441,12 +480,19 @@ def read_finetune_record(cache: Cache, name: str) -> dict:
 def load_finetuned_predictor(cache: Cache | str | Path, name: str) -> Predictor:
     """The fine-tuned backbone and classifier of `finetune/<name>/` as a Predictor (predict, export)."""
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
-    read_finetune_record(cache, name)
+    record = read_finetune_record(cache, name)
+    if record.get("parent_key") != cache.key:
+        raise MismatchError(f"finetune run {name!r} was made from other features (cache key "
+                            f"{str(record.get('parent_key'))[:12]}, this cache is {cache.key[:12]}); run it again")
     directory = cache.path / FINETUNE_DIR / name
     backbone, preprocessing = cache_backbone(cache)
-    backbone.load_state_dict(_staged_state(load_file(str(directory / "backbone.safetensors"))))
-    with safe_open(str(directory / "head.safetensors"), framework="pt") as handle:
-        head_meta = json.loads(handle.metadata()[HEAD_METADATA])
-    head = head_from_saved(head_meta["config"], load_file(str(directory / "head.safetensors")))
+    try:
+        backbone.load_state_dict(_staged_state(_read_safetensors(directory / "backbone.safetensors")[0]))
+        tensors, metadata = _read_safetensors(directory / "head.safetensors")
+        head_meta = json.loads(metadata[HEAD_METADATA])
+        head = head_from_saved(head_meta["config"], tensors)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CorruptCacheError(f"finetune run {directory} does not hold a valid backbone and head "
+                                f"({type(error).__name__}: {str(error)[:160]}); run it again with --restart") from None
     return Predictor(backbone.eval().to(memory_format=torch.channels_last), preprocessing, "pool",
                      head.as_module().eval(), cache.classes, cache.manifest["dtype"])

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from . import __version__
 from .errors import CorruptCacheError, HeadError, MismatchError
-from .headstore import default_head_name, list_heads, load_head, read_record, save_head
-from .heads import EnsembleHead, Head, make_head
+from .headstore import (check_head_name, default_head_name, list_heads, load_head, member_names, read_record,
+                        read_record_with_checksum, refuse_taken, save_head, stale_members)
+from .heads import EnsembleHead, Head, SklearnHead, make_head
 from .metrics import classification_metrics
 from .store import Cache, open_cache
 from .streaming import available_memory, in_memory_bytes, streamed_probabilities
@@ -43,6 +43,7 @@ class FitSpec:
     refit: bool = False  # retrain the chosen setting on train + val
     seed: int = 0
     max_memory: int | None = None  # bytes of features to hold at once; None: half the available RAM
+    overwrite: bool = False  # replace an existing head of the same name (refused otherwise)
 
 
 @dataclass
@@ -63,10 +64,40 @@ def _features(cache: Cache, split: str, tap: str) -> np.ndarray:
 
 
 def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    indices = np.arange(len(labels))
-    counts = np.bincount(labels)
-    stratify = labels if counts[counts > 0].min() >= 2 else None
-    return train_test_split(indices, test_size=fraction, random_state=seed, stratify=stratify)
+    """Row indices (train, val), sorted: `fraction` of the rows to validation, spread over the
+    classes in proportion to their size (largest remainders, ties broken by `seed`).
+
+    Works for any number of classes: a class too small for its share gets no validation
+    row rather than failing the split, and a class with a single row always stays in
+    train (a class needs a training row to be learned at all)."""
+    if not 0 < fraction < 1:
+        raise HeadError(f"--val-fraction must be between 0 and 1 (exclusive), got {fraction}")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    rows = {c: rng.permutation(np.flatnonzero(labels == c)) for c in classes}
+    eligible = [c for c in classes if len(rows[c]) >= 2]
+    target = int(round(fraction * sum(len(rows[c]) for c in eligible)))
+    quota = {c: fraction * len(rows[c]) for c in eligible}
+    take = {c: min(int(quota[c]), len(rows[c]) - 1) for c in eligible}
+    order = sorted(eligible, key=lambda c: (-(quota[c] - int(quota[c])), rng.random()))
+    for c in order:  # hand out the remaining rows, largest remainder first, never emptying a class
+        if sum(take.values()) >= target:
+            break
+        if take[c] < len(rows[c]) - 1:
+            take[c] += 1
+    val = [rows[c][: take.get(c, 0)] for c in classes]
+    train = [rows[c][take.get(c, 0):] for c in classes]
+    val_rows = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    if len(val_rows) == 0:
+        raise HeadError(f"{len(labels)} training rows are too few to carve a validation split of {fraction:g} "
+                        "(every class needs two rows to give one to validation); extract a val split, or pass "
+                        "--val-fraction larger")
+    return np.sort(np.concatenate(train)), val_rows
+
+
+def single_row_classes(labels: np.ndarray, classes: list[str]) -> list[str]:
+    counts = np.bincount(labels[labels >= 0], minlength=len(classes))
+    return [classes[i] for i in np.flatnonzero(counts == 1)]
 
 
 def _splits(cache: Cache, spec: FitSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -83,9 +114,11 @@ def _splits(cache: Cache, spec: FitSpec) -> dict[str, tuple[np.ndarray, np.ndarr
         data["val"] = (_features(cache, "val", spec.tap), cache.labels("val"))
     else:
         fraction = spec.val_fraction if spec.val_fraction is not None else 0.2
-        if not 0 < fraction < 1:
-            raise HeadError(f"--val-fraction must be between 0 and 1, got {fraction}")
         train, val = _stratified_split(y, fraction, spec.seed)
+        single = single_row_classes(y, cache.classes)
+        if single:
+            log.warning("%d class(es) have a single training image and get no validation row (%s%s)", len(single),
+                        ", ".join(single[:5]), ", ..." if len(single) > 5 else "")
         data["train"], data["val (from train)"] = (X[train], y[train]), (X[val], y[val])
         if labeled.get("val", 0) > 0 and not labeled.get("test"):
             # No labelled test (Tiny-ImageNet): the cache's val, unseen by the selection, is the held-out figure.
@@ -157,19 +190,42 @@ def _fit_streaming(cache: Cache, spec: FitSpec) -> tuple[Head, dict, str]:
     return head, metrics, "val"
 
 
+def check_fit_spec(spec: FitSpec) -> None:
+    """Refuse bad settings before any work: types, ranges, the name, the head's parameters."""
+    if not isinstance(spec.params, dict):
+        raise HeadError(f"head parameters must be a table of name = value, got {spec.params!r}")
+    if spec.val_fraction is not None and not (isinstance(spec.val_fraction, (int, float))
+                                              and not isinstance(spec.val_fraction, bool)
+                                              and 0 < spec.val_fraction < 1):
+        raise HeadError(f"--val-fraction must be a number between 0 and 1 (exclusive), got {spec.val_fraction!r}")
+    if not isinstance(spec.seed, int) or isinstance(spec.seed, bool) or not 0 <= spec.seed < 2**32:
+        raise HeadError(f"--seed must be an integer from 0 to 2**32 - 1, got {spec.seed!r}")
+    if spec.max_memory is not None and not (isinstance(spec.max_memory, int) and spec.max_memory > 0):
+        raise HeadError(f"--max-memory must be a positive number of bytes, got {spec.max_memory!r}")
+    if spec.refit and spec.head != "logistic":
+        raise HeadError("--refit is supported for the logistic head")
+    if spec.head == "ensemble":
+        raise HeadError("make an ensemble with featurecache ensemble, not fit-head")
+    check_head_name(spec.name or default_head_name(spec.head))
+    make_head(spec.head, **spec.params)  # the head's own checks, and sklearn's for its estimators
+
+
 def fit_head(cache: Cache | str | Path, spec: FitSpec) -> FitResult:
     """Fit one head on a cache and write it to `heads/<name>/` with its metrics.
 
     Features over the memory budget (`spec.max_memory`) are streamed from the shards
-    (logistic, mlp and knn heads); otherwise every split is loaded once.
+    (logistic, mlp and knn heads); otherwise every split is loaded once. An existing head
+    of the same name is replaced only with `spec.overwrite`.
     """
+    check_fit_spec(spec)
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    name = spec.name or default_head_name(spec.head)
+    refuse_taken(cache, name, spec.overwrite)
     if spec.tap not in cache.tap_shapes:
         raise HeadError(f"tap {spec.tap!r} is not in {cache.path.name} (it has {', '.join(cache.taps)})")
-    if spec.refit and spec.head != "logistic":
-        raise HeadError("--refit is supported for the logistic head")
     started = time.perf_counter()
     streaming = _needs_streaming(cache, spec)
+    notes = []
     if streaming:
         head, metrics, val_name = _fit_streaming(cache, spec)
         rows = dict(cache.labeled_splits)
@@ -177,68 +233,155 @@ def fit_head(cache: Cache | str | Path, spec: FitSpec) -> FitResult:
         data = _splits(cache, spec)
         (X, y), (val_name, (X_val, y_val)) = data["train"], list(data.items())[1]
         head = make_head(spec.head, **spec.params, **({"refit": True} if spec.refit else {}))
+        if isinstance(head, SklearnHead):
+            head.check_saveable(X, y, len(cache.classes))  # before the real fit: refused early, not after
         head.fit(X, y, X_val, y_val, n_classes=len(cache.classes))
         metrics = _evaluate(head, data, cache.classes)
         rows = {split: int(len(labels)) for split, (_, labels) in data.items()}
+        if val_name != "val":
+            single = single_row_classes(np.concatenate([y, y_val]), cache.classes)
+            if single:
+                notes.append(f"{len(single)} class(es) have a single training image and no validation row")
     seconds = time.perf_counter() - started
     record = {
         "head": spec.head, "tap": spec.tap, "cache_key": cache.key, "cache": cache.path.name,
         "classes": cache.classes, "selection_split": val_name,
         "chosen": getattr(head, "best_params_", None), "metrics": metrics,
         "headline": _headline(metrics, spec.refit), "fit_seconds": seconds, "rows": rows,
-        "streamed": streaming,
+        "streamed": streaming, "validation": _validation(val_name, spec), "notes": notes,
         "spec": {"head": spec.head, "tap": spec.tap, "params": spec.params, "val_fraction": spec.val_fraction,
                  "refit": spec.refit, "seed": spec.seed, "max_memory": spec.max_memory},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tool_version": __version__,
     }
-    name = spec.name or default_head_name(spec.head)
-    path = save_head(cache, name, head, record)
+    path = save_head(cache, name, head, record, overwrite=spec.overwrite)
     log.info("head %s: %s top-1 %.4f", name, record["headline"]["split"], record["headline"]["top1"])
     return FitResult(name, path, head, read_record(cache, name))
 
 
+def _validation(val_name: str, spec: FitSpec) -> dict:
+    """Which rows chose the head's settings, and whether it also trained on them (refit)."""
+    if val_name == "val":
+        return {"split": "val", "trained_on": bool(spec.refit)}
+    fraction = spec.val_fraction if spec.val_fraction is not None else 0.2
+    return {"split": "train", "fraction": float(fraction), "seed": int(spec.seed), "trained_on": bool(spec.refit)}
+
+
+def head_validation(record: dict) -> dict:
+    """The `validation` of a head record (derived for records that predate the field)."""
+    if isinstance(record.get("validation"), dict):
+        return record["validation"]
+    spec = record.get("spec") or {}
+    if record.get("selection_split") == "val":
+        return {"split": "val", "trained_on": bool(spec.get("refit"))}
+    return {"split": "train", "fraction": float(spec.get("val_fraction") or 0.2), "seed": int(spec.get("seed") or 0),
+            "trained_on": bool(spec.get("refit"))}
+
+
+def _describe_validation(validation: dict) -> str:
+    if validation["split"] == "val":
+        return "the cache's val split"
+    return f"{validation['fraction']:g} of train with seed {validation['seed']}"
+
+
+def _ensemble_data(cache: Cache, tap: str, records: dict[str, dict]) -> tuple[dict, dict]:
+    """The rows to score an ensemble on: its members' own validation rows (which none of them
+    trained on, unless refitted) and the test split. Members validated on different rows are refused."""
+    validations = {name: head_validation(record) for name, record in records.items()}
+    keys = {name: {k: v for k, v in validation.items() if k != "trained_on"} for name, validation in validations.items()}
+    first = next(iter(keys))
+    for name, key in keys.items():
+        if key != keys[first]:
+            raise HeadError(
+                f"the members were validated on different rows: {first!r} on {_describe_validation(keys[first])}, "
+                f"{name!r} on {_describe_validation(key)}; an ensemble scored on either would be scored on rows "
+                "another member trained on. Fit them with the same --val-fraction and --seed (or all on the "
+                "cache's val split)")
+    validation = {**keys[first], "trained_on": any(v["trained_on"] for v in validations.values())}
+    data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if not validation["trained_on"]:
+        if validation["split"] == "val":
+            if not cache.splits.get("val"):
+                raise HeadError(f"the members were validated on the val split, which {cache.path.name} no longer has")
+            data["val"] = (_features(cache, "val", tap), cache.labels("val"))
+        else:
+            labels = cache.labels("train")
+            _, val = _stratified_split(labels, validation["fraction"], validation["seed"])
+            data["val (from train)"] = (_features(cache, "train", tap)[val], labels[val])
+    if cache.splits.get("test", 0) > 0:
+        data["test"] = (_features(cache, "test", tap), cache.labels("test"))
+    if not data:
+        raise HeadError("every row the members were validated on was also trained on (--refit), and the cache has "
+                        "no test split: no rows are left to score the ensemble honestly")
+    return data, validation
+
+
 def make_ensemble(cache: Cache | str | Path, members: list[str], *, name: str,
-                  weights: list[float] | None = None) -> FitResult:
-    """Soft voting: a weighted average of the members' probabilities, saved as a head."""
-    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+                  weights: list[float] | None = None, overwrite: bool = False) -> FitResult:
+    """Soft voting: a weighted average of the members' probabilities, saved as a head.
+
+    Scored on rows none of its members trained on (their shared validation rows, and
+    test). It records each member's checksum: once a member changes, it is stale."""
+    check_head_name(name, "ensemble")
     if not members:
         raise HeadError("name at least one head to ensemble")
+    for member in members:
+        check_head_name(member, "member")
+    if len(set(members)) != len(members):
+        raise HeadError(f"a head is named twice among the members ({', '.join(members)})")
+    if name in members:
+        raise HeadError(f"an ensemble cannot take the name of its member {name!r}: it would replace the head it "
+                        "is made of; choose another --name")
     if weights is not None and len(weights) != len(members):
         raise HeadError(f"{len(weights)} weights for {len(members)} heads; give one weight per head")
-    loaded = [load_head(cache, member) for member in members]
+    if weights is not None and not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+                                       and w >= 0 for w in weights) or (weights is not None and sum(weights) <= 0):
+        raise HeadError(f"ensemble weights must be non-negative numbers, not all zero; got {weights}")
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    refuse_taken(cache, name, overwrite)
+    for member in members:
+        if name in member_names(cache, member):
+            raise HeadError(f"member {member!r} contains {name!r}: an ensemble cannot contain itself")
+    loaded, checksums = [], {}
+    for member in members:
+        head, record = load_head(cache, member)
+        loaded.append((head, record))
+        checksums[member] = read_record_with_checksum(cache, member)[1]
     taps = {record["tap"] for _, record in loaded}
     if len(taps) > 1:
         raise MismatchError(f"heads {', '.join(members)} use different taps ({', '.join(sorted(taps))})")
     tap = taps.pop()
     head = EnsembleHead.from_members([h for h, _ in loaded], weights, list(members))
-    spec = FitSpec(head="ensemble", tap=tap, val_fraction=None)
-    data = _splits(cache, spec)
+    data, validation = _ensemble_data(cache, tap, {m: r for m, (_, r) in zip(members, loaded)})
     metrics = _evaluate(head, data, cache.classes)
+    headline = _headline(metrics, False)
+    if headline["split"] != "test":
+        headline["note"] = "members were chosen on this split (optimistic)"
     record = {
         "head": "ensemble", "tap": tap, "cache_key": cache.key, "cache": cache.path.name,
         "classes": cache.classes, "selection_split": None, "members": members,
-        "weights": list(head._normalized_weights()), "metrics": metrics,
-        "headline": _headline(metrics, False) | ({} if "test" in metrics else
-                                                 {"note": "members were chosen on this split (optimistic)"}),
-        "fit_seconds": 0.0, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tool_version": __version__,
+        "weights": list(head._normalized_weights()), "member_checksums": checksums, "validation": validation,
+        "metrics": metrics, "headline": headline, "fit_seconds": 0.0,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tool_version": __version__,
     }
-    path = save_head(cache, name, head, record)
+    path = save_head(cache, name, head, record, overwrite=overwrite)
     return FitResult(name, path, head, read_record(cache, name))
 
 
 def leaderboard(cache: Cache | str | Path) -> list[dict]:
-    """Every head on the cache with its headline figure, best first."""
+    """Every head on the cache with its headline figure, best first; stale ones last."""
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     rows = []
     for name in list_heads(cache):
         record = read_record(cache, name)
         split = record["headline"]["split"]
-        metrics = record["metrics"].get(split, {})
+        metrics = record["metrics"].get(split)
+        metrics = metrics if isinstance(metrics, dict) else {}
+        stale = record["cache_key"] != cache.key or bool(stale_members(cache, record))
         rows.append({
             "name": name, "head": record["head"], "tap": record["tap"], "split": split,
             "top1": metrics.get("top1"), "top5": metrics.get("top5"),
-            "val_top1": next((m["top1"] for s, m in record["metrics"].items() if s.startswith("val")), None),
+            "val_top1": next((m.get("top1") for s, m in record["metrics"].items() if s.startswith("val")), None),
             "chosen": record.get("chosen"), "fit_seconds": record.get("fit_seconds", 0.0),
-            "stale": record.get("cache_key") != cache.key, "note": record["headline"].get("note", ""),
+            "stale": stale, "note": record["headline"].get("note", ""),
         })
     return sorted(rows, key=lambda r: (r["stale"], -(r["top1"] or 0.0)))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -92,7 +93,7 @@ def make_head(name: str, **params: Any) -> Head:
     else:
         choices = ", ".join(available_heads() + [f"{SKLEARN_PREFIX}<module>.<Estimator>"])
         raise HeadError(f"unknown head {name!r}; available: {choices}")
-    head._check_params()
+    head.check_params()
     return head
 
 
@@ -191,13 +192,49 @@ class SklearnHead(Head):
         return f"{SKLEARN_PREFIX}{self.estimator}"
 
     def _new_estimator(self) -> Any:
+        if self.params is not None and not isinstance(self.params, dict):
+            raise HeadError(f"parameters of {self.name} must be a table of name = value, got {self.params!r}")
         try:
             return _sklearn_class(self.estimator)(**(self.params or {}))
-        except TypeError as error:
-            raise HeadError(f"bad parameters for {self.name}: {error}") from error
+        except (TypeError, ValueError) as error:
+            raise HeadError(f"bad parameters for {self.name}: {error}") from None
 
     def _check_params(self) -> None:
-        self._new_estimator()
+        estimator = self._new_estimator()
+        validate = getattr(estimator, "_validate_params", None)  # scikit-learn >= 1.2 checks types and ranges
+        if validate is not None:
+            try:
+                validate()
+            except (TypeError, ValueError) as error:
+                raise HeadError(f"bad parameters for {self.name}: {error}") from None
+
+    def check_saveable(self, X: np.ndarray, y: np.ndarray, n_classes: int) -> None:
+        """Fit a copy on a small sample, save it and load it back: refuses, before the real fit,
+        an estimator whose fitted state featurecache cannot store exactly (it never pickles)."""
+        rng = np.random.default_rng(0)  # enough rows that size-dependent choices (kd-trees) happen here too
+        per_class = max(3, min(40, 400 // max(len(np.unique(y)), 1)))
+        picked = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in np.unique(y)])
+        sample, labels = X[np.sort(picked)], y[np.sort(picked)]
+        probe = SklearnHead(estimator=self.estimator, params=self.params, n_classes=n_classes)
+        try:
+            probe.fit(sample, labels, n_classes=n_classes)
+        except Exception:  # noqa: BLE001 - the sample was too small for it: the real fit decides
+            return
+        try:
+            expected = probe.predict_proba(sample)
+            loaded = SklearnHead.from_saved(json.loads(json.dumps(probe.to_config())),
+                                            {k: v.clone() for k, v in probe.to_tensors().items()})
+            same = np.allclose(loaded.predict_proba(sample), expected, atol=1e-6)
+        except HeadError:
+            raise
+        except Exception as error:  # noqa: BLE001 - whatever breaks on reload means: cannot be saved
+            same, reason = False, f"{type(error).__name__}: {str(error)[:120]}"
+        else:
+            reason = "its predictions change when saved and loaded back"
+        if not same:
+            raise HeadError(f"{self.name} cannot be saved and loaded back exactly ({reason}); featurecache never "
+                            "pickles. Use a linear estimator (sklearn:linear_model.LogisticRegression, "
+                            "sklearn:svm.LinearSVC) or the logistic, mlp or knn heads")
 
     def _probabilities(self, standardized: np.ndarray, n_classes: int) -> np.ndarray:
         estimator = self.estimator_
@@ -231,7 +268,10 @@ class SklearnHead(Head):
         self.mean_, self.scale_ = (statistic.numpy() for statistic in standardization(X))
         standardized = (X - self.mean_) / self.scale_
         self.estimator_ = self._new_estimator()
-        self.estimator_.fit(standardized, y)
+        try:
+            self.estimator_.fit(standardized, y)
+        except (ValueError, TypeError) as error:  # sklearn's own validation of parameters and data
+            raise HeadError(f"{self.name} could not be fitted: {str(error).splitlines()[0][:300]}") from None
         self.exportable_ = self._is_linear_softmax(standardized[:256])
 
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
@@ -245,13 +285,19 @@ class SklearnHead(Head):
     def to_tensors(self) -> dict[str, Tensor]:
         check_is_fitted(self)
         arrays = _estimator_state(self.estimator_, self.name)[1]
-        tensors = {f"estimator.{key}": torch.from_numpy(np.ascontiguousarray(value))
+        # copies: an estimator may hold arrays that share memory (views of one another), which
+        # safetensors refuses to store
+        tensors = {f"estimator.{key}": torch.from_numpy(np.array(value, copy=True, order="C"))
                    for key, value in arrays.items()}
-        return {"mean": torch.from_numpy(self.mean_), "scale": torch.from_numpy(self.scale_),
+        return {"mean": torch.from_numpy(self.mean_.copy()), "scale": torch.from_numpy(self.scale_.copy()),
                 **tensors}
 
     def _load_tensors(self, tensors: dict[str, Tensor], config: dict) -> None:
         self.mean_, self.scale_ = tensors["mean"].numpy().copy(), tensors["scale"].numpy().copy()
+        if self.mean_.shape != (self.n_features_in_,) or self.scale_.shape != (self.n_features_in_,) \
+                or (self.scale_ <= 0).any():
+            raise MismatchError(f"saved standardisation has shapes {self.mean_.shape} and {self.scale_.shape} "
+                                f"(positive scales expected), the config says {self.n_features_in_} features")
         self.estimator_ = self._new_estimator()
         for key, value in config["estimator_state"].items():
             setattr(self.estimator_, key, value)

@@ -5,6 +5,7 @@ train split read shard by shard at each call."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -122,7 +123,7 @@ class KNNHead(Head):
 
     def _ks(self) -> list[int]:
         ks = [self.k] if np.isscalar(self.k) else list(self.k)
-        if not ks or not all(isinstance(k, (int, np.integer)) and k > 0 for k in ks):
+        if not ks or not all(isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k > 0 for k in ks):
             raise HeadError(f"k must be a positive integer or a list of them, got {self.k!r}")
         return [int(k) for k in ks]
 
@@ -130,7 +131,8 @@ class KNNHead(Head):
         self._ks()
         if self.weighting not in ("similarity", "uniform"):
             raise HeadError(f"weighting must be 'similarity' or 'uniform', got {self.weighting!r}")
-        if not self.temperature > 0:
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
+                or not math.isfinite(self.temperature) or not self.temperature > 0:
             raise HeadError(f"temperature must be positive, got {self.temperature!r}")
         resolve_device(self.device)
 
@@ -218,6 +220,13 @@ class KNNHead(Head):
             return
         self.bank_ = tensors["bank"].float()
         self.bank_labels_ = tensors["bank_labels"].long()
-        if self.bank_.shape[1] != self.n_features_in_:
-            raise MismatchError(f"saved knn bank has {self.bank_.shape[1]} features, "
-                                f"the config {self.n_features_in_}")
+        if self.bank_.ndim != 2 or self.bank_.shape[1] != self.n_features_in_:
+            raise MismatchError(f"saved knn bank has shape {tuple(self.bank_.shape)}, "
+                                f"the config says {self.n_features_in_} features")
+        if self.bank_labels_.shape != (len(self.bank_),) or (len(self.bank_labels_) and (
+                self.bank_labels_.min() < 0 or self.bank_labels_.max() >= len(self.classes_))):
+            raise MismatchError(f"saved knn labels (shape {tuple(self.bank_labels_.shape)}) do not match its bank "
+                                f"of {len(self.bank_)} rows and {len(self.classes_)} classes")
+        if not isinstance(self.best_params_, dict) or not isinstance(self.best_params_.get("k"), int) \
+                or self.best_params_["k"] < 1:
+            raise MismatchError(f"saved knn best_params_ {self.best_params_!r} has no valid k")

@@ -119,8 +119,15 @@ class Head(ClassifierMixin, BaseEstimator):
     def _check_params(self) -> None:
         """Raise HeadError for bad parameter values (called by fit and make_head)."""
 
+    def check_params(self) -> None:
+        """`_check_params`, with a value of the wrong type reported as a HeadError too."""
+        try:
+            self._check_params()
+        except (TypeError, ValueError, AttributeError) as error:
+            raise HeadError(f"bad parameters for the {self.name} head: {error}") from None
+
     def fit(self, X, y, X_val=None, y_val=None, *, n_classes: int | None = None) -> Head:
-        self._check_params()
+        self.check_params()
         X = as_features(X)
         y = as_labels(y, X.shape[0])
         if X.shape[0] == 0:
@@ -176,6 +183,7 @@ class Head(ClassifierMixin, BaseEstimator):
     def from_saved(cls, config: dict, tensors: dict[str, Tensor]) -> Head:
         """Rebuild a fitted head from `to_config()` and `to_tensors()` output."""
         head = cls(**config["params"])
+        head.check_params()
         head.classes_ = np.arange(config["n_classes"])
         head.n_features_in_ = config["n_features"]
         for attribute in cls._saved_attributes:
@@ -233,9 +241,11 @@ class NetworkHead(Head):
 
 def parameter_grid(value: float | Sequence[float], name: str, *, allow_zero: bool = False) -> list[float]:
     """A number or a list of numbers as a non-empty list of positive floats."""
+    if isinstance(value, (str, bytes, dict)) or not (np.isscalar(value) or isinstance(value, (list, tuple))):
+        raise HeadError(f"{name} must be a positive number or a list of them, got {value!r}")
     values = [value] if np.isscalar(value) else list(value)
-    allowed = [np.isscalar(v) and math.isfinite(v) and (v > 0 or allow_zero and v == 0)
-               for v in values]
+    allowed = [isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+               and math.isfinite(v) and (v > 0 or allow_zero and v == 0) for v in values]
     if not values or not all(allowed):
         raise HeadError(f"{name} must be a positive number or a list of them, got {value!r}")
     return [float(v) for v in values]
@@ -277,7 +287,7 @@ class LogisticHead(NetworkHead):
     def _Cs(self) -> list[float]:
         if self.C is None:
             return parameter_grid(DEFAULT_CS if self.Cs is None else self.Cs, "Cs")
-        if not np.isscalar(self.C):
+        if not np.isscalar(self.C) or isinstance(self.C, (str, bool)):
             raise HeadError(f"C must be one number (use Cs for a grid), got {self.C!r}")
         return parameter_grid(self.C, "C")
 
@@ -285,10 +295,15 @@ class LogisticHead(NetworkHead):
         self._Cs()
         for name in ("max_iter", "sweep_max_iter"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and value > 0):
+            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise HeadError(f"{name} must be a positive integer, got {value!r}")
-        if self.patience is not None and not (isinstance(self.patience, int) and self.patience > 0):
+        if self.patience is not None and not (isinstance(self.patience, int) and not isinstance(self.patience, bool)
+                                              and self.patience > 0):
             raise HeadError(f"patience must be a positive integer or None, got {self.patience!r}")
+        if not isinstance(self.tol, (int, float)) or isinstance(self.tol, bool) or not self.tol > 0:
+            raise HeadError(f"tol must be a positive number, got {self.tol!r}")
+        if not isinstance(self.refit, bool):
+            raise HeadError(f"refit must be true or false, got {self.refit!r}")
         resolve_device(self.device)
 
     def _build_network(self, n_features: int, n_classes: int) -> nn.Sequential:

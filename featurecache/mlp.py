@@ -86,12 +86,15 @@ class MLPHead(NetworkHead):
 
     def _check_params(self) -> None:
         self._settings()
-        if not all(isinstance(size, int) and size > 0 for size in self.hidden_sizes):
-            raise HeadError(f"hidden_sizes must be positive integers, got {self.hidden_sizes!r}")
-        if not 0 <= self.dropout < 1:
+        if not isinstance(self.hidden_sizes, (list, tuple)) or not all(
+                isinstance(size, int) and not isinstance(size, bool) and 0 < size <= 1 << 16
+                for size in self.hidden_sizes):
+            raise HeadError(f"hidden_sizes must be a list of positive integers (e.g. [512]), got {self.hidden_sizes!r}")
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
             raise HeadError(f"dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("epochs", "batch_size", "patience"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise HeadError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         resolve_device(self.device)
 

@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import FeatureCacheError, HeadError, UsageError
+from .errors import FeatureCacheError, UsageError
 from .extract import ExtractSpec, extract
 from .fit import FitSpec, fit_head, make_ensemble
-from .headstore import default_head_name, read_record
+from .headstore import default_head_name, read_record, stale_members
 from .report import ReportSpec, build_report, default_output, is_current, report_inputs
 from .store import Cache, open_cache
 
@@ -221,11 +221,13 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
     if Path(weights).suffix.lower() in (".pt", ".pth", ".bin", ".safetensors"):
         extract_spec = dataclasses.replace(extract_spec, weights=_resolve_path(weights, base))
     _check_backbone(source, extract_spec)
+    _checked(source, lambda: _check_extract_spec(extract_spec), "extract", 0, data["extract"])
 
     tables = data.get("heads", [])
     if not isinstance(tables, list):
         raise source.error("must be an array of tables: write [[heads]] once per head", "heads", label="heads")
-    heads = tuple(_spec(source, FitSpec, table, "heads", i, f"heads[{i + 1}]") for i, table in enumerate(tables))
+    heads = tuple(_spec(source, FitSpec, table, "heads", i, f"heads[{i + 1}]", exclude=("overwrite",))
+                  for i, table in enumerate(tables))
     names: list[str] = []
     for i, head in enumerate(heads):
         _check_head(source, head, i)
@@ -237,6 +239,7 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
     ensemble = None
     if "ensemble" in data:
         ensemble = _spec(source, EnsembleStep, data["ensemble"], "ensemble")
+        _checked(source, lambda: _check_ensemble(ensemble), "ensemble", 0, data["ensemble"])
         unknown = [m for m in ensemble.members if m not in names]
         if unknown:
             raise source.error(f"{unknown[0]!r} is not a head of this pipeline (heads: {', '.join(names) or 'none'})",
@@ -246,6 +249,9 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
         from .finetune import FinetuneSpec
 
         finetune = _spec(source, FinetuneSpec, data["finetune"], "finetune", exclude=("restart",))
+        from .finetune import check_finetune_spec
+
+        _checked(source, lambda: check_finetune_spec(finetune), "finetune", 0, data["finetune"])
         if finetune.head is not None and finetune.head not in names:
             raise source.error(f"{finetune.head!r} is not a head of this pipeline (heads: {', '.join(names) or 'none'})",
                                "finetune", 0, "head")
@@ -255,6 +261,9 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
             raise source.error(f"needs the activations of tap {needed}: add it to [extract] taps "
                                f"(e.g. taps = [\"pool\", \"{needed}\"])", "finetune", 0, "from_cache")
     report = _spec(source, ReportSpec, data.get("report", {}), "report")
+    if report.max_points < 10 or report.worst < 0:
+        key = "max_points" if report.max_points < 10 else "worst"
+        raise source.error("max_points must be at least 10 and worst at least 0", "report", 0, key, f"report.{key}")
     if report.output:
         report = dataclasses.replace(report, output=_resolve_path(report.output, base))
     return Pipeline(path=path, name=settings.get("name", path.stem), extract=extract_spec, heads=heads,
@@ -275,6 +284,7 @@ def _check_backbone(source: _Source, spec: ExtractSpec) -> None:
 
 
 def _check_head(source: _Source, spec: FitSpec, index: int) -> None:
+    from .fit import check_fit_spec
     from .heads import SKLEARN_PREFIX, available_heads, make_head
 
     known = spec.head in available_heads() or spec.head.startswith(SKLEARN_PREFIX)
@@ -283,6 +293,45 @@ def _check_head(source: _Source, spec: FitSpec, index: int) -> None:
     except (FeatureCacheError, TypeError) as error:
         key = "params" if known else "head"
         raise source.error(str(error), "heads", index, key, f"heads[{index + 1}].{key}") from None
+    table = {f.name: None for f in dataclasses.fields(FitSpec)}
+    _checked(source, lambda: check_fit_spec(spec), "heads", index, table, f"heads[{index + 1}]")
+
+
+def _check_extract_spec(spec: ExtractSpec) -> None:
+    from .extract import _check_spec
+
+    _check_spec(spec)
+
+
+def _check_ensemble(step: EnsembleStep) -> None:
+    from .headstore import check_head_name
+
+    check_head_name(step.name, "ensemble")
+    if step.name in step.members:
+        raise UsageError(f"name: an ensemble cannot take the name of its member {step.name!r}")
+    if step.weights is not None and (len(step.weights) != len(step.members) or any(w < 0 for w in step.weights)
+                                     or sum(step.weights) <= 0):
+        raise UsageError("weights: one non-negative weight per member, not all zero")
+
+
+def _checked(source: _Source, check: Callable[[], None], table: str, index: int, values: dict,
+             label: str | None = None) -> None:
+    """Run a stage's own validation; its error as `file:line: table.field: message`."""
+    try:
+        check()
+    except FeatureCacheError as error:
+        message = str(error)
+        lowered = message.lower()
+        keys = sorted(values, key=len, reverse=True) if isinstance(values, dict) else []
+        key = next((k for k in keys if lowered.startswith(f"{k} ") or lowered.startswith(f"{k}:")
+                    or f"--{k.replace('_', '-')}" in lowered), None)
+        if key is None and re.match(r"bad [a-z ]*name", lowered):
+            key = "name"
+        if key is None:
+            key = next((k for k in keys if re.search(rf"\b{re.escape(k)}\b", lowered)), None)
+        where = label or table
+        raise source.error(message.removeprefix(f"{key}: ") if key else message, table, index, key,
+                           f"{where}.{key}" if key else where) from None
 
 
 # ---------------------------------------------------------------- running
@@ -303,19 +352,21 @@ def _same_settings(saved: dict, spec, ignore: tuple[str, ...]) -> bool:
 def _head_is_current(cache: Cache, spec: FitSpec) -> bool:
     try:
         record = read_record(cache, spec.name or default_head_name(spec.head))
-    except HeadError:
+    except FeatureCacheError:  # missing or damaged: fit it (again)
         return False
-    return record.get("cache_key") == cache.key and _same_settings(record.get("spec") or {}, spec, ("name",))
+    return record.get("cache_key") == cache.key and _same_settings(record.get("spec") or {}, spec,
+                                                                   ("name", "overwrite"))
 
 
 def _ensemble_is_current(cache: Cache, step: EnsembleStep) -> bool:
     try:
         record = read_record(cache, step.name)
-    except HeadError:
+    except FeatureCacheError:
         return False
     weights = step.weights or (1.0,) * len(step.members)
     total = sum(weights)
     return (record.get("head") == "ensemble" and record.get("cache_key") == cache.key
+            and not stale_members(cache, record)
             and record.get("members") == list(step.members) and len(record.get("weights", [])) == len(weights)
             and all(abs(a - b / total) < 1e-9 for a, b in zip(record["weights"], weights)))
 
@@ -370,8 +421,8 @@ def run_pipeline(pipeline: Pipeline, *, on_step: Callable[[StepOutcome], None] |
     for spec in pipeline.heads:
         started, name = time.perf_counter(), spec.name or default_head_name(spec.head)
         cached = _head_is_current(cache, spec)
-        if not cached:
-            fit_head(cache, spec)
+        if not cached:  # the pipeline owns the names of its heads: it replaces an outdated one
+            fit_head(cache, dataclasses.replace(spec, overwrite=True))
             changed.add(name)
         headline = read_record(cache, name)["headline"]
         done(f"head {name}", cached, f"{headline['split']} top-1 {_pct(headline['top1'])}", started)
@@ -380,7 +431,7 @@ def run_pipeline(pipeline: Pipeline, *, on_step: Callable[[StepOutcome], None] |
         cached = not changed.intersection(step.members) and _ensemble_is_current(cache, step)
         if not cached:
             make_ensemble(cache, list(step.members), name=step.name,
-                          weights=list(step.weights) if step.weights else None)
+                          weights=list(step.weights) if step.weights else None, overwrite=True)
         headline = read_record(cache, step.name)["headline"]
         done(f"ensemble {step.name}", cached, f"{headline['split']} top-1 {_pct(headline['top1'])}", started)
     if pipeline.finetune is not None:

@@ -18,11 +18,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from .errors import CorruptCacheError
-from .shards import features_layout, file_sha256, read_fingerprints, shard_name, shard_number
+from .shards import features_layout, file_sha256, open_h5, read_fingerprints, shard_name, shard_number
 from .sources import Sample, Source, split_sort_key
 
 log = logging.getLogger("featurecache")
@@ -76,7 +75,7 @@ def _remove_temp_files(path: Path) -> None:
 
 def _orphan_record(file: Path, entry_id: str) -> tuple[dict, list[str]] | None:
     try:
-        with h5py.File(file, "r") as handle:
+        with open_h5(file) as handle:
             if handle.attrs.get("entry_id") != entry_id:
                 return None
             split = str(handle.attrs["split"])

@@ -37,20 +37,61 @@ def _palette(count: int) -> list:
     return [cmap(i if count <= 10 else i / max(count - 1, 1)) for i in range(count)]
 
 
-def confusion_heatmap(matrix: np.ndarray, classes: list[str], title: str) -> bytes:
-    """Row-normalised confusion matrix (true class down, predicted across), counts annotated."""
+#: Above this many classes a chart shows only the classes that matter most, so labels stay readable.
+MAX_LABELLED_CLASSES = 40
+#: How many of the most confused classes the confusion matrix keeps when there are too many.
+CONFUSED_CLASSES = 30
+
+
+def most_confused_classes(matrix: np.ndarray, count: int = CONFUSED_CLASSES) -> np.ndarray:
+    """Indices (ascending) of the `count` classes with the most errors, as true or predicted class."""
+    errors = np.asarray(matrix, dtype=float).copy()
+    np.fill_diagonal(errors, 0)
+    involvement = errors.sum(axis=0) + errors.sum(axis=1)
+    order = np.lexsort((np.arange(len(involvement)), -involvement))
+    return np.sort(order[:count])
+
+
+def confused_pairs(matrix: np.ndarray, classes: list[str], count: int = 15) -> list[tuple[str, str, int, float]]:
+    """The most frequent mistakes: (true class, predicted class, count, share of the true class)."""
+    matrix = np.asarray(matrix, dtype=np.int64)
+    totals = matrix.sum(axis=1)
+    errors = matrix.copy()
+    np.fill_diagonal(errors, 0)
+    flat = np.argsort(-errors, axis=None, kind="stable")[:count]
+    pairs = []
+    for index in flat:
+        true, predicted = divmod(int(index), len(classes))
+        if errors[true, predicted] == 0:
+            break
+        pairs.append((classes[true], classes[predicted], int(errors[true, predicted]),
+                      float(errors[true, predicted] / max(totals[true], 1))))
+    return pairs
+
+
+def confusion_figure(matrix: np.ndarray, classes: list[str], title: str):
+    """Row-normalised confusion matrix (true class down, predicted across), counts annotated.
+
+    Above MAX_LABELLED_CLASSES classes, only the CONFUSED_CLASSES classes involved in the
+    most mistakes are drawn (shares still of each whole true class), labelled, and the
+    title says so."""
     matrix = np.asarray(matrix, dtype=float)
     rows = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+    if len(classes) > MAX_LABELLED_CLASSES:
+        kept = most_confused_classes(matrix)
+        title = f"{title}\n(the {len(kept)} most confused of {len(classes)} classes)"
+        matrix, share = matrix[np.ix_(kept, kept)], share[np.ix_(kept, kept)]
+        classes = [classes[i] for i in kept]
     n = len(classes)
-    side = min(max(3.2, 0.4 * n + 1.4), 9.0)
+    side = min(max(3.2, 0.4 * n + 1.4), 11.0)
     with plt.rc_context(STYLE):
         figure, axes = plt.subplots(figsize=(side + 0.8, side))
         image = axes.imshow(share, cmap="Blues", vmin=0, vmax=1)
         ticks = np.arange(n)
-        labels = classes if n <= 40 else [""] * n
-        axes.set_xticks(ticks, labels, rotation=90 if max(map(len, classes), default=0) > 3 else 0)
-        axes.set_yticks(ticks, labels)
+        axes.set_xticks(ticks, classes, rotation=90 if max(map(len, classes), default=0) > 3 else 0,
+                        fontsize=7 if n > 20 else None)
+        axes.set_yticks(ticks, classes, fontsize=7 if n > 20 else None)
         axes.set_xlabel("predicted class")
         axes.set_ylabel("true class")
         axes.set_title(title)
@@ -61,26 +102,40 @@ def confusion_heatmap(matrix: np.ndarray, classes: list[str], title: str) -> byt
                         axes.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", fontsize=7,
                                   color="white" if share[i, j] > 0.55 else "#333333")
         figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the true class")
-        return _png(figure)
+    return figure
 
 
-def per_class_bars(accuracy: dict[str, float | None], title: str) -> bytes:
-    """Horizontal bars of per-class accuracy, worst class at the top."""
+def confusion_heatmap(matrix: np.ndarray, classes: list[str], title: str) -> bytes:
+    return _png(confusion_figure(matrix, classes, title))
+
+
+def per_class_figure(accuracy: dict[str, float | None], title: str):
+    """Horizontal bars of per-class accuracy, the lowest at the top.
+
+    Above MAX_LABELLED_CLASSES classes only the lowest MAX_LABELLED_CLASSES are drawn,
+    each labelled, and the title says so."""
     items = sorted(((name, value) for name, value in accuracy.items() if value is not None), key=lambda kv: kv[1])
+    if len(items) > MAX_LABELLED_CLASSES:
+        title = f"{title}\n(the {MAX_LABELLED_CLASSES} lowest of {len(items)} classes)"
+        items = items[:MAX_LABELLED_CLASSES]
     height = min(max(2.0, 0.22 * len(items) + 0.8), 12.0)
     with plt.rc_context(STYLE):
-        figure, axes = plt.subplots(figsize=(4.0, height))
+        figure, axes = plt.subplots(figsize=(4.4, height))
         names = [name for name, _ in items]
         values = [100 * value for _, value in items]
         axes.barh(range(len(items)), values, color="#4c78a8", height=0.7)
-        axes.set_yticks(range(len(items)), names if len(items) <= 60 else [""] * len(items))
+        axes.set_yticks(range(len(items)), names, fontsize=7 if len(items) > 30 else None)
+        axes.invert_yaxis()  # the first item, the lowest accuracy, at the top
         axes.set_xlim(0, 100)
         axes.set_xlabel("accuracy (%)")
         axes.set_title(title)
-        if len(items) <= 30:
-            for index, value in enumerate(values):
-                axes.text(min(value + 1, 88), index, f"{value:.0f}", va="center", fontsize=7)
-        return _png(figure)
+        for index, value in enumerate(values):
+            axes.text(min(value + 1, 88), index, f"{value:.0f}", va="center", fontsize=7)
+    return figure
+
+
+def per_class_bars(accuracy: dict[str, float | None], title: str) -> bytes:
+    return _png(per_class_figure(accuracy, title))
 
 
 def learning_curves(runs: list[dict]) -> bytes:

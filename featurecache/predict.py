@@ -13,30 +13,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from .backbones import Preprocessing, StagedBackbone, build_network, get_backbone
-from .errors import CacheNotFoundError, CorruptCacheError, SourceError
+from .errors import SourceError
 from .headstore import load_head
 from .images import ImageDecodeError, load_rgb
 from .preprocess import normalize_batch, prepare_image
-from .sources import IMAGE_EXTENSIONS
+from .sources import IMAGE_EXTENSIONS, printable_path
 from .store import WEIGHTS_DIR, Cache, open_cache
+from .weights import read_checkpoint
 
 
 def cache_backbone(cache: Cache) -> tuple[StagedBackbone, Preprocessing]:
-    """The frozen backbone a cache was extracted with, rebuilt from `_weights/<sha>.safetensors`."""
-    sha = cache.manifest["weights"]["sha256"]
-    path = cache.path.parent / WEIGHTS_DIR / f"{sha}.safetensors"
-    try:
-        state = load_file(str(path))
-    except FileNotFoundError:
-        raise CacheNotFoundError(f"the backbone checkpoint {path} of {cache.path.name} is missing; "
-                                 "extract the dataset again to restore it") from None
-    except (SafetensorError, OSError) as error:
-        raise CorruptCacheError(f"the backbone checkpoint {path} is unreadable ({error})") from None
+    """The frozen backbone a cache was extracted with, rebuilt from `_weights/<sha>.safetensors`
+    (checked: its tensors must hash to the sha256 the manifest records)."""
+    state = read_checkpoint(cache.path.parent / WEIGHTS_DIR, cache.manifest["weights"]["sha256"])
     entry = get_backbone(cache.manifest["config"]["arch"])
     model = StagedBackbone(build_network(entry, state)).eval()
     return model, Preprocessing.from_dict(cache.manifest["config"]["preprocessing"])
@@ -100,22 +92,22 @@ def predict(predictor: Predictor, paths: list[str | Path], *, top_k: int = 5, ba
     """Classify image files (or folders of them); unreadable files get an error instead."""
     files = image_files(paths)
     k = max(1, min(top_k, len(predictor.classes)))
-    results: list[Prediction] = []
+    results: list[tuple[int, Prediction]] = []
     for start in range(0, len(files), batch_size):
         chunk, tensors, good = files[start : start + batch_size], [], []
-        for file in chunk:
+        for position, file in enumerate(chunk, start):
+            shown = printable_path(str(file))  # a name that is not UTF-8 still prints
             try:
                 tensors.append(prepare_image(load_rgb(file), predictor.preprocessing))
-                good.append(file)
+                good.append((position, shown))
             except ImageDecodeError as error:
-                results.append(Prediction(str(file), [], error.reason))
+                results.append((position, Prediction(shown, [], error.reason)))
         if tensors:
             probabilities = predictor.predict_proba(torch.stack(tensors))
-            for file, row in zip(good, probabilities):
+            for (position, shown), row in zip(good, probabilities):
                 order = np.argsort(-row)[:k]
-                results.append(Prediction(str(file), [(predictor.classes[i], float(row[i])) for i in order]))
-    position = {str(f): i for i, f in enumerate(files)}
-    return sorted(results, key=lambda r: position[r.path])
+                results.append((position, Prediction(shown, [(predictor.classes[i], float(row[i])) for i in order])))
+    return [prediction for _, prediction in sorted(results, key=lambda item: item[0])]
 
 
 def predict_split(cache: Cache | str | Path, head_name: str, split: str, *, top_k: int = 5,

@@ -25,6 +25,7 @@ from . import __version__, plots
 from .errors import FeatureCacheError, UsageError
 from .fit import leaderboard
 from .headstore import HEADS_DIR, load_head, read_record
+from .integrity import read_sealed_json, remove_stale_temporaries, storage_error, write_bytes_atomic
 from .store import Cache, open_cache
 
 log = logging.getLogger("featurecache")
@@ -61,9 +62,9 @@ def finetune_records(cache: Cache) -> list[dict]:
     records = []
     for path in sorted((cache.path / FINETUNE_DIR).glob("*/finetune.json")):
         try:
-            records.append(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as error:
-            log.warning("skipping unreadable %s (%s)", path, error)
+            records.append(read_sealed_json(path, "finetune record", "run featurecache verify"))
+        except (OSError, FeatureCacheError) as error:
+            log.warning("skipping %s (%s)", path, error)
     return records
 
 
@@ -229,7 +230,12 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
     if spec.max_points < 10 or spec.worst < 0:
         raise UsageError("--max-points must be at least 10 and --worst at least 0")
     output = Path(spec.output) if spec.output else default_output(cache)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.is_dir():
+        raise UsageError(f"-o {output} is a folder; give a file name such as report.html")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise storage_error(error, output.parent, "the report folder") from None
     result = ReportResult(output)
     manifest, config = cache.manifest, cache.manifest["config"]
     board, runs = leaderboard(cache), finetune_records(cache)
@@ -301,9 +307,21 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
         figures["confusion"] = plots.confusion_heatmap(np.asarray(metrics["confusion_matrix"]), cache.classes,
                                                        f"confusion matrix: {result.head}, {split}")
         figures["per-class"] = plots.per_class_bars(metrics["per_class_accuracy"], f"per-class accuracy, {split}")
-        sections.append('<div class=figs>' + _figure(figures["confusion"], "Rows: true class; columns: predicted. "
-                        "Colour: share of the row; numbers: counts.", "confusion matrix")
-                        + _figure(figures["per-class"], "Worst class at the top.", "per-class accuracy") + "</div>")
+        n_classes = len(cache.classes)
+        confusion_caption = ("Rows: true class; columns: predicted. Colour: share of the row"
+                             + ("; numbers: counts." if n_classes <= 20 else "."))
+        per_class_caption = "Lowest accuracy at the top."
+        if n_classes > plots.MAX_LABELLED_CLASSES:
+            confusion_caption += (f" Only the {plots.CONFUSED_CLASSES} classes involved in the most mistakes are "
+                                  f"drawn, of {n_classes}.")
+            per_class_caption += f" Only the {plots.MAX_LABELLED_CLASSES} lowest of {n_classes} classes are drawn."
+        sections.append('<div class=figs>' + _figure(figures["confusion"], confusion_caption, "confusion matrix")
+                        + _figure(figures["per-class"], per_class_caption, "per-class accuracy") + "</div>")
+        pairs = plots.confused_pairs(np.asarray(metrics["confusion_matrix"]), cache.classes)
+        if pairs:
+            sections.append("<h3>The most frequent mistakes</h3>" + _table(
+                ["true class", "predicted as", "images", "% of the true class"],
+                [[true, predicted, count, f"{100 * share:.1f}"] for true, predicted, count, share in pairs], {2, 3}))
         cache_split = split if split in cache.labeled_splits else _projection_split(cache)
         mistakes, why = _mistakes(cache, result.head, cache_split, spec.worst) if spec.worst else ([], None)
         if mistakes:
@@ -358,9 +376,11 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
     sections.append("<h2 id=provenance>Provenance</h2><table>" + "".join(
         f"<tr><th>{_e(k)}</th><td><code>{_e(v)}</code></td></tr>" for k, v in provenance) + "</table>")
 
+    remove_stale_temporaries(output.parent, (output.name, *(f"{output.stem}-{name}.png" for name in
+                                                            ("confusion", "per-class", "curves", "pca", "tsne"))))
     for name, png in figures.items():
         path = output.with_name(f"{output.stem}-{name}.png")
-        path.write_bytes(png)
+        write_bytes_atomic(path, png, "the report figure")
         result.figures.append(path)
     title = f"{config['source']['name']} · {config['arch']} · {manifest['weights']['description']}"
     page = (f'<!doctype html><html lang=en><head><meta charset=utf-8>'
@@ -369,9 +389,7 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
             f"</title><style>{CSS}</style></head><body><main><h1>featurecache report</h1>"
             f"<p class=sub>{_e(title)} · entry <code>{_e(cache.path.name)}</code></p>" + "".join(sections)
             + "</main></body></html>\n")
-    tmp = output.with_name(f".{output.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(output)
+    write_bytes_atomic(output, page.encode("utf-8"), "the report")
     return result
 
 

@@ -22,7 +22,8 @@ from .errors import ExtractionError
 from .faults import fault_point
 from .plan import Plan, PlannedShard
 from .shards import ShardRows, ShardWriter, read_rows, shard_name
-from .store import MANIFEST, write_json_atomic
+from .sources import printable_path
+from .store import write_manifest
 
 _DONE = object()
 
@@ -51,7 +52,7 @@ class ShardPipeline:
             splits[record["split"]] = splits.get(record["split"], 0) + record["rows"]
         self.manifest["splits"] = splits
         self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        write_json_atomic(self.path / MANIFEST, self.manifest)
+        write_manifest(self.path, self.manifest)
 
     def _new_writer(self, split: str, number: int, capacity: int) -> ShardWriter:
         attrs = {"entry_id": self.manifest["entry_id"], "split": split, "skipped": "[]",
@@ -147,7 +148,8 @@ class ShardPipeline:
             shard = self._current_shard(position)
             if position in failures:
                 sample = samples[position]
-                self._skipped.append({"path": sample.path, "split": sample.split, "reason": failures[position],
+                self._skipped.append({"path": printable_path(sample.path), "split": sample.split,
+                                      "reason": failures[position],
                                       "fingerprint": sample.fingerprint})
             else:
                 self._pending.append(row_of[position])

@@ -167,6 +167,33 @@ class ShardWriter:
         self.tmp_path.unlink(missing_ok=True)
 
 
+def open_h5(path: Path) -> h5py.File:
+    """Open an HDF5 file read-only, refusing anything that would read outside it.
+
+    Shards hold only hard links to plain datasets. An external link, a soft link, a
+    virtual dataset or a dataset with external raw storage would make a read return
+    bytes of another file that the shard's SHA-256 does not cover, so each is refused.
+    """
+    handle = h5py.File(path, "r")
+    try:
+        names: list[str] = []
+        handle.visit_links(names.append)
+        for name in names:
+            link = handle.get(name, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                raise CorruptCacheError(f"shard {path} holds an {type(link).__name__} at {name!r}, which reads "
+                                        "another file; refused. Run featurecache verify --repair")
+            item = handle.get(name)
+            if isinstance(item, h5py.Dataset) and (item.is_virtual or item.external):
+                kind = "virtual dataset" if item.is_virtual else "dataset stored in another file"
+                raise CorruptCacheError(f"shard {path} holds a {kind} at {name!r}; refused. "
+                                        "Run featurecache verify --repair")
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
 def _check_dataset(handle: h5py.File, name: str, shape: Sequence[int], kind: str, path: Path) -> h5py.Dataset:
     dataset = handle.get(name)
     if not isinstance(dataset, h5py.Dataset):
@@ -179,13 +206,16 @@ def _check_dataset(handle: h5py.File, name: str, shape: Sequence[int], kind: str
     return dataset
 
 
-def open_shard(path: Path, rows: int, tap_shapes: dict[str, tuple[int, ...]]) -> h5py.File:
-    """Open a shard read-only and check every dataset's shape and dtype."""
+def open_shard(path: Path, rows: int, tap_shapes: dict[str, tuple[int, ...]], split: str | None = None) -> h5py.File:
+    """Open a shard read-only and check every dataset's shape and dtype (and its split, when given)."""
     try:
-        handle = h5py.File(path, "r")
+        handle = open_h5(path)
     except (OSError, ValueError) as error:
         raise CorruptCacheError(f"cannot open shard {path} ({error}); run featurecache verify") from None
     try:
+        if split is not None and handle.attrs.get("split") != split:
+            raise CorruptCacheError(f"shard {path} holds split {handle.attrs.get('split')!r}, the manifest says "
+                                    f"{split!r}; run featurecache verify")
         for tap, shape in tap_shapes.items():
             _check_dataset(handle, f"features/{tap}", (rows, *shape), "f", path)
         _check_dataset(handle, "labels", (rows,), "iu", path)
@@ -220,7 +250,7 @@ def features_layout(path: Path) -> dict[str, dict]:
     """Where each contiguous, checksummed features dataset of a shard lies:
     {tap: {"offset": byte offset in the file, "checksum": "xxh3_64:..."}}; listed in the manifest."""
     layout = {}
-    with h5py.File(path, "r") as handle:
+    with open_h5(path) as handle:
         for tap, dataset in handle.get("features", {}).items():
             offset = dataset.id.get_offset() if dataset.chunks is None else None
             checksum = dataset.attrs.get(CHECKSUM_ATTR)
@@ -256,7 +286,7 @@ def read_split_features(shards: Sequence[tuple[Path, int, dict]], tap: str, shap
 
 def _read_with_h5py(path: Path, rows: int, tap: str, shape: Sequence[int], out: np.ndarray) -> None:
     try:
-        with h5py.File(path, "r") as handle:
+        with open_h5(path) as handle:
             read_features(_check_dataset(handle, f"features/{tap}", (rows, *shape), "f", path), path, out)
     except (OSError, ValueError) as error:  # unreadable file, or a fletcher32 mismatch
         raise CorruptCacheError(f"shard {path} is damaged ({error}); run featurecache verify") from None
@@ -320,7 +350,7 @@ class RowReader:
             try:
                 if located is None or self.dtype.byteorder == ">":
                     order = np.argsort(local)  # h5py reads increasing row lists only
-                    with h5py.File(path, "r") as handle:
+                    with open_h5(path) as handle:
                         out[picked[order]] = handle[f"features/{self.tap}"][local[order]]
                 else:
                     self._pread_rows(path, int(located["offset"]), local, out, picked)
@@ -337,10 +367,10 @@ class RowReader:
 
 
 def read_rows(path: Path, rows: int, tap_shapes: dict[str, tuple[int, ...]],
-              selection: np.ndarray | None = None) -> ShardRows:
+              selection: np.ndarray | None = None, split: str | None = None) -> ShardRows:
     """Read a whole shard (or the rows where `selection` is True) into memory."""
     try:
-        with open_shard(path, rows, tap_shapes) as handle:
+        with open_shard(path, rows, tap_shapes, split) as handle:
             pick = slice(None) if selection is None else np.flatnonzero(selection)
             return ShardRows(
                 features={tap: read_features(handle[f"features/{tap}"], path)[pick] for tap in tap_shapes},
@@ -354,7 +384,7 @@ def read_rows(path: Path, rows: int, tap_shapes: dict[str, tuple[int, ...]],
 
 def read_fingerprints(path: Path) -> list[str]:
     try:
-        with h5py.File(path, "r") as handle:
+        with open_h5(path) as handle:
             return [f.decode("ascii") for f in handle["fingerprints"][:]]
     except (OSError, KeyError, ValueError) as error:
         raise CorruptCacheError(f"shard {path} is damaged ({error}); run featurecache verify") from None

@@ -20,6 +20,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import SourceError
-from .images import decode_array, load_rgb
+from .images import ImageDecodeError, decode_array, load_rgb
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
@@ -46,7 +47,22 @@ class Sample:
 
 
 def _fingerprint(*parts: object) -> str:
-    return hashlib.sha256("\0".join(str(p) for p in parts).encode()).hexdigest()[:32]
+    # surrogateescape: a file name that is not valid UTF-8 still has a stable fingerprint
+    return hashlib.sha256("\0".join(str(p) for p in parts).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def valid_utf8(text: str) -> bool:
+    """False for a name that came from bytes that are not UTF-8 (Python keeps them as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_path(text: str) -> str:
+    """A path that can be printed and stored as UTF-8: undecodable bytes shown as \\xNN."""
+    return text if valid_utf8(text) else text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def split_sort_key(split: str) -> tuple[int, str]:
@@ -99,6 +115,9 @@ class FileSource(Source):
     draft_size: tuple[int, int] | None = None  # set by extract for JPEG draft decoding
 
     def load(self, sample: Sample) -> Image.Image:
+        if not valid_utf8(sample.path):  # its name could not be stored in the cache (UTF-8 paths)
+            raise ImageDecodeError("file name is not valid UTF-8; rename it to include it",
+                                   printable_path(sample.path))
         return load_rgb(Path(self.root) / sample.path, draft_size=self.draft_size)
 
 
@@ -114,9 +133,15 @@ def _file_fingerprint(path: Path, relpath: str, class_name: str, split: str, con
         return _fingerprint(relpath, "unreadable", error.errno, class_name, split)
 
 
+def _unreadable_folder(error: OSError) -> None:
+    raise SourceError(f"cannot read the folder {printable_path(str(error.filename))}: "
+                      f"{(error.strerror or str(error)).lower()}; fix its permissions or move it out of the dataset")
+
+
 def _image_files(directory: Path) -> list[Path]:
     files = []
-    for dirpath, dirnames, filenames in os.walk(directory):  # does not follow symlinked dirs
+    # does not follow symlinked dirs; an unreadable folder is an error, never a silently empty class
+    for dirpath, dirnames, filenames in os.walk(directory, onerror=_unreadable_folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files += [Path(dirpath) / f for f in sorted(filenames)
                   if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
@@ -139,8 +164,11 @@ class ImageFolderSource(FileSource):
 
         if not allow_layout:
             check_known_layout(root)
-        split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in sorted(root.iterdir())
-                      if d.is_dir() and d.name.lower() in SPLIT_ALIASES}
+        try:
+            split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in sorted(root.iterdir())
+                          if d.is_dir() and d.name.lower() in SPLIT_ALIASES}
+        except OSError as error:
+            _unreadable_folder(error)
         unlabeled_splits = {SPLIT_ALIASES.get(u.lower(), u.lower()) for u in unlabeled}
         missing = sorted(unlabeled_splits - set(split_dirs))
         if missing:
@@ -149,8 +177,15 @@ class ImageFolderSource(FileSource):
                               "--unlabeled names a split folder of an image folder with splits")
         if not split_dirs:
             split_dirs = {"train": root}
-        class_dirs = {split: sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
-                      for split, path in split_dirs.items() if split not in unlabeled_splits}
+        try:
+            class_dirs = {split: sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+                          for split, path in split_dirs.items() if split not in unlabeled_splits}
+        except OSError as error:
+            _unreadable_folder(error)
+        undecodable = [d.name for dirs in class_dirs.values() for d in dirs if not valid_utf8(d.name)]
+        if undecodable:
+            raise SourceError(f"the class folder {printable_path(undecodable[0])!r} is not named in valid UTF-8, so "
+                              "its class name cannot be stored; rename it")
         files = {(split, d.name): _image_files(d) for split, dirs in class_dirs.items() for d in dirs}
         if not allow_layout:
             loose = {split: [f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")
@@ -246,6 +281,9 @@ def _read_csv_rows(csv_path: Path) -> list[tuple[str, str, str]]:
                 if not label and split == "train":
                     raise SourceError(f"{csv_path}:{line_number}: a row without a label must name an unlabelled "
                                       "split (e.g. test) in a split column; training rows need labels")
+                if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", split):
+                    raise SourceError(f"{csv_path}:{line_number}: split {split!r} is not a plain name (letters, "
+                                      "digits, '_' or '-'); shard files are named after it")
                 rows.append((path, label, split))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise SourceError(f"cannot read CSV {csv_path}: {error}") from None

@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock, SoftFileLock, Timeout
 
-from .errors import CacheIncompleteError, CacheLockedError, CacheNotFoundError, CorruptCacheError
+from .errors import (CacheIncompleteError, CacheLockedError, CacheNotFoundError, CorruptCacheError,
+                     InvalidRecordError)
 from .faults import fault_point
+from .integrity import JSON_CHECKSUM, json_checksum, seal_json
 from .shards import RowReader, ShardRows, fsync_directory, open_shard, read_rows, read_split_features
 
 FORMAT_VERSION = 1
@@ -111,27 +113,42 @@ def entry_lock(entry_path: Path, timeout: float) -> Iterator[None]:
         lock.release()
 
 
-def read_manifest(entry_path: Path) -> dict:
+def write_manifest(entry_path: Path, manifest: dict) -> None:
+    """Write the manifest atomically, sealed with a checksum of its content."""
+    write_json_atomic(entry_path / MANIFEST, seal_json(manifest))
+
+
+def manifest_seal_problem(manifest: dict) -> str | None:
+    """What is wrong with the manifest's checksum, or None."""
+    if JSON_CHECKSUM not in manifest:
+        return "carries no checksum (written by an older featurecache, or edited)"
+    if json_checksum(manifest) != manifest[JSON_CHECKSUM]:
+        return "fails its checksum (edited or damaged after featurecache wrote it)"
+    return None
+
+
+def read_manifest(entry_path: Path, *, check_seal: bool = True) -> dict:
+    """The entry's manifest, validated by the schema (featurecache.schema) and its checksum
+    before any use (`check_seal=False`: verify, which reports a bad checksum with the rest)."""
     path = entry_path / MANIFEST
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CacheNotFoundError(f"no cache entry at {entry_path} (no {MANIFEST}); run featurecache extract first") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CorruptCacheError(f"manifest {path} is unreadable ({error}); run featurecache verify") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise CorruptCacheError(f"{path} is not a featurecache v{FORMAT_VERSION} manifest")
-    for shard in manifest.get("shards", []):
-        check_relative(shard.get("file", ""), entry_path)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise CorruptCacheError(f"manifest {path} is unreadable ({type(error).__name__}: {str(error)[:200]}); "
+                                "run featurecache verify") from None
+    if isinstance(manifest, dict) and manifest.get("format_version") not in (None, FORMAT_VERSION):
+        raise InvalidRecordError(f"{path}: field format_version: {manifest.get('format_version')!r} is not "
+                                 f"featurecache's format {FORMAT_VERSION}; extract the dataset again")
+    from .schema import check_manifest  # pydantic: imported when a manifest is read, not at CLI start-up
+
+    check_manifest(manifest, path)
+    problem = manifest_seal_problem(manifest) if check_seal else None
+    if problem:
+        raise CorruptCacheError(f"manifest {path} {problem}; run featurecache verify, then featurecache verify "
+                                "--repair to check its shards and seal it again")
     return manifest
-
-
-def check_relative(relative: str, entry_path: Path) -> Path:
-    """Resolve a manifest path, refusing anything that escapes the entry folder."""
-    candidate = Path(relative)
-    if not relative or candidate.is_absolute() or ".." in candidate.parts:
-        raise CorruptCacheError(f"manifest in {entry_path} names a path outside the entry: {relative!r}")
-    return entry_path / candidate
 
 
 def resolve_entry(name: str | Path, root: Path | None = None) -> Path:
@@ -214,7 +231,9 @@ class Cache:
         """Yield each shard's rows (features of one tap, labels, index, paths)."""
         self._check_tap(tap)
         for shard in self._shards(split):
-            yield read_rows(self.path / shard["file"], shard["rows"], {tap: self.tap_shapes[tap]})
+            rows = read_rows(self.path / shard["file"], shard["rows"], {tap: self.tap_shapes[tap]}, split=split)
+            self._check_labels(rows.labels, split)
+            yield rows
 
     def features(self, split: str, tap: str = "pool") -> np.ndarray:
         """All features of a split, read straight into one preallocated array."""
@@ -237,14 +256,22 @@ class Cache:
         for shard in self._shards(split):
             path = self.path / shard["file"]
             try:
-                with open_shard(path, shard["rows"], {}) as handle:
+                with open_shard(path, shard["rows"], {}, shard["split"]) as handle:
                     values.extend(handle[name][:])
             except OSError as error:  # a fletcher32 mismatch
                 raise CorruptCacheError(f"shard {path} is damaged ({error}); run featurecache verify") from None
         return values
 
     def labels(self, split: str) -> np.ndarray:
-        return np.asarray(self._column(split, "labels"), dtype=np.int64)
+        """Class indices 0..C-1 of a split's rows (-1 marks a row without a label)."""
+        return self._check_labels(np.asarray(self._column(split, "labels"), dtype=np.int64), split)
+
+    def _check_labels(self, labels: np.ndarray, split: str) -> np.ndarray:
+        if labels.size and (labels.min() < -1 or labels.max() >= len(self.classes)):
+            raise CorruptCacheError(
+                f"the {split} labels of {self.path} run from {labels.min()} to {labels.max()}, but the manifest "
+                f"lists {len(self.classes)} classes; run featurecache verify")
+        return labels
 
     def index(self, split: str) -> np.ndarray:
         return np.asarray(self._column(split, "index"), dtype=np.int64)

@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .backbones import IMAGENET_PREPROCESSING, BackboneEntry, Preprocessing, backbone_state_dict
-from .errors import BackboneError, UnsafeCheckpointError, WeightsUnavailableError
+from .errors import (BackboneError, CacheNotFoundError, CorruptCacheError, UnsafeCheckpointError,
+                     WeightsUnavailableError)
+from .integrity import read_safetensors, remove_stale_temporaries, storage_error, write_safetensors
 
 log = logging.getLogger("featurecache")
 
@@ -69,11 +70,41 @@ def resolve_weights(entry: BackboneEntry, weights: str, *, seed: int = 0) -> Res
         return _resolved(state, f"random(seed={seed})", IMAGENET_PREPROCESSING)
     if value.lower() in ("imagenet", "pretrained", "default"):
         value = DEFAULT_PRETRAINED
+    if not value:
+        raise BackboneError("--weights is empty; use imagenet, random, an enum name or a path to a checkpoint")
     path = Path(value).expanduser()
     if path.suffix.lower() in (".pt", ".pth", ".bin", ".safetensors") or path.exists():
         state, preprocessing = load_checkpoint(path)
+        check_architecture(entry, state, path)
         return _resolved(state, f"file:{path.resolve()}", preprocessing or IMAGENET_PREPROCESSING)
     return _resolve_enum(entry, value)
+
+
+def check_architecture(entry: BackboneEntry, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a checkpoint that does not fit `entry`, naming the model it was saved from."""
+    from .backbones import available_backbones, get_backbone, state_fits
+
+    if state_fits(entry, state):
+        return
+    saved = _saved_arch(path)
+    if saved is None:
+        saved = next((name for name in available_backbones() if name != entry.name
+                      and state_fits(get_backbone(name), state)), None)
+    origin = f"it was saved from {saved}" if saved else "it matches none of: " + ", ".join(available_backbones())
+    hint = f"; pass --model {saved}" if saved else ""
+    raise BackboneError(f"the checkpoint {path} does not fit --model {entry.name}: {origin}{hint}")
+
+
+def _saved_arch(path: Path) -> str | None:
+    if path.suffix.lower() != ".safetensors":
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get(ARCH_METADATA)
+    except (SafetensorError, OSError, ValueError):
+        return None
 
 
 def _resolved(state: dict[str, torch.Tensor], description: str, preprocessing: Preprocessing) -> ResolvedWeights:
@@ -109,7 +140,8 @@ def _download(url: str, destination: Path, arch: str, weights_name: str) -> None
     advice = (
         f"{arch} {weights_name} weights are not on this machine ({destination}). "
         f"On a connected machine download {url} and copy it to that path, "
-        f"or pass --weights /path/to/the/file.pth"
+        f"or pass --weights /path/to/the/file.pth; to try the tool without them, pass --weights random "
+        f"(random features: everything runs, accuracy is a random-feature baseline)"
     )
     if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
         raise WeightsUnavailableError(advice + f" ({OFFLINE_ENV} is set, so no download was tried)")
@@ -133,16 +165,17 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Preprocessing 
         raise BackboneError(f"--weights {path} is a directory; pass a .pt/.pth/.safetensors file")
     preprocessing = None
     if path.suffix.lower() == ".safetensors":
-        try:
-            state = load_file(str(path))
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as error:
-            raise BackboneError(f"cannot read safetensors file {path}: {error}") from None
+        try:  # a file featurecache wrote (finetune/<run>/backbone.safetensors) is checked against its checksum
+            state, metadata = read_safetensors(path, "weights file", "pass another --weights", required=False)
+        except CorruptCacheError as error:
+            raise BackboneError(str(error)) from None
         if PREPROCESSING_METADATA in metadata:
-            preprocessing = Preprocessing.from_dict(json.loads(metadata[PREPROCESSING_METADATA]))
+            try:
+                preprocessing = Preprocessing.from_dict(json.loads(metadata[PREPROCESSING_METADATA]))
+                check_preprocessing(preprocessing)
+            except (ValueError, TypeError, KeyError, BackboneError, CorruptCacheError) as error:
+                raise BackboneError(f"weights file {path}: its {PREPROCESSING_METADATA} metadata is not valid "
+                                    f"({str(error)[:160]}); pass another --weights") from None
         return _plain_state_dict(state, path), preprocessing
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -154,6 +187,13 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Preprocessing 
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
         raise BackboneError(f"cannot read checkpoint {path}: {str(error).splitlines()[0][:200]}") from None
     return _plain_state_dict(loaded, path), preprocessing
+
+
+def check_preprocessing(preprocessing: Preprocessing) -> None:
+    """Refuse sizes, statistics or interpolations that no image pipeline can use."""
+    from .schema import PreprocessingRecord, check
+
+    check(PreprocessingRecord, preprocessing.to_dict(), "preprocessing", "pass another --weights")
 
 
 def _plain_state_dict(loaded: object, path: Path) -> dict[str, torch.Tensor]:
@@ -176,15 +216,44 @@ def _plain_state_dict(loaded: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def store_weights(weights_dir: Path, arch: str, resolved: ResolvedWeights) -> Path:
-    """Write the checkpoint once as `<sha256>.safetensors` (atomically) and return its path."""
-    weights_dir.mkdir(parents=True, exist_ok=True)
+    """Write the checkpoint as `<sha256>.safetensors` (atomically, sealed) and return its path.
+
+    A file already there is kept only if its tensors still hash to its name: a missing or
+    damaged checkpoint is rewritten from the resolved weights."""
     destination = weights_dir / f"{resolved.sha256}.safetensors"
+    try:
+        weights_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise storage_error(error, weights_dir, "the weights folder") from None
     if destination.exists():
-        return destination
-    tmp = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
+        try:
+            read_checkpoint(weights_dir, resolved.sha256)
+            return destination
+        except (BackboneError, CorruptCacheError) as error:
+            log.warning("rewriting the damaged backbone checkpoint %s (%s)", destination, error)
+    remove_stale_temporaries(weights_dir)
     metadata = {ARCH_METADATA: arch, PREPROCESSING_METADATA: json.dumps(resolved.preprocessing.to_dict())}
-    save_file({k: v.contiguous() for k, v in resolved.state_dict.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, destination)
+    write_safetensors(destination, resolved.state_dict, metadata, "the backbone checkpoint")
     return destination
+
+
+def checkpoint_path(weights_dir: Path, sha256: str) -> Path:
+    return weights_dir / f"{sha256}.safetensors"
+
+
+def read_checkpoint(weights_dir: Path, sha256: str) -> dict[str, torch.Tensor]:
+    """The tensors of `_weights/<sha256>.safetensors`, checked: they must hash to the name.
+
+    CacheNotFoundError when missing, CorruptCacheError when damaged, both saying what to do."""
+    path = checkpoint_path(weights_dir, sha256)
+    advice = "run featurecache verify --repair on the entry, or extract the dataset again, to restore it"
+    if not path.is_file():
+        raise CacheNotFoundError(f"the backbone checkpoint {path} is missing; {advice}")
+    try:
+        state, _ = read_safetensors(path, "the backbone checkpoint", advice, required=False)
+    except FileNotFoundError:
+        raise CacheNotFoundError(f"the backbone checkpoint {path} is missing; {advice}") from None
+    if weights_sha256(state) != sha256:
+        raise CorruptCacheError(f"the backbone checkpoint {path} is damaged (its tensors do not hash to its "
+                                f"name); {advice}")
+    return state

@@ -19,6 +19,7 @@ from featurecache.export import METADATA_FILE, export_model
 from featurecache.fit import FitSpec, fit_head, leaderboard, make_ensemble
 from featurecache.headstore import load_head
 from featurecache.images import load_rgb
+from featurecache.integrity import seal_json
 from featurecache.predict import load_predictor, predict
 from featurecache.preprocess import prepare_image
 from featurecache.shards import CHECKSUM_ATTR, features_checksum, features_layout, file_sha256
@@ -186,7 +187,7 @@ def test_nan_features_are_refused_at_fit_time(colour_cache):
     manifest = json.loads((cache.path / "manifest.json").read_text())
     record = manifest["shards"][0]
     record.update(features=features_layout(shard), sha256=file_sha256(shard), bytes=shard.stat().st_size)
-    (cache.path / "manifest.json").write_text(json.dumps(manifest))
+    (cache.path / "manifest.json").write_text(json.dumps(seal_json(manifest)))
     with pytest.raises(CorruptCacheError, match="NaN"):
         fit_head(open_cache(cache.path), FitSpec(head="knn"))
 

@@ -16,6 +16,7 @@ from featurecache import extract, open_cache
 from featurecache.cli import app
 from featurecache.errors import CorruptCacheError
 from featurecache.extract import ExtractSpec
+from featurecache.integrity import seal_json
 from featurecache.shards import file_sha256
 from featurecache.store import read_manifest
 from featurecache.verify import repair_entry, verify_entry
@@ -33,7 +34,8 @@ def _manifest(entry):
 
 
 def _save_manifest(entry, manifest):
-    (entry / "manifest.json").write_text(json.dumps(manifest))
+    """As featurecache would have written it (sealed): the damage is in what it says."""
+    (entry / "manifest.json").write_text(json.dumps(seal_json(manifest)))
 
 
 def zero_length(entry):
