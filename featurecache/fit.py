@@ -300,14 +300,14 @@ def _ensemble_data(cache: Cache, tap: str, records: dict[str, dict]) -> tuple[di
     data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if not validation["trained_on"]:
         if validation["split"] == "val":
-            if not cache.splits.get("val"):
+            if not cache.labeled_splits.get("val"):
                 raise HeadError(f"the members were validated on the val split, which {cache.path.name} no longer has")
             data["val"] = (_features(cache, "val", tap), cache.labels("val"))
         else:
             labels = cache.labels("train")
             _, val = _stratified_split(labels, validation["fraction"], validation["seed"])
             data["val (from train)"] = (_features(cache, "train", tap)[val], labels[val])
-    if cache.splits.get("test", 0) > 0:
+    if cache.labeled_splits.get("test", 0) > 0:  # an unlabelled test split is never scored
         data["test"] = (_features(cache, "test", tap), cache.labels("test"))
     if not data:
         raise HeadError("every row the members were validated on was also trained on (--refit), and the cache has "

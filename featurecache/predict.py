@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .backbones import Preprocessing, StagedBackbone, build_network, get_backbone
-from .errors import SourceError
+from .errors import CacheNotFoundError, SourceError
 from .headstore import load_head
 from .images import ImageDecodeError, load_rgb
 from .preprocess import normalize_batch, prepare_image

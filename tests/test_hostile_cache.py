@@ -800,11 +800,12 @@ def test_file_names_that_are_not_utf8_are_skipped_with_a_reason(tmp_path):
     write_image(folder / "also_good.png", 2)
     bad = os.path.join(os.fsencode(folder), b"bad\xff\xfe.png")
     shutil.copy(folder / "good.png", bad)
+    write_image(tmp_path / "photos" / "train" / "bees" / "bee.png", 3)  # two classes: a layout that is accepted
     result = cli("extract", tmp_path / "photos", "--model", "tiny", "--weights", "random", "--image-size", "32",
                  "--root", tmp_path / "c")
     assert result.exit_code == 0, result.output
     manifest = json.loads(next((tmp_path / "c").glob("*/manifest.json")).read_text())
-    assert manifest["splits"]["train"] == 2
+    assert manifest["splits"]["train"] == 3
     assert [s["reason"] for s in manifest["skipped"]] == ["file name is not valid UTF-8; rename it to include it"]
     assert "\\xff\\xfe" in manifest["skipped"][0]["path"]
     assert cli("predict", next((tmp_path / "c").glob("*")), folder, "--head", "x").exit_code == 2  # no head: no crash

@@ -64,8 +64,7 @@ def test_fit_ensemble_and_report_never_score_the_unlabeled_split(unlabeled_cache
 def test_streamed_heads_skip_the_unlabeled_split(unlabeled_cache):
     cache, _ = unlabeled_cache
     for head in ("logistic", "knn"):
-        record = fit_head(cache, FitSpec(head=head, name=f"s-{head}", max_memory=1024,
-                                         params={"epochs": 2} if head == "logistic" else {})).record
+        record = fit_head(cache, FitSpec(head=head, name=f"s-{head}", max_memory=1024)).record
         assert record["streamed"] and set(record["metrics"]) == {"val"} and "test" not in record["rows"]
         assert len(predict_split(cache, f"s-{head}", "test")) == 5
 
