@@ -20,8 +20,8 @@ from torch import nn
 
 from . import __version__
 from .backbones import TAP_ORDER
-from .errors import StorageError, UsageError
-from .integrity import remove_stale_temporaries, storage_error, write_atomic
+from .errors import StorageError
+from .integrity import prepare_output_file, remove_stale_temporaries, write_atomic
 from .predict import Predictor
 
 METADATA_FILE = "featurecache.json"
@@ -60,12 +60,7 @@ class _Classifier(nn.Module):
 def export_model(predictor: Predictor, output: str | Path, *, provenance: dict | None = None) -> Path:
     """Write a TorchScript file (atomically) and return its path."""
     output = Path(output)
-    if output.is_dir():
-        raise UsageError(f"-o {output} is a folder; give a file name such as model.pt")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise storage_error(error, output.parent, "the export folder") from None
+    prepare_output_file(output, "the export folder", "model.pt")
     size = predictor.preprocessing.crop_size
     # TorchScript still loads everywhere with plain PyTorch; torch >= 2.10 only warns that
     # it is in maintenance mode, which is noise for our users.

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import xxhash
 
-from .errors import CorruptCacheError, StorageError
+from .errors import CorruptCacheError, StorageError, UsageError
 
 TENSORS_KEY = "featurecache.tensors"
 CHECKSUM_KEY = "featurecache.checksum"
@@ -52,6 +52,16 @@ def storage_error(error: OSError, path: Path | str, what: str = "") -> StorageEr
     reason, advice = _reason(error)
     where = f"{what} {path}".strip()
     return StorageError(f"cannot write {where}: {reason}; nothing was written under that name. {advice}")
+
+
+def prepare_output_file(output: Path, what: str, example: str) -> None:
+    """Refuse a folder where a file is wanted and make the file's folder, or say why it cannot be made."""
+    if output.is_dir():
+        raise UsageError(f"-o {output} is a folder; give a file name such as {example}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise storage_error(error, output.parent, what) from None
 
 
 def os_error_text(error: OSError) -> str:

@@ -25,7 +25,7 @@ from . import __version__, plots
 from .errors import FeatureCacheError, UsageError
 from .fit import leaderboard
 from .headstore import HEADS_DIR, load_head, read_record
-from .integrity import read_sealed_json, remove_stale_temporaries, storage_error, write_bytes_atomic
+from .integrity import prepare_output_file, read_sealed_json, remove_stale_temporaries, write_bytes_atomic
 from .store import Cache, open_cache
 
 log = logging.getLogger("featurecache")
@@ -230,12 +230,7 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
     if spec.max_points < 10 or spec.worst < 0:
         raise UsageError("--max-points must be at least 10 and --worst at least 0")
     output = Path(spec.output) if spec.output else default_output(cache)
-    if output.is_dir():
-        raise UsageError(f"-o {output} is a folder; give a file name such as report.html")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise storage_error(error, output.parent, "the report folder") from None
+    prepare_output_file(output, "the report folder", "report.html")
     result = ReportResult(output)
     manifest, config = cache.manifest, cache.manifest["config"]
     board, runs = leaderboard(cache), finetune_records(cache)

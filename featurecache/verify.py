@@ -146,21 +146,16 @@ def _check_finetune_runs(report: VerifyReport) -> None:
     for directory in sorted(folder.iterdir()) if folder.is_dir() else []:
         if not directory.is_dir():
             continue
-        for file in sorted(directory.glob("*.safetensors")):
+        checks = [(file, lambda f: read_safetensors(f, "finetune output", ""))
+                  for file in sorted(directory.glob("*.safetensors"))]
+        if (directory / "finetune.json").exists():
+            checks.append((directory / "finetune.json", lambda f: read_sealed_json(f, "finetune record", "")))
+        for file, check in checks:
             report.artifacts_checked += 1
             try:
-                read_safetensors(file, "finetune output", "")
+                check(file)
             except FeatureCacheError as error:
                 report.problems.append(Problem(f"finetune/{directory.name}/{file.name}",
-                                               str(error).split(";")[0] + "; run featurecache finetune again "
-                                               "with --restart"))
-        record = directory / "finetune.json"
-        if record.exists():
-            report.artifacts_checked += 1
-            try:
-                read_sealed_json(record, "finetune record", "")
-            except FeatureCacheError as error:
-                report.problems.append(Problem(f"finetune/{directory.name}/finetune.json",
                                                str(error).split(";")[0] + "; run featurecache finetune again "
                                                "with --restart"))
 
