@@ -23,8 +23,10 @@ from rich.table import Table
 
 from . import __version__
 from .errors import FeatureCacheError
-from .inspect import describe_entry, entry_rows
-from .store import default_root
+
+# Heavy libraries (torch, torchvision, scikit-learn, matplotlib, h5py) load inside the
+# commands that use them, never here: --help, --version, ls, info, heads and argument
+# errors answer at once (tests/test_cli.py::test_light_commands_do_not_import_torch).
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Run a frozen backbone over images once; fit many heads on the cached features.")
@@ -202,6 +204,9 @@ def list_entries(
 
     Example: featurecache ls cache/
     """
+    from .inspect import entry_rows
+    from .store import default_root
+
     rows = entry_rows(root or default_root())
     if not rows:
         console.print(f"no cache entries under {root or default_root()}", markup=False)
@@ -222,6 +227,8 @@ def info(
 
     Example: featurecache info cache/digits-resnet50-0123456789ab
     """
+    from .inspect import describe_entry
+
     for label, value in describe_entry(cache, root):
         console.print(f"{label:>14}: {value}", markup=False, highlight=False)
 

@@ -19,7 +19,8 @@ from sklearn.model_selection import train_test_split
 
 from . import __version__
 from .errors import CorruptCacheError, HeadError, MismatchError
-from .headstore import default_head_name, list_heads, load_head, read_record, save_head
+from .headstore import default_head_name, load_head, read_record, save_head
+from .headstore import leaderboard  # noqa: F401  (public as featurecache.fit.leaderboard too)
 from .heads import EnsembleHead, Head, make_head
 from .metrics import classification_metrics
 from .store import Cache, open_cache
@@ -215,21 +216,3 @@ def make_ensemble(cache: Cache | str | Path, members: list[str], *, name: str,
     }
     path = save_head(cache, name, head, record)
     return FitResult(name, path, head, read_record(cache, name))
-
-
-def leaderboard(cache: Cache | str | Path) -> list[dict]:
-    """Every head on the cache with its headline figure, best first."""
-    cache = cache if isinstance(cache, Cache) else open_cache(cache)
-    rows = []
-    for name in list_heads(cache):
-        record = read_record(cache, name)
-        split = record["headline"]["split"]
-        metrics = record["metrics"].get(split, {})
-        rows.append({
-            "name": name, "head": record["head"], "tap": record["tap"], "split": split,
-            "top1": metrics.get("top1"), "top5": metrics.get("top5"),
-            "val_top1": next((m["top1"] for s, m in record["metrics"].items() if s.startswith("val")), None),
-            "chosen": record.get("chosen"), "fit_seconds": record.get("fit_seconds", 0.0),
-            "stale": record.get("cache_key") != cache.key, "note": record["headline"].get("note", ""),
-        })
-    return sorted(rows, key=lambda r: (r["stale"], -(r["top1"] or 0.0)))
