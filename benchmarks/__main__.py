@@ -28,6 +28,7 @@ MODULES = [
     ("scaling", "benchmarks.scaling"),
     ("optimisations", "benchmarks.optimisations"),
     ("streaming", "benchmarks.streaming"),
+    ("startup", "benchmarks.startup"),
 ]
 
 
