@@ -22,6 +22,7 @@ from .common import Config, Row, format_table, machine
 MODULES = [
     ("extraction", "benchmarks.extraction"),
     ("breakdown", "benchmarks.breakdown"),
+    ("decode", "benchmarks.decode"),
     ("read", "benchmarks.read"),
     ("logistic", "benchmarks.logistic"),
     ("storage", "benchmarks.storage"),

@@ -66,6 +66,11 @@ class Optimize(str, Enum):
     compile = "compile"
 
 
+class Decode(str, Enum):
+    pil = "pil"
+    torch = "torch"
+
+
 class Compression(str, Enum):
     none = "none"
     lzf = "lzf"
@@ -146,6 +151,7 @@ def extract(
     on_error: Annotated[OnError, typer.Option(case_sensitive=False, help="skip unreadable images (listed in the manifest) or fail.")] = OnError.skip,
     content_hash: Annotated[bool, typer.Option(help="Fingerprint files by content hash instead of size and mtime.")] = False,
     draft: Annotated[bool, typer.Option(help="Decode large JPEGs at reduced size (libjpeg draft mode): faster, slightly different features; part of the cache key.")] = False,
+    decode: Annotated[Decode, typer.Option(case_sensitive=False, help="pil: PIL decodes and resizes in the workers; torch: torchvision.io decodes JPEG/PNG and an antialiased tensor resize runs on the extraction device (a whole batch of JPEGs on the GPU at once); numbers differ slightly from PIL's, so it is part of the cache key.")] = Decode.pil,
     optimize: Annotated[Optimize, typer.Option(case_sensitive=False, help="Forward pass: auto (on CPU: freeze in fp32 for 256+ images, else fuse), eager, fuse (BatchNorm folded into the convolutions), freeze (TorchScript, CPU fp32), compile (torch.compile, ~30 s to build).")] = Optimize.auto,
     seed: Annotated[int, typer.Option(help="Seed for --weights random.")] = 0,
     root: Annotated[Optional[Path], typer.Option(help="Cache root (default $FEATURECACHE_ROOT or ./cache).")] = None,
@@ -169,7 +175,7 @@ def extract(
         dtype=dtype.value, precision=precision.value, device=device.value, batch_size=batch_size,
         workers=workers, shard_size=shard_size, compression=None if compression is Compression.none else compression.value,
         on_error=on_error.value, content_hash=content_hash, seed=seed, root=str(root) if root else None,
-        draft=draft, optimize=optimize.value,
+        draft=draft, optimize=optimize.value, decode=decode.value,
     )
     bar, update = progress_bar("extract", quiet or follower)
     try:

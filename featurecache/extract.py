@@ -62,6 +62,7 @@ class ExtractSpec:
     lock_timeout: float = 10.0
     draft: bool = False  # JPEG draft decoding (libjpeg's 1/2..1/8 scaling): faster, changes numbers, in the key
     optimize: str = "auto"  # auto | eager | freeze | compile: how the forward pass is built (see optimize.py)
+    decode: str = "pil"  # pil | torch (torchvision.io + tensor resize, on the device; see tensor_decode.py), in the key
 
 
 @dataclass
@@ -89,6 +90,10 @@ def _check_spec(spec: ExtractSpec) -> None:
     for name in ("batch_size", "shard_size"):
         if getattr(spec, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if spec.decode not in ("pil", "torch"):
+        raise UsageError(f"unknown --decode {spec.decode!r}; use pil or torch")
+    if spec.decode == "torch" and spec.draft:
+        raise UsageError("--draft is libjpeg draft decoding through PIL; it does not combine with --decode torch")
 
 
 def extract(spec: ExtractSpec, *, progress: Callable[[int, int], None] | None = None) -> ExtractResult:
@@ -124,7 +129,8 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
         "arch": entry.name,
         "weights_sha256": weights.sha256,
         "taps": list(taps),
-        "preprocessing": {**preprocessing.to_dict(), **({"jpeg_draft": True} if spec.draft else {})},
+        "preprocessing": {**preprocessing.to_dict(), **({"jpeg_draft": True} if spec.draft else {}),
+                          **({"decode": "torch"} if spec.decode == "torch" else {})},
         "dtype": spec.dtype,
         "precision": precision,
         "source": source.identity(),
@@ -200,7 +206,7 @@ def _compute(model: StagedBackbone, source, plan: Plan, pipeline: ShardPipeline,
     try:
         for batch in run_backbone(model, source, samples, preprocessing=preprocessing, taps=taps,
                                   device=device, precision=precision, dtype=spec.dtype,
-                                  batches=batches, num_workers=workers):
+                                  batches=batches, num_workers=workers, decode=spec.decode):
             if batch.failures and spec.on_error == "fail":
                 position, reason = batch.failures[0]
                 raise UnreadableImageError(f"cannot read {samples[position].path}: {reason} "
