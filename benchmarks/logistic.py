@@ -57,7 +57,7 @@ def compare(features: np.ndarray, labels: np.ndarray, **head_params) -> dict:
 
     default_seconds, default_top1 = sklearn_fit(1.0)
     started = time.perf_counter()
-    head = make_head("logistic", device="cpu", **head_params).fit(X, y, X_val, y_val, n_classes=classes)
+    head = make_head("logistic", **{"device": "cpu", **head_params}).fit(X, y, X_val, y_val, n_classes=classes)
     sweep_seconds = time.perf_counter() - started
     chosen = head.best_params_["C"]
     chosen_seconds, chosen_top1 = sklearn_fit(chosen)
