@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--quick] [--only NAMES] [--compile]`: one table of ratios.
+"""`python -m benchmarks [--quick] [--only NAMES] [--compile] [--gpu]`: one table of ratios.
 
 Every figure in the table is measured in this one process (scaling uses child
 processes for their peak memory), on the same data, after a warm-up, as the median of
@@ -22,12 +22,14 @@ from .common import Config, Row, format_table, machine
 MODULES = [
     ("extraction", "benchmarks.extraction"),
     ("breakdown", "benchmarks.breakdown"),
+    ("decode", "benchmarks.decode"),
     ("read", "benchmarks.read"),
     ("logistic", "benchmarks.logistic"),
     ("storage", "benchmarks.storage"),
     ("scaling", "benchmarks.scaling"),
     ("optimisations", "benchmarks.optimisations"),
     ("streaming", "benchmarks.streaming"),
+    ("startup", "benchmarks.startup"),
 ]
 
 
@@ -48,6 +50,12 @@ def run_all(config: Config, only: list[str] | None = None, *, echo=print) -> lis
 
 
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    if "--gpu" in (sys.argv[1:] if argv is None else argv):  # the GPU check: its own table (benchmarks/gpu.py)
+        from .gpu import main as gpu_main
+
+        raise SystemExit(gpu_main(argv))
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer images and repeats: under 5 minutes")
     parser.add_argument("--only", nargs="+", choices=[name for name, _ in MODULES], help="run only these")
@@ -56,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=None, help="images per end-to-end extraction run "
                         "(default 128; 32 with --quick, where fixed start-up costs weigh more)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--gpu", action="store_true", help="run the GPU check instead (benchmarks/gpu.py); "
+                        "on a machine without CUDA it says so and exits 0")
     args = parser.parse_args(argv)
     logging.getLogger("featurecache").setLevel(logging.WARNING)
     started = time.perf_counter()

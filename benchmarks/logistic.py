@@ -1,10 +1,14 @@
-"""Section 4: the whole logistic C sweep against scikit-learn fitted at one C.
+"""Section 4: the whole logistic C sweep against one scikit-learn fit.
 
-Same standardised float32 features for both. Our head sweeps its full grid (12 Cs)
-and picks C on validation; scikit-learn's `LogisticRegression(solver="lbfgs")` is
-then fitted once at that chosen C. Both are scored on a held-out test split: the
-comparison is only fair at equal accuracy (within 0.5 point), which the note states.
-Target: the whole sweep costs less than scikit-learn's single fit.
+Same standardised float32 features for both. Our head sweeps its full grid (12 Cs),
+picks C on validation and solves the chosen C on every row; the baseline is one
+`LogisticRegression()` fit with scikit-learn's defaults (C=1, lbfgs, max_iter=100),
+what a user would run first. scikit-learn fitted at our chosen C is timed too, for the
+accuracy at equal C. Everything is scored on a held-out test split: the comparison is
+only fair at equal or better test accuracy, which the note states. Target: the whole
+sweep costs less than scikit-learn's single fit.
+
+    python -m benchmarks.logistic 50000 10      # rows, classes (2048 features)
 """
 
 from __future__ import annotations
@@ -33,37 +37,47 @@ def _split(features: np.ndarray, labels: np.ndarray, seed: int = 0):
     return [(features[p], labels[p]) for p in parts]
 
 
-def compare(features: np.ndarray, labels: np.ndarray) -> dict:
-    """Time our sweep and sklearn's single fit at the chosen C; return both accuracies."""
+def compare(features: np.ndarray, labels: np.ndarray, **head_params) -> dict:
+    """Time our sweep, sklearn's default fit and sklearn at our chosen C; return accuracies."""
     from sklearn.linear_model import LogisticRegression
 
     from featurecache.heads import make_head
 
     (X, y), (X_val, y_val), (X_test, y_test) = _split(features, labels)
     classes = int(labels.max()) + 1
+    mean, scale = X.mean(axis=0), np.maximum(X.std(axis=0), 1e-6)
+    standardized, standardized_test = (X - mean) / scale, (X_test - mean) / scale
+
+    def sklearn_fit(C: float):
+        started = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ConvergenceWarning at max_iter=100, as users see it
+            model = LogisticRegression(C=C).fit(standardized, y)
+        return time.perf_counter() - started, float((model.predict(standardized_test) == y_test).mean())
+
+    default_seconds, default_top1 = sklearn_fit(1.0)
     started = time.perf_counter()
-    head = make_head("logistic", device="cpu").fit(X, y, X_val, y_val, n_classes=classes)
+    head = make_head("logistic", **{"device": "cpu", **head_params}).fit(X, y, X_val, y_val, n_classes=classes)
     sweep_seconds = time.perf_counter() - started
     chosen = head.best_params_["C"]
-    mean, scale = X.mean(axis=0), np.maximum(X.std(axis=0), 1e-6)
-    started = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ConvergenceWarning at max_iter=100, as users see it
-        reference = LogisticRegression(C=chosen, solver="lbfgs", max_iter=100).fit((X - mean) / scale, y)
-    sklearn_seconds = time.perf_counter() - started
+    chosen_seconds, chosen_top1 = sklearn_fit(chosen)
     return {
-        "sweep_seconds": sweep_seconds, "sklearn_seconds": sklearn_seconds, "C": chosen, "grid": len(head.sweep_),
+        "sweep_seconds": sweep_seconds, "sklearn_seconds": default_seconds, "sklearn_top1": default_top1,
+        "sklearn_chosen_seconds": chosen_seconds, "sklearn_chosen_top1": chosen_top1,
+        "C": chosen, "grid": len(head.sweep_), "fitted": sum(entry["fitted"] for entry in head.sweep_),
+        "rows": head.sweep_rows_, "train_rows": len(y),
         "ours_top1": float((head.predict(X_test) == y_test).mean()),
-        "sklearn_top1": float((reference.predict((X_test - mean) / scale) == y_test).mean()),
     }
 
 
 def _row(name: str, result: dict) -> Row:
     gap = 100 * (result["ours_top1"] - result["sklearn_top1"])
-    return Row("4", f"logistic sweep ({result['grid']} Cs) vs sklearn 1 fit: {name}", result["sweep_seconds"],
-               result["sklearn_seconds"], unit="s", higher_is_better=False, target=">= 1x",
-               note=f"C={result['C']:.3g}; test top-1 ours {100 * result['ours_top1']:.1f}% vs "
-                    f"sklearn {100 * result['sklearn_top1']:.1f}% ({gap:+.1f} pt)")
+    return Row("4", f"logistic sweep ({result['grid']} Cs) vs sklearn LogisticRegression(): {name}",
+               result["sweep_seconds"], result["sklearn_seconds"], unit="s", higher_is_better=False, target=">= 1x",
+               note=f"test top-1 ours {100 * result['ours_top1']:.1f}% vs sklearn {100 * result['sklearn_top1']:.1f}% "
+                    f"({gap:+.1f} pt); C={result['C']:.3g} chosen on {result['rows']} of {result['train_rows']} rows "
+                    f"({result['fitted']} Cs fitted); sklearn at that C: {result['sklearn_chosen_seconds']:.2f} s, "
+                    f"{100 * result['sklearn_chosen_top1']:.1f}%")
 
 
 def run(config: Config) -> list[Row]:
@@ -85,5 +99,8 @@ def run(config: Config) -> list[Row]:
 if __name__ == "__main__":
     import sys
 
-    print(_row("synthetic", compare(*synthetic(int(sys.argv[1]) if len(sys.argv) > 1 else 10_000, 2048, 10))))
-    _ = time
+    count = int(sys.argv[1]) if len(sys.argv) > 1 else 10_000
+    classes = int(sys.argv[2]) if len(sys.argv) > 2 else 10
+    result = compare(*synthetic(count, 2048, classes))
+    print(_row(f"synthetic {count}x2048, {classes} classes", result))
+    print(result)

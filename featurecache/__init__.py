@@ -1,14 +1,72 @@
-"""featurecache: run a frozen backbone over an image dataset once, fit many heads on the cache."""
+"""featurecache: run a frozen backbone over an image dataset once, fit many heads on the cache.
+
+The public names below load on first use (PEP 562 module `__getattr__`), so that
+`import featurecache` and the command line's `--help`, `ls`, `info` and `heads` do not
+pay for torch, torchvision and scikit-learn (several seconds) before doing anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from .errors import FeatureCacheError  # noqa: E402
-from .extract import ExtractResult, ExtractSpec, extract  # noqa: E402
-from .export_features import export_features  # noqa: E402
-from .fit import FitSpec, fit_head, leaderboard, make_ensemble  # noqa: E402
-from .headstore import load_head  # noqa: E402
-from .predict import load_predictor, predict  # noqa: E402
-from .store import Cache, open_cache  # noqa: E402
+from .errors import FeatureCacheError  # noqa: E402  (light: no third-party imports)
+
+# public name -> the submodule that defines it
+_LAZY = {
+    "ExtractResult": "extract", "ExtractSpec": "extract", "extract": "extract",
+    "FitSpec": "fit", "fit_head": "fit", "leaderboard": "headstore", "make_ensemble": "fit",
+    "load_head": "headstore",
+    "load_predictor": "predict", "predict": "predict", "export_features": "export_features",
+    "Cache": "store", "open_cache": "store",
+}
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
+    from .extract import ExtractResult, ExtractSpec, extract
+    from .fit import FitSpec, fit_head, make_ensemble
+    from .export_features import export_features
+    from .headstore import leaderboard, load_head
+    from .predict import load_predictor, predict
+    from .store import Cache, open_cache
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    # Importing the submodule `extract` (or `predict`) set the attribute to the submodule
+    # itself; the public name is the function, as before.
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """Keeps `featurecache.extract` and `featurecache.predict` the functions, as they always were.
+
+    Python sets a package attribute to a submodule when the submodule is first imported;
+    eagerly, the functions imported after it replaced it. Loaded lazily, the submodule
+    may come first (`from featurecache.extract import ExtractSpec`), so that one setattr
+    is ignored here: the submodule stays reachable through sys.modules and importlib.
+    """
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and name in _SHADOWED:
+            return
+        super().__setattr__(name, value)
+
+
+_SHADOWED = {"extract", "predict"}  # submodules named like the function they export
+sys.modules[__name__].__class__ = _Package
+
 
 __all__ = [
     "Cache", "ExtractResult", "ExtractSpec", "FeatureCacheError", "FitSpec", "__version__", "export_features", "extract",

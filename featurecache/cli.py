@@ -23,8 +23,10 @@ from rich.table import Table
 
 from . import __version__
 from .errors import FeatureCacheError
-from .inspect import describe_entry, entry_rows
-from .store import default_root
+
+# Heavy libraries (torch, torchvision, scikit-learn, matplotlib, h5py) load inside the
+# commands that use them, never here: --help, --version, ls, info, heads and argument
+# errors answer at once (tests/test_cli.py::test_light_commands_do_not_import_torch).
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Run a frozen backbone over images once; fit many heads on the cached features.")
@@ -62,6 +64,11 @@ class Optimize(str, Enum):
     fuse = "fuse"
     freeze = "freeze"
     compile = "compile"
+
+
+class Decode(str, Enum):
+    pil = "pil"
+    torch = "torch"
 
 
 class Compression(str, Enum):
@@ -158,6 +165,7 @@ def extract(
     on_error: Annotated[OnError, typer.Option(case_sensitive=False, help="skip unreadable images (listed in the manifest) or fail.")] = OnError.skip,
     content_hash: Annotated[bool, typer.Option(help="Fingerprint files by content hash instead of size and mtime.")] = False,
     draft: Annotated[bool, typer.Option(help="Decode large JPEGs at reduced size (libjpeg draft mode): faster, slightly different features; part of the cache key.")] = False,
+    decode: Annotated[Decode, typer.Option(case_sensitive=False, help="pil: PIL decodes and resizes in the workers; torch: torchvision.io decodes JPEG/PNG and an antialiased tensor resize runs on the extraction device (a whole batch of JPEGs on the GPU at once); numbers differ slightly from PIL's, so it is part of the cache key.")] = Decode.pil,
     optimize: Annotated[Optimize, typer.Option(case_sensitive=False, help="Forward pass: auto (on CPU: freeze in fp32 for 256+ images, else fuse), eager, fuse (BatchNorm folded into the convolutions), freeze (TorchScript, CPU fp32), compile (torch.compile, ~30 s to build).")] = Optimize.auto,
     seed: Annotated[int, typer.Option(help="Seed for --weights random.")] = 0,
     root: Annotated[Optional[Path], typer.Option(help="Cache root (default $FEATURECACHE_ROOT or ./cache).")] = None,
@@ -185,6 +193,7 @@ def extract(
         workers=workers, shard_size=shard_size, compression=None if compression is Compression.none else compression.value,
         on_error=on_error.value, content_hash=content_hash, seed=seed, root=str(root) if root else None,
         draft=draft, optimize=optimize.value, name=name, allow_layout=allow_layout, unlabeled=tuple(unlabeled),
+        decode=decode.value,
     )
     bar, update = progress_bar("extract", quiet or follower)
     try:
@@ -223,6 +232,9 @@ def list_entries(
 
     Example: featurecache ls cache/
     """
+    from .inspect import entry_rows
+    from .store import default_root
+
     rows = entry_rows(root or default_root())
     if not rows:
         console.print(f"no cache entries under {root or default_root()}", markup=False)
@@ -243,6 +255,8 @@ def info(
 
     Example: featurecache info cache/digits-resnet50-0123456789ab
     """
+    from .inspect import describe_entry
+
     for label, value in describe_entry(cache, root):
         console.print(f"{label:>14}: {value}", markup=False, highlight=False)
 

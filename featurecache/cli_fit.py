@@ -98,7 +98,7 @@ def heads_command(
 
     Example: featurecache heads cache/digits-resnet50-0123456789ab
     """
-    from .fit import leaderboard
+    from .headstore import leaderboard
 
     rows = leaderboard(_open(cache, root))
     if not rows:

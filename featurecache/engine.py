@@ -20,7 +20,7 @@ from .errors import ExtractionError, UsageError
 from .faults import fault_point
 from .images import ImageDecodeError
 from .preprocess import normalize_batch, prepare_image
-from .sources import Sample, Source
+from .sources import FileSource, Sample, Source
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -70,26 +70,59 @@ def default_workers() -> int:
 
 
 class _DecodeDataset(Dataset):
-    def __init__(self, source: Source, samples: Sequence[Sample], preprocessing: Preprocessing) -> None:
+    """Workers' side: with `decode="pil"` PIL decodes and resizes; with "torch",
+    torchvision does (`defer`: only reads the bytes, for the device to decode)."""
+
+    def __init__(self, source: Source, samples: Sequence[Sample], preprocessing: Preprocessing,
+                 decode: str = "pil", defer: bool = False) -> None:
         self.source, self.samples, self.preprocessing = source, samples, preprocessing
+        self.decode, self.defer = decode, defer
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None, str]:
+    def __getitem__(self, position: int):
         fault_point("worker_load")
         try:
-            image = self.source.load(self.samples[position])
-            return position, prepare_image(image, self.preprocessing), ""
+            if self.decode == "pil":
+                image = self.source.load(self.samples[position])
+                return position, prepare_image(image, self.preprocessing), ""
+            from . import tensor_decode
+
+            sample = self.samples[position]
+            if isinstance(self.source, FileSource):
+                item = tensor_decode.read_encoded(os.path.join(self.source.root, sample.path))
+            else:
+                item = tensor_decode.pixels(self.source.load(sample))
+            if self.defer:
+                return position, item, ""
+            return position, tensor_decode.resize_crop(tensor_decode.decode_one(item), self.preprocessing), ""
         except ImageDecodeError as error:
             return position, None, error.reason
 
 
-def _collate(items: list[tuple[int, torch.Tensor | None, str]]):
+def _collate(items: list[tuple[int, object, str]]):
     good = [(p, t) for p, t, _ in items if t is not None]
     failures = [(p, reason) for p, t, reason in items if t is None]
+    if good and not isinstance(good[0][1], torch.Tensor):  # deferred: encoded items, decoded on the device
+        return [p for p, _ in good], [t for _, t in good], failures
     images = torch.stack([t for _, t in good]) if good else None
     return [p for p, _ in good], images, failures
+
+
+def _decode_on_device(positions: list[int], items: list, failures: list[tuple[int, str]],
+                      preprocessing: Preprocessing, device: torch.device):
+    """Deferred items decoded (JPEGs batched) and resized on `device`."""
+    from . import tensor_decode
+
+    kept, images = [], []
+    for position, image in zip(positions, tensor_decode.decode_batch(items, device)):
+        if isinstance(image, ImageDecodeError):
+            failures.append((position, image.reason))
+        else:
+            kept.append(position)
+            images.append(tensor_decode.resize_crop(image, preprocessing))
+    return kept, (torch.stack(images) if images else None), sorted(failures)
 
 
 @dataclass
@@ -101,21 +134,27 @@ class Batch:
 
 def run_backbone(model: StagedBackbone, source: Source, samples: Sequence[Sample], *,
                  preprocessing: Preprocessing, taps: Sequence[str], device: torch.device,
-                 precision: str, dtype: str, batches: list[list[int]], num_workers: int) -> Iterator[Batch]:
+                 precision: str, dtype: str, batches: list[list[int]], num_workers: int,
+                 decode: str = "pil") -> Iterator[Batch]:
     """Yield features for `samples`, batch by batch in the given order of positions.
 
     Failures to decode are reported per batch. The caller fixes the batches: the same
     images in the same batch give bitwise-identical features, which a resumed run
-    relies on to reproduce an uninterrupted one.
+    relies on to reproduce an uninterrupted one. `decode`: "pil" or "torch" (see
+    tensor_decode.py; on a GPU the torch path decodes each batch there).
     """
+    defer = decode == "torch" and device.type == "cuda"
     loader = DataLoader(
-        _DecodeDataset(source, samples, preprocessing), batch_sampler=batches,
-        num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+        _DecodeDataset(source, samples, preprocessing, decode, defer), batch_sampler=batches,
+        num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda" and not defer,
         prefetch_factor=4 if num_workers else None,
     )
     try:
         with torch.inference_mode(), autocast(device, precision):
             for positions, images, failures in loader:
+                if defer and images is not None:
+                    positions, images, failures = _decode_on_device(positions, images, failures, preprocessing,
+                                                                    device)
                 features: dict[str, np.ndarray] = {}
                 if images is not None:
                     x = normalize_batch(images.to(device, non_blocking=True), preprocessing)

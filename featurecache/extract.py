@@ -66,6 +66,7 @@ class ExtractSpec:
     name: str | None = None  # names the entry's folder (default: the source's name); not in the key
     allow_layout: bool = False  # read a folder whose layout looks wrong anyway (see layout.py)
     unlabeled: tuple[str, ...] = ()  # split folders of an image folder whose images have no label
+    decode: str = "pil"  # pil | torch (torchvision.io + tensor resize, on the device; see tensor_decode.py), in the key
 
 
 @dataclass
@@ -117,6 +118,10 @@ def _check_spec(spec: ExtractSpec) -> None:
         raise UsageError(f"unknown --compression {spec.compression!r}; use none, lzf or gzip")
     if spec.name is not None and (not isinstance(spec.name, str) or not spec.name.strip() or "/" in spec.name or spec.name.startswith(".")):
         raise UsageError(f"--name {spec.name!r} must be a non-empty folder name without '/' or a leading '.'")
+    if spec.decode not in ("pil", "torch"):
+        raise UsageError(f"unknown --decode {spec.decode!r}; use pil or torch")
+    if spec.decode == "torch" and spec.draft:
+        raise UsageError("--draft is libjpeg draft decoding through PIL; it does not combine with --decode torch")
 
 
 def extract(spec: ExtractSpec | None = None, *, progress: Callable[[int, int], None] | None = None,
@@ -175,7 +180,8 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
         "arch": entry.name,
         "weights_sha256": weights.sha256,
         "taps": list(taps),
-        "preprocessing": {**preprocessing.to_dict(), **({"jpeg_draft": True} if spec.draft else {})},
+        "preprocessing": {**preprocessing.to_dict(), **({"jpeg_draft": True} if spec.draft else {}),
+                          **({"decode": "torch"} if spec.decode == "torch" else {})},
         "dtype": spec.dtype,
         "precision": precision,
         "source": source.identity(),
@@ -276,7 +282,7 @@ def _compute(model: StagedBackbone, source, plan: Plan, pipeline: ShardPipeline,
     try:
         for batch in run_backbone(model, source, samples, preprocessing=preprocessing, taps=taps,
                                   device=device, precision=precision, dtype=spec.dtype,
-                                  batches=batches, num_workers=workers):
+                                  batches=batches, num_workers=workers, decode=spec.decode):
             if batch.failures and spec.on_error == "fail":
                 position, reason = batch.failures[0]
                 raise UnreadableImageError(f"cannot read {samples[position].path}: {reason} "

@@ -21,6 +21,7 @@ from .errors import CorruptCacheError, HeadError, MismatchError
 from .headstore import (check_head_name, default_head_name, list_heads, load_head, member_names, read_record,
                         read_record_with_checksum, refuse_taken, save_head, stale_members)
 from .heads import EnsembleHead, Head, SklearnHead, make_head
+from .headstore import leaderboard  # noqa: F401  (public as featurecache.fit.leaderboard too)
 from .metrics import classification_metrics
 from .store import Cache, open_cache
 from .streaming import available_memory, in_memory_bytes, streamed_probabilities
@@ -365,23 +366,3 @@ def make_ensemble(cache: Cache | str | Path, members: list[str], *, name: str,
     }
     path = save_head(cache, name, head, record, overwrite=overwrite)
     return FitResult(name, path, head, read_record(cache, name))
-
-
-def leaderboard(cache: Cache | str | Path) -> list[dict]:
-    """Every head on the cache with its headline figure, best first; stale ones last."""
-    cache = cache if isinstance(cache, Cache) else open_cache(cache)
-    rows = []
-    for name in list_heads(cache):
-        record = read_record(cache, name)
-        split = record["headline"]["split"]
-        metrics = record["metrics"].get(split)
-        metrics = metrics if isinstance(metrics, dict) else {}
-        stale = record["cache_key"] != cache.key or bool(stale_members(cache, record))
-        rows.append({
-            "name": name, "head": record["head"], "tap": record["tap"], "split": split,
-            "top1": metrics.get("top1"), "top5": metrics.get("top5"),
-            "val_top1": next((m.get("top1") for s, m in record["metrics"].items() if s.startswith("val")), None),
-            "chosen": record.get("chosen"), "fit_seconds": record.get("fit_seconds", 0.0),
-            "stale": stale, "note": record["headline"].get("note", ""),
-        })
-    return sorted(rows, key=lambda r: (r["stale"], -(r["top1"] or 0.0)))

@@ -11,6 +11,9 @@ and tensors of the wrong shape. A name is never taken silently: saving over an e
 head needs `overwrite`, and writes of one name are serialised by a lock. An ensemble
 records the checksum of each member; once a member changes, the ensemble is stale and
 refused until it is made again.
+
+Reading records (`list_heads`, `read_record`, `leaderboard`) needs neither torch nor
+scikit-learn, so `featurecache heads` answers at once; loading heads imports them.
 """
 
 from __future__ import annotations
@@ -20,17 +23,19 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filelock import FileLock, Timeout
 
 from .errors import (CorruptCacheError, FeatureCacheError, HeadError, InvalidRecordError, MismatchError,
                      NameTakenError, StaleError)
-from .heads import Head, head_from_saved
 from .integrity import (CHECKSUM_KEY, non_finite, read_metadata, read_tensors, remove_stale_temporaries,
                         storage_error, write_atomic, write_safetensors)
 from .schema import HEAD_NAME_PATTERN, check_head_record
 from .store import Cache
-from .streaming import bank_reader
+
+if TYPE_CHECKING:
+    from .heads import Head
 
 RECORD_METADATA = "featurecache.head"
 HEADS_DIR = "heads"
@@ -182,6 +187,9 @@ def member_names(cache: Cache, name: str, _seen: tuple[str, ...] = ()) -> set[st
 def load_head(cache: Cache, name: str, _seen: tuple[str, ...] = ()) -> tuple[Head, dict]:
     """Rebuild a fitted head, refusing one trained on other features than this cache's,
     a damaged one, and a stale ensemble."""
+    from .heads import head_from_saved
+    from .streaming import bank_reader
+
     if name in _seen:
         raise InvalidRecordError(f"ensemble {_seen[0]!r} contains itself (through {' -> '.join((*_seen, name))}); "
                                  "make it again with featurecache ensemble --overwrite")
@@ -243,3 +251,24 @@ def list_heads(cache: Cache) -> list[str]:
     return sorted(p.name for p in root.iterdir()
                   if re.fullmatch(HEAD_NAME_PATTERN, p.name) and (p / HEAD_FILE).exists())
 
+
+def leaderboard(cache: Cache | str | Path) -> list[dict]:
+    """Every head on the cache with its headline figure, best first; stale ones last (reads records only)."""
+    from .store import open_cache
+
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    rows = []
+    for name in list_heads(cache):
+        record = read_record(cache, name)
+        split = record["headline"]["split"]
+        metrics = record["metrics"].get(split)
+        metrics = metrics if isinstance(metrics, dict) else {}
+        stale = record["cache_key"] != cache.key or bool(stale_members(cache, record))
+        rows.append({
+            "name": name, "head": record["head"], "tap": record["tap"], "split": split,
+            "top1": metrics.get("top1"), "top5": metrics.get("top5"),
+            "val_top1": next((m.get("top1") for s, m in record["metrics"].items() if s.startswith("val")), None),
+            "chosen": record.get("chosen"), "fit_seconds": record.get("fit_seconds", 0.0),
+            "stale": stale, "note": record["headline"].get("note", ""),
+        })
+    return sorted(rows, key=lambda r: (r["stale"], -(r["top1"] or 0.0)))

@@ -25,12 +25,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
-import numpy as np
 import xxhash
 
+from ._lazy import lazy_module
 from .errors import CorruptCacheError
 from .faults import fault_point
+
+# Imported on first use: `ls`, `info` and `heads` never need them (tests/test_cli.py).
+h5py = lazy_module("h5py", globals())
+np = lazy_module("numpy", globals(), "np")
 
 CHUNK_BYTES = 1 << 20  # about 1 MiB per chunk: large enough to read fast, small enough to append
 FINGERPRINT_DTYPE = "S32"

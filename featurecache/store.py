@@ -19,14 +19,15 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-from filelock import FileLock, SoftFileLock, Timeout
 
+from ._lazy import lazy_module
 from .errors import (CacheIncompleteError, CacheLockedError, CacheNotFoundError, CorruptCacheError,
                      InvalidRecordError)
 from .faults import fault_point
 from .integrity import JSON_CHECKSUM, json_checksum, seal_json
 from .shards import RowReader, ShardRows, fsync_directory, open_shard, read_rows, read_split_features
+
+np = lazy_module("numpy", globals(), "np")  # imported on first use: `ls`, `info` and `heads` never need it
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -93,6 +94,8 @@ def entry_lock(entry_path: Path, timeout: float) -> Iterator[None]:
     the file system has no flock, a soft lock (`.lock.soft`, holding the owner's pid)
     replaces it; filelock breaks one whose owner is no longer alive on this host.
     """
+    from filelock import FileLock, SoftFileLock, Timeout  # here: it costs ~0.1 s to import
+
     lock: FileLock | SoftFileLock = FileLock(str(entry_path / LOCK), timeout=timeout)
     try:
         try:

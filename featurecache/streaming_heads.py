@@ -82,6 +82,7 @@ def fit_streaming_logistic(cache: Cache, *, tap: str = "pool", val_split: str = 
     head.best_params_ = {"C": Cs[best]}
     head.sweep_ = [{"C": c, "val_top1": float(correct[g]) / max(seen, 1), "val_log_loss": float(losses[g]) / max(seen, 1),
                     "fitted": True} for g, c in enumerate(Cs)]
+    head.sweep_rows_ = count  # every streamed row took part in choosing C
     return head
 
 

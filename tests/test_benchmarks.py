@@ -33,3 +33,18 @@ def test_ratio_direction():
     assert Row("x", "speed", 10.0, 5.0).ratio == 2.0
     assert Row("x", "time", 1.0, 4.0, higher_is_better=False).ratio == 4.0
     assert Row("x", "pending", None).ratio is None
+
+
+def test_gpu_check_says_no_gpu_and_exits_cleanly_without_cuda():
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the check would run for minutes")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--gpu"], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("no GPU:") and "CUDA is not available" in done.stdout
+    assert "Traceback" not in done.stderr

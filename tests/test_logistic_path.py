@@ -1,0 +1,95 @@
+"""The CPU logistic solver (NumPy L-BFGS) and the subsample-selected sweep.
+
+Exactness first: at a given C the solver must reach scikit-learn's optimum, whatever
+was done to choose C; speed comes from choosing C cheaply, never from stopping early.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+
+from featurecache.heads import make_head
+from featurecache.logistic_path import fit_logistic_path, fit_logistic_path_cpu, lbfgs
+
+FEATURES, LABELS = load_digits(return_X_y=True)
+MEAN, STD = FEATURES[:1200].mean(axis=0), np.maximum(FEATURES[:1200].std(axis=0), 1e-6)
+STANDARDIZED = ((FEATURES - MEAN) / STD).astype(np.float32)
+
+
+def _probabilities(weight: torch.Tensor, bias: torch.Tensor, X: np.ndarray) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(X) @ weight.T + bias, dim=1).numpy()
+
+
+def _reference(C: float) -> LogisticRegression:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(STANDARDIZED[:1200].astype(np.float64),
+                                                                      LABELS[:1200])
+
+
+@pytest.mark.parametrize("C", [0.001, 0.1, 10.0])
+def test_cpu_path_reaches_sklearns_optimum_at_each_C(C):
+    weights, biases = fit_logistic_path_cpu(STANDARDIZED[:1200], LABELS[:1200], 10, [C], max_iter=2000, tol=1e-6)
+    ours = _probabilities(weights[0], biases[0], STANDARDIZED[1200:])
+    reference = _reference(C).predict_proba(STANDARDIZED[1200:])
+    assert np.abs(ours - reference).max() < {0.001: 1e-4, 0.1: 1e-3, 10.0: 2e-2}[C]
+
+
+def test_warm_started_path_matches_independent_solves():
+    Cs = [0.01, 0.1, 1.0]
+    path_w, path_b = fit_logistic_path_cpu(STANDARDIZED[:1200], LABELS[:1200], 10, Cs, max_iter=2000, tol=1e-6)
+    for index, C in enumerate(Cs):
+        alone_w, alone_b = fit_logistic_path_cpu(STANDARDIZED[:1200], LABELS[:1200], 10, [C], max_iter=2000, tol=1e-6)
+        # both stop at the same gradient tolerance; weaker penalties leave flatter optima
+        np.testing.assert_allclose(_probabilities(path_w[index], path_b[index], STANDARDIZED[1200:]),
+                                   _probabilities(alone_w[0], alone_b[0], STANDARDIZED[1200:]),
+                                   atol={0.01: 1e-4, 0.1: 1e-3, 1.0: 1e-2}[C])
+
+
+def test_torch_path_agrees_with_the_cpu_path_on_cpu_tensors():
+    """The GPU solver, run here on CPU tensors: same optimum as the NumPy one."""
+    X, y = torch.from_numpy(STANDARDIZED[:600]), torch.from_numpy(LABELS[:600])
+    torch_w, torch_b = fit_logistic_path(X, y, 10, [0.05], max_iter=500, tol=1e-6)
+    numpy_w, numpy_b = fit_logistic_path_cpu(STANDARDIZED[:600], LABELS[:600], 10, [0.05], max_iter=500, tol=1e-6)
+    np.testing.assert_allclose(_probabilities(torch_w[0], torch_b[0], STANDARDIZED[1200:]),
+                               _probabilities(numpy_w[0], numpy_b[0], STANDARDIZED[1200:]), atol=3e-3)
+
+
+def test_lbfgs_minimises_a_quadratic_to_tolerance():
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((30, 30))
+    A = A @ A.T + np.eye(30)
+    b = rng.standard_normal(30)
+    x, _, gradient, _, iterations = lbfgs(lambda x: (0.5 * x @ A @ x - b @ x, A @ x - b), np.zeros(30),
+                                          max_iter=500, gtol=1e-9)
+    np.testing.assert_allclose(x, np.linalg.solve(A, b), atol=1e-7)
+    assert np.abs(gradient).max() <= 1e-9 and iterations < 200
+
+
+def test_sweep_selects_on_a_subsample_then_solves_the_chosen_C_on_every_row():
+    train, val = slice(0, 1000), slice(1000, 1400)
+    raw = FEATURES.astype(np.float32)
+    sampled = make_head("logistic", device="cpu", sweep_rows=400, tol=1e-6, max_iter=2000)
+    sampled.fit(raw[train], LABELS[train], raw[val], LABELS[val])
+    assert sampled.sweep_rows_ == 400
+    chosen = sampled.best_params_["C"]
+    single = make_head("logistic", device="cpu", C=chosen, tol=1e-6, max_iter=2000).fit(raw[train], LABELS[train])
+    # the chosen C's solution is the full-data optimum, not the subsample's
+    np.testing.assert_allclose(sampled.predict_proba(raw[1400:]), single.predict_proba(raw[1400:]), atol=2e-3)
+    every_row = make_head("logistic", device="cpu", sweep_rows=None).fit(raw[train], LABELS[train], raw[val], LABELS[val])
+    assert every_row.sweep_rows_ == 1000
+    assert abs(sampled.score(raw[1400:], LABELS[1400:]) - every_row.score(raw[1400:], LABELS[1400:])) < 0.03
+
+
+@pytest.mark.parametrize("value", [0, -5, "all", 1.5])
+def test_bad_sweep_rows_is_refused(value):
+    from featurecache.errors import HeadError
+
+    with pytest.raises(HeadError, match="sweep_rows"):
+        make_head("logistic", sweep_rows=value).fit(FEATURES[:100], LABELS[:100], FEATURES[100:200], LABELS[100:200])
