@@ -64,7 +64,7 @@ class _Package(types.ModuleType):
         super().__setattr__(name, value)
 
 
-_SHADOWED = {"extract", "predict"}  # submodules named like the function they export
+_SHADOWED = {"extract", "predict", "export_features"}  # submodules named like the function they export
 sys.modules[__name__].__class__ = _Package
 
 

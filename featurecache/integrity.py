@@ -188,16 +188,38 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str], what:
     return sealed
 
 
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, read from its header alone.
+
+    The format: an 8-byte little-endian header length N, N bytes of JSON (tensor names to
+    dtype, shape and data_offsets, plus `__metadata__`), then the data. Read directly,
+    since safetensors' own reader (framework "pt") imports torch, and `heads` must answer
+    at once; the same checks as its reader: the header parses and the data ends exactly
+    at the end of the file (not truncated)."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        length = int.from_bytes(handle.read(8), "little")
+        if size < 8 or length > size - 8 or length > 100 << 20:
+            raise ValueError(f"header length {length} does not fit a {size}-byte file")
+        header = json.loads(handle.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    end = max((int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"), default=0)
+    if 8 + length + end != size:
+        raise ValueError(f"data ends at byte {8 + length + end}, the file has {size} (truncated or padded)")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("its metadata is not a map of strings")
+    return dict(metadata)
+
+
 def read_metadata(path: Path, what: str, advice: str, *, required: bool = True) -> dict[str, str]:
     """A safetensors file's metadata, its checksum checked (`required`: a file without one is refused)."""
-    from safetensors import SafetensorError, safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
+        metadata = safetensors_metadata(path)
     except FileNotFoundError:
         raise
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError) as error:
         raise CorruptCacheError(f"{what} {path} is unreadable ({str(error)[:160]}); {advice}") from None
     if CHECKSUM_KEY not in metadata:
         if required:
