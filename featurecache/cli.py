@@ -25,8 +25,8 @@ from . import __version__
 from .errors import FeatureCacheError
 
 # Heavy libraries (torch, torchvision, scikit-learn, matplotlib, h5py) load inside the
-# commands that use them, never here: --help, --version, ls, info, heads and argument
-# errors answer at once (tests/test_cli.py::test_light_commands_do_not_import_torch).
+# commands that use them, never at module level here or in the cli_* modules: --help,
+# --version, ls, info, heads and argument errors answer at once (tests/test_startup.py).
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Run a frozen backbone over images once; fit many heads on the cached features.")

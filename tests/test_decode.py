@@ -102,3 +102,27 @@ def test_bad_decode_values_are_refused(photos, tiny_spec):
         extract(tiny_spec(photos, decode="nvjpeg"))
     with pytest.raises(UsageError, match="--draft"):
         extract(tiny_spec(photos, decode="torch", draft=True))
+
+
+def test_deferred_decoding_path_used_on_gpus_runs_on_cpu_tensors(photos, tmp_path):
+    """On a GPU, workers hand over bytes and the device decodes the batch; run it on the CPU."""
+    from featurecache.engine import _collate, _decode_on_device, _DecodeDataset
+    from featurecache.sources import open_source
+
+    broken = photos / "train" / "a" / "zz-broken.jpg"
+    data = (photos / "train" / "a" / "1.jpg").read_bytes()
+    broken.write_bytes(data[:200])
+    source = open_source(str(photos))
+    preprocessing = Preprocessing(resize_size=64, crop_size=56)
+    deferred = _DecodeDataset(source, source.samples, preprocessing, decode="torch", defer=True)
+    inline = _DecodeDataset(source, source.samples, preprocessing, decode="torch")
+    positions, items, failures = _collate([deferred[i] for i in range(len(source.samples))])
+    kept, images, failures = _decode_on_device(positions, items, failures, preprocessing, torch.device("cpu"))
+    by_position = dict(zip(kept, images))
+    for i in range(len(source.samples)):
+        position, crop, reason = inline[i]
+        if crop is None:
+            assert any(p == i for p, _ in failures)
+        else:
+            assert torch.equal(by_position[i], crop)
+    assert len(kept) + len(failures) == len(source.samples)
