@@ -156,11 +156,14 @@ def test_killed_again_while_resuming(first, second, seed, kill_data, references,
 
 
 def _real_process(args: list[str]) -> subprocess.Popen:
-    # A pause after each manifest update: on a loaded machine the rest of the run could
-    # otherwise finish before the signal sent after the first listed shard arrives.
+    # A pause after each manifest update, so that the signal sent once a shard is listed
+    # lands mid-run even on a loaded machine.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FEATURECACHE_OFFLINE": "1", "FEATURECACHE_FAULT_PAUSE": "after_manifest:1"}
+    # SIGINT as in a terminal: a shell starts background jobs (`pytest &`) with SIGINT ignored,
+    # and Python then keeps ignoring it, so Ctrl-C would never reach the run.
     return subprocess.Popen([sys.executable, "-m", "featurecache", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _when_one_shard_is_listed(process: subprocess.Popen, root: Path) -> None:

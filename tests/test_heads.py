@@ -142,12 +142,13 @@ def _few_noisy_samples(seed: int = 0):
     return X, y, X_test
 
 
-# Largest difference in predicted probability against scikit-learn, measured on the data
-# above (2026-12-01), over C = 1e-3 .. 10: 2.7e-5 with both at their default tol=1e-4 /
-# max_iter=100 (the same L-BFGS-B stopping rule); 2.1e-3 with both run to convergence
-# (float32 features against sklearn's float64), the torch path (float32 L-BFGS, used on
-# GPUs) 1.4e-3. Neighbouring Cs differ by 0.18 to 0.42.
-DEFAULT_BOUND, CONVERGED_BOUND, TORCH_BOUND = 5e-5, 3e-3, 3e-3
+# Largest difference in predicted probability from the optimum (scikit-learn run to
+# convergence), measured on the data above (2026-12-01), over C = 1e-3 .. 10: the head run
+# to convergence 1.4e-3 (float32 features against sklearn's float64); the torch path
+# (float32 L-BFGS, used on GPUs) 1.4e-3. At their default tolerances both stop early at
+# weak regularisation, by the same amount: the head 0.0697 from the optimum at C=10,
+# scikit-learn 0.0689 (at most 1.2% apart at every C). Neighbouring Cs differ by 0.18 to 0.42.
+CONVERGED_BOUND, TORCH_BOUND = 2e-3, 3e-3
 
 
 def test_logistic_follows_C_like_sklearn():
@@ -156,17 +157,18 @@ def test_logistic_follows_C_like_sklearn():
     train, test = (X - mean) / std, (X_test - mean) / std
     previous = None
     for C in (1e-3, 1e-2, 1e-1, 1.0, 10.0):
+        optimum = LogisticRegression(C=C, tol=1e-12, max_iter=100_000).fit(train, y).predict_proba(test)
+        tight = make_head("logistic", C=C, device="cpu", tol=1e-6, max_iter=2000).fit(X, y)
+        assert np.abs(tight.predict_proba(X_test) - optimum).max() < CONVERGED_BOUND, C
+        # At the defaults, as close to the optimum as scikit-learn at its defaults.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # sklearn's ConvergenceWarning at its default max_iter
             default = LogisticRegression(C=C).fit(train, y).predict_proba(test)
-        converged = LogisticRegression(C=C, tol=1e-12, max_iter=100_000).fit(train, y).predict_proba(test)
         head = make_head("logistic", C=C, device="cpu").fit(X, y)
-        assert np.abs(head.predict_proba(X_test) - default).max() < DEFAULT_BOUND, C
-        tight = make_head("logistic", C=C, device="cpu", tol=1e-6, max_iter=2000).fit(X, y)
-        assert np.abs(tight.predict_proba(X_test) - converged).max() < CONVERGED_BOUND, C
+        assert np.abs(head.predict_proba(X_test) - optimum).max() <= 1.1 * np.abs(default - optimum).max() + 1e-5, C
         if previous is not None:  # the data is such that C matters
-            assert np.abs(converged - previous).max() > 0.1
-        previous = converged
+            assert np.abs(optimum - previous).max() > 0.1
+        previous = optimum
 
 
 @pytest.mark.parametrize("C", [1e-3, 1e-1, 10.0])
