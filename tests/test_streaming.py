@@ -122,9 +122,11 @@ def test_heads_that_cannot_stream_say_so(digits_cache):
 # `fit_head` (after the same fit on a tiny cache, so one-off imports do not count). Synthetic
 # float16 features, 8,192 x 256 train and 2,048 val and test rows (12 MiB as float32) in
 # 1,024-row shards, against a 2 MiB budget. Measured 2026-12-01 (2-core AMD EPYC):
-# streamed logistic / mlp / knn 11.7 / 10.9 / 15.6 MiB; in memory 42.8 / 34.0 / 97.7 MiB.
+# streamed logistic / mlp 9.3-12.4 / 9.3-10.9 MiB, knn 15.6-17.1 MiB here and 20.1 MiB in
+# a CI run (its query blocks and running top-k vary with the allocator); in memory
+# 42.8 / 34.0 / 97.7 MiB. Bounds: 10x the budget, 14x for knn.
 STREAM_BUDGET = 2 << 20
-STREAM_BOUND = 10 * STREAM_BUDGET
+STREAM_BOUND = {"logistic": 10 * STREAM_BUDGET, "mlp": 10 * STREAM_BUDGET, "knn": 14 * STREAM_BUDGET}
 STREAM_HEADS = {"logistic": {}, "mlp": {"epochs": 1, "hidden_sizes": [64]}, "knn": {}}
 
 
@@ -159,4 +161,4 @@ def test_streamed_fit_holds_a_bounded_multiple_of_the_budget(synthetic_caches, h
     features_mib = 12 * 1024 * 256 * 4 / 2**20
     figures = fit_in_subprocess(cache, warmup, head, "streamed", STREAM_HEADS[head], STREAM_BUDGET)
     assert figures["streamed"]
-    assert figures["peak_mib"] * 2**20 < STREAM_BOUND, (figures, features_mib)
+    assert figures["peak_mib"] * 2**20 < STREAM_BOUND[head], (figures, features_mib)
