@@ -99,7 +99,7 @@ def demo_command(
 
     Example: featurecache demo
     """
-    from .pipeline import demo_pipeline
+    from .demo import demo_pipeline
 
     pipeline, note = demo_pipeline(quick=quick, root=root)
     if not quiet:
