@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featurecache.backbones import IMAGENET_PREPROCESSING, StagedBackbone
-from featurecache.engine import autocast
-from featurecache.images import load_rgb
-from featurecache.optimize import optimize_backbone
-from featurecache.preprocess import normalize_batch, prepare_image
-from featurecache.shards import ShardRows, ShardWriter
+from featurecache.backbones.registry import IMAGENET_PREPROCESSING, StagedBackbone
+from featurecache.extract.engine import autocast
+from featurecache.data.images import load_rgb
+from featurecache.backbones.optimize import optimize_backbone
+from featurecache.backbones.preprocess import normalize_batch, prepare_image
+from featurecache.cache.shards import ShardRows, ShardWriter
 
 from .common import Config, Row, interleaved
 from .extraction import datasets

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from featurecache.engine import resolve_precision
-from featurecache.optimize import resolve_optimize
+from featurecache.extract.engine import resolve_precision
+from featurecache.backbones.optimize import resolve_optimize
 
 HYMENOPTERA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hymenoptera"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif")

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from featurecache import extract, open_cache
-from featurecache.images import load_rgb
-from featurecache.preprocess import prepare_image
-from featurecache.tensor_decode import decode_one, read_encoded, resize_crop
+from featurecache.data.images import load_rgb
+from featurecache.backbones.preprocess import prepare_image
+from featurecache.backbones.tensor_decode import decode_one, read_encoded, resize_crop
 
 from .breakdown import preprocessing
 from .common import Config, Row, interleaved

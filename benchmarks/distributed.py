@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from featurecache.distributed import launch_command
+from featurecache.extract.distributed import launch_command
 
 from .common import Config, Row, format_table, generated_jpegs
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from featurecache.extract import ExtractSpec, extract
+from featurecache.extract.stage import ExtractSpec, extract
 
 from .common import Config, Row, generated_jpegs, interleaved, subset_folder
 from .naive import naive_extract

@@ -27,7 +27,7 @@ from .common import Config, Row
 _CHILD = r"""
 import json, resource, sys
 from featurecache import open_cache
-from featurecache.finetune import FinetuneSpec, finetune
+from featurecache.finetune.stage import FinetuneSpec, finetune
 
 def status(key):
     with open("/proc/self/status") as handle:
@@ -68,7 +68,7 @@ def digits_folder(root: Path, images: int) -> Path:
 def prepare(workdir: Path, *, model: str, image_size: int | None, images: int) -> Path:
     """A cache with taps pool + layer3 and a logistic head; returns the entry's path."""
     from featurecache import ExtractSpec, extract, open_cache
-    from featurecache.fit import FitSpec, fit_head
+    from featurecache.fit.stage import FitSpec, fit_head
 
     source = digits_folder(workdir, images)
     result = extract(ExtractSpec(source=str(source), model=model, weights="random", image_size=image_size,

@@ -44,10 +44,10 @@ def run(workdir: Path, *, images: int = 512, quick: bool = False, device: str = 
     import torch
 
     from featurecache import extract, open_cache
-    from featurecache.backbones import IMAGENET_PREPROCESSING, StagedBackbone
-    from featurecache.engine import autocast, resolve_precision
-    from featurecache.extract import ExtractSpec
-    from featurecache.preprocess import normalize_batch
+    from featurecache.backbones.registry import IMAGENET_PREPROCESSING, StagedBackbone
+    from featurecache.extract.engine import autocast, resolve_precision
+    from featurecache.extract.stage import ExtractSpec
+    from featurecache.backbones.preprocess import normalize_batch
 
     from .common import Row, generated_jpegs
     from .logistic import compare, synthetic

@@ -41,7 +41,7 @@ def compare(features: np.ndarray, labels: np.ndarray, **head_params) -> dict:
     """Time our sweep, sklearn's default fit and sklearn at our chosen C; return accuracies."""
     from sklearn.linear_model import LogisticRegression
 
-    from featurecache.heads import make_head
+    from featurecache.heads.registry import make_head
 
     (X, y), (X_val, y_val), (X_test, y_test) = _split(features, labels)
     classes = int(labels.max()) + 1

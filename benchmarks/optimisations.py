@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from featurecache.engine import autocast
-from featurecache.extract import extract
-from featurecache.images import load_rgb
-from featurecache.preprocess import normalize_batch, prepare_image
+from featurecache.extract.engine import autocast
+from featurecache.extract.stage import extract
+from featurecache.data.images import load_rgb
+from featurecache.backbones.preprocess import normalize_batch, prepare_image
 
 from .breakdown import our_forward, preprocessing
 from .common import Config, Row, generated_jpegs, interleaved

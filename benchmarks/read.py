@@ -8,8 +8,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featurecache.shards import ShardRows, ShardWriter, shard_name
-from featurecache.store import open_cache, write_manifest
+from featurecache.cache.shards import ShardRows, ShardWriter, shard_name
+from featurecache.cache.store import open_cache, write_manifest
 
 from .common import Config, Row, interleaved
 

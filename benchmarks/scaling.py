@@ -16,7 +16,7 @@ from .extraction import fresh_root
 
 _CHILD = """
 import json, resource, sys
-from featurecache.extract import ExtractSpec, extract
+from featurecache.extract.stage import ExtractSpec, extract
 spec = ExtractSpec(**json.loads(sys.argv[1]))
 result = extract(spec)
 print(json.dumps({"seconds": result.seconds, "computed": result.computed,

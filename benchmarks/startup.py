@@ -29,8 +29,8 @@ _MAIN = "import sys; from featurecache.cli import main; sys.argv[0] = 'featureca
 def make_entry(workdir: Path) -> tuple[Path, Path]:
     """A tiny random-weights cache entry with one logistic head; returns (root, entry)."""
     from featurecache import extract, open_cache
-    from featurecache.extract import ExtractSpec
-    from featurecache.fit import FitSpec, fit_head
+    from featurecache.extract.stage import ExtractSpec
+    from featurecache.fit.stage import FitSpec, fit_head
 
     from .common import generated_jpegs
 

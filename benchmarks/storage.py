@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from featurecache.store import open_cache
+from featurecache.cache.store import open_cache
 
 from .common import Config, Row, interleaved
 from .read import entry_bytes, synthetic_features, write_entry

@@ -24,8 +24,8 @@ from .read import write_splits
 _CHILD = """
 import json, resource, sys, time
 args = json.loads(sys.argv[1])
-from featurecache.fit import FitSpec, fit_head
-from featurecache.store import open_cache
+from featurecache.fit.stage import FitSpec, fit_head
+from featurecache.cache.store import open_cache
 
 def status(key):
     with open("/proc/self/status") as handle:

@@ -18,20 +18,20 @@ from .errors import FeatureCacheError  # noqa: E402  (light: no third-party impo
 
 # public name -> the submodule that defines it
 _LAZY = {
-    "ExtractResult": "extract", "ExtractSpec": "extract", "extract": "extract",
-    "FitSpec": "fit", "fit_head": "fit", "leaderboard": "headstore", "make_ensemble": "fit",
-    "load_head": "headstore",
-    "load_predictor": "predict", "predict": "predict", "export_features": "export_features",
-    "Cache": "store", "open_cache": "store",
+    "ExtractResult": "extract.stage", "ExtractSpec": "extract.stage", "extract": "extract.stage",
+    "FitSpec": "fit.stage", "fit_head": "fit.stage", "make_ensemble": "fit.stage",
+    "leaderboard": "fit.headstore", "load_head": "fit.headstore",
+    "load_predictor": "serve.predict", "predict": "serve.predict", "export_features": "serve.export_features",
+    "Cache": "cache.store", "open_cache": "cache.store",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
-    from .extract import ExtractResult, ExtractSpec, extract
-    from .fit import FitSpec, fit_head, make_ensemble
-    from .export_features import export_features
-    from .headstore import leaderboard, load_head
-    from .predict import load_predictor, predict
-    from .store import Cache, open_cache
+    from .extract.stage import ExtractResult, ExtractSpec, extract
+    from .fit.stage import FitSpec, fit_head, make_ensemble
+    from .serve.export_features import export_features
+    from .fit.headstore import leaderboard, load_head
+    from .serve.predict import load_predictor, predict
+    from .cache.store import Cache, open_cache
 
 
 def __getattr__(name: str):
@@ -39,7 +39,7 @@ def __getattr__(name: str):
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
-    # Importing the submodule `extract` (or `predict`) set the attribute to the submodule
+    # Importing the package `extract` set the attribute to the package
     # itself; the public name is the function, as before.
     globals()[name] = value
     return value
@@ -50,10 +50,10 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """Keeps `featurecache.extract` and `featurecache.predict` the functions, as they always were.
+    """Keeps `featurecache.extract` the function, as it always was.
 
-    Python sets a package attribute to a submodule when the submodule is first imported;
-    eagerly, the functions imported after it replaced it. Loaded lazily, the submodule
+    Python sets a package attribute to a subpackage when the subpackage is first imported;
+    eagerly, the functions imported after it replaced it. Loaded lazily, the subpackage
     may come first (`from featurecache.extract import ExtractSpec`), so that one setattr
     is ignored here: the submodule stays reachable through sys.modules and importlib.
     """
@@ -64,7 +64,7 @@ class _Package(types.ModuleType):
         super().__setattr__(name, value)
 
 
-_SHADOWED = {"extract", "predict", "export_features"}  # submodules named like the function they export
+_SHADOWED = {"extract", "finetune"}  # stage packages named like the function they export
 sys.modules[__name__].__class__ = _Package
 
 

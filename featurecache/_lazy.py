@@ -28,3 +28,21 @@ class _LazyModule:
 def lazy_module(name: str, namespace: dict, alias: str | None = None) -> Any:
     """Bind `alias` (default: `name`) in `namespace` (a module's globals()) to a lazy import of `name`."""
     return _LazyModule(name, namespace, alias or name)
+
+
+def lazy_exports(package: str, exports: dict[str, str]):
+    """`__getattr__` and `__dir__` for a package whose public names load from submodules on first use.
+
+    `exports` maps a public name to the submodule (relative to `package`) that defines it.
+    """
+
+    def __getattr__(name: str) -> Any:
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(f"{package}.{module}"), name)
+
+    def __dir__() -> list[str]:
+        return sorted(exports)
+
+    return __getattr__, __dir__

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from featurecache.extract import ExtractSpec
+from featurecache.extract.stage import ExtractSpec
 from helpers import write_image
 
 

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 from PIL import Image
 
-from featurecache.extract import ExtractSpec
+from featurecache.extract.stage import ExtractSpec
 
 
 def write_image(path: Path, seed: int, size: int = 40, fmt: str | None = None) -> Path:

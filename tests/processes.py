@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
-from featurecache.backbones import BackboneEntry, available_backbones, register_backbone, unregister_backbone
+from featurecache.backbones.registry import BackboneEntry, available_backbones, register_backbone, unregister_backbone
 
 _context = multiprocessing.get_context("forkserver")
 _context.set_forkserver_preload(["featurecache.cli", "featurecache.extract"])

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from featurecache import extract, open_cache
-from featurecache.backbones import get_backbone
-from featurecache.weights import PREPROCESSING_METADATA
+from featurecache.backbones.registry import get_backbone
+from featurecache.backbones.weights import PREPROCESSING_METADATA
 
 from helpers import replace_spec, write_image
 
@@ -63,7 +63,7 @@ def test_key_field_model(image_folder, tiny_spec, tmp_path):
     # has no parameters): only the architecture tells their features apart, not the weights' hash.
     from torch import nn
 
-    from featurecache.backbones import BackboneEntry, register_backbone, unregister_backbone
+    from featurecache.backbones.registry import BackboneEntry, register_backbone, unregister_backbone
     from processes import TINY, TinyResNet
 
     class NoMaxPool(TinyResNet):

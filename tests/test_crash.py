@@ -27,8 +27,8 @@ import pytest
 
 from featurecache import extract, open_cache
 from featurecache.errors import CacheLockedError, ExtractionError
-from featurecache.shards import ShardWriter, file_sha256
-from featurecache.store import entry_lock
+from featurecache.cache.shards import ShardWriter, file_sha256
+from featurecache.cache.store import entry_lock
 
 from helpers import replace_spec, write_image
 from processes import computed_count, run_cli, start_cli, tiny_backbone

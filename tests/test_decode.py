@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from featurecache import extract, open_cache
-from featurecache.backbones import Preprocessing
+from featurecache.backbones.registry import Preprocessing
 from featurecache.errors import UsageError
-from featurecache.preprocess import prepare_image
-from featurecache.tensor_decode import decode_batch, decode_one, read_encoded, resize_crop
+from featurecache.backbones.preprocess import prepare_image
+from featurecache.backbones.tensor_decode import decode_batch, decode_one, read_encoded, resize_crop
 from helpers import write_image
 
 # Features of the same images through the two decoders: 96 px ResNet18, random weights, fp32.
@@ -52,7 +52,7 @@ def test_tensor_crops_are_close_to_pils(photos):
 
 
 def test_unreadable_files_are_reported_not_raised(tmp_path):
-    from featurecache.images import ImageDecodeError
+    from featurecache.data.images import ImageDecodeError
 
     garbage = tmp_path / "garbage.jpg"
     garbage.write_bytes(b"not an image at all")
@@ -87,8 +87,8 @@ def test_torch_decode_with_workers_and_array_sources(photos, tiny_spec):
     inline = extract(tiny_spec(photos, decode="torch", workers=0, root=str(photos.parent / "other")))
     np.testing.assert_array_equal(open_cache(with_workers.path).features("train"),
                                   open_cache(inline.path).features("train"))
-    from featurecache.engine import _DecodeDataset
-    from featurecache.sources import ArraySource
+    from featurecache.extract.engine import _DecodeDataset
+    from featurecache.data.sources import ArraySource
 
     arrays = ArraySource("arrays", "memory", ["x", "y"], np.random.default_rng(0).integers(0, 255, (2, 20, 30, 3)),
                          np.array([0, 1]), ["train", "train"])
@@ -106,8 +106,8 @@ def test_bad_decode_values_are_refused(photos, tiny_spec):
 
 def test_deferred_decoding_path_used_on_gpus_runs_on_cpu_tensors(photos, tmp_path):
     """On a GPU, workers hand over bytes and the device decodes the batch; run it on the CPU."""
-    from featurecache.engine import _collate, _decode_on_device, _DecodeDataset
-    from featurecache.sources import open_source
+    from featurecache.extract.engine import _collate, _decode_on_device, _DecodeDataset
+    from featurecache.data.sources import open_source
 
     broken = photos / "train" / "a" / "zz-broken.jpg"
     data = (photos / "train" / "a" / "1.jpg").read_bytes()

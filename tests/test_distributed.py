@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from featurecache import extract, open_cache
-from featurecache.distributed import launch_command
+from featurecache.extract.distributed import launch_command
 
 from helpers import replace_spec
 

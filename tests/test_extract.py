@@ -12,13 +12,13 @@ import torchvision
 from safetensors.torch import load_file
 
 from featurecache import extract, open_cache
-from featurecache.backbones import StagedBackbone, get_backbone
+from featurecache.backbones.registry import StagedBackbone, get_backbone
 from featurecache.errors import ExtractionError, UnreadableImageError
-from featurecache.preprocess import normalize_batch, prepare_image
+from featurecache.backbones.preprocess import normalize_batch, prepare_image
 from featurecache.errors import CorruptCacheError
-from featurecache.shard_pipeline import ShardPipeline
-from featurecache.shards import ShardRows, ShardWriter, features_checksum, read_rows
-from featurecache.sources import open_source
+from featurecache.extract.writer import ShardPipeline
+from featurecache.cache.shards import ShardRows, ShardWriter, features_checksum, read_rows
+from featurecache.data.sources import open_source
 
 from helpers import flip_feature_byte, replace_spec, write_image
 
@@ -31,7 +31,7 @@ def _reference_features(result, source_path, model_name, split):
     network.load_state_dict(state, strict=False)
     network.fc = torch.nn.Identity()
     network.eval()
-    from featurecache.backbones import Preprocessing
+    from featurecache.backbones.registry import Preprocessing
 
     pre = Preprocessing.from_dict(manifest["config"]["preprocessing"])
     source = open_source(str(source_path))
@@ -222,7 +222,7 @@ def test_dataloader_workers_give_the_same_features(image_folder, tiny_spec):
 
 
 def test_small_images_are_upsampled_not_padded(tmp_path):
-    from featurecache.backbones import IMAGENET_PREPROCESSING
+    from featurecache.backbones.registry import IMAGENET_PREPROCESSING
     from PIL import Image
 
     tensor = prepare_image(Image.new("RGB", (32, 32), (200, 10, 10)), IMAGENET_PREPROCESSING)
@@ -231,7 +231,7 @@ def test_small_images_are_upsampled_not_padded(tmp_path):
 
 
 def test_registry_refuses_duplicates():
-    from featurecache.backbones import register_backbone
+    from featurecache.backbones.registry import register_backbone
 
     with pytest.raises(ValueError):
         register_backbone(get_backbone("resnet50"))

@@ -12,14 +12,14 @@ from safetensors.torch import load_file
 
 from featurecache import extract, open_cache
 from featurecache.errors import HeadError, UsageError
-from featurecache.extract import ExtractSpec
-from featurecache.finetune import (FinetuneSpec, build_model, finetune, load_finetuned_predictor, parse_unfreeze,
+from featurecache.extract.stage import ExtractSpec
+from featurecache.finetune.stage import (FinetuneSpec, build_model, finetune, load_finetuned_predictor, parse_unfreeze,
                                    _rows, _split_rows)
-from featurecache.finetune_data import Augmentation, train_epoch
-from featurecache.fit import FitSpec, fit_head
-from featurecache.headstore import load_head
-from featurecache.preprocess import prepare_image
-from featurecache.sources import open_source
+from featurecache.finetune.data import Augmentation, train_epoch
+from featurecache.fit.stage import FitSpec, fit_head
+from featurecache.fit.headstore import load_head
+from featurecache.backbones.preprocess import prepare_image
+from featurecache.data.sources import open_source
 
 from helpers import assert_features_of_the_same_images
 
@@ -103,7 +103,7 @@ def test_frozen_parameters_are_bit_identical_and_unfrozen_ones_change(tiny_cache
     model, head_name, record = build_model(tiny_cache, spec)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rows = _rows(tiny_cache, _split_rows(tiny_cache, record), spec, model)
-    from featurecache.finetune import _optimizer
+    from featurecache.finetune.stage import _optimizer
 
     train_epoch(model, rows["train"], optimizer=_optimizer(model, spec), scaler=torch.amp.GradScaler("cpu", enabled=False),
                 step=0, total_steps=2, batch_size=4, generator=torch.Generator().manual_seed(0),
@@ -160,7 +160,7 @@ def test_fast_path_and_image_path_agree_without_augmentation(tiny_cache):
         model.eval()
         with torch.no_grad():
             logits = model(x_val, from_tap=from_cache)
-        from featurecache.finetune import _optimizer
+        from featurecache.finetune.stage import _optimizer
 
         train_epoch(model, rows["train"], optimizer=_optimizer(model, spec), scaler=torch.amp.GradScaler("cpu", enabled=False),
                     step=0, total_steps=3, batch_size=4, generator=torch.Generator().manual_seed(0),
@@ -229,7 +229,7 @@ def test_finetuning_raises_accuracy_and_its_checkpoint_makes_a_new_cache(digits_
 
 
 def test_a_last_batch_of_one_row_joins_the_previous_batch():
-    from featurecache.finetune_data import epoch_order
+    from featurecache.finetune.data import epoch_order
 
     assert epoch_order(9, 8, None) == [list(range(9))]
     assert [len(b) for b in epoch_order(17, 8, None)] == [8, 9]

@@ -15,14 +15,14 @@ from typer.testing import CliRunner
 from featurecache import ExtractSpec, extract, open_cache
 from featurecache.cli import app
 from featurecache.errors import CorruptCacheError, MismatchError
-from featurecache.export import METADATA_FILE, export_model
-from featurecache.fit import FitSpec, fit_head, leaderboard, make_ensemble
-from featurecache.headstore import load_head
-from featurecache.images import load_rgb
-from featurecache.integrity import seal_json
-from featurecache.predict import load_predictor, predict
-from featurecache.preprocess import prepare_image
-from featurecache.shards import CHECKSUM_ATTR, features_checksum, features_layout, file_sha256
+from featurecache.serve.export import METADATA_FILE, export_model
+from featurecache.fit.stage import FitSpec, fit_head, leaderboard, make_ensemble
+from featurecache.fit.headstore import load_head
+from featurecache.data.images import load_rgb
+from featurecache.cache.integrity import seal_json
+from featurecache.serve.predict import load_predictor, predict
+from featurecache.backbones.preprocess import prepare_image
+from featurecache.cache.shards import CHECKSUM_ATTR, features_checksum, features_layout, file_sha256
 
 from helpers import assert_features_of_the_same_images, replace_spec
 

@@ -12,7 +12,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 
 from featurecache.errors import HeadError, MismatchError
-from featurecache.heads import (
+from featurecache.heads.registry import (
     EnsembleHead,
     Head,
     KNNHead,
@@ -174,7 +174,7 @@ def test_logistic_follows_C_like_sklearn():
 @pytest.mark.parametrize("C", [1e-3, 1e-1, 10.0])
 def test_torch_logistic_path_reaches_sklearns_optimum(C):
     """The path solver used on GPUs, run here on CPU tensors."""
-    from featurecache.logistic_path import fit_logistic_path
+    from featurecache.heads.logistic_path import fit_logistic_path
 
     X, y, X_test = _few_noisy_samples()
     mean, std = X.mean(axis=0, dtype=np.float64), np.maximum(X.std(axis=0, dtype=np.float64), 1e-6)

@@ -17,13 +17,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import featurecache.images as images
+import featurecache.data.images as images
 from featurecache import extract, open_cache
-from featurecache.backbones import Preprocessing, StagedBackbone, build_network, get_backbone
+from featurecache.backbones.registry import Preprocessing, StagedBackbone, build_network, get_backbone
 from featurecache.cli import app
 from featurecache.errors import ExtractionError
-from featurecache.preprocess import normalize_batch, prepare_image
-from featurecache.sources import open_source
+from featurecache.backbones.preprocess import normalize_batch, prepare_image
+from featurecache.data.sources import open_source
 
 from processes import tiny_backbone
 

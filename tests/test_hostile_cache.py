@@ -20,17 +20,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import featurecache.integrity as integrity
-import featurecache.sources as sources
+import featurecache.cache.integrity as integrity
+import featurecache.data.sources as sources
 from featurecache import extract, open_cache
 from featurecache.cli import app
 from featurecache.errors import CorruptCacheError, FeatureCacheError, HeadError, NameTakenError, SourceError, StaleError
-from featurecache.extract import ExtractSpec
-from featurecache.fit import FitSpec, _stratified_split, fit_head, leaderboard, make_ensemble
-from featurecache.headstore import load_head, read_record
-from featurecache.integrity import seal, seal_json
-from featurecache.shards import file_sha256
-from featurecache.verify import verify_entry
+from featurecache.extract.stage import ExtractSpec
+from featurecache.fit.stage import FitSpec, _stratified_split, fit_head, leaderboard, make_ensemble
+from featurecache.fit.headstore import load_head, read_record
+from featurecache.cache.integrity import seal, seal_json
+from featurecache.cache.shards import file_sha256
+from featurecache.maintain.verify import verify_entry
 
 from helpers import write_image
 from processes import run_cli, tiny_backbone
@@ -432,7 +432,7 @@ def test_damaged_head_is_refused_and_reported(attack, entry, tmp_path, image):
 
 
 def test_a_diverged_head_is_not_saved(entry, monkeypatch):
-    from featurecache.linear import LogisticHead
+    from featurecache.heads.linear import LogisticHead
 
     original = LogisticHead._fit
 
@@ -625,7 +625,7 @@ def test_refitted_members_leave_only_the_test_split_to_score_on(entry):
 
 
 def test_per_class_chart_draws_what_it_says_and_keeps_labels(tmp_path):
-    from featurecache import plots
+    from featurecache.report import plots
 
     accuracy = {f"class{i:03d}": (i % 97) / 96 for i in range(200)}
     figure = plots.per_class_figure(accuracy, "per-class accuracy")
@@ -698,8 +698,8 @@ def test_bad_extract_parameters_are_one_error_line(arguments, fragment, tmp_path
 
 
 def test_checkpoint_of_another_architecture_says_which_it_is(tmp_path):
-    from featurecache.weights import resolve_weights
-    from featurecache.backbones import get_backbone
+    from featurecache.backbones.weights import resolve_weights
+    from featurecache.backbones.registry import get_backbone
 
     weights = tmp_path / "r18.safetensors"
     save_file(resolve_weights(get_backbone("tiny"), "random").state_dict, str(weights),
@@ -822,7 +822,7 @@ def test_offline_missing_weights_suggests_random(tmp_path):
 @pytest.fixture
 def finetuned(entry):
     """The entry with one finetune run (1 epoch, from the images, tiny)."""
-    from featurecache.finetune import FinetuneSpec, finetune
+    from featurecache.finetune.stage import FinetuneSpec, finetune
 
     finetune(entry, FinetuneSpec(head="logistic", epochs=1, batch_size=4, workers=0, augment=False, name="ft"))
     return entry
@@ -857,7 +857,7 @@ def test_damaged_finetune_output_is_refused_and_reported(attack, finetuned, imag
 
 
 def test_damaged_finetune_checkpoint_asks_for_restart(finetuned):
-    from featurecache.finetune import FinetuneSpec, finetune
+    from featurecache.finetune.stage import FinetuneSpec, finetune
 
     flip_byte(finetuned / "finetune" / "ft" / "checkpoint.safetensors", 60)
     spec = FinetuneSpec(head="logistic", epochs=2, batch_size=4, workers=0, augment=False, name="ft")

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from featurecache import images
+from featurecache.data import images
 from featurecache.errors import FeatureCacheError
-from featurecache.images import ImageDecodeError, decode_array, load_rgb, to_rgb
+from featurecache.data.images import ImageDecodeError, decode_array, load_rgb, to_rgb
 
 RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
 
@@ -166,7 +166,7 @@ def test_symlink_loop(tmp_path):
 
 _READ_AS_USER = """
 import sys
-from featurecache.images import ImageDecodeError, load_rgb
+from featurecache.data.images import ImageDecodeError, load_rgb
 try:
     load_rgb(sys.argv[1])
 except ImageDecodeError as error:

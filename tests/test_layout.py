@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from featurecache.cli import app
 from featurecache.errors import SourceError
-from featurecache.sources import open_source
+from featurecache.data.sources import open_source
 
 import replicas
 from helpers import write_image

@@ -14,8 +14,8 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
-from featurecache.heads import make_head
-from featurecache.logistic_path import fit_logistic_path, fit_logistic_path_cpu, lbfgs
+from featurecache.heads.registry import make_head
+from featurecache.heads.logistic_path import fit_logistic_path, fit_logistic_path_cpu, lbfgs
 
 FEATURES, LABELS = load_digits(return_X_y=True)
 MEAN, STD = FEATURES[:1200].mean(axis=0), np.maximum(FEATURES[:1200].std(axis=0), 1e-6)

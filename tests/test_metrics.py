@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from featurecache.errors import MismatchError
-from featurecache.metrics import classification_metrics, log_loss
+from featurecache.heads.metrics import classification_metrics, log_loss
 
 PROBABILITIES = np.array([
     [0.7, 0.2, 0.1],

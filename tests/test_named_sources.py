@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from featurecache import FitSpec, extract, fit_head, open_cache
 from featurecache.cli import app
 from featurecache.errors import SourceError
-from featurecache.sources import UNLABELED, open_source
+from featurecache.data.sources import UNLABELED, open_source
 
 import replicas
 

@@ -9,9 +9,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from featurecache import extract, open_cache
-from featurecache.backbones import StagedBackbone, get_backbone
+from featurecache.backbones.registry import StagedBackbone, get_backbone
 from featurecache.errors import UsageError
-from featurecache.optimize import FREEZE_MIN_IMAGES, optimize_backbone, resolve_optimize
+from featurecache.backbones.optimize import FREEZE_MIN_IMAGES, optimize_backbone, resolve_optimize
 
 from helpers import replace_spec
 
@@ -130,7 +130,7 @@ def test_draft_is_in_the_key_and_stays_close_to_exact(tmp_path, tiny_spec):
 
 
 def test_draft_decodes_large_jpegs_at_reduced_size(tmp_path):
-    from featurecache.sources import open_source
+    from featurecache.data.sources import open_source
 
     source = open_source(str(_large_jpegs(tmp_path / "big", count=1)), allow_layout=True)  # one class
     assert source.load(source.samples[0]).size == (640, 480)

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from featurecache.cli import app
 from featurecache.errors import UsageError
-from featurecache.demo import demo_pipeline, imagenet_weights_file
-from featurecache.pipeline import load_pipeline, run_pipeline
+from featurecache.pipeline.demo import demo_pipeline, imagenet_weights_file
+from featurecache.pipeline.runner import load_pipeline, run_pipeline
 
 runner = CliRunner()
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 220)}

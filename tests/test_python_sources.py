@@ -12,7 +12,7 @@ import featurecache
 from featurecache import FitSpec, fit_head, open_cache
 from featurecache.cli import app
 from featurecache.errors import SourceError
-from featurecache.predict import predict_split
+from featurecache.serve.predict import predict_split
 
 import replicas
 
@@ -101,7 +101,7 @@ def test_bad_python_sources_say_what_is_accepted(tmp_path, bad, fragment):
 
 def test_a_python_cache_cannot_be_reopened_from_its_manifest(tmp_path):
     cache = open_cache(featurecache.extract(source=_colour_arrays(6, 0), root=str(tmp_path / "c"), **SETTINGS).path)
-    from featurecache.sources import reopen_source
+    from featurecache.data.sources import reopen_source
 
     with pytest.raises(SourceError, match="extracted from a Python object"):
         reopen_source(cache.manifest["spec"])

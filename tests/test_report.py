@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from featurecache import ExtractSpec, extract, open_cache
 from featurecache.cli import app
-from featurecache.fit import FitSpec, fit_head, make_ensemble
-from featurecache.report import ReportSpec, build_report
+from featurecache.fit.stage import FitSpec, fit_head, make_ensemble
+from featurecache.report.html import ReportSpec, build_report
 
 runner = CliRunner()
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 220)}
@@ -81,7 +81,7 @@ def test_many_heads_and_ensemble(cache, tmp_path):
 
 
 def test_after_a_finetune(cache, tmp_path):
-    from featurecache.finetune import FinetuneSpec, finetune
+    from featurecache.finetune.stage import FinetuneSpec, finetune
 
     fit_head(cache, FitSpec(head="logistic"))
     finetune(cache, FinetuneSpec(head="logistic", unfreeze="layer4", epochs=2, from_cache=True, batch_size=5,

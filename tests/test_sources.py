@@ -9,7 +9,7 @@ import pytest
 
 from featurecache import extract, open_cache
 from featurecache.errors import SourceError
-from featurecache.sources import open_source
+from featurecache.data.sources import open_source
 
 from helpers import write_image
 

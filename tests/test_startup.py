@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from featurecache import extract, open_cache
-from featurecache.fit import FitSpec, fit_head
+from featurecache.fit.stage import FitSpec, fit_head
 
 HEAVY = ("torch", "torchvision", "sklearn", "matplotlib", "scipy", "h5py", "PIL")
 
@@ -43,7 +43,7 @@ def _probe(arguments: list[str]) -> dict:
 def fitted_entry(tmp_path_factory):
     """A tiny cache entry with one logistic head: something for ls, info and heads to show."""
     from helpers import write_image
-    from featurecache.extract import ExtractSpec
+    from featurecache.extract.stage import ExtractSpec
 
     base = tmp_path_factory.mktemp("startup")
     seed = 0
@@ -85,7 +85,7 @@ def test_errors_of_light_commands_import_no_heavy_library(tmp_path):
 
 def test_package_import_is_light_and_its_names_still_resolve():
     code = ("import sys, featurecache as f; light = 'torch' not in sys.modules; "
-            "from featurecache.extract import ExtractSpec; import featurecache.predict; "
+            "from featurecache.extract.stage import ExtractSpec; import featurecache.serve.predict; "
             "print(light, callable(f.extract), callable(f.predict), f.open_cache.__name__, f.leaderboard.__name__)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["True", "True", "True", "open_cache", "leaderboard"], done.stdout + done.stderr

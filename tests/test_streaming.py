@@ -10,12 +10,12 @@ from typer.testing import CliRunner
 from featurecache import ExtractSpec, extract, open_cache
 from featurecache.cli import app
 from featurecache.errors import HeadError
-from featurecache.export import export_model
-from featurecache.fit import FitSpec, fit_head
-from featurecache.headstore import load_head
-from featurecache.images import load_rgb
-from featurecache.predict import load_predictor, predict
-from featurecache.preprocess import prepare_image
+from featurecache.serve.export import export_model
+from featurecache.fit.stage import FitSpec, fit_head
+from featurecache.fit.headstore import load_head
+from featurecache.data.images import load_rgb
+from featurecache.serve.predict import load_predictor, predict
+from featurecache.backbones.preprocess import prepare_image
 from helpers import write_image
 
 # Stated tolerances, in test top-1 of the streamed head below the in-memory head on the same cache:

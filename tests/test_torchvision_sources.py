@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from featurecache import extract, open_cache
 from featurecache.cli import app
-from featurecache.sources import open_source
+from featurecache.data.sources import open_source
 
 import replicas
 

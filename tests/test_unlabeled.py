@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 from featurecache import FitSpec, extract, fit_head, make_ensemble, open_cache
 from featurecache.cli import app
 from featurecache.errors import SourceError
-from featurecache.finetune import FinetuneSpec, finetune
-from featurecache.predict import load_predictor, predict, predict_split
-from featurecache.report import ReportSpec, build_report
-from featurecache.sources import open_source
+from featurecache.finetune.stage import FinetuneSpec, finetune
+from featurecache.serve.predict import load_predictor, predict, predict_split
+from featurecache.report.html import ReportSpec, build_report
+from featurecache.data.sources import open_source
 
 import replicas
 

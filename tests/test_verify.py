@@ -15,17 +15,17 @@ from typer.testing import CliRunner
 from featurecache import extract, open_cache
 from featurecache.cli import app
 from featurecache.errors import CorruptCacheError
-from featurecache.extract import ExtractSpec
-from featurecache.integrity import seal_json
-from featurecache.shards import file_sha256
-from featurecache.store import read_manifest
-from featurecache.verify import repair_entry, verify_entry
+from featurecache.extract.stage import ExtractSpec
+from featurecache.cache.integrity import seal_json
+from featurecache.cache.shards import file_sha256
+from featurecache.cache.store import read_manifest
+from featurecache.maintain.verify import repair_entry, verify_entry
 
 from helpers import flip_feature_byte, replace_spec, write_image
 from processes import tiny_backbone
 
 runner = CliRunner()
-extract_module = importlib.import_module("featurecache.extract")  # the package re-exports a function of the same name
+extract_module = importlib.import_module("featurecache.extract.stage")
 TARGET = "shards/train-00001.h5"  # rows 4..7 of train
 
 

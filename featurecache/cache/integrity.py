@@ -1,0 +1,287 @@
+"""Checked artifacts: safetensors files that carry their own checksum, and safe writes.
+
+Every safetensors file featurecache writes (heads, ensembles, finetune outputs and
+checkpoints, the backbone checkpoint under `_weights/`) is *sealed*: its metadata holds
+`featurecache.tensors`, an XXH3-128 digest of every tensor's name, dtype, shape and
+bytes, and `featurecache.checksum`, a SHA-256 of all the metadata (the digest included).
+Reading the metadata alone (a leaderboard) checks the checksum; loading the tensors
+also checks the digest and refuses NaN or infinite values. The checksums guard against
+damage (flipped bytes, truncation, a hand edit); they are not a signature.
+
+Writes go to a temporary file that is fsynced and renamed over the final name, so a
+reader sees the old file or the new one; a full disk, a read-only file system or a
+permission error becomes one `StorageError` naming the file, and leaves nothing under
+the final name. Temporary files of a killed writer are removed by the next write into
+the same folder and reported by `featurecache verify`.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import xxhash
+
+from ..errors import CorruptCacheError, StorageError, UsageError
+
+TENSORS_KEY = "featurecache.tensors"
+CHECKSUM_KEY = "featurecache.checksum"
+#: Temporary files older than this are removed even when their pid is alive (a reused pid).
+STALE_SECONDS = 24 * 3600
+
+
+def _reason(error: OSError) -> tuple[str, str]:
+    code = error.errno
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error):
+        return "the disk is full", "free some space and run the command again"
+    if code == errno.EROFS:
+        return "the file system is read-only", "write somewhere writable (e.g. --root, -o)"
+    if code in (errno.EACCES, errno.EPERM):
+        return "permission denied", "fix the permissions or use another folder (e.g. --root, -o)"
+    return error.strerror or str(error), "check the path and the disk, then run the command again"
+
+
+def storage_error(error: OSError, path: Path | str, what: str = "") -> StorageError:
+    """One clear StorageError for a failed write of `path`."""
+    reason, advice = _reason(error)
+    where = f"{what} {path}".strip()
+    return StorageError(f"cannot write {where}: {reason}; nothing was written under that name. {advice}")
+
+
+def prepare_output_file(output: Path, what: str, example: str) -> None:
+    """Refuse a folder where a file is wanted and make the file's folder, or say why it cannot be made."""
+    if output.is_dir():
+        raise UsageError(f"-o {output} is a folder; give a file name such as {example}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise storage_error(error, output.parent, what) from None
+
+
+def os_error_text(error: OSError) -> str:
+    """An OSError nobody expected, in one line: what, where, what to do."""
+    reason, advice = _reason(error)
+    where = f" ({error.filename})" if error.filename else ""
+    return f"{reason}{where}; {advice}"
+
+
+def temporary_path(path: Path) -> Path:
+    """A process-unique temporary name next to `path` (hidden, `.tmp-<pid>-<random>`)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(".") and ".tmp-" in name
+
+
+def _owner_alive(name: str) -> bool:
+    try:
+        pid = int(name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Path, names: tuple[str, ...] | None = None) -> list[str]:
+    """Delete temporary files in `directory` left by writers that died; returns their names.
+
+    `names`: only the temporaries of these final file names (in a folder that is not
+    featurecache's own, such as the folder of `export -o`). A file whose writer (by the
+    pid in its name) is still running is left alone, unless it is older than a day (the
+    pid was reused)."""
+    removed = []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return removed
+    for file in entries:
+        if not is_temporary(file.name) or not file.is_file():
+            continue
+        if names is not None and not any(file.name.startswith(f".{name}.tmp-") for name in names):
+            continue
+        try:
+            old = time.time() - file.stat().st_mtime > STALE_SECONDS
+        except OSError:
+            continue
+        if old or not _owner_alive(file.name):
+            file.unlink(missing_ok=True)
+            removed.append(file.name)
+    return removed
+
+
+def write_atomic(path: Path, write: Callable[[Path], None], what: str = "") -> None:
+    """Call `write(tmp)`, fsync, rename to `path`; StorageError on a failed write, no temp file left."""
+    from .shards import fsync_directory
+
+    tmp = temporary_path(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_directory(path.parent)
+    except OSError as error:
+        raise storage_error(error, path, what) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: Path, data: bytes, what: str = "") -> None:
+    write_atomic(path, lambda tmp: tmp.write_bytes(data), what)
+
+
+def tensors_digest(tensors: dict) -> str:
+    """XXH3-128 of every tensor's name, dtype, shape and bytes, in name order."""
+    import torch
+
+    digest = xxhash.xxh3_128()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return "xxh3_128:" + digest.hexdigest()
+
+
+def metadata_checksum(metadata: dict[str, str]) -> str:
+    body = json.dumps({k: v for k, v in metadata.items() if k != CHECKSUM_KEY}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=True)
+    return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+
+
+def seal(metadata: dict[str, str], tensors: dict) -> dict[str, str]:
+    """`metadata` plus the tensors' digest and the checksum of both."""
+    sealed = {**metadata, TENSORS_KEY: tensors_digest(tensors)}
+    sealed[CHECKSUM_KEY] = metadata_checksum(sealed)
+    return sealed
+
+
+def non_finite(tensors: dict) -> list[str]:
+    """Names of floating-point tensors holding NaN or infinity."""
+    import torch
+
+    return [name for name, tensor in tensors.items()
+            if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all())]
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str], what: str = "") -> dict[str, str]:
+    """Write a sealed safetensors file atomically; returns the metadata written."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    sealed = seal(metadata, tensors)
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=sealed), what)
+    return sealed
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, read from its header alone.
+
+    The format: an 8-byte little-endian header length N, N bytes of JSON (tensor names to
+    dtype, shape and data_offsets, plus `__metadata__`), then the data. Read directly,
+    since safetensors' own reader (framework "pt") imports torch, and `heads` must answer
+    at once; the same checks as its reader: the header parses and the data ends exactly
+    at the end of the file (not truncated)."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        length = int.from_bytes(handle.read(8), "little")
+        if size < 8 or length > size - 8 or length > 100 << 20:
+            raise ValueError(f"header length {length} does not fit a {size}-byte file")
+        header = json.loads(handle.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    end = max((int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"), default=0)
+    if 8 + length + end != size:
+        raise ValueError(f"data ends at byte {8 + length + end}, the file has {size} (truncated or padded)")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("its metadata is not a map of strings")
+    return dict(metadata)
+
+
+def read_metadata(path: Path, what: str, advice: str, *, required: bool = True) -> dict[str, str]:
+    """A safetensors file's metadata, its checksum checked (`required`: a file without one is refused)."""
+    try:
+        metadata = safetensors_metadata(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, IndexError, RecursionError) as error:
+        raise CorruptCacheError(f"{what} {path} is unreadable ({str(error)[:160]}); {advice}") from None
+    if CHECKSUM_KEY not in metadata:
+        if required:
+            raise CorruptCacheError(f"{what} {path} carries no checksum (written by an older featurecache, or "
+                                    f"edited); {advice}")
+        return metadata
+    if metadata_checksum(metadata) != metadata[CHECKSUM_KEY]:
+        raise CorruptCacheError(f"{what} {path} is damaged (its metadata fails the checksum); {advice}")
+    return metadata
+
+
+def read_tensors(path: Path, metadata: dict[str, str], what: str, advice: str) -> dict:
+    """Load the tensors of a file whose metadata was read with `read_metadata`, checked against its digest."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise CorruptCacheError(f"{what} {path} is unreadable ({str(error)[:160]}); {advice}") from None
+    expected = metadata.get(TENSORS_KEY)
+    if expected is not None and tensors_digest(tensors) != expected:
+        raise CorruptCacheError(f"{what} {path} is damaged (its tensors fail their checksum); {advice}")
+    bad = non_finite(tensors)
+    if bad:
+        raise CorruptCacheError(f"{what} {path} holds NaN or infinite values (in {bad[0]}); {advice}")
+    return tensors
+
+
+def read_safetensors(path: Path, what: str, advice: str, *, required: bool = True) -> tuple[dict, dict[str, str]]:
+    """Tensors and metadata of a sealed file, every checksum checked."""
+    metadata = read_metadata(path, what, advice, required=required)
+    return read_tensors(path, metadata, what, advice), metadata
+
+
+JSON_CHECKSUM = "checksum"
+
+
+def json_checksum(data: dict) -> str:
+    body = json.dumps({k: v for k, v in data.items() if k != JSON_CHECKSUM}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return "sha256:" + hashlib.sha256(body.encode()).hexdigest()
+
+
+def seal_json(data: dict) -> dict:
+    """`data` plus a `checksum` of everything else in it."""
+    return {**data, JSON_CHECKSUM: json_checksum(data)}
+
+
+def read_sealed_json(path: Path, what: str, advice: str) -> dict:
+    """A JSON record written with `seal_json`, its checksum checked."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise CorruptCacheError(f"{what} {path} is unreadable ({type(error).__name__}); {advice}") from None
+    if not isinstance(data, dict) or JSON_CHECKSUM not in data:
+        raise CorruptCacheError(f"{what} {path} carries no checksum (written by an older featurecache, or "
+                                f"edited); {advice}")
+    if json_checksum(data) != data[JSON_CHECKSUM]:
+        raise CorruptCacheError(f"{what} {path} is damaged or edited (it fails its checksum); {advice}")
+    return data

@@ -1,0 +1,305 @@
+"""The cache format: keys, the manifest, entry paths, and reading an entry back.
+
+An entry lives in `<root>/<source>-<arch>-<id12>/`. Its id hashes everything that
+changes the numbers except the file list (format version, architecture, SHA-256 of
+the weights, taps, preprocessing, storage dtype, precision, source identity), so a
+dataset that gains or loses files keeps its entry and is updated incrementally. The
+entry's `key` adds every file's fingerprint: same key means nothing to compute, and
+heads remember the key they were trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+from .._lazy import lazy_module
+from ..errors import (CacheIncompleteError, CacheLockedError, CacheNotFoundError, CorruptCacheError,
+                     InvalidRecordError)
+from ..faults import fault_point
+from .integrity import JSON_CHECKSUM, json_checksum, seal_json
+from .shards import RowReader, ShardRows, fsync_directory, open_shard, read_rows, read_split_features
+
+np = lazy_module("numpy", globals(), "np")  # imported on first use: `ls`, `info` and `heads` never need it
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS_DIR = "_weights"
+DEFAULT_ROOT_ENV = "FEATURECACHE_ROOT"
+LOCK = ".lock"
+# errnos of file systems (some NFS, CIFS, FUSE mounts) that have no flock
+_NO_FLOCK = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
+
+log = logging.getLogger("featurecache")
+
+
+def default_root() -> Path:
+    return Path(os.environ.get(DEFAULT_ROOT_ENV, "cache"))
+
+
+def canonical_json(data: object) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def entry_id(config: dict) -> str:
+    return sha256_text(canonical_json({"format_version": FORMAT_VERSION, **config}))
+
+
+def content_key(entry: str, fingerprints: list[str]) -> str:
+    digest = hashlib.sha256(entry.encode())
+    for fingerprint in sorted(fingerprints):
+        digest.update(fingerprint.encode())
+    return digest.hexdigest()
+
+
+def entry_dir_name(source_name: str, arch: str, entry: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in source_name)[:40] or "source"
+    return f"{safe}-{arch}-{entry[:12]}"
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON to a temp file, fsync, and rename: readers see the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=1, sort_keys=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        fault_point("before_manifest_rename")
+        os.replace(tmp, path)
+    except BaseException:  # disk full, interrupted: the old file stays, no temp file is left
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def entry_lock(entry_path: Path, timeout: float) -> Iterator[None]:
+    """Hold the entry's lock: one writer (extract, verify --repair) per entry at a time.
+
+    An flock on `<entry>/.lock`: the kernel releases it when its holder dies, so a
+    SIGKILLed run never blocks the next one; the file itself stays, harmlessly. Where
+    the file system has no flock, a soft lock (`.lock.soft`, holding the owner's pid)
+    replaces it; filelock breaks one whose owner is no longer alive on this host.
+    """
+    from filelock import FileLock, SoftFileLock, Timeout  # here: it costs ~0.1 s to import
+
+    lock: FileLock | SoftFileLock = FileLock(str(entry_path / LOCK), timeout=timeout)
+    try:
+        try:
+            lock.acquire()
+        except OSError as error:
+            if error.errno not in _NO_FLOCK:
+                raise
+            log.warning("no flock on %s (%s); using a soft lock file", entry_path, error.strerror)
+            lock = SoftFileLock(str(entry_path / f"{LOCK}.soft"), timeout=timeout)
+            lock.acquire()
+    except Timeout:
+        raise CacheLockedError(
+            f"another featurecache process is writing {entry_path} (waited {timeout:g}s for its lock); "
+            f"wait for it to finish, then rerun") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def write_manifest(entry_path: Path, manifest: dict) -> None:
+    """Write the manifest atomically, sealed with a checksum of its content."""
+    write_json_atomic(entry_path / MANIFEST, seal_json(manifest))
+
+
+def manifest_seal_problem(manifest: dict) -> str | None:
+    """What is wrong with the manifest's checksum, or None."""
+    if JSON_CHECKSUM not in manifest:
+        return "carries no checksum (written by an older featurecache, or edited)"
+    if json_checksum(manifest) != manifest[JSON_CHECKSUM]:
+        return "fails its checksum (edited or damaged after featurecache wrote it)"
+    return None
+
+
+def read_manifest(entry_path: Path, *, check_seal: bool = True) -> dict:
+    """The entry's manifest, validated by the schema (featurecache.schema) and its checksum
+    before any use (`check_seal=False`: verify, which reports a bad checksum with the rest)."""
+    path = entry_path / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CacheNotFoundError(f"no cache entry at {entry_path} (no {MANIFEST}); run featurecache extract first") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise CorruptCacheError(f"manifest {path} is unreadable ({type(error).__name__}: {str(error)[:200]}); "
+                                "run featurecache verify") from None
+    if isinstance(manifest, dict) and manifest.get("format_version") not in (None, FORMAT_VERSION):
+        raise InvalidRecordError(f"{path}: field format_version: {manifest.get('format_version')!r} is not "
+                                 f"featurecache's format {FORMAT_VERSION}; extract the dataset again")
+    from .schema import check_manifest  # pydantic: imported when a manifest is read, not at CLI start-up
+
+    check_manifest(manifest, path)
+    problem = manifest_seal_problem(manifest) if check_seal else None
+    if problem:
+        raise CorruptCacheError(f"manifest {path} {problem}; run featurecache verify, then featurecache verify "
+                                "--repair to check its shards and seal it again")
+    return manifest
+
+
+def resolve_entry(name: str | Path, root: Path | None = None) -> Path:
+    """A cache entry by path, by folder name under the root, or by a unique key prefix."""
+    path = Path(name).expanduser()
+    if (path / MANIFEST).exists():
+        return path
+    root = root or default_root()
+    if (root / str(name) / MANIFEST).exists():
+        return root / str(name)
+    matches = [e for e in list_entries(root) if str(name) and (
+        e.name.startswith(str(name)) or e.name.split("-")[-1].startswith(str(name)))]
+    if len(matches) == 1:
+        return matches[0]
+    hint = "" if not matches else f" ({len(matches)} entries match; be more specific)"
+    raise CacheNotFoundError(f"no cache entry {name}{hint}; run featurecache ls to see entries, or extract first")
+
+
+def list_entries(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / MANIFEST).exists())
+
+
+def entry_size_bytes(entry_path: Path) -> int:
+    return sum(f.stat().st_size for f in entry_path.rglob("*") if f.is_file())
+
+
+class Cache:
+    """A finished cache entry: features, labels and paths per split and tap.
+
+    `features(split, tap)` loads a whole split into memory; `iter_shards` streams it
+    shard by shard and `row_reader` reads any rows, for data larger than memory.
+    """
+
+    def __init__(self, path: Path, manifest: dict) -> None:
+        self.path, self.manifest = path, manifest
+        self.key: str = manifest["key"]
+        self.classes: list[str] = manifest["classes"]
+        self.tap_shapes = {tap: tuple(info["shape"]) for tap, info in manifest["taps"].items()}
+
+    @property
+    def splits(self) -> dict[str, int]:
+        """Rows per split, labelled or not."""
+        return dict(self.manifest["splits"])
+
+    @property
+    def unlabeled_splits(self) -> list[str]:
+        """Splits whose rows have no label (label -1): cached to predict on, never fitted or scored."""
+        return list(self.manifest.get("unlabeled_splits", []))
+
+    @property
+    def labeled_splits(self) -> dict[str, int]:
+        """Rows per split of the splits with labels: what heads are fitted and scored on."""
+        unlabeled = set(self.unlabeled_splits)
+        return {split: n for split, n in self.manifest["splits"].items() if split not in unlabeled}
+
+    def arrays(self, split: str, tap: str = "pool") -> dict[str, np.ndarray]:
+        """One split as numpy arrays: `features` (N, *tap shape), `labels` (int64, -1 for an
+        unlabeled split), `index` (int64) and `paths` (str), rows in the same order."""
+        return {"features": self.features(split, tap), "labels": self.labels(split), "index": self.index(split),
+                "paths": np.asarray(self.paths(split), dtype=str)}
+
+    @property
+    def taps(self) -> list[str]:
+        return list(self.tap_shapes)
+
+    def _shards(self, split: str) -> list[dict]:
+        if split not in self.manifest["splits"]:
+            raise CacheNotFoundError(f"split {split!r} is not in {self.path.name}; it has: {', '.join(self.splits)}")
+        return [s for s in self.manifest["shards"] if s["split"] == split]
+
+    def _check_tap(self, tap: str) -> None:
+        if tap not in self.tap_shapes:
+            raise CacheNotFoundError(
+                f"tap {tap!r} is not in {self.path.name} (it has {', '.join(self.taps)}); "
+                f"rerun featurecache extract with --tap {tap}")
+
+    def iter_shards(self, split: str, tap: str = "pool") -> Iterator[ShardRows]:
+        """Yield each shard's rows (features of one tap, labels, index, paths)."""
+        self._check_tap(tap)
+        for shard in self._shards(split):
+            rows = read_rows(self.path / shard["file"], shard["rows"], {tap: self.tap_shapes[tap]}, split=split)
+            self._check_labels(rows.labels, split)
+            yield rows
+
+    def features(self, split: str, tap: str = "pool") -> np.ndarray:
+        """All features of a split, read straight into one preallocated array."""
+        self._check_tap(tap)
+        shards = self._shards(split)
+        out = np.empty((sum(s["rows"] for s in shards), *self.tap_shapes[tap]), dtype=self.manifest["dtype"])
+        read_split_features([(self.path / s["file"], s["rows"], s) for s in shards], tap, self.tap_shapes[tap], out)
+        return out
+
+    def row_reader(self, split: str, tap: str = "pool") -> RowReader:
+        """Random access to a split's rows (checked once, then read where they lie): for
+        minibatches in any order without loading the split."""
+        self._check_tap(tap)
+        shards = self._shards(split)
+        return RowReader([(self.path / s["file"], s["rows"], s) for s in shards], tap, self.tap_shapes[tap],
+                         self.manifest["dtype"])
+
+    def _column(self, split: str, name: str) -> list:
+        values: list = []
+        for shard in self._shards(split):
+            path = self.path / shard["file"]
+            try:
+                with open_shard(path, shard["rows"], {}, shard["split"]) as handle:
+                    values.extend(handle[name][:])
+            except OSError as error:  # a fletcher32 mismatch
+                raise CorruptCacheError(f"shard {path} is damaged ({error}); run featurecache verify") from None
+        return values
+
+    def labels(self, split: str) -> np.ndarray:
+        """Class indices 0..C-1 of a split's rows (-1 marks a row without a label)."""
+        return self._check_labels(np.asarray(self._column(split, "labels"), dtype=np.int64), split)
+
+    def _check_labels(self, labels: np.ndarray, split: str) -> np.ndarray:
+        if labels.size and (labels.min() < -1 or labels.max() >= len(self.classes)):
+            raise CorruptCacheError(
+                f"the {split} labels of {self.path} run from {labels.min()} to {labels.max()}, but the manifest "
+                f"lists {len(self.classes)} classes; run featurecache verify")
+        return labels
+
+    def index(self, split: str) -> np.ndarray:
+        return np.asarray(self._column(split, "index"), dtype=np.int64)
+
+    def paths(self, split: str) -> list[str]:
+        return [p.decode() if isinstance(p, bytes) else p for p in self._column(split, "paths")]
+
+    def __repr__(self) -> str:
+        return f"Cache({self.path}, splits={self.splits}, taps={self.taps})"
+
+
+def open_cache(path: str | Path, *, root: Path | None = None) -> Cache:
+    """Open a finished entry; damage (missing or resized shards) is reported, not hidden."""
+    entry_path = resolve_entry(path, root)
+    manifest = read_manifest(entry_path)
+    if not manifest.get("complete"):
+        raise CacheIncompleteError(f"extraction of {entry_path} has not finished; rerun the same featurecache extract to resume")
+    for shard in manifest["shards"]:
+        file = entry_path / shard["file"]
+        if not file.exists():
+            raise CorruptCacheError(f"shard {shard['file']} of {entry_path} is missing; run featurecache verify --repair")
+        if file.stat().st_size != shard["bytes"]:
+            raise CorruptCacheError(f"shard {shard['file']} of {entry_path} has the wrong size; run featurecache verify --repair")
+    for split, count in manifest["splits"].items():
+        if sum(s["rows"] for s in manifest["shards"] if s["split"] == split) != count:
+            raise CorruptCacheError(f"the shards of {entry_path} do not add up to its {count} {split} rows; "
+                                    "run featurecache verify --repair")
+    return Cache(entry_path, manifest)

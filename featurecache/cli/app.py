@@ -1,0 +1,147 @@
+"""The `featurecache` command: parse options, call the library, render, map errors.
+
+No torch logic lives here. Every expected failure is a FeatureCacheError and becomes
+one line `error: ...` on stderr with exit code 2 (bad input) or 1 (run-time failure);
+`--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from enum import Enum
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .. import __version__
+from ..errors import FeatureCacheError
+
+# Heavy libraries (torch, torchvision, scikit-learn, matplotlib, h5py) load inside the
+# commands that use them, never at module level here or in the cli_* modules: --help,
+# --version, ls, info, heads and argument errors answer at once (tests/test_startup.py).
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Run a frozen backbone over images once; fit many heads on the cached features.")
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Dtype(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class OnError(str, Enum):
+    skip = "skip"
+    fail = "fail"
+
+
+class Optimize(str, Enum):
+    auto = "auto"
+    eager = "eager"
+    fuse = "fuse"
+    freeze = "freeze"
+    compile = "compile"
+
+
+class Decode(str, Enum):
+    pil = "pil"
+    torch = "torch"
+
+
+class Compression(str, Enum):
+    none = "none"
+    lzf = "lzf"
+    gzip = "gzip"
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"featurecache {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what happens.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        stream=sys.stderr)
+
+
+def handle_errors(function):
+    """Turn library errors into `error: ...` and an exit code, in one place."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except FeatureCacheError as error:
+            if _state["debug"]:
+                raise
+            message = " ".join(str(error).split())  # one line, whatever the cause's text held
+            err_console.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(error.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("error: interrupted; rerun the same command to resume", markup=False)
+            raise typer.Exit(130) from None
+        except OSError as error:  # an unwritable folder or a failing disk the library did not expect
+            if _state["debug"]:
+                raise
+            from ..cache.integrity import os_error_text
+
+            err_console.print(f"error: {os_error_text(error)}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except MemoryError:
+            if _state["debug"]:
+                raise
+            err_console.print("error: out of memory; use a smaller --batch-size or --max-memory, or a machine with "
+                              "more memory", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def progress_bar(description: str, quiet: bool):
+    """A rich progress bar with images/s and ETA, as a (context, callback) pair."""
+    progress = Progress(TextColumn(description), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=err_console, disable=quiet, transient=False, auto_refresh=False)
+    task = progress.add_task(description, total=None, rate="", start=False)
+
+    def update(done: int, total: int) -> None:
+        if not progress.live.is_started:  # appear only once there is work to show
+            progress.start()
+            progress.start_task(task)
+        elapsed = progress.tasks[0].elapsed or 0.0
+        rate = f"{done / elapsed:.1f} img/s" if elapsed > 0 else ""
+        progress.update(task, completed=done, total=total, rate=rate)
+        progress.refresh()
+
+    return progress, update
+
+
+def main() -> None:
+    app(prog_name="featurecache")

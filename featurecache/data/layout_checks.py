@@ -1,0 +1,110 @@
+"""Refuse a folder tree that looks wrong before any work, saying why and what to use.
+
+An image folder is read as `root/<class>/*` (or `root/<split>/<class>/*`): every folder
+at that level becomes a class. Pointed at a dataset with another layout, that silently
+mislabels it (Tiny-ImageNet's `val/images/` becomes a class called "images", Food-101
+becomes two classes, `images` and `meta`). So before anything is listed or computed:
+
+- a folder matching a known dataset's layout is refused with the named source to use
+  (`tinyimagenet:`, `food101:`, `cifar10:`, `cifar100:`);
+- a class folder named `images`, a class folder holding no image, classes that appear
+  only in val/test, a single class, and images lying outside any class folder are
+  refused with the reason.
+
+`--allow-layout` (`ExtractSpec.allow_layout`) skips these checks for the rare folder
+that really is laid out that way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import SourceError
+
+OVERRIDE = "pass --allow-layout if this really is the layout you mean"
+
+
+def _first(names: list[str], count: int = 3) -> str:
+    shown = ", ".join(names[:count])
+    return shown + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
+def known_layout(root: Path) -> tuple[str, str] | None:
+    """(named source to use, what was recognised) when `root` is a known dataset's folder."""
+    candidates = [(root, root)] + [(root / name, root) for name in
+                                   ("tiny-imagenet-200", "food-101", "cifar-10-batches-py", "cifar-100-python")]
+    for base, given in candidates:
+        if not base.is_dir():
+            continue
+        if (base / "wnids.txt").is_file() and ((base / "val" / "val_annotations.txt").is_file()
+                                               or (base / "train").is_dir()):
+            return f"tinyimagenet:{given}", "the Tiny-ImageNet layout (wnids.txt, train/<wnid>/images/, val/val_annotations.txt)"
+        if (base / "meta" / "classes.txt").is_file() and (base / "images").is_dir():
+            return f"food101:{given}", "the Food-101 layout (images/<class>/, meta/classes.txt, meta/train.txt, meta/test.txt)"
+        if (base / "batches.meta").is_file() or (base / "data_batch_1").is_file():
+            return f"cifar10:{given}", "CIFAR-10's python batches (data_batch_1..5, test_batch, batches.meta)"
+        if (base / "meta").is_file() and ((base / "train").is_file() or (base / "test").is_file()):
+            return f"cifar100:{given}", "CIFAR-100's python batches (train, test, meta)"
+    return None
+
+
+def check_known_layout(root: Path) -> None:
+    """Refuse to read a known dataset's folder as an image folder."""
+    found = known_layout(root)
+    if found:
+        use, what = found
+        raise SourceError(f"{root} has {what}; read as an image folder its labels would be wrong. "
+                          f"Use {use} instead (or {OVERRIDE})")
+
+
+def check_image_folder(root: Path, counts: dict[str, dict[str, int]], loose: dict[str, int], *,
+                       has_splits: bool) -> None:
+    """`counts[split][class folder]` = images in it; `loose[split]` = images outside class folders."""
+    def where(split: str, name: str = "") -> str:
+        return "/".join(part for part in ((split if has_splits else ""), name) if part)
+
+    for split, classes in counts.items():
+        for name in classes:
+            if name.lower() == "images":
+                raise SourceError(
+                    f"{root}: a class folder is named {where(split, name)!r}: images look one level deeper than "
+                    f"<class>/<image> (as in Tiny-ImageNet's val/images/ or Food-101's images/<class>/), so every "
+                    f"image there would get the class 'images'. Point at the folder whose subfolders are the "
+                    f"classes, use a named source (featurecache sources lists them), or {OVERRIDE}")
+    if not loose and not any(n for classes in counts.values() for n in classes.values()):
+        return  # no image at all: the caller says so
+    empty = [where(split, name) for split, classes in counts.items() for name, n in classes.items() if n == 0]
+    if empty:
+        raise SourceError(f"{root}: {len(empty)} class folder(s) hold no image ({_first(empty)}); each would count "
+                          f"as a class nothing is labelled with. Remove them or {OVERRIDE}")
+    for split, count in loose.items():
+        folder = where(split) or "the top folder"
+        hint = (f"pass --unlabeled {split} to cache them as an unlabelled split to predict on" if has_splits
+                else "move them into class folders")
+        raise SourceError(f"{root}: {count} image(s) lie in {folder} outside any class folder and would be "
+                          f"ignored; {hint}, or {OVERRIDE}")
+    train = set(counts.get("train", {}))
+    for split in ("val", "test"):
+        extra = sorted(set(counts.get(split, {})) - train)
+        if extra and "train" in counts:
+            raise SourceError(f"{root}: class(es) {_first(extra)} appear in {split}/ but not in train/, so no head "
+                              f"can learn them (check the folder names), or {OVERRIDE}")
+    classes = sorted({name for split_classes in counts.values() for name in split_classes})
+    if len(classes) == 1:
+        raise SourceError(f"{root}: only one class folder ({classes[0]!r}); a classifier needs two or more, so "
+                          f"point at the folder that holds the class folders, or {OVERRIDE}")
+
+
+def check_classes(where: str, classes: list[str], samples: list, *, what: str = "class") -> None:
+    """The checks that apply to any labelled listing (a CSV): one class, classes only in val/test."""
+    if len(classes) == 1:
+        raise SourceError(f"{where}: every row has the same {what} ({classes[0]!r}); a classifier needs two or "
+                          f"more classes, or {OVERRIDE}")
+    in_train = {s.label for s in samples if s.split == "train"}
+    if in_train:
+        for split in ("val", "test"):
+            extra = sorted({classes[s.label] for s in samples if s.split == split and s.label >= 0
+                            and s.label not in in_train})
+            if extra:
+                raise SourceError(f"{where}: {what}(s) {_first(extra)} appear in {split} but not in train, so no "
+                                  f"head can learn them, or {OVERRIDE}")

@@ -1,0 +1,469 @@
+"""Datasets: an ImageFolder tree, a CSV manifest, CIFAR-10/100 on disk, or `digits`.
+
+Named layouts (`tinyimagenet:`, `food101:`, torchvision's datasets) live in
+`named_sources.py`, Python objects in `python_sources.py`, and the checks that refuse a
+folder tree that looks wrong in `layout.py`.
+
+Every source lists `Sample`s (relative path, label, split, fingerprint) and loads one
+as an RGB PIL image. A sample of an unlabeled split (Tiny-ImageNet's test images, a
+folder given with `--unlabeled`, CSV rows without a label) has label `UNLABELED` (-1):
+it is cached like any other row and listed in the manifest's `unlabeled_splits`, but
+no head is fitted or scored on it. The fingerprint identifies the file's content cheaply (relative
+path, size, mtime_ns, class, split; or a content hash on request); the cache reuses a
+row whenever its fingerprint is unchanged, which makes extraction incremental.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import SourceError
+from .images import ImageDecodeError, decode_array, load_rgb
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "test": "test", "testing": "test"}
+SPLIT_ORDER = ("train", "val", "test")
+UNLABELED = -1  # the label of every row of an unlabeled split
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # relative to the source root (or a synthetic id for in-memory sets)
+    label: int
+    split: str
+    fingerprint: str
+    index: int  # position in the source's listing
+
+
+def _fingerprint(*parts: object) -> str:
+    # surrogateescape: a file name that is not valid UTF-8 still has a stable fingerprint
+    return hashlib.sha256("\0".join(str(p) for p in parts).encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def valid_utf8(text: str) -> bool:
+    """False for a name that came from bytes that are not UTF-8 (Python keeps them as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable_path(text: str) -> str:
+    """A path that can be printed and stored as UTF-8: undecodable bytes shown as \\xNN."""
+    return text if valid_utf8(text) else text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def split_sort_key(split: str) -> tuple[int, str]:
+    return (SPLIT_ORDER.index(split) if split in SPLIT_ORDER else len(SPLIT_ORDER), split)
+
+
+class Source:
+    """Base class: `samples`, `classes`, `load(sample)` and an identity for the cache key."""
+
+    kind: str = "source"
+
+    def __init__(self, name: str, root: str, classes: list[str], samples: list[Sample]) -> None:
+        if not samples:
+            raise SourceError(f"no images found in {root}; check the path and that it holds image files")
+        self.name, self.root, self.classes, self.samples = name, root, classes, samples
+        self.class_ids: list[str] | None = None  # e.g. Tiny-ImageNet's wnids, when names differ from ids
+        labeled = {s.split for s in samples if s.label != UNLABELED}
+        unlabeled = {s.split for s in samples if s.label == UNLABELED}
+        if labeled & unlabeled:
+            split = sorted(labeled & unlabeled, key=split_sort_key)[0]
+            raise SourceError(f"split {split!r} of {root} mixes labelled and unlabelled rows; give the unlabelled "
+                              "rows a split of their own (e.g. test)")
+        if "train" in unlabeled:
+            raise SourceError(f"the train split of {root} has no labels; only val or test splits may be unlabelled")
+        self.unlabeled_splits = sorted(unlabeled, key=split_sort_key)
+
+    identity_extra: dict = {}  # what else changes the rows (e.g. how CIFAR names them)
+
+    def identity(self) -> dict:
+        return {"kind": self.kind, "name": self.name, "root": self.root, **self.identity_extra}
+
+    @property
+    def fingerprint_kind(self) -> str:
+        """How rows are fingerprinted: "stat" (path, size, mtime) or "content" (a hash of the bytes)."""
+        return getattr(self, "_fingerprint_kind", "stat")
+
+    def load(self, sample: Sample) -> Image.Image:
+        raise NotImplementedError
+
+    def split_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for sample in self.samples:
+            counts[sample.split] = counts.get(sample.split, 0) + 1
+        return dict(sorted(counts.items(), key=lambda item: split_sort_key(item[0])))
+
+
+class FileSource(Source):
+    """A source whose samples are image files under `root`."""
+
+    draft_size: tuple[int, int] | None = None  # set by extract for JPEG draft decoding
+
+    def load(self, sample: Sample) -> Image.Image:
+        if not valid_utf8(sample.path):  # its name could not be stored in the cache (UTF-8 paths)
+            raise ImageDecodeError("file name is not valid UTF-8; rename it to include it",
+                                   printable_path(sample.path))
+        return load_rgb(Path(self.root) / sample.path, draft_size=self.draft_size)
+
+
+def _file_fingerprint(path: Path, relpath: str, class_name: str, split: str, content_hash: bool) -> str:
+    try:
+        if content_hash:
+            with open(path, "rb") as handle:
+                digest = hashlib.file_digest(handle, "sha256").hexdigest()
+            return _fingerprint(relpath, digest, class_name, split)
+        stat = path.stat()
+        return _fingerprint(relpath, stat.st_size, stat.st_mtime_ns, class_name, split)
+    except OSError as error:  # unreadable: still listed, so the failure is reported
+        return _fingerprint(relpath, "unreadable", error.errno, class_name, split)
+
+
+def _unreadable_folder(error: OSError) -> None:
+    raise SourceError(f"cannot read the folder {printable_path(str(error.filename))}: "
+                      f"{(error.strerror or str(error)).lower()}; fix its permissions or move it out of the dataset")
+
+
+def _image_files(directory: Path) -> list[Path]:
+    files = []
+    # does not follow symlinked dirs; an unreadable folder is an error, never a silently empty class
+    for dirpath, dirnames, filenames in os.walk(directory, onerror=_unreadable_folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [Path(dirpath) / f for f in sorted(filenames)
+                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return files
+
+
+class ImageFolderSource(FileSource):
+    """`root/<class>/*.jpg`, or `root/{train,val,test}/<class>/*.jpg` with splits.
+
+    `unlabeled` names split folders whose images (at any depth) have no label. The
+    layout is checked before any work (see `layout.check_image_folder`) unless
+    `allow_layout` is set.
+    """
+
+    kind = "imagefolder"
+
+    def __init__(self, root: Path, *, content_hash: bool = False, unlabeled: tuple[str, ...] = (),
+                 allow_layout: bool = False) -> None:
+        from .layout_checks import check_image_folder, check_known_layout
+
+        if not allow_layout:
+            check_known_layout(root)
+        try:
+            split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in sorted(root.iterdir())
+                          if d.is_dir() and d.name.lower() in SPLIT_ALIASES}
+        except OSError as error:
+            _unreadable_folder(error)
+        unlabeled_splits = {SPLIT_ALIASES.get(u.lower(), u.lower()) for u in unlabeled}
+        missing = sorted(unlabeled_splits - set(split_dirs))
+        if missing:
+            raise SourceError(f"--unlabeled {missing[0]}: {root} has no {missing[0]}/ split folder "
+                              f"(it has: {', '.join(sorted(split_dirs)) or 'no train/val/test folders'}); "
+                              "--unlabeled names a split folder of an image folder with splits")
+        if not split_dirs:
+            split_dirs = {"train": root}
+        try:
+            class_dirs = {split: sorted(d for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+                          for split, path in split_dirs.items() if split not in unlabeled_splits}
+        except OSError as error:
+            _unreadable_folder(error)
+        undecodable = [d.name for dirs in class_dirs.values() for d in dirs if not valid_utf8(d.name)]
+        if undecodable:
+            raise SourceError(f"the class folder {printable_path(undecodable[0])!r} is not named in valid UTF-8, so "
+                              "its class name cannot be stored; rename it")
+        files = {(split, d.name): _image_files(d) for split, dirs in class_dirs.items() for d in dirs}
+        if not allow_layout:
+            loose = {split: [f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")
+                             and f.suffix.lower() in IMAGE_EXTENSIONS]
+                     for split, path in split_dirs.items() if split not in unlabeled_splits}
+            check_image_folder(root, {split: {d.name: len(files[split, d.name]) for d in dirs}
+                                      for split, dirs in class_dirs.items()},
+                               {split: len(found) for split, found in loose.items() if found},
+                               has_splits=split_dirs != {"train": root})
+        classes = sorted({d.name for dirs in class_dirs.values() for d in dirs})
+        samples: list[Sample] = []
+        for split in sorted(split_dirs, key=split_sort_key):
+            if split in unlabeled_splits:
+                for file in _image_files(split_dirs[split]):
+                    relpath = file.relative_to(root).as_posix()
+                    fingerprint = _file_fingerprint(file, relpath, "", split, content_hash)
+                    samples.append(Sample(relpath, UNLABELED, split, fingerprint, len(samples)))
+                continue
+            for class_dir in class_dirs[split]:
+                for file in files[split, class_dir.name]:
+                    relpath = file.relative_to(root).as_posix()
+                    fingerprint = _file_fingerprint(file, relpath, class_dir.name, split, content_hash)
+                    samples.append(Sample(relpath, classes.index(class_dir.name), split, fingerprint, len(samples)))
+        super().__init__(root.name, str(root), classes, samples)
+        self.unlabeled = tuple(sorted(unlabeled_splits, key=split_sort_key))
+
+    def identity(self) -> dict:
+        return {**super().identity(), **({"unlabeled": list(self.unlabeled)} if self.unlabeled else {})}
+
+
+class CsvSource(FileSource):
+    """A CSV with a header `path,label[,split]`; paths relative to the CSV's folder.
+
+    Labels that all read as numbers are ordered numerically (2 before 10). A row with an
+    empty label belongs to an unlabeled split, which must be named (e.g. `test`).
+    """
+
+    kind = "csv"
+
+    def __init__(self, csv_path: Path, *, content_hash: bool = False, allow_layout: bool = False) -> None:
+        rows = _read_csv_rows(csv_path)
+        classes = sort_labels({label for _, label, _ in rows if label})
+        base = csv_path.parent
+        samples = []
+        for index, (path, label, split) in enumerate(rows):
+            file = Path(path) if os.path.isabs(path) else base / path
+            relpath = os.path.relpath(file, base) if not os.path.isabs(path) else path
+            fingerprint = _file_fingerprint(file, relpath, label, split, content_hash)
+            samples.append(Sample(Path(relpath).as_posix(), classes.index(label) if label else UNLABELED, split,
+                                  fingerprint, index))
+        samples.sort(key=lambda s: split_sort_key(s.split))  # stable: CSV order within a split
+        if not allow_layout:
+            from .layout_checks import check_classes
+
+            check_classes(str(csv_path), classes, samples, what="label")
+        super().__init__(csv_path.stem, str(base), classes, samples)
+        self.csv_path = str(csv_path)
+
+    def identity(self) -> dict:
+        return {**super().identity(), "csv": self.csv_path}
+
+
+def sort_labels(labels: set[str]) -> list[str]:
+    """Labels in numeric order when every one is a number (`2` before `10`), else as text."""
+    def number(text: str) -> float | None:
+        try:
+            value = float(text)
+        except ValueError:
+            return None
+        return value if value == value and abs(value) != float("inf") else None
+
+    values = {label: number(label) for label in labels}
+    if labels and all(v is not None for v in values.values()):
+        return sorted(labels, key=lambda label: (values[label], label))
+    return sorted(labels)
+
+
+def _read_csv_rows(csv_path: Path) -> list[tuple[str, str, str]]:
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            header = [h.strip().lower() for h in (reader.fieldnames or [])]
+            if "path" not in header or "label" not in header:
+                raise SourceError(f"{csv_path}: the first line must be a header with path,label[,split]")
+            reader.fieldnames = header
+            rows = []
+            for line_number, row in enumerate(reader, start=2):
+                path, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+                given = (row.get("split") or "").strip().lower()
+                split = SPLIT_ALIASES.get(given or "train", given or "train")
+                if not path:
+                    raise SourceError(f"{csv_path}:{line_number}: every row needs a path")
+                if not label and split == "train":
+                    raise SourceError(f"{csv_path}:{line_number}: a row without a label must name an unlabelled "
+                                      "split (e.g. test) in a split column; training rows need labels")
+                if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", split):
+                    raise SourceError(f"{csv_path}:{line_number}: split {split!r} is not a plain name (letters, "
+                                      "digits, '_' or '-'); shard files are named after it")
+                rows.append((path, label, split))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise SourceError(f"cannot read CSV {csv_path}: {error}") from None
+    return rows
+
+
+class ArraySource(Source):
+    """Images held in memory as arrays (digits, CIFAR, uint8 arrays from Python).
+
+    `names` gives each image's path (default `<name>/<split>/<position>`) and `indices`
+    the index stored with it (default its position in `images`). Rows are fingerprinted
+    by content: there is no file to stat.
+    """
+
+    kind = "arrays"
+    _fingerprint_kind = "content"
+
+    def __init__(self, name: str, root: str, classes: list[str], images: np.ndarray,
+                 labels: np.ndarray, splits: list[str], max_value: float = 255.0, *,
+                 names: list[str] | None = None, indices: list[int] | None = None) -> None:
+        self.images, self.max_value = images, max_value
+        order = sorted(range(len(labels)), key=lambda i: (split_sort_key(splits[i]), i))
+        paths = names or [f"{name}/{splits[i]}/{i:06d}" for i in range(len(labels))]
+        if len(set(paths)) != len(paths):
+            raise SourceError(f"{name}: two images have the same name; names must be unique")
+        self._position = {paths[i]: i for i in range(len(labels))}
+        samples = [
+            Sample(paths[i], int(labels[i]), splits[i],
+                   _fingerprint(hashlib.sha256(np.ascontiguousarray(images[i]).tobytes()).hexdigest(),
+                                classes[int(labels[i])] if int(labels[i]) != UNLABELED else "", splits[i]),
+                   i if indices is None else int(indices[i]))
+            for i in order
+        ]
+        super().__init__(name, root, classes, samples)
+
+    def load(self, sample: Sample) -> Image.Image:
+        return decode_array(self.images[self._position[sample.path]], max_value=self.max_value)
+
+
+def digits_source() -> ArraySource:
+    """scikit-learn's 1,797 real 8x8 handwritten digits, split 60/20/20 with a fixed seed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    indices = np.arange(len(data.target))
+    train, rest = train_test_split(indices, test_size=0.4, random_state=0, stratify=data.target)
+    val, test = train_test_split(rest, test_size=0.5, random_state=0, stratify=data.target[rest])
+    splits = [""] * len(indices)
+    for split, members in (("train", train), ("val", val), ("test", test)):
+        for i in members:
+            splits[i] = split
+    return ArraySource("digits", "sklearn:digits", [str(d) for d in range(10)],
+                       data.images.astype(np.float32), data.target, splits, max_value=16.0)
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """CIFAR's batches are pickles; allow only what a dict of numpy arrays needs."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _load_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as handle:
+            data = _ArrayOnlyUnpickler(io.BytesIO(handle.read()), encoding="latin1").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as error:
+        raise SourceError(f"cannot read CIFAR batch {path}: {error}") from None
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
+
+
+CIFAR_VARIANTS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python",
+                  "cifar100-coarse": "cifar-100-python"}
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def cifar_base(root: Path, variant: str) -> Path:
+    folder = CIFAR_VARIANTS[variant]
+    return root if (root / ("batches.meta" if variant == "cifar10" else "meta")).exists() else root / folder
+
+
+def cifar_source(root: Path, variant: str) -> ArraySource:
+    """CIFAR-10 or CIFAR-100 (fine or coarse labels) from the python batches under `root`.
+
+    Never downloaded. Rows are named by the batches' own `filenames` and indexed by their
+    position in their split (train 0..49,999, test 0..9,999); class names are decoded
+    whether the pickles hold them as bytes or str.
+    """
+    folder = CIFAR_VARIANTS[variant]
+    base = cifar_base(root, variant)
+    if variant == "cifar10":
+        parts, meta, names_key, labels_key = ([f"data_batch_{i}" for i in range(1, 6)], "test_batch"), "batches.meta", "label_names", "labels"
+    else:
+        fine = variant == "cifar100"
+        parts, meta = (["train"], "test"), "meta"
+        names_key, labels_key = ("fine_label_names", "fine_labels") if fine else ("coarse_label_names", "coarse_labels")
+    if not (base / meta).exists():
+        raise SourceError(
+            f"{variant} not found under {root} (expected {folder}/ with the python batches: "
+            f"{', '.join([*parts[0], parts[1], meta])}); download it on a connected machine and pass "
+            f"{variant}:/path/to/its/parent"
+        )
+    classes = [_text(n) for n in _load_batch(base / meta)[names_key]]
+    images, labels, splits, names, indices = [], [], [], [], []
+    for split, files in (("train", parts[0]), ("test", [parts[1]])):
+        position = 0
+        for file in files:
+            if not (base / file).exists():
+                raise SourceError(f"{variant} under {root} is incomplete: {base / file} is missing (expected "
+                                  f"{folder}/ with {', '.join([*parts[0], parts[1], meta])})")
+            batch = _load_batch(base / file)
+            if "data" not in batch or labels_key not in batch:
+                raise SourceError(f"CIFAR batch {base / file} has no {'data' if 'data' not in batch else labels_key}")
+            data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+            own = [_text(n) for n in batch.get("filenames", [])]
+            images.append(data)
+            labels += list(batch[labels_key])
+            splits += [split] * len(data)
+            for i in range(len(data)):
+                names.append(f"{split}/{own[i]}" if len(own) == len(data) else f"{split}/{position + i:05d}")
+                indices.append(position + i)
+            position += len(data)
+    if len(set(names)) != len(names):  # filenames not unique: fall back to positions
+        names = [f"{split}/{index:05d}" for split, index in zip(splits, indices)]
+    source = ArraySource(variant, str(base.resolve()), classes, np.concatenate(images), np.asarray(labels), splits,
+                         names=names, indices=indices)
+    source.identity_extra = {"rows": "filenames, per-split index"}
+    return source
+
+
+def open_source(spec: str, *, content_hash: bool = False, allow_layout: bool = False,
+                unlabeled: tuple[str, ...] = ()) -> Source:
+    """Open `digits`, `cifar10:ROOT`, a named layout (`tinyimagenet:ROOT`, `food101:ROOT`,
+    torchvision's datasets: see `featurecache sources`), an image folder or a CSV file."""
+    if spec.lower() == "digits":
+        return digits_source()
+    prefix, _, rest = spec.partition(":")
+    prefix = prefix.lower()
+    if prefix == "python" and rest:
+        raise SourceError(f"this cache was extracted from a Python object ({rest}), which cannot be reopened "
+                          "from its manifest; pass the same object again from Python (featurecache.extract(source=...)), "
+                          "or use what the cache holds (e.g. finetune --from-cache)")
+    if unlabeled and (prefix in CIFAR_VARIANTS or prefix == "digits"):
+        raise SourceError("--unlabeled applies to an image folder with split folders")
+    if prefix in CIFAR_VARIANTS and rest:
+        return cifar_source(Path(rest).expanduser(), prefix)
+    from .named import NAMED, open_named
+
+    if prefix in NAMED and rest:
+        if unlabeled:
+            raise SourceError(f"--unlabeled applies to an image folder; {prefix}: has its own splits")
+        return open_named(prefix, Path(rest).expanduser(), content_hash=content_hash)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return ImageFolderSource(path.resolve(), content_hash=content_hash, unlabeled=unlabeled,
+                                 allow_layout=allow_layout)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        if unlabeled:
+            raise SourceError("--unlabeled applies to an image folder; in a CSV, leave the label empty and name the split")
+        return CsvSource(path.resolve(), content_hash=content_hash, allow_layout=allow_layout)
+    known = "an image folder, a CSV, digits, cifar10:ROOT or another named dataset (featurecache sources lists them)"
+    if prefix in NAMED or prefix in CIFAR_VARIANTS:
+        raise SourceError(f"{spec}: give the dataset's local folder after the colon, e.g. {prefix}:/data")
+    if path.exists():
+        raise SourceError(f"{spec} is neither a folder nor a .csv file; pass {known}")
+    raise SourceError(f"dataset not found: {spec}; pass {known}")
+
+
+def reopen_source(made: dict) -> Source:
+    """The source of a cache entry again, from the `spec` its manifest stored (layout
+    checks off: the entry exists, so the layout was accepted when it was made)."""
+    return open_source(made["source"], content_hash=made.get("content_hash", False), allow_layout=True,
+                       unlabeled=tuple(made.get("unlabeled") or ()))

@@ -1,0 +1,306 @@
+"""The extract stage: dataset -> frozen backbone -> a cache entry of HDF5 shards.
+
+Only rows the entry lacks are computed: a rerun with the same inputs is a cache hit,
+new or changed files are added incrementally, removed files drop out, and a run that
+died resumes after its last committed shard. The manifest is the commit marker: it is
+rewritten atomically after every shard, and only shards it lists count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..backbones.registry import StagedBackbone, build_network, get_backbone, tap_shape, validate_taps
+from .distributed import Group, join_group
+from .engine import default_workers, resolve_precision, run_backbone
+from ..errors import CacheNotFoundError, CorruptCacheError, ExtractionError, UnreadableImageError, UsageError
+from ..faults import fault_point
+from ..cache.integrity import storage_error
+from ..backbones.optimize import optimize_backbone, resolve_optimize
+from .plan import Plan, make_plan
+from .writer import ShardPipeline
+from ..data.sources import FileSource, open_source
+from ..cache.store import (MANIFEST, WEIGHTS_DIR, content_key, default_root, entry_dir_name, entry_id, entry_lock,
+                    read_manifest)
+from ..backbones.weights import read_checkpoint, resolve_weights, store_weights
+
+log = logging.getLogger("featurecache")
+
+DTYPES = ("float16", "float32")
+ON_ERROR = ("skip", "fail")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractSpec:
+    """Everything `extract` needs; stored in the manifest of the entry it makes."""
+
+    source: str  # image folder, CSV file, "digits", "cifar10:ROOT", "tinyimagenet:ROOT", ... (featurecache sources)
+    model: str = "resnet50"
+    weights: str = "imagenet"  # imagenet | an enum name | random | path to a state dict
+    taps: tuple[str, ...] = ("pool",)
+    image_size: int | None = None  # overrides the weights' crop size (and scales the resize)
+    dtype: str = "float16"  # storage dtype of the features
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast of the forward pass)
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int | None = None  # DataLoader workers; None picks from the machine
+    shard_size: int = 4096  # images per shard: the unit of resume
+    compression: str | None = None  # None, "lzf" or "gzip"
+    on_error: str = "skip"  # skip unreadable images (listed in the manifest) or fail
+    content_hash: bool = False  # fingerprint files by content instead of size + mtime
+    seed: int = 0  # for --weights random
+    root: str | None = None  # cache root; default $FEATURECACHE_ROOT or ./cache
+    max_consecutive_failures: int = 50
+    lock_timeout: float = 10.0
+    draft: bool = False  # JPEG draft decoding (libjpeg's 1/2..1/8 scaling): faster, changes numbers, in the key
+    optimize: str = "auto"  # auto | eager | freeze | compile: how the forward pass is built (see optimize.py)
+    name: str | None = None  # names the entry's folder (default: the source's name); not in the key
+    allow_layout: bool = False  # read a folder whose layout looks wrong anyway (see layout.py)
+    unlabeled: tuple[str, ...] = ()  # split folders of an image folder whose images have no label
+    decode: str = "pil"  # pil | torch (torchvision.io + tensor resize, on the device; see tensor_decode.py), in the key
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    key: str
+    cache_hit: bool
+    splits: dict[str, int]
+    computed: int  # images run through the backbone in this call
+    skipped: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    unlabeled_splits: list[str] = field(default_factory=list)  # cached, never fitted or scored
+    notes: list[str] = field(default_factory=list)  # what else was done, e.g. a damaged checkpoint restored
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 and self.computed else 0.0
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_spec(spec: ExtractSpec) -> None:
+    """Refuse bad settings before any work, one message per field."""
+    if not isinstance(spec.source, str) or not spec.source.strip():
+        raise UsageError("the dataset source is empty; pass an image folder, a CSV file, digits, or cifar10:ROOT")
+    if not isinstance(spec.weights, str) or not spec.weights.strip():
+        raise UsageError("--weights is empty; use imagenet, random, an enum name or a path to a checkpoint")
+    if not isinstance(spec.taps, (tuple, list)) or not spec.taps or not all(isinstance(t, str) for t in spec.taps):
+        raise UsageError(f"--tap must name at least one layer (pool, layer3, layer4), got {spec.taps!r}")
+    if spec.image_size is not None and (not _integer(spec.image_size) or not 16 <= spec.image_size <= 4096):
+        raise UsageError(f"--image-size must be an integer from 16 to 4096, got {spec.image_size!r}")
+    for name in ("batch_size", "shard_size", "max_consecutive_failures"):
+        value = getattr(spec, name)
+        if not _integer(value) or not 1 <= value <= 1 << 24:
+            raise UsageError(f"--{name.replace('_', '-')} must be an integer from 1 to {1 << 24}, got {value!r}")
+    if spec.workers is not None and (not _integer(spec.workers) or not 0 <= spec.workers <= 1024):
+        raise UsageError(f"--workers must be an integer from 0 to 1024, got {spec.workers!r}")
+    if not _integer(spec.seed) or not 0 <= spec.seed < 2**63:
+        raise UsageError(f"--seed must be a non-negative integer, got {spec.seed!r}")
+    if not isinstance(spec.lock_timeout, (int, float)) or isinstance(spec.lock_timeout, bool) or spec.lock_timeout < 0:
+        raise UsageError(f"lock_timeout must be a non-negative number of seconds, got {spec.lock_timeout!r}")
+    if spec.dtype not in DTYPES:
+        raise UsageError(f"unknown --dtype {spec.dtype!r}; use float16 or float32")
+    if spec.on_error not in ON_ERROR:
+        raise UsageError(f"unknown --on-error {spec.on_error!r}; use skip or fail")
+    if spec.compression not in (None, "lzf", "gzip"):
+        raise UsageError(f"unknown --compression {spec.compression!r}; use none, lzf or gzip")
+    if spec.name is not None and (not isinstance(spec.name, str) or not spec.name.strip() or "/" in spec.name or spec.name.startswith(".")):
+        raise UsageError(f"--name {spec.name!r} must be a non-empty folder name without '/' or a leading '.'")
+    if spec.decode not in ("pil", "torch"):
+        raise UsageError(f"unknown --decode {spec.decode!r}; use pil or torch")
+    if spec.decode == "torch" and spec.draft:
+        raise UsageError("--draft is libjpeg draft decoding through PIL; it does not combine with --decode torch")
+
+
+def extract(spec: ExtractSpec | None = None, *, progress: Callable[[int, int], None] | None = None,
+            source: object = None, **settings) -> ExtractResult:
+    """Build or update the cache entry for `spec`; returns where it is and what was done.
+
+    `extract(ExtractSpec(source="data/photos"))`, or with keyword arguments:
+    `extract(source=..., model="resnet18", name="pets")`, where `source` is anything
+    `ExtractSpec.source` accepts or a Python object: a torchvision dataset (or a dict of
+    them by split), a list of (path, label[, split]) pairs, `(images, labels)` uint8
+    arrays, or a Hugging Face `datasets.Dataset`/`DatasetDict` (see python_sources.py).
+
+    Under torchrun, this process is one rank of a distributed run (see distributed.py).
+    """
+    prepared = None
+    if spec is None:
+        if source is None:
+            raise UsageError("extract needs an ExtractSpec or source=...")
+        if isinstance(source, (str, Path)):
+            spec = ExtractSpec(source=str(source), **settings)
+        else:
+            from ..data.python_objects import from_python
+
+            prepared = from_python(source, name=settings.get("name"), unlabeled=settings.get("unlabeled", ()))
+            kind = prepared.kind.removeprefix("python:")
+            spec = ExtractSpec(source=f"python:{kind}:{prepared.name}", **settings)
+    elif source is not None or settings:
+        raise UsageError("give extract either an ExtractSpec or keyword settings, not both")
+    _check_spec(spec)
+    group = join_group(spec.device)
+    try:
+        return _extract(spec, group, progress, prepared)
+    finally:
+        group.close()
+
+
+def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], None] | None,
+             prepared=None) -> ExtractResult:
+    started = time.perf_counter()
+    entry = get_backbone(spec.model)
+    taps = validate_taps(entry, spec.taps)
+    device = group.device
+    precision = resolve_precision(spec.precision, device)
+    resolve_optimize(spec.optimize, device, precision)  # refuse a bad --optimize before writing anything
+    source = prepared if prepared is not None else open_source(
+        spec.source, content_hash=spec.content_hash, allow_layout=spec.allow_layout, unlabeled=tuple(spec.unlabeled))
+    weights = resolve_weights(entry, spec.weights, seed=spec.seed)
+    preprocessing = weights.preprocessing
+    if spec.image_size is not None:
+        preprocessing = preprocessing.with_image_size(spec.image_size)
+    if spec.draft and isinstance(source, FileSource):
+        # libjpeg decodes at the smallest 1/2..1/8 scale whose shorter side still covers the resize.
+        source.draft_size = (preprocessing.resize_size, preprocessing.resize_size)
+
+    config = {
+        "arch": entry.name,
+        "weights_sha256": weights.sha256,
+        "taps": list(taps),
+        "preprocessing": {**preprocessing.to_dict(), **({"jpeg_draft": True} if spec.draft else {}),
+                          **({"decode": "torch"} if spec.decode == "torch" else {})},
+        "dtype": spec.dtype,
+        "precision": precision,
+        "source": source.identity(),
+        "fingerprint": "content" if spec.content_hash else "stat",
+    }
+    entry_hash = entry_id(config)
+    key = content_key(entry_hash, [s.fingerprint for s in source.samples])
+    root = Path(spec.root) if spec.root else default_root()
+    path = root / entry_dir_name(spec.name or source.name, entry.name, entry_hash)
+    try:
+        path.joinpath("shards").mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise storage_error(error, path, "the cache entry") from None
+
+    # Only rank 0 (the only process outside torchrun) locks, cleans up, plans and writes the manifest.
+    with entry_lock(path, spec.lock_timeout) if group.leader else contextlib.nullcontext():
+        fault_point("after_lock")
+        previous = read_manifest(path) if group.leader and (path / MANIFEST).exists() else None
+        damaged_checkpoint = bool(previous) and group.leader and not _checkpoint_intact(root, previous)
+        hit = (previous and previous.get("complete") and previous["key"] == key and _shards_present(path, previous)
+               and not damaged_checkpoint)
+        plan = None if hit or not group.leader else make_plan(path, previous, source, spec.shard_size,
+                                                              entry_id=entry_hash)
+        hit, plan = group.share_plan(key, previous if hit else None, plan, source)
+        if hit:
+            log.info("cache hit: %s", path)
+            return ExtractResult(path, key, True, hit["splits"], 0, hit["skipped"], time.perf_counter() - started,
+                                 list(source.unlabeled_splits))
+        manifest = {
+            "format_version": 1, "tool_version": __version__, "entry_id": entry_hash, "key": key,
+            "complete": False, "config": config, "weights": {"spec": spec.weights, "description":
+            weights.description, "sha256": weights.sha256, "file": f"../{WEIGHTS_DIR}/{weights.sha256}.safetensors"},
+            "spec": dataclasses.asdict(spec), "classes": source.classes, "dtype": spec.dtype,
+            "taps": {t: {"shape": list(tap_shape(entry, t, preprocessing.crop_size))} for t in taps},
+            "created": (previous or {}).get("created", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+            "shards": [], "skipped": [], "splits": {},
+            # Rows of these splits carry label -1: cached, never fitted or scored (predict --split reads them).
+            "unlabeled_splits": list(source.unlabeled_splits),
+            "fingerprints": "content" if spec.content_hash else source.fingerprint_kind,
+        }
+        if source.class_ids:
+            manifest["class_ids"] = list(source.class_ids)
+        if group.leader:
+            store_weights(root / WEIGHTS_DIR, entry.name, weights)
+        plan = group.assign(plan)  # this rank's shards: all of them outside torchrun
+        pipeline = ShardPipeline(path, manifest, plan, spec, publish=group.leader)
+        pipeline.carry_over()
+        computed = 0
+        if plan.shards:
+            network = build_network(entry, weights.state_dict)
+            model = StagedBackbone(network).eval().to(device, memory_format=torch.channels_last)
+            # Decided by the dataset's size, not by what is left to compute, so a resumed run
+            # builds the same graph as an uninterrupted one (bitwise-identical features).
+            optimize = resolve_optimize(spec.optimize, device, precision, images=len(source.samples))
+            model = optimize_backbone(model, taps, mode=optimize, batch_size=spec.batch_size,
+                                      image_size=preprocessing.crop_size, device=device)
+            workers = default_workers() if spec.workers is None else spec.workers
+            computed = _compute(model, source, plan, pipeline, spec, taps, device, precision,
+                                preprocessing, workers, progress)
+        computed = group.collect(pipeline, computed)  # waits for every rank; rank 0 lists their shards
+        final = group.share(pipeline.finish())
+        if group.leader:
+            pipeline.remove_unreferenced()
+    if not any(final["splits"].values()):
+        raise ExtractionError(f"no image in {spec.source} could be read; see the skipped list in {path / MANIFEST}")
+    notes = [f"restored the backbone checkpoint {root / WEIGHTS_DIR}/{weights.sha256}.safetensors "
+             "(it was missing or damaged)"] if damaged_checkpoint else []
+    return ExtractResult(path, key, False, final["splits"], computed, final["skipped"], time.perf_counter() - started,
+                         list(source.unlabeled_splits), notes)
+
+
+def _checkpoint_intact(root: Path, manifest: dict) -> bool:
+    """Whether `_weights/<sha>.safetensors` is there and hashes to its name: no cache hit otherwise,
+    so the run goes on and rewrites it from the resolved weights."""
+    try:
+        read_checkpoint(root / WEIGHTS_DIR, manifest["weights"]["sha256"])
+    except (CacheNotFoundError, CorruptCacheError) as error:
+        log.warning("%s", error)
+        return False
+    return True
+
+
+def _shards_present(path: Path, manifest: dict) -> bool:
+    return all((path / s["file"]).is_file() and (path / s["file"]).stat().st_size == s["bytes"]
+               for s in manifest["shards"])
+
+
+def _compute(model: StagedBackbone, source, plan: Plan, pipeline: ShardPipeline, spec: ExtractSpec,
+             taps, device, precision, preprocessing, workers: int, progress) -> int:
+    samples = plan.to_compute
+    # Batches never straddle a shard, so a resumed run batches images exactly as an
+    # uninterrupted one would, and gets bitwise-identical features.
+    batches = [list(range(start, min(start + spec.batch_size, shard.stop)))
+               for shard in plan.shards for start in range(shard.start, shard.stop, spec.batch_size)]
+    done, consecutive_failures, computed = 0, 0, 0
+    total = sum(shard.stop - shard.start for shard in plan.shards)  # this rank's part under torchrun
+    pipeline.start()
+    try:
+        for batch in run_backbone(model, source, samples, preprocessing=preprocessing, taps=taps,
+                                  device=device, precision=precision, dtype=spec.dtype,
+                                  batches=batches, num_workers=workers, decode=spec.decode):
+            if batch.failures and spec.on_error == "fail":
+                position, reason = batch.failures[0]
+                raise UnreadableImageError(f"cannot read {samples[position].path}: {reason} "
+                                           "(use --on-error skip to skip unreadable images)")
+            failed = dict(batch.failures)
+            for position in sorted([*batch.positions, *failed]):
+                consecutive_failures = consecutive_failures + 1 if position in failed else 0
+                if consecutive_failures >= spec.max_consecutive_failures:
+                    raise ExtractionError(
+                        f"{consecutive_failures} images in a row could not be read (last: "
+                        f"{samples[position].path}: {failed[position]}); check the dataset")
+            pipeline.put(batch)
+            computed += len(batch.positions)
+            done += len(batch.positions) + len(batch.failures)
+            if progress:
+                progress(done, total)
+        pipeline.close()
+    except BaseException:
+        pipeline.abort()
+        raise
+    return computed

@@ -1,0 +1,368 @@
+"""The fit-head stage: heads on cached features, chosen on validation, reported honestly.
+
+Hyper-parameters are chosen on a validation split (the cache's own, or a stratified
+fraction carved from train); the headline figure is the test split's when there is
+one. A figure chosen and reported on the same split is labelled as such.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..errors import CorruptCacheError, HeadError, MismatchError
+from .headstore import (check_head_name, default_head_name, list_heads, load_head, member_names, read_record,
+                        read_record_with_checksum, refuse_taken, save_head, stale_members)
+from ..heads.registry import EnsembleHead, Head, SklearnHead, make_head
+from .headstore import leaderboard  # noqa: F401  (public as featurecache.fit.leaderboard too)
+from ..heads.metrics import classification_metrics
+from ..cache.store import Cache, open_cache
+from ..cache.streaming import available_memory, in_memory_bytes, streamed_probabilities
+from ..heads.streaming import fit_streaming_knn, fit_streaming_logistic, fit_streaming_mlp
+
+log = logging.getLogger("featurecache")
+
+STREAMING_HEADS = ("logistic", "mlp", "knn")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FitSpec:
+    """What `fit_head` needs; stored in head.json."""
+
+    head: str = "logistic"  # logistic | mlp | knn | sklearn:<module>.<Estimator> | registered name
+    name: str | None = None  # folder under heads/; defaults to the head type
+    tap: str = "pool"
+    params: dict[str, Any] = field(default_factory=dict)  # passed to the head's constructor
+    val_fraction: float | None = None  # carve validation from train (stratified) instead of the val split
+    refit: bool = False  # retrain the chosen setting on train + val
+    seed: int = 0
+    max_memory: int | None = None  # bytes of features to hold at once; None: half the available RAM
+    overwrite: bool = False  # replace an existing head of the same name (refused otherwise)
+
+
+@dataclass
+class FitResult:
+    name: str
+    path: Path
+    head: Head
+    record: dict
+
+
+def _features(cache: Cache, split: str, tap: str) -> np.ndarray:
+    values = cache.features(split, tap)
+    values = values.reshape(len(values), -1)
+    if not np.isfinite(values).all():
+        raise CorruptCacheError(f"the {split} features of {cache.path.name} hold NaN or inf; "
+                                "run featurecache verify, or extract again with --dtype float32")
+    return values
+
+
+def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices (train, val), sorted: `fraction` of the rows to validation, spread over the
+    classes in proportion to their size (largest remainders, ties broken by `seed`).
+
+    Works for any number of classes: a class too small for its share gets no validation
+    row rather than failing the split, and a class with a single row always stays in
+    train (a class needs a training row to be learned at all)."""
+    if not 0 < fraction < 1:
+        raise HeadError(f"--val-fraction must be between 0 and 1 (exclusive), got {fraction}")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    rows = {c: rng.permutation(np.flatnonzero(labels == c)) for c in classes}
+    eligible = [c for c in classes if len(rows[c]) >= 2]
+    target = int(round(fraction * sum(len(rows[c]) for c in eligible)))
+    quota = {c: fraction * len(rows[c]) for c in eligible}
+    take = {c: min(int(quota[c]), len(rows[c]) - 1) for c in eligible}
+    order = sorted(eligible, key=lambda c: (-(quota[c] - int(quota[c])), rng.random()))
+    for c in order:  # hand out the remaining rows, largest remainder first, never emptying a class
+        if sum(take.values()) >= target:
+            break
+        if take[c] < len(rows[c]) - 1:
+            take[c] += 1
+    val = [rows[c][: take.get(c, 0)] for c in classes]
+    train = [rows[c][take.get(c, 0):] for c in classes]
+    val_rows = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    if len(val_rows) == 0:
+        raise HeadError(f"{len(labels)} training rows are too few to carve a validation split of {fraction:g} "
+                        "(every class needs two rows to give one to validation); extract a val split, or pass "
+                        "--val-fraction larger")
+    return np.sort(np.concatenate(train)), val_rows
+
+
+def single_row_classes(labels: np.ndarray, classes: list[str]) -> list[str]:
+    counts = np.bincount(labels[labels >= 0], minlength=len(classes))
+    return [classes[i] for i in np.flatnonzero(counts == 1)]
+
+
+def _splits(cache: Cache, spec: FitSpec) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """train / val (for selection) / test arrays, with how val was obtained in the keys."""
+    labeled = cache.labeled_splits  # unlabeled splits are never fitted or scored
+    if labeled.get("train", 0) == 0:
+        raise HeadError(f"{cache.path.name} has no training rows with labels (splits: {cache.splits}"
+                        + (f", unlabelled: {', '.join(cache.unlabeled_splits)}" if cache.unlabeled_splits else "")
+                        + "); extract a dataset with a labelled train split")
+    X, y = _features(cache, "train", spec.tap), cache.labels("train")
+    data = {}
+    if spec.val_fraction is None and labeled.get("val", 0) > 0:
+        data["train"] = (X, y)
+        data["val"] = (_features(cache, "val", spec.tap), cache.labels("val"))
+    else:
+        fraction = spec.val_fraction if spec.val_fraction is not None else 0.2
+        train, val = _stratified_split(y, fraction, spec.seed)
+        single = single_row_classes(y, cache.classes)
+        if single:
+            log.warning("%d class(es) have a single training image and get no validation row (%s%s)", len(single),
+                        ", ".join(single[:5]), ", ..." if len(single) > 5 else "")
+        data["train"], data["val (from train)"] = (X[train], y[train]), (X[val], y[val])
+        if labeled.get("val", 0) > 0 and not labeled.get("test"):
+            # No labelled test (Tiny-ImageNet): the cache's val, unseen by the selection, is the held-out figure.
+            data["val"] = (_features(cache, "val", spec.tap), cache.labels("val"))
+    if labeled.get("test", 0) > 0:
+        data["test"] = (_features(cache, "test", spec.tap), cache.labels("test"))
+    return data
+
+
+def _evaluate(head: Head, data: dict, classes: list[str]) -> dict[str, dict]:
+    return {split: classification_metrics(head.predict_proba(X), y, classes)
+            for split, (X, y) in data.items() if split != "train" and len(y)}
+
+
+def _headline(metrics: dict, refit: bool) -> dict:
+    if "test" in metrics:
+        return {"split": "test", "top1": metrics["test"]["top1"], "note": "chosen on validation, reported on test"}
+    if "val" in metrics and "val (from train)" in metrics:  # refit trains on train + the carved fraction only
+        return {"split": "val", "top1": metrics["val"]["top1"],
+                "note": "chosen on a fraction of train, reported on the held-out val split"}
+    split = next(iter(metrics))
+    note = "chosen and reported on the same split (optimistic)"
+    if refit:
+        note = "reported on data the refit trained on (optimistic)"
+    return {"split": split, "top1": metrics[split]["top1"], "note": note}
+
+
+def _budget(spec: FitSpec) -> int:
+    return spec.max_memory if spec.max_memory is not None else available_memory() // 2
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
+def _needs_streaming(cache: Cache, spec: FitSpec) -> bool:
+    budget = _budget(spec)
+    needed = in_memory_bytes(cache, spec.tap, list(cache.labeled_splits))
+    if needed <= budget:
+        return False
+    if (spec.head not in STREAMING_HEADS or spec.refit or spec.val_fraction is not None
+            or not cache.labeled_splits.get("val")):
+        raise HeadError(
+            f"the {spec.tap} features need {_size(needed)}, over the memory budget of "
+            f"{_size(budget)}; only the {', '.join(STREAMING_HEADS)} heads (without --refit or "
+            "--val-fraction, with the cache's val split) stream from disk. Raise --max-memory or use one of them")
+    return True
+
+
+def _fit_streaming(cache: Cache, spec: FitSpec) -> tuple[Head, dict, str]:
+    log.info("features exceed the memory budget: streaming shard by shard")
+    for split in cache.labeled_splits:  # the same NaN/inf guard as the in-memory path, one shard at a time
+        for rows in cache.iter_shards(split, spec.tap):
+            if not np.isfinite(rows.features[spec.tap]).all():
+                raise CorruptCacheError(f"the {split} features of {cache.path.name} hold NaN or inf; "
+                                        "run featurecache verify")
+    block_rows = 0  # network heads evaluate 1024 rows at a time
+    if spec.head == "logistic":
+        head = fit_streaming_logistic(cache, tap=spec.tap, seed=spec.seed, **spec.params)
+    elif spec.head == "mlp":
+        head = fit_streaming_mlp(cache, tap=spec.tap, **spec.params)
+    else:  # knn reads the whole train split per block of queries, held twice as float32 (raw and
+        # normalised): blocks of a quarter of the budget each
+        block_rows = max(1, _budget(spec) // (4 * 4 * math.prod(cache.tap_shapes[spec.tap])))
+        head = fit_streaming_knn(cache, tap=spec.tap, block_rows=block_rows, **spec.params)
+    metrics = {split: classification_metrics(*streamed_probabilities(head, cache, split, spec.tap, block_rows),
+                                             cache.classes)
+               for split in ("val", "test") if cache.labeled_splits.get(split)}
+    return head, metrics, "val"
+
+
+def check_fit_spec(spec: FitSpec) -> None:
+    """Refuse bad settings before any work: types, ranges, the name, the head's parameters."""
+    if not isinstance(spec.params, dict):
+        raise HeadError(f"head parameters must be a table of name = value, got {spec.params!r}")
+    if spec.val_fraction is not None and not (isinstance(spec.val_fraction, (int, float))
+                                              and not isinstance(spec.val_fraction, bool)
+                                              and 0 < spec.val_fraction < 1):
+        raise HeadError(f"--val-fraction must be a number between 0 and 1 (exclusive), got {spec.val_fraction!r}")
+    if not isinstance(spec.seed, int) or isinstance(spec.seed, bool) or not 0 <= spec.seed < 2**32:
+        raise HeadError(f"--seed must be an integer from 0 to 2**32 - 1, got {spec.seed!r}")
+    if spec.max_memory is not None and not (isinstance(spec.max_memory, int) and spec.max_memory > 0):
+        raise HeadError(f"--max-memory must be a positive number of bytes, got {spec.max_memory!r}")
+    if spec.refit and spec.head != "logistic":
+        raise HeadError("--refit is supported for the logistic head")
+    if spec.head == "ensemble":
+        raise HeadError("make an ensemble with featurecache ensemble, not fit-head")
+    check_head_name(spec.name or default_head_name(spec.head))
+    make_head(spec.head, **spec.params)  # the head's own checks, and sklearn's for its estimators
+
+
+def fit_head(cache: Cache | str | Path, spec: FitSpec) -> FitResult:
+    """Fit one head on a cache and write it to `heads/<name>/` with its metrics.
+
+    Features over the memory budget (`spec.max_memory`) are streamed from the shards
+    (logistic, mlp and knn heads); otherwise every split is loaded once. An existing head
+    of the same name is replaced only with `spec.overwrite`.
+    """
+    check_fit_spec(spec)
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    name = spec.name or default_head_name(spec.head)
+    refuse_taken(cache, name, spec.overwrite)
+    if spec.tap not in cache.tap_shapes:
+        raise HeadError(f"tap {spec.tap!r} is not in {cache.path.name} (it has {', '.join(cache.taps)})")
+    started = time.perf_counter()
+    streaming = _needs_streaming(cache, spec)
+    notes = []
+    if streaming:
+        head, metrics, val_name = _fit_streaming(cache, spec)
+        rows = dict(cache.labeled_splits)
+    else:
+        data = _splits(cache, spec)
+        (X, y), (val_name, (X_val, y_val)) = data["train"], list(data.items())[1]
+        head = make_head(spec.head, **spec.params, **({"refit": True} if spec.refit else {}))
+        if isinstance(head, SklearnHead):
+            head.check_saveable(X, y, len(cache.classes))  # before the real fit: refused early, not after
+        head.fit(X, y, X_val, y_val, n_classes=len(cache.classes))
+        metrics = _evaluate(head, data, cache.classes)
+        rows = {split: int(len(labels)) for split, (_, labels) in data.items()}
+        if val_name != "val":
+            single = single_row_classes(np.concatenate([y, y_val]), cache.classes)
+            if single:
+                notes.append(f"{len(single)} class(es) have a single training image and no validation row")
+    seconds = time.perf_counter() - started
+    record = {
+        "head": spec.head, "tap": spec.tap, "cache_key": cache.key, "cache": cache.path.name,
+        "classes": cache.classes, "selection_split": val_name,
+        "chosen": getattr(head, "best_params_", None), "metrics": metrics,
+        "headline": _headline(metrics, spec.refit), "fit_seconds": seconds, "rows": rows,
+        "streamed": streaming, "validation": _validation(val_name, spec), "notes": notes,
+        "spec": {"head": spec.head, "tap": spec.tap, "params": spec.params, "val_fraction": spec.val_fraction,
+                 "refit": spec.refit, "seed": spec.seed, "max_memory": spec.max_memory},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tool_version": __version__,
+    }
+    path = save_head(cache, name, head, record, overwrite=spec.overwrite)
+    log.info("head %s: %s top-1 %.4f", name, record["headline"]["split"], record["headline"]["top1"])
+    return FitResult(name, path, head, read_record(cache, name))
+
+
+def _validation(val_name: str, spec: FitSpec) -> dict:
+    """Which rows chose the head's settings, and whether it also trained on them (refit)."""
+    if val_name == "val":
+        return {"split": "val", "trained_on": bool(spec.refit)}
+    fraction = spec.val_fraction if spec.val_fraction is not None else 0.2
+    return {"split": "train", "fraction": float(fraction), "seed": int(spec.seed), "trained_on": bool(spec.refit)}
+
+
+def head_validation(record: dict) -> dict:
+    """The `validation` of a head record (derived for records that predate the field)."""
+    if isinstance(record.get("validation"), dict):
+        return record["validation"]
+    spec = record.get("spec") or {}
+    if record.get("selection_split") == "val":
+        return {"split": "val", "trained_on": bool(spec.get("refit"))}
+    return {"split": "train", "fraction": float(spec.get("val_fraction") or 0.2), "seed": int(spec.get("seed") or 0),
+            "trained_on": bool(spec.get("refit"))}
+
+
+def _describe_validation(validation: dict) -> str:
+    if validation["split"] == "val":
+        return "the cache's val split"
+    return f"{validation['fraction']:g} of train with seed {validation['seed']}"
+
+
+def _ensemble_data(cache: Cache, tap: str, records: dict[str, dict]) -> tuple[dict, dict]:
+    """The rows to score an ensemble on: its members' own validation rows (which none of them
+    trained on, unless refitted) and the test split. Members validated on different rows are refused."""
+    validations = {name: head_validation(record) for name, record in records.items()}
+    keys = {name: {k: v for k, v in validation.items() if k != "trained_on"} for name, validation in validations.items()}
+    first = next(iter(keys))
+    for name, key in keys.items():
+        if key != keys[first]:
+            raise HeadError(
+                f"the members were validated on different rows: {first!r} on {_describe_validation(keys[first])}, "
+                f"{name!r} on {_describe_validation(key)}; an ensemble scored on either would be scored on rows "
+                "another member trained on. Fit them with the same --val-fraction and --seed (or all on the "
+                "cache's val split)")
+    validation = {**keys[first], "trained_on": any(v["trained_on"] for v in validations.values())}
+    data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    if not validation["trained_on"]:
+        if validation["split"] == "val":
+            if not cache.labeled_splits.get("val"):
+                raise HeadError(f"the members were validated on the val split, which {cache.path.name} no longer has")
+            data["val"] = (_features(cache, "val", tap), cache.labels("val"))
+        else:
+            labels = cache.labels("train")
+            _, val = _stratified_split(labels, validation["fraction"], validation["seed"])
+            data["val (from train)"] = (_features(cache, "train", tap)[val], labels[val])
+    if cache.labeled_splits.get("test", 0) > 0:  # an unlabelled test split is never scored
+        data["test"] = (_features(cache, "test", tap), cache.labels("test"))
+    if not data:
+        raise HeadError("every row the members were validated on was also trained on (--refit), and the cache has "
+                        "no test split: no rows are left to score the ensemble honestly")
+    return data, validation
+
+
+def make_ensemble(cache: Cache | str | Path, members: list[str], *, name: str,
+                  weights: list[float] | None = None, overwrite: bool = False) -> FitResult:
+    """Soft voting: a weighted average of the members' probabilities, saved as a head.
+
+    Scored on rows none of its members trained on (their shared validation rows, and
+    test). It records each member's checksum: once a member changes, it is stale."""
+    check_head_name(name, "ensemble")
+    if not members:
+        raise HeadError("name at least one head to ensemble")
+    for member in members:
+        check_head_name(member, "member")
+    if len(set(members)) != len(members):
+        raise HeadError(f"a head is named twice among the members ({', '.join(members)})")
+    if name in members:
+        raise HeadError(f"an ensemble cannot take the name of its member {name!r}: it would replace the head it "
+                        "is made of; choose another --name")
+    if weights is not None and len(weights) != len(members):
+        raise HeadError(f"{len(weights)} weights for {len(members)} heads; give one weight per head")
+    if weights is not None and not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+                                       and w >= 0 for w in weights) or (weights is not None and sum(weights) <= 0):
+        raise HeadError(f"ensemble weights must be non-negative numbers, not all zero; got {weights}")
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    refuse_taken(cache, name, overwrite)
+    for member in members:
+        if name in member_names(cache, member):
+            raise HeadError(f"member {member!r} contains {name!r}: an ensemble cannot contain itself")
+    loaded, checksums = [], {}
+    for member in members:
+        head, record = load_head(cache, member)
+        loaded.append((head, record))
+        checksums[member] = read_record_with_checksum(cache, member)[1]
+    taps = {record["tap"] for _, record in loaded}
+    if len(taps) > 1:
+        raise MismatchError(f"heads {', '.join(members)} use different taps ({', '.join(sorted(taps))})")
+    tap = taps.pop()
+    head = EnsembleHead.from_members([h for h, _ in loaded], weights, list(members))
+    data, validation = _ensemble_data(cache, tap, {m: r for m, (_, r) in zip(members, loaded)})
+    metrics = _evaluate(head, data, cache.classes)
+    headline = _headline(metrics, False)
+    if headline["split"] != "test":
+        headline["note"] = "members were chosen on this split (optimistic)"
+    record = {
+        "head": "ensemble", "tap": tap, "cache_key": cache.key, "cache": cache.path.name,
+        "classes": cache.classes, "selection_split": None, "members": members,
+        "weights": list(head._normalized_weights()), "member_checksums": checksums, "validation": validation,
+        "metrics": metrics, "headline": headline, "fit_seconds": 0.0,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tool_version": __version__,
+    }
+    path = save_head(cache, name, head, record, overwrite=overwrite)
+    return FitResult(name, path, head, read_record(cache, name))

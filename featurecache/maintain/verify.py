@@ -1,0 +1,317 @@
+"""Check a cache entry end to end, and repair it by re-extracting only what is bad.
+
+`verify_entry` reads everything a command reads: the manifest (through the schema:
+types, values, paths inside the entry), each listed shard (present, non-empty, the
+recorded size and SHA-256, its split and row count, the expected datasets, shapes and
+dtypes, no links to other files, the features' XXH3 and the columns' fletcher32
+checksums, labels inside the class list), files in `shards/` the manifest does not
+list, the backbone checkpoint under `_weights/` (its tensors must hash to its name),
+every head (record schema, checksum, tensors), every finetune run's outputs, and
+temporary files left by killed writers anywhere in the entry. It reports every
+problem, not the first.
+
+`repair_entry` restores what can be recomputed: a missing or damaged checkpoint is
+rewritten from the source weights (when they can still be had), temporary files are
+deleted, bad shards are dropped from the manifest (atomically) with their files and
+the entry's own `ExtractSpec` runs again: every good row is reused, only the rows of
+the bad shards go through the backbone. HDF5's `h5clear` is never run: a damaged
+shard is recomputed, never patched. A damaged head or finetune output cannot be
+recomputed without refitting it; the report says so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import CorruptCacheError, FeatureCacheError, InvalidRecordError, MismatchError
+from ..cache.integrity import is_temporary, read_safetensors, read_sealed_json
+from ..cache.shards import features_layout, file_sha256, open_h5, read_rows
+from ..cache.store import (MANIFEST, WEIGHTS_DIR, Cache, entry_lock, manifest_seal_problem, read_manifest, resolve_entry,
+                    write_manifest)
+
+log = logging.getLogger("featurecache")
+
+FOLDERS_WITH_TEMPORARIES = (".", "shards", "heads", "finetune", "report")
+
+
+@dataclass
+class Problem:
+    file: str  # relative to the entry
+    what: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.what}"
+
+
+@dataclass
+class VerifyReport:
+    path: Path
+    problems: list[Problem] = field(default_factory=list)
+    bad_shards: list[str] = field(default_factory=list)  # listed shards to drop and recompute
+    stray_files: list[str] = field(default_factory=list)  # unlisted or temporary files to delete
+    manifest_readable: bool = True
+    invalid_records: list[str] = field(default_factory=list)  # malformed manifest or head records (exit code 2)
+    checkpoint_bad: bool = False  # the backbone checkpoint is missing or damaged
+    manifest_unsealed: bool = False  # the manifest's checksum is missing or wrong
+    shards_checked: int = 0
+    rows_checked: int = 0
+    artifacts_checked: int = 0  # checkpoint, heads, finetune outputs
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_shard(path: Path, record: dict, tap_shapes: dict, n_classes: int) -> str | None:
+    """What is wrong with one listed shard, or None."""
+    file = path / record["file"]
+    if not file.is_file():
+        return "listed in the manifest but missing"
+    size = file.stat().st_size
+    if size == 0:
+        return "zero-length file"
+    if size != record["bytes"]:
+        return f"truncated or resized: {size} bytes, the manifest says {record['bytes']}"
+    if file_sha256(file) != record["sha256"]:
+        return "checksum mismatch: SHA-256 differs from the manifest (flipped bytes)"
+    try:  # every dataset's shape and dtype, the split, no links outside, and every checksum
+        rows = read_rows(file, record["rows"], tap_shapes, split=record["split"])
+    except FeatureCacheError as error:
+        return str(error).split("; run featurecache verify")[0]
+    if len(rows.labels) and (rows.labels.min() < -1 or rows.labels.max() >= n_classes):
+        return f"labels run from {rows.labels.min()} to {rows.labels.max()}, but the manifest lists {n_classes} classes"
+    if "features" in record and record["features"] != features_layout(file):
+        return "the manifest's feature offsets or checksums differ from the shard's"
+    return None
+
+
+def _check_unlisted(file: Path, tap_shapes: dict) -> str:
+    try:
+        with open_h5(file) as handle:
+            rows = int(handle.attrs["rows"])
+        read_rows(file, rows, tap_shapes)
+    except (OSError, KeyError, ValueError, FeatureCacheError):
+        return "not in the manifest, and damaged"
+    return "complete but not in the manifest (a run died before listing it; extract adopts it)"
+
+
+def _check_checkpoint(report: VerifyReport, manifest: dict) -> None:
+    from ..backbones.weights import read_checkpoint
+
+    sha = manifest["weights"]["sha256"]
+    report.artifacts_checked += 1
+    try:
+        read_checkpoint(report.path.parent / WEIGHTS_DIR, sha)
+    except FeatureCacheError as error:
+        what = str(error).split(";")[0].replace(f"the backbone checkpoint {report.path.parent / WEIGHTS_DIR}/{sha}"
+                                                ".safetensors ", "")
+        report.problems.append(Problem(manifest["weights"]["file"], f"the backbone checkpoint {what}"))
+        report.checkpoint_bad = True
+
+
+def _check_heads(report: VerifyReport, cache: Cache) -> None:
+    from ..fit.headstore import HEAD_FILE, HEADS_DIR, load_head, read_record_with_checksum
+    from ..cache.integrity import read_tensors, read_metadata
+
+    folder = cache.path / HEADS_DIR
+    for directory in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if not directory.is_dir():
+            continue
+        relative = f"{HEADS_DIR}/{directory.name}/{HEAD_FILE}"
+        file = directory / HEAD_FILE
+        if not file.exists():
+            if not any(is_temporary(p.name) for p in directory.iterdir()):
+                report.problems.append(Problem(f"{HEADS_DIR}/{directory.name}", f"a head folder without {HEAD_FILE}"))
+            continue
+        report.artifacts_checked += 1
+        try:
+            read_record_with_checksum(cache, directory.name)
+            metadata = read_metadata(file, "head file", "")
+            read_tensors(file, metadata, "head file", "")
+            load_head(cache, directory.name)  # shapes and values of the rebuilt head
+        except MismatchError:
+            pass  # fitted on other features, or a stale ensemble: out of date, not damaged (heads says so)
+        except InvalidRecordError as error:
+            report.problems.append(Problem(relative, str(error)))
+            report.invalid_records.append(str(error))
+        except FeatureCacheError as error:
+            report.problems.append(Problem(relative, str(error).split(";")[0] + "; fit it again with --overwrite"))
+
+
+def _check_finetune_runs(report: VerifyReport) -> None:
+    folder = report.path / "finetune"
+    for directory in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if not directory.is_dir():
+            continue
+        checks = [(file, lambda f: read_safetensors(f, "finetune output", ""))
+                  for file in sorted(directory.glob("*.safetensors"))]
+        if (directory / "finetune.json").exists():
+            checks.append((directory / "finetune.json", lambda f: read_sealed_json(f, "finetune record", "")))
+        for file, check in checks:
+            report.artifacts_checked += 1
+            try:
+                check(file)
+            except FeatureCacheError as error:
+                report.problems.append(Problem(f"finetune/{directory.name}/{file.name}",
+                                               str(error).split(";")[0] + "; run featurecache finetune again "
+                                               "with --restart"))
+
+
+def _temporaries(report: VerifyReport) -> None:
+    """Temporary files of killed writers, in every folder featurecache writes to."""
+    folders = [report.path / name for name in FOLDERS_WITH_TEMPORARIES]
+    for parent in ("heads", "finetune"):
+        if (report.path / parent).is_dir():
+            folders += sorted(p for p in (report.path / parent).iterdir() if p.is_dir())
+    for folder in folders:
+        for file in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if is_temporary(file.name) and file.is_file():
+                relative = file.relative_to(report.path).as_posix()
+                report.problems.append(Problem(relative, "temporary file left by an interrupted run"))
+                report.stray_files.append(relative)
+    weights = report.path.parent / WEIGHTS_DIR
+    for file in sorted(weights.iterdir()) if weights.is_dir() else []:
+        if is_temporary(file.name) and file.is_file():
+            relative = f"../{WEIGHTS_DIR}/{file.name}"
+            report.problems.append(Problem(relative, "temporary file left by an interrupted run"))
+            report.stray_files.append(relative)
+
+
+def verify_entry(name: str | Path, *, root: Path | None = None, lock_timeout: float = 10.0) -> VerifyReport:
+    """Report every problem of a cache entry; reads every byte of every artifact."""
+    path = resolve_entry(name, root)
+    report = VerifyReport(path)
+    with entry_lock(path, lock_timeout):  # a running extract's temp files are not damage
+        try:
+            manifest = read_manifest(path, check_seal=False)
+        except FeatureCacheError as error:
+            report.problems.append(Problem(MANIFEST, str(error)))
+            report.manifest_readable = False
+            if isinstance(error, InvalidRecordError):
+                report.invalid_records.append(str(error))
+            return report
+        seal = manifest_seal_problem(manifest)
+        if seal:
+            report.problems.append(Problem(MANIFEST, seal))
+            report.manifest_unsealed = True
+        if not manifest.get("complete"):
+            report.problems.append(Problem(MANIFEST, "extraction has not finished (rerun extract to resume)"))
+        tap_shapes = {tap: tuple(info["shape"]) for tap, info in manifest["taps"].items()}
+        listed = set()
+        for record in manifest["shards"]:
+            listed.add(record["file"])
+            report.shards_checked += 1
+            problem = _check_shard(path, record, tap_shapes, len(manifest["classes"]))
+            if problem:
+                report.problems.append(Problem(record["file"], problem))
+                report.bad_shards.append(record["file"])
+            else:
+                report.rows_checked += record["rows"]
+        for split, count in manifest["splits"].items():
+            listed_rows = sum(s["rows"] for s in manifest["shards"] if s["split"] == split)
+            if listed_rows != count:
+                report.problems.append(Problem(MANIFEST, f"{split}: shards hold {listed_rows} rows, the manifest says {count}"))
+        for file in sorted(path.joinpath("shards").iterdir()) if path.joinpath("shards").is_dir() else []:
+            relative = f"shards/{file.name}"
+            if is_temporary(file.name):
+                continue  # reported with every other folder's below
+            if relative not in listed:
+                what = _check_unlisted(file, tap_shapes) if file.suffix == ".h5" else "unexpected file"
+                report.problems.append(Problem(relative, what))
+                if "damaged" in what or file.suffix != ".h5":
+                    report.stray_files.append(relative)
+        _temporaries(report)
+        _check_checkpoint(report, manifest)
+        cache = Cache(path, manifest)
+        _check_heads(report, cache)
+        _check_finetune_runs(report)
+    return report
+
+
+def _entry_spec(path: Path, manifest: dict):
+    from ..extract.stage import ExtractSpec
+
+    spec = dict(manifest["spec"])
+    spec["taps"] = tuple(spec["taps"])
+    spec["root"] = str(path.parent)  # the entry's own root, wherever it was made from
+    spec["allow_layout"] = True  # the entry exists: its layout was accepted when it was made
+    spec["unlabeled"] = tuple(spec.get("unlabeled") or ())
+    known = {f.name for f in dataclasses.fields(ExtractSpec)}
+    return ExtractSpec(**{k: v for k, v in spec.items() if k in known})
+
+
+def restore_checkpoint(path: Path, manifest: dict) -> Path:
+    """Rewrite `_weights/<sha>.safetensors` from the entry's source weights; a clear error when
+    they cannot be had or no longer hash to the entry's weights."""
+    from ..backbones.registry import get_backbone
+    from ..backbones.weights import resolve_weights, store_weights
+
+    spec = _entry_spec(path, manifest)
+    sha = manifest["weights"]["sha256"]
+    file = path.parent / WEIGHTS_DIR / f"{sha}.safetensors"
+    try:
+        resolved = resolve_weights(get_backbone(manifest["config"]["arch"]), spec.weights, seed=spec.seed)
+    except FeatureCacheError as error:
+        raise CorruptCacheError(
+            f"the backbone checkpoint {file} is missing or damaged, and its source weights (--weights "
+            f"{spec.weights}) cannot be loaded to rewrite it: {error}. Make them available and rerun "
+            f"featurecache verify --repair, or delete {path} and extract again") from None
+    if resolved.sha256 != sha:
+        raise CorruptCacheError(
+            f"the backbone checkpoint {file} is missing or damaged, and the source weights (--weights "
+            f"{spec.weights}) have changed since the entry was made (sha256 {resolved.sha256[:12]}, the entry "
+            f"was made with {sha[:12]}), so they cannot restore it; delete {path} and extract again")
+    return store_weights(path.parent / WEIGHTS_DIR, manifest["config"]["arch"], resolved)
+
+
+def repair_entry(name: str | Path, *, root: Path | None = None, progress=None) -> tuple[VerifyReport, VerifyReport]:
+    """Restore what can be recomputed; returns the reports before and after."""
+    from ..extract.stage import extract
+
+    before = verify_entry(name, root=root)
+    path = before.path
+    if before.ok:
+        return before, before
+    if not before.manifest_readable:
+        first = before.problems[0].what
+        error = InvalidRecordError if before.invalid_records else CorruptCacheError
+        raise error(
+            f"the manifest of {path} is unreadable or invalid ({first}), so there is no record of what to "
+            f"recompute; delete {path} and run featurecache extract again")
+    manifest = read_manifest(path, check_seal=False)
+    if before.manifest_unsealed:  # every shard was checked against it above; seal what is there again
+        with entry_lock(path, 10.0):
+            write_manifest(path, manifest)
+        log.warning("sealed %s again; its classes and settings are as found", path / MANIFEST)
+    if before.checkpoint_bad:  # first: the shards' recomputation needs the same weights
+        restore_checkpoint(path, manifest)
+    shards_bad = bool(before.bad_shards) or any(
+        p.file == MANIFEST or p.file.startswith("shards/") for p in before.problems
+        if p.file not in before.stray_files and not (p.file == MANIFEST and "checksum" in p.what))
+    if shards_bad and str(manifest.get("spec", {}).get("source", "")).startswith("python:"):
+        raise CorruptCacheError(
+            f"{path} was extracted from a Python object, which --repair cannot reopen; delete {path} and run "
+            "featurecache.extract(source=...) again with the same object")
+    with entry_lock(path, 10.0):
+        for relative in before.stray_files:
+            (path / relative).unlink(missing_ok=True)
+            log.info("removed %s", relative)
+        if shards_bad:
+            manifest = read_manifest(path)
+            bad = set(before.bad_shards)
+            manifest["shards"] = [s for s in manifest["shards"] if s["file"] not in bad]
+            manifest["complete"] = False
+            write_manifest(path, manifest)  # the commit marker first, then the files
+            for relative in bad:
+                (path / relative).unlink(missing_ok=True)
+                log.info("removed %s", relative)
+    if shards_bad:
+        result = extract(_entry_spec(path, manifest), progress=progress)
+        if result.path.resolve() != path.resolve():
+            raise CorruptCacheError(
+                f"re-extracting {path} gave another entry ({result.path}): the source or weights changed "
+                "since it was made; run featurecache extract instead")
+    return before, verify_entry(path)

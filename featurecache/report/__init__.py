@@ -1,0 +1,5 @@
+"""The HTML report and its plots."""
+
+from .._lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(__name__, {"ReportSpec": "html", "build_report": "html"})

@@ -1,0 +1,89 @@
+"""Export a Predictor as one TorchScript file that loads in plain PyTorch.
+
+The file holds the backbone (up to the head's tap), the normalisation and the head;
+its input is a uint8 or float [0, 1] batch already resized and centre-cropped as in
+`featurecache.json`, which is stored inside the file with the class names:
+
+    extra = {"featurecache.json": ""}
+    model = torch.jit.load("model.pt", _extra_files=extra)
+    probabilities = model(images)   # (B, 3, S, S) -> (B, C)
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..backbones.registry import TAP_ORDER
+from ..errors import StorageError
+from ..cache.integrity import prepare_output_file, remove_stale_temporaries, write_atomic
+from .predict import Predictor
+
+METADATA_FILE = "featurecache.json"
+
+
+class _Normalize(nn.Module):
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0
+        return (images.float() - self.mean) / self.std
+
+
+class _Classifier(nn.Module):
+    """Backbone stages up to the tap, flattened, then the head."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        super().__init__()
+        backbone = predictor.backbone
+        stages = [backbone.stem] + [getattr(backbone, name) for name in TAP_ORDER[: TAP_ORDER.index(predictor.tap) + 1]]
+        self.features = nn.Sequential(*stages)
+        self.head = predictor.head
+        self.half = predictor.storage_dtype == "float16"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.features(x).flatten(1)
+        if self.half:  # the head was fitted on float16-stored features
+            features = features.half().float()
+        return self.head(features)
+
+
+def export_model(predictor: Predictor, output: str | Path, *, provenance: dict | None = None) -> Path:
+    """Write a TorchScript file (atomically) and return its path."""
+    output = Path(output)
+    prepare_output_file(output, "the export folder", "model.pt")
+    size = predictor.preprocessing.crop_size
+    # TorchScript still loads everywhere with plain PyTorch; torch >= 2.10 only warns that
+    # it is in maintenance mode, which is noise for our users.
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)
+        normalize = torch.jit.script(_Normalize(predictor.preprocessing.mean, predictor.preprocessing.std))
+        traced = torch.jit.trace(_Classifier(predictor).eval(), torch.rand(2, 3, size, size), check_trace=False)
+        model = torch.jit.script(nn.Sequential(normalize, traced).eval())
+    metadata = {
+        "classes": predictor.classes, "preprocessing": predictor.preprocessing.to_dict(),
+        "input": "uint8 or float in [0,1], shape (B, 3, S, S), resized and centre-cropped as in preprocessing",
+        "output": "class probabilities (B, C)", "tap": predictor.tap, "tool_version": __version__,
+        **(provenance or {}),
+    }
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(model, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
+
+    remove_stale_temporaries(output.parent, (output.name,))
+    try:
+        write_atomic(output, write, "the exported model")
+    except RuntimeError as error:  # torch.jit.save reports a failed write (disk full) as a RuntimeError
+        raise StorageError(f"cannot write the exported model {output}: {str(error).splitlines()[0][:200]}; "
+                           "nothing was written under that name") from None
+    return output

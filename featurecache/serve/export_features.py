@@ -1,0 +1,74 @@
+"""Write a cache's features, labels, paths and splits in formats other tools read directly.
+
+- `npy`: `DIR/<split>/features.npy` (N x ...), `labels.npy` (int64; -1 in an unlabeled
+  split), `index.npy` (int64), `paths.npy` (unicode), plus `DIR/dataset.json` (classes,
+  class ids, splits, unlabeled splits, tap, dtype, cache key). `np.load` reads each
+  without pickle.
+- `parquet` (needs pyarrow): `DIR/<split>.parquet` with columns `features` (a
+  fixed-size list per row, flattened), `label`, `index`, `path`, and the same
+  `dataset.json`.
+
+Features are written in the cache's storage dtype, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UsageError
+from ..cache.store import Cache
+
+FORMATS = ("npy", "parquet")
+
+
+def _describe(cache: Cache, tap: str) -> dict:
+    return {"classes": cache.classes, "class_ids": cache.manifest.get("class_ids"), "splits": cache.splits,
+            "unlabeled_splits": cache.unlabeled_splits, "tap": tap, "shape": list(cache.tap_shapes[tap]),
+            "dtype": cache.manifest["dtype"], "cache": cache.path.name, "cache_key": cache.key}
+
+
+def export_features(cache: Cache | str | Path, output: str | Path, *, format: str = "npy", tap: str = "pool",
+                    splits: list[str] | None = None) -> Path:
+    """Write `cache`'s features of `tap` (every split, or `splits`) under `output`; returns it."""
+    from ..cache.store import open_cache
+
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    output = Path(output)
+    if format not in FORMATS:
+        raise UsageError(f"unknown --format {format!r}; use one of {', '.join(FORMATS)}")
+    if tap not in cache.tap_shapes:
+        raise UsageError(f"tap {tap!r} is not in {cache.path.name} (it has {', '.join(cache.taps)})")
+    chosen = splits or list(cache.splits)
+    for split in chosen:
+        if split not in cache.splits:
+            raise UsageError(f"split {split!r} is not in {cache.path.name}; it has: {', '.join(cache.splits)}")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UsageError(f"{output} exists and is not an empty folder; choose a new one")
+    if format == "parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UsageError("--format parquet needs pyarrow: pip install pyarrow") from None
+    output.mkdir(parents=True, exist_ok=True)
+    description = _describe(cache, tap)
+    for split in chosen:
+        arrays = cache.arrays(split, tap)
+        if format == "npy":
+            folder = output / split
+            folder.mkdir()
+            for name, values in arrays.items():
+                np.save(folder / f"{name}.npy", values, allow_pickle=False)
+        elif format == "parquet":
+            flat = arrays["features"].reshape(len(arrays["features"]), -1)
+            width = flat.shape[1]
+            features = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), width)
+            table = pa.table({"features": features, "label": arrays["labels"], "index": arrays["index"],
+                              "path": arrays["paths"].tolist()})
+            pq.write_table(table, output / f"{split}.parquet")
+    (output / "dataset.json").write_text(json.dumps({**description, "format": format, "exported_splits": chosen},
+                                                    indent=1) + "\n")
+    return output

@@ -1,0 +1,135 @@
+"""Predict on new images with a cache's own backbone checkpoint, preprocessing and a head.
+
+A `Predictor` is a whole image classifier: the backbone rebuilt from the checkpoint the
+cache was made with (no network), the cache's preprocessing, and a head module mapping
+tap features to class probabilities. `export` turns the same thing into TorchScript.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..backbones.registry import Preprocessing, StagedBackbone, build_network, get_backbone
+from ..errors import CacheNotFoundError, SourceError
+from ..fit.headstore import load_head
+from ..data.images import ImageDecodeError, load_rgb
+from ..backbones.preprocess import normalize_batch, prepare_image
+from ..data.sources import IMAGE_EXTENSIONS, printable_path
+from ..cache.store import WEIGHTS_DIR, Cache, open_cache
+from ..backbones.weights import read_checkpoint
+
+
+def cache_backbone(cache: Cache) -> tuple[StagedBackbone, Preprocessing]:
+    """The frozen backbone a cache was extracted with, rebuilt from `_weights/<sha>.safetensors`
+    (checked: its tensors must hash to the sha256 the manifest records)."""
+    state = read_checkpoint(cache.path.parent / WEIGHTS_DIR, cache.manifest["weights"]["sha256"])
+    entry = get_backbone(cache.manifest["config"]["arch"])
+    model = StagedBackbone(build_network(entry, state)).eval()
+    return model, Preprocessing.from_dict(cache.manifest["config"]["preprocessing"])
+
+
+@dataclass
+class Predictor:
+    """Images -> probabilities, with everything needed to reproduce the cache's features."""
+
+    backbone: StagedBackbone
+    preprocessing: Preprocessing
+    tap: str
+    head: nn.Module  # tap features (B, D) -> probabilities (B, C)
+    classes: list[str]
+    storage_dtype: str = "float32"  # features are rounded like the cache's, so heads see the same inputs
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (B, 3, S, S), already resized and cropped -> flat tap features."""
+        with torch.inference_mode():
+            x = normalize_batch(images, self.preprocessing)
+            values = self.backbone(x, (self.tap,))[self.tap].float().flatten(1)
+            return values.to(getattr(torch, self.storage_dtype)).float()
+
+    def predict_proba(self, images: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return self.head(self.features(images)).float().numpy()
+
+
+def load_predictor(cache: Cache | str | Path, head_name: str) -> Predictor:
+    """The cache's backbone plus one of its fitted heads."""
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    head, record = load_head(cache, head_name)
+    backbone, preprocessing = cache_backbone(cache)
+    return Predictor(backbone.to(memory_format=torch.channels_last), preprocessing, record["tap"],
+                     head.as_module().eval(), cache.classes, cache.manifest["dtype"])
+
+
+def image_files(paths: list[str | Path]) -> list[Path]:
+    """Files as given, and the image files inside any folder given, in sorted order."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.exists() or os.path.islink(path):
+            files.append(path)
+        else:
+            raise SourceError(f"no such image file or folder: {path}")
+    if not files:
+        raise SourceError("no image files found in the given paths")
+    return files
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]]  # (class, probability), best first; empty when unreadable
+    error: str = ""
+
+
+def predict(predictor: Predictor, paths: list[str | Path], *, top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
+    """Classify image files (or folders of them); unreadable files get an error instead."""
+    files = image_files(paths)
+    k = max(1, min(top_k, len(predictor.classes)))
+    results: list[tuple[int, Prediction]] = []
+    for start in range(0, len(files), batch_size):
+        chunk, tensors, good = files[start : start + batch_size], [], []
+        for position, file in enumerate(chunk, start):
+            shown = printable_path(str(file))  # a name that is not UTF-8 still prints
+            try:
+                tensors.append(prepare_image(load_rgb(file), predictor.preprocessing))
+                good.append((position, shown))
+            except ImageDecodeError as error:
+                results.append((position, Prediction(shown, [], error.reason)))
+        if tensors:
+            probabilities = predictor.predict_proba(torch.stack(tensors))
+            for (position, shown), row in zip(good, probabilities):
+                order = np.argsort(-row)[:k]
+                results.append((position, Prediction(shown, [(predictor.classes[i], float(row[i])) for i in order])))
+    return [prediction for _, prediction in sorted(results, key=lambda item: item[0])]
+
+
+def predict_split(cache: Cache | str | Path, head_name: str, split: str, *, top_k: int = 5,
+                  block_rows: int = 4096) -> list[Prediction]:
+    """Classify the rows of a cached split (e.g. an unlabeled `test`) with a fitted head,
+    straight from the cached features: no image is decoded, no backbone is run.
+
+    The split is read one shard at a time, so memory holds one shard whatever its size.
+    """
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    if split not in cache.splits:
+        raise CacheNotFoundError(f"split {split!r} is not in {cache.path.name}; it has: {', '.join(cache.splits)}")
+    head, record = load_head(cache, head_name)
+    tap = record["tap"]
+    k = max(1, min(top_k, len(cache.classes)))
+    results: list[Prediction] = []
+    for rows in cache.iter_shards(split, tap):
+        features = rows.features[tap]
+        for start in range(0, len(features), block_rows):
+            block = features[start : start + block_rows]
+            probabilities = np.asarray(head.predict_proba(block.reshape(len(block), -1).astype(np.float32)))
+            for path, row in zip(rows.paths[start : start + block_rows], probabilities):
+                order = np.argsort(-row, kind="stable")[:k]
+                results.append(Prediction(path, [(cache.classes[i], float(row[i])) for i in order]))
+    return results
