@@ -1,5 +1,9 @@
 """featurecache: run a frozen backbone over an image dataset once, fit many heads on the cache.
 
+The public API covers every stage for notebook users: `extract`, `open_cache`,
+`fit_head`, `make_ensemble`, `finetune`, `predict` / `load_predictor`, `export`,
+`export_features`, `verify` / `repair`, `build_report`, `run_pipeline`.
+
 The public names below load on first use (PEP 562 module `__getattr__`), so that
 `import featurecache` and the command line's `--help`, `ls`, `info` and `heads` do not
 pay for torch, torchvision and scikit-learn (several seconds) before doing anything.
@@ -16,29 +20,48 @@ __version__ = "0.1.0"
 
 from .errors import FeatureCacheError  # noqa: E402  (light: no third-party imports)
 
-# public name -> the submodule that defines it
-_LAZY = {
+_LAZY = {  # public name -> "submodule" or "submodule:attribute" that defines it
+    # extract
     "ExtractResult": "extract.stage", "ExtractSpec": "extract.stage", "extract": "extract.stage",
-    "FitSpec": "fit.stage", "fit_head": "fit.stage", "make_ensemble": "fit.stage",
-    "leaderboard": "fit.headstore", "load_head": "fit.headstore",
-    "load_predictor": "serve.predict", "predict": "serve.predict", "export_features": "serve.export_features",
+    # the cache
     "Cache": "cache.store", "open_cache": "cache.store",
+    # fit-head
+    "FitSpec": "fit.stage", "fit_head": "fit.stage", "make_ensemble": "fit.stage",
+    "leaderboard": "fit.headstore", "load_head": "fit.headstore", "make_head": "heads.registry",
+    # predict and export
+    "load_predictor": "serve.predict", "predict": "serve.predict", "predict_split": "serve.predict",
+    "export": "serve.export:export_model", "export_features": "serve.export_features",
+    # finetune
+    "FinetuneSpec": "finetune.stage", "finetune": "finetune.stage",
+    "load_finetuned_predictor": "finetune.stage",
+    # verify and repair
+    "verify": "maintain.verify:verify_entry", "repair": "maintain.verify:repair_entry",
+    # report and pipelines
+    "ReportSpec": "report.html", "build_report": "report.html",
+    "load_pipeline": "pipeline.runner", "run_pipeline": "pipeline.runner",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
-    from .extract.stage import ExtractResult, ExtractSpec, extract
-    from .fit.stage import FitSpec, fit_head, make_ensemble
-    from .serve.export_features import export_features
-    from .fit.headstore import leaderboard, load_head
-    from .serve.predict import load_predictor, predict
     from .cache.store import Cache, open_cache
+    from .extract.stage import ExtractResult, ExtractSpec, extract
+    from .finetune.stage import FinetuneSpec, finetune, load_finetuned_predictor
+    from .fit.headstore import leaderboard, load_head
+    from .fit.stage import FitSpec, fit_head, make_ensemble
+    from .heads.registry import make_head
+    from .maintain.verify import repair_entry as repair, verify_entry as verify
+    from .pipeline.runner import load_pipeline, run_pipeline
+    from .report.html import ReportSpec, build_report
+    from .serve.export import export_model as export
+    from .serve.export_features import export_features
+    from .serve.predict import load_predictor, predict, predict_split
 
 
 def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    module, _, attribute = module.partition(":")
+    value = getattr(importlib.import_module(f".{module}", __name__), attribute or name)
     # Importing the package `extract` set the attribute to the package
     # itself; the public name is the function, as before.
     globals()[name] = value
@@ -50,7 +73,7 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """Keeps `featurecache.extract` the function, as it always was.
+    """Keeps `featurecache.extract` and `featurecache.finetune` the functions.
 
     Python sets a package attribute to a subpackage when the subpackage is first imported;
     eagerly, the functions imported after it replaced it. Loaded lazily, the subpackage
@@ -68,7 +91,4 @@ _SHADOWED = {"extract", "finetune"}  # stage packages named like the function th
 sys.modules[__name__].__class__ = _Package
 
 
-__all__ = [
-    "Cache", "ExtractResult", "ExtractSpec", "FeatureCacheError", "FitSpec", "__version__", "export_features", "extract",
-    "fit_head", "leaderboard", "load_head", "load_predictor", "make_ensemble", "open_cache", "predict",
-]
+__all__ = sorted([*_LAZY, "FeatureCacheError", "__version__"])
