@@ -162,3 +162,43 @@ def test_streamed_fit_holds_a_bounded_multiple_of_the_budget(synthetic_caches, h
     figures = fit_in_subprocess(cache, warmup, head, "streamed", STREAM_HEADS[head], STREAM_BUDGET)
     assert figures["streamed"]
     assert figures["peak_mib"] * 2**20 < STREAM_BOUND[head], (figures, features_mib)
+
+
+def test_streamed_heads_take_the_same_parameters_as_in_memory(digits_cache):
+    """Streaming is a capability of the head: its own parameters (here C, which the streamed
+    path once refused with a raw TypeError) and its own checks, in memory or streamed."""
+    cache = open_cache(digits_cache)
+    fixed = fit_head(cache, FitSpec(head="logistic", name="c-streamed", params={"C": 0.1, "stream_epochs": 3},
+                                    max_memory=BUDGET)).record
+    assert fixed["streamed"] and fixed["config"]["best_params_"] == {"C": 0.1}
+    assert [row["C"] for row in fixed["config"]["sweep_"]] == [0.1]
+    assert fixed["config"]["params"]["stream_epochs"] == 3
+    longer = fit_head(cache, FitSpec(head="logistic", name="c-streamed-6", params={"C": 0.1, "stream_epochs": 6},
+                                     max_memory=BUDGET)).record
+    assert longer["metrics"]["test"]["log_loss"] != fixed["metrics"]["test"]["log_loss"]  # the epochs are used
+    in_memory = fit_head(cache, FitSpec(head="logistic", name="c-memory", params={"C": 0.1})).record
+    assert abs(in_memory["metrics"]["test"]["top1"] - longer["metrics"]["test"]["top1"]) <= 2 * TOLERANCE
+    for budget in (None, BUDGET):
+        with pytest.raises(HeadError, match="has no parameter epochz"):
+            fit_head(cache, FitSpec(head="logistic", name="bad", params={"epochz": 3}, max_memory=budget))
+        with pytest.raises(HeadError, match="C must be"):
+            fit_head(cache, FitSpec(head="logistic", name="bad", params={"C": -1.0}, max_memory=budget))
+
+
+def test_a_registered_head_that_declares_streaming_streams(digits_cache):
+    from featurecache.heads.knn import KNNHead
+    from featurecache.heads.registry import register_head, streaming_heads, unregister_head
+
+    class CosineVotes(KNNHead):  # inherits k-NN's streaming capability under a new name
+        name = "cosine-votes"
+
+    register_head("cosine-votes", CosineVotes)
+    try:
+        assert "cosine-votes" in streaming_heads() and "sklearn:svm.LinearSVC" not in streaming_heads()
+        record = fit_head(open_cache(digits_cache), FitSpec(head="cosine-votes", params={"k": [1, 5]},
+                                                            max_memory=BUDGET)).record
+        assert record["streamed"] and record["config"]["best_params_"]["k"] in (1, 5)
+    finally:
+        unregister_head("cosine-votes")
+    with pytest.raises(HeadError, match="only the logistic, mlp, knn heads"):
+        fit_head(open_cache(digits_cache), FitSpec(head="sklearn:linear_model.RidgeClassifier", max_memory=BUDGET))

@@ -20,16 +20,16 @@ from .. import __version__
 from ..errors import CorruptCacheError, HeadError, MismatchError
 from .headstore import (check_head_name, default_head_name, list_heads, load_head, member_names, read_record,
                         read_record_with_checksum, refuse_taken, save_head, stale_members)
-from ..heads.registry import EnsembleHead, Head, SklearnHead, make_head
+from ..heads.knn import KNNHead
+from ..heads.registry import EnsembleHead, Head, SklearnHead, make_head, streaming_heads
 from .headstore import leaderboard  # noqa: F401  (public as featurecache.fit.leaderboard too)
 from ..heads.metrics import classification_metrics
 from ..cache.store import Cache, open_cache
 from ..cache.streaming import available_memory, in_memory_bytes, streamed_probabilities
-from ..heads.streaming import fit_streaming_knn, fit_streaming_logistic, fit_streaming_mlp
+from ..heads.streaming import StreamedData
 
 log = logging.getLogger("featurecache")
 
-STREAMING_HEADS = ("logistic", "mlp", "knn")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,11 +160,11 @@ def _needs_streaming(cache: Cache, spec: FitSpec) -> bool:
     needed = in_memory_bytes(cache, spec.tap, list(cache.labeled_splits))
     if needed <= budget:
         return False
-    if (spec.head not in STREAMING_HEADS or spec.refit or spec.val_fraction is not None
+    if (not make_head(spec.head, **spec.params).streams or spec.refit or spec.val_fraction is not None
             or not cache.labeled_splits.get("val")):
         raise HeadError(
             f"the {spec.tap} features need {_size(needed)}, over the memory budget of "
-            f"{_size(budget)}; only the {', '.join(STREAMING_HEADS)} heads (without --refit or "
+            f"{_size(budget)}; only the {', '.join(streaming_heads())} heads (without --refit or "
             "--val-fraction, with the cache's val split) stream from disk. Raise --max-memory or use one of them")
     return True
 
@@ -176,15 +176,12 @@ def _fit_streaming(cache: Cache, spec: FitSpec) -> tuple[Head, dict, str]:
             if not np.isfinite(rows.features[spec.tap]).all():
                 raise CorruptCacheError(f"the {split} features of {cache.path.name} hold NaN or inf; "
                                         "run featurecache verify")
+    head = make_head(spec.head, **spec.params)  # the same parameters, and checks, as in memory
     block_rows = 0  # network heads evaluate 1024 rows at a time
-    if spec.head == "logistic":
-        head = fit_streaming_logistic(cache, tap=spec.tap, seed=spec.seed, **spec.params)
-    elif spec.head == "mlp":
-        head = fit_streaming_mlp(cache, tap=spec.tap, **spec.params)
-    else:  # knn reads the whole train split per block of queries, held twice as float32 (raw and
-        # normalised): blocks of a quarter of the budget each
+    if isinstance(head, KNNHead):  # k-NN reads the whole train split per block of queries, held
+        # twice as float32 (raw and normalised): blocks of a quarter of the budget each
         block_rows = max(1, _budget(spec) // (4 * 4 * math.prod(cache.tap_shapes[spec.tap])))
-        head = fit_streaming_knn(cache, tap=spec.tap, block_rows=block_rows, **spec.params)
+    head = head.fit_streamed(StreamedData(cache, spec.tap, "val", spec.seed, block_rows))
     metrics = {split: classification_metrics(*streamed_probabilities(head, cache, split, spec.tap, block_rows),
                                              cache.classes)
                for split in ("val", "test") if cache.labeled_splits.get(split)}

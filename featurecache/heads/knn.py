@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from torch import Tensor, nn
 
 from ..errors import HeadError, MismatchError
 from .linear import BLOCK_ELEMENTS, Head, as_features, resolve_device
+
+if TYPE_CHECKING:
+    from .streaming import StreamedData
 
 logger = logging.getLogger("featurecache")
 
@@ -120,6 +124,14 @@ class KNNHead(Head):
         self.temperature = temperature
         self.device = device
         self.n_classes = n_classes
+
+    streams = True
+
+    def fit_streamed(self, data: StreamedData) -> KNNHead:
+        from .streaming import fit_streaming_knn
+
+        self.check_params()
+        return fit_streaming_knn(self, data)
 
     def _ks(self) -> list[int]:
         ks = [self.k] if np.isscalar(self.k) else list(self.k)

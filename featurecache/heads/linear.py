@@ -11,7 +11,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from torch import Tensor, nn
 
 from ..errors import HeadError, MismatchError
 from .logistic_path import BLOCK_ELEMENTS, fit_logistic_path, fit_logistic_path_cpu, validate_linear
+
+if TYPE_CHECKING:
+    from .streaming import StreamedData
 
 logger = logging.getLogger("featurecache")
 
@@ -202,6 +205,14 @@ class Head(ClassifierMixin, BaseEstimator):
         """Module mapping raw float32 features (B, D) to class probabilities (B, C)."""
         raise HeadError(f"the {self.name} head cannot be expressed as a torch module")
 
+    #: True for heads that can fit on features larger than memory, read shard by shard.
+    streams: ClassVar[bool] = False
+
+    def fit_streamed(self, data: StreamedData) -> Head:
+        """Fit on `data` (a cache split streamed from disk) with this head's own parameters,
+        the same ones as in memory; validation is the cache's val split."""
+        raise HeadError(f"the {self.name} head cannot stream features from disk")
+
 
 class NetworkHead(Head):
     """A head whose fitted state is one torch network `network_`: raw features -> logits."""
@@ -284,6 +295,11 @@ class LogisticHead(NetworkHead):
     is then solved on every row, warm-started from its subsample solution. Selection
     costs a fraction of one full fit, and the chosen C's solution is the exact optimum
     on all rows, to `tol`, as with a single C.
+
+    Streamed from disk (features over the memory budget), the same `C` or `Cs` are
+    trained together by minibatch Adam, `stream_epochs` passes of `stream_batch_size`
+    rows at `stream_lr`, and C is chosen on the cache's val split; `max_iter`, `tol`,
+    `patience`, `sweep_rows` and `sweep_max_iter` apply in memory only.
     """
 
     name = "logistic"
@@ -292,7 +308,8 @@ class LogisticHead(NetworkHead):
     def __init__(self, *, C: float | None = None, Cs: Sequence[float] | None = None,
                  refit: bool = False, max_iter: int = 100, sweep_max_iter: int = 30,
                  patience: int | None = 3, tol: float = 1e-4, device: str = "auto",
-                 n_classes: int | None = None, sweep_rows: int | str | None = "auto") -> None:
+                 n_classes: int | None = None, sweep_rows: int | str | None = "auto",
+                 stream_epochs: int = 10, stream_batch_size: int = 1024, stream_lr: float = 1e-2) -> None:
         self.C = C
         self.Cs = Cs
         self.refit = refit
@@ -303,6 +320,17 @@ class LogisticHead(NetworkHead):
         self.device = device
         self.n_classes = n_classes
         self.sweep_rows = sweep_rows
+        self.stream_epochs = stream_epochs
+        self.stream_batch_size = stream_batch_size
+        self.stream_lr = stream_lr
+
+    streams = True
+
+    def fit_streamed(self, data: StreamedData) -> LogisticHead:
+        from .streaming import fit_streaming_logistic
+
+        self.check_params()
+        return fit_streaming_logistic(self, data)
 
     def _Cs(self) -> list[float]:
         if self.C is None:
@@ -313,15 +341,17 @@ class LogisticHead(NetworkHead):
 
     def _check_params(self) -> None:
         self._Cs()
-        for name in ("max_iter", "sweep_max_iter"):
+        for name in ("max_iter", "sweep_max_iter", "stream_epochs", "stream_batch_size"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise HeadError(f"{name} must be a positive integer, got {value!r}")
         if self.patience is not None and not (isinstance(self.patience, int) and not isinstance(self.patience, bool)
                                               and self.patience > 0):
             raise HeadError(f"patience must be a positive integer or None, got {self.patience!r}")
-        if not isinstance(self.tol, (int, float)) or isinstance(self.tol, bool) or not self.tol > 0:
-            raise HeadError(f"tol must be a positive number, got {self.tol!r}")
+        for name in ("tol", "stream_lr"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise HeadError(f"{name} must be a positive number, got {value!r}")
         if not isinstance(self.refit, bool):
             raise HeadError(f"refit must be true or false, got {self.refit!r}")
         if not (self.sweep_rows in (None, "auto") or isinstance(self.sweep_rows, int) and self.sweep_rows > 0):

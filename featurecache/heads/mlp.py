@@ -9,6 +9,7 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,9 @@ from torch import Tensor, nn
 
 from ..errors import HeadError
 from .linear import NetworkHead, Standardize, cuda_devices, parameter_grid, resolve_device
+
+if TYPE_CHECKING:
+    from .streaming import StreamedData
 
 logger = logging.getLogger("featurecache")
 
@@ -79,6 +83,14 @@ class MLPHead(NetworkHead):
         self.seed = seed
         self.device = device
         self.n_classes = n_classes
+
+    streams = True
+
+    def fit_streamed(self, data: StreamedData) -> MLPHead:
+        from .streaming import fit_streaming_mlp
+
+        self.check_params()
+        return fit_streaming_mlp(self, data)
 
     def _settings(self) -> list[tuple[float, float]]:
         weight_decays = parameter_grid(self.weight_decay, "weight_decay", allow_zero=True)

@@ -32,7 +32,7 @@ from .mlp import MLPHead
 
 __all__ = [
     "EnsembleHead", "Head", "KNNHead", "LogisticHead", "MLPHead", "SklearnHead",
-    "available_heads", "head_from_saved", "make_head", "register_head", "unregister_head",
+    "available_heads", "head_from_saved", "streaming_heads", "make_head", "register_head", "unregister_head",
 ]
 
 logger = logging.getLogger("featurecache")
@@ -57,6 +57,11 @@ def unregister_head(name: str) -> None:
 
 def available_heads() -> list[str]:
     return sorted(_HEADS)
+
+
+def streaming_heads() -> list[str]:
+    """The registered heads that can fit on features streamed from disk (`Head.streams`)."""
+    return [name for name, cls in _HEADS.items() if cls.streams]  # in registration order
 
 
 def _sklearn_class(path: str) -> type:

@@ -12,7 +12,9 @@ Each returns an ordinary head of its type, saved and used like any other:
   against it shard by shard with a running top-k; the saved head references the
   split instead of holding it, so it predicts by streaming and cannot be exported.
 
-Hyper-parameters are chosen on the streamed validation split.
+Each is reached through its head's `fit_streamed` (the streaming capability of the
+`Head` base), with the head's own parameters, as in memory. Hyper-parameters are chosen
+on the streamed validation split.
 """
 
 from __future__ import annotations
@@ -20,27 +22,42 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import KNNHead, LogisticHead, MLPHead, make_head
-from .linear import DEFAULT_CS, cuda_devices, resolve_device
+from .linear import cuda_devices, resolve_device
 from .mlp import EarlyStopping
 from ..cache.store import Cache
+
+if TYPE_CHECKING:
+    from .knn import KNNHead
+    from .linear import LogisticHead
+    from .mlp import MLPHead
 from ..cache.streaming import (bank_reader, feature_statistics, in_memory_bytes, shard_batches, split_blocks,
                         steps_per_epoch)
 
 log = logging.getLogger("featurecache")
 
 
-def fit_streaming_logistic(cache: Cache, *, tap: str = "pool", val_split: str = "val",
-                           Cs: list[float] | None = None, epochs: int = 10, batch_size: int = 1024,
-                           lr: float = 1e-2, seed: int = 0) -> LogisticHead:
-    """Fit the C grid on `train` by streaming minibatches; choose C on `val_split`."""
-    Cs = [float(c) for c in (Cs or DEFAULT_CS)]
+@dataclass(frozen=True)
+class StreamedData:
+    """Where a streamed head reads: a cache's `train` split of one tap, validated on `val_split`."""
+
+    cache: Cache
+    tap: str = "pool"
+    val_split: str = "val"
+    seed: int = 0  # minibatch order (and the logistic head's initial weights)
+    block_rows: int = 0  # k-NN queries searched per block (whole shards; one shard when 0)
+
+
+def fit_streaming_logistic(head: LogisticHead, data: StreamedData) -> LogisticHead:
+    """Fit `head`'s C grid on `train` by streaming minibatches; choose C on the val split."""
+    cache, tap, val_split, seed = data.cache, data.tap, data.val_split, data.seed
+    Cs, epochs, batch_size, lr = head._Cs(), head.stream_epochs, head.stream_batch_size, head.stream_lr
     mean, scale, count = feature_statistics(cache, "train", tap)
     width, n_classes = len(mean), len(cache.classes)
     generator = torch.Generator().manual_seed(seed)
@@ -73,7 +90,6 @@ def fit_streaming_logistic(cache: Cache, *, tap: str = "pool", val_split: str = 
             losses -= log_probs.gather(2, labels.view(1, -1, 1).expand(len(Cs), -1, 1)).squeeze(2).sum(1)
             seen += len(labels)
     best = max(range(len(Cs)), key=lambda g: (float(correct[g]), -float(losses[g])))
-    head = LogisticHead(C=Cs[best], device="cpu", n_classes=n_classes)
     network = _standardized(head, mean, scale, n_classes)
     with torch.no_grad():
         network.classifier.weight.copy_(weight[best].T)
@@ -125,9 +141,9 @@ def _validate(settings: list[_Setting], cache: Cache, split: str, tap: str, batc
     return [(loss / max(seen, 1), right / max(seen, 1)) for loss, right in zip(losses, correct)]
 
 
-def fit_streaming_mlp(cache: Cache, *, tap: str = "pool", val_split: str = "val", **params) -> MLPHead:
-    """Fit `MLPHead(**params)`'s grid on `train` by streaming minibatches; choose on `val_split`."""
-    head = make_head("mlp", **params)
+def fit_streaming_mlp(head: MLPHead, data: StreamedData) -> MLPHead:
+    """Fit `head`'s grid on `train` by streaming minibatches; choose on the val split."""
+    cache, tap, val_split = data.cache, data.tap, data.val_split
     device = resolve_device(head.device)
     mean, scale, count = feature_statistics(cache, "train", tap)
     n_classes = len(cache.classes)
@@ -178,11 +194,10 @@ def _train_epoch(settings: list[_Setting], batches, count: int, device: torch.de
         setting.history.append({"epoch": None, "train_loss": total.item() / count, "val_loss": None, "val_top1": None})
 
 
-def fit_streaming_knn(cache: Cache, *, tap: str = "pool", val_split: str = "val", block_rows: int = 0,
-                      **params) -> KNNHead:
-    """A `KNNHead(**params)` whose bank is the cache's train split on disk; k chosen on `val_split`
-    searched in blocks of up to `block_rows` rows (whole shards; one shard when 0)."""
-    head = make_head("knn", **params)
+def fit_streaming_knn(head: KNNHead, data: StreamedData) -> KNNHead:
+    """`head` with the cache's train split on disk as its bank; k chosen on the val split,
+    searched in blocks of up to `data.block_rows` rows."""
+    cache, tap, val_split, block_rows = data.cache, data.tap, data.val_split, data.block_rows
     rows, n_classes = cache.splits["train"], len(cache.classes)
     head.bank_source_ = {"split": "train", "tap": tap, "rows": rows,
                          "bytes": in_memory_bytes(cache, tap, list(cache.labeled_splits))}
