@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import HeadError
-from .linear import NetworkHead, Standardize, cuda_devices, parameter_grid, resolve_device
+from ..device import cuda_devices, resolve_device
+from .linear import NetworkHead, Standardize, parameter_grid
 
 logger = logging.getLogger("featurecache")
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .registry import KNNHead, LogisticHead, MLPHead, make_head
-from .linear import DEFAULT_CS, cuda_devices, resolve_device
+from ..device import cuda_devices, resolve_device
+from .linear import DEFAULT_CS
 from .mlp import EarlyStopping
 from ..cache.store import Cache
 from ..cache.streaming import (bank_reader, feature_statistics, in_memory_bytes, shard_batches, split_blocks,
