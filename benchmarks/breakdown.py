@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from featurecache.backbones.registry import IMAGENET_PREPROCESSING, StagedBackbone
-from featurecache.extract.engine import autocast
+from featurecache.device import autocast
 from featurecache.data.images import load_rgb
 from featurecache.backbones.optimize import optimize_backbone
 from featurecache.backbones.preprocess import normalize_batch, prepare_image

@@ -45,7 +45,7 @@ def run(workdir: Path, *, images: int = 512, quick: bool = False, device: str = 
 
     from featurecache import extract, open_cache
     from featurecache.backbones.registry import IMAGENET_PREPROCESSING, StagedBackbone
-    from featurecache.extract.engine import autocast, resolve_precision
+    from featurecache.device import autocast, resolve_precision
     from featurecache.extract.stage import ExtractSpec
     from featurecache.backbones.preprocess import normalize_batch
 

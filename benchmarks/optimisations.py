@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from featurecache.extract.engine import autocast
+from featurecache.device import autocast
 from featurecache.extract.stage import extract
 from featurecache.data.images import load_rgb
 from featurecache.backbones.preprocess import normalize_batch, prepare_image

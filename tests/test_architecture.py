@@ -17,7 +17,7 @@ PACKAGE = Path(featurecache.__file__).parent
 
 # Lowest first. Modules of one layer may import each other; a layer imports only layers before it.
 LAYERS = [
-    {"errors", "faults", "_lazy"},
+    {"errors", "faults", "_lazy", "options", "device"},
     {"cache"},
     {"data"},
     {"backbones"},

@@ -37,10 +37,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .registry import StagedBackbone
 from ..errors import UsageError
+from ..options import OPTIMIZE
 
 log = logging.getLogger("featurecache")
 
-OPTIMIZE = ("auto", "eager", "fuse", "freeze", "compile")
 # Building the frozen graph costs a fixed 3-15 s for ResNet50 on 2 busy cores; below
 # this many images that is more than it saves, so `auto` folds BatchNorm instead.
 FREEZE_MIN_IMAGES = 256

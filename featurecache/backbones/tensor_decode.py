@@ -34,8 +34,6 @@ from torchvision.transforms import functional as F
 from .registry import Preprocessing
 from ..data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
 
-DECODES = ("pil", "torch")
-
 
 @contextlib.contextmanager
 def _quiet():

@@ -17,7 +17,6 @@ import logging
 import os
 import pickle
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -29,8 +28,10 @@ from safetensors import SafetensorError
 
 from .registry import IMAGENET_PREPROCESSING, BackboneEntry, Preprocessing, backbone_state_dict
 from ..errors import (BackboneError, CacheNotFoundError, CorruptCacheError, UnsafeCheckpointError,
-                     WeightsUnavailableError)
-from ..cache.integrity import read_safetensors, remove_stale_temporaries, storage_error, write_safetensors
+                     StorageError, WeightsUnavailableError)
+from ..cache.atomic import remove_stale_temporaries, storage_error, write_atomic
+from ..cache.integrity import read_safetensors, write_safetensors
+from ..cache.layout import weights_file
 
 log = logging.getLogger("featurecache")
 
@@ -147,14 +148,18 @@ def _download(url: str, destination: Path, arch: str, weights_name: str) -> None
         raise WeightsUnavailableError(advice + f" ({OFFLINE_ENV} is set, so no download was tried)")
     destination.parent.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s", url)
+
+    def fetch(tmp: Path) -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as out:
+                shutil.copyfileobj(response, out)
+        except (urllib.error.URLError, OSError, TimeoutError) as error:
+            raise WeightsUnavailableError(f"{advice} (download failed: {error})") from None
+
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, tempfile.NamedTemporaryFile(
-            dir=destination.parent, delete=False
-        ) as tmp:
-            shutil.copyfileobj(response, tmp)
-        os.replace(tmp.name, destination)
-    except (urllib.error.URLError, OSError, TimeoutError) as error:
-        raise WeightsUnavailableError(f"{advice} (download failed: {error})") from None
+        write_atomic(destination, fetch, "the downloaded weights")
+    except StorageError as error:
+        raise WeightsUnavailableError(f"{advice} ({error})") from None
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], Preprocessing | None]:
@@ -220,7 +225,7 @@ def store_weights(weights_dir: Path, arch: str, resolved: ResolvedWeights) -> Pa
 
     A file already there is kept only if its tensors still hash to its name: a missing or
     damaged checkpoint is rewritten from the resolved weights."""
-    destination = weights_dir / f"{resolved.sha256}.safetensors"
+    destination = weights_dir / weights_file(resolved.sha256)
     try:
         weights_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -238,7 +243,7 @@ def store_weights(weights_dir: Path, arch: str, resolved: ResolvedWeights) -> Pa
 
 
 def checkpoint_path(weights_dir: Path, sha256: str) -> Path:
-    return weights_dir / f"{sha256}.safetensors"
+    return weights_dir / weights_file(sha256)
 
 
 def read_checkpoint(weights_dir: Path, sha256: str) -> dict[str, torch.Tensor]:

@@ -8,50 +8,27 @@ Reading the metadata alone (a leaderboard) checks the checksum; loading the tens
 also checks the digest and refuses NaN or infinite values. The checksums guard against
 damage (flipped bytes, truncation, a hand edit); they are not a signature.
 
-Writes go to a temporary file that is fsynced and renamed over the final name, so a
-reader sees the old file or the new one; a full disk, a read-only file system or a
-permission error becomes one `StorageError` naming the file, and leaves nothing under
-the final name. Temporary files of a killed writer are removed by the next write into
+Writes go through the one atomic writer (`cache/atomic.py`: temporary file, fsync,
+rename, folder fsync), so a reader sees the old file or the new one; a full disk, a
+read-only file system or a permission error becomes one `StorageError` naming the file,
+and leaves nothing under the final name. Temporary files of a killed writer are removed by the next write into
 the same folder and reported by `featurecache verify`.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import time
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import xxhash
 
-from ..errors import CorruptCacheError, StorageError, UsageError
+from ..errors import CorruptCacheError, UsageError
+from .atomic import storage_error, write_atomic
 
 TENSORS_KEY = "featurecache.tensors"
 CHECKSUM_KEY = "featurecache.checksum"
-#: Temporary files older than this are removed even when their pid is alive (a reused pid).
-STALE_SECONDS = 24 * 3600
-
-
-def _reason(error: OSError) -> tuple[str, str]:
-    code = error.errno
-    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error):
-        return "the disk is full", "free some space and run the command again"
-    if code == errno.EROFS:
-        return "the file system is read-only", "write somewhere writable (e.g. --root, -o)"
-    if code in (errno.EACCES, errno.EPERM):
-        return "permission denied", "fix the permissions or use another folder (e.g. --root, -o)"
-    return error.strerror or str(error), "check the path and the disk, then run the command again"
-
-
-def storage_error(error: OSError, path: Path | str, what: str = "") -> StorageError:
-    """One clear StorageError for a failed write of `path`."""
-    reason, advice = _reason(error)
-    where = f"{what} {path}".strip()
-    return StorageError(f"cannot write {where}: {reason}; nothing was written under that name. {advice}")
 
 
 def prepare_output_file(output: Path, what: str, example: str) -> None:
@@ -62,86 +39,6 @@ def prepare_output_file(output: Path, what: str, example: str) -> None:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise storage_error(error, output.parent, what) from None
-
-
-def os_error_text(error: OSError) -> str:
-    """An OSError nobody expected, in one line: what, where, what to do."""
-    reason, advice = _reason(error)
-    where = f" ({error.filename})" if error.filename else ""
-    return f"{reason}{where}; {advice}"
-
-
-def temporary_path(path: Path) -> Path:
-    """A process-unique temporary name next to `path` (hidden, `.tmp-<pid>-<random>`)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def is_temporary(name: str) -> bool:
-    return name.startswith(".") and ".tmp-" in name
-
-
-def _owner_alive(name: str) -> bool:
-    try:
-        pid = int(name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
-    except (IndexError, ValueError):
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temporaries(directory: Path, names: tuple[str, ...] | None = None) -> list[str]:
-    """Delete temporary files in `directory` left by writers that died; returns their names.
-
-    `names`: only the temporaries of these final file names (in a folder that is not
-    featurecache's own, such as the folder of `export -o`). A file whose writer (by the
-    pid in its name) is still running is left alone, unless it is older than a day (the
-    pid was reused)."""
-    removed = []
-    try:
-        entries = list(directory.iterdir())
-    except OSError:
-        return removed
-    for file in entries:
-        if not is_temporary(file.name) or not file.is_file():
-            continue
-        if names is not None and not any(file.name.startswith(f".{name}.tmp-") for name in names):
-            continue
-        try:
-            old = time.time() - file.stat().st_mtime > STALE_SECONDS
-        except OSError:
-            continue
-        if old or not _owner_alive(file.name):
-            file.unlink(missing_ok=True)
-            removed.append(file.name)
-    return removed
-
-
-def write_atomic(path: Path, write: Callable[[Path], None], what: str = "") -> None:
-    """Call `write(tmp)`, fsync, rename to `path`; StorageError on a failed write, no temp file left."""
-    from .shards import fsync_directory
-
-    tmp = temporary_path(path)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_directory(path.parent)
-    except OSError as error:
-        raise storage_error(error, path, what) from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_bytes_atomic(path: Path, data: bytes, what: str = "") -> None:
-    write_atomic(path, lambda tmp: tmp.write_bytes(data), what)
 
 
 def tensors_digest(tensors: dict) -> str:

@@ -23,8 +23,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from ..errors import InvalidRecordError
+from ..options import COMPRESSIONS, DTYPES, ON_ERROR, PRECISIONS, RESOLVED_PRECISIONS
 
-STORAGE_DTYPES = ("float16", "float32")
+STORAGE_DTYPES = DTYPES
 ITEMSIZE = {"float16": 2, "float32": 4}
 #: Bytes every shard row costs at least whatever the compression: labels and index
 #: (int64) and the 32-byte fingerprint are stored uncompressed.
@@ -117,8 +118,8 @@ class ConfigRecord(Record):
     weights_sha256: Hex64
     taps: Annotated[list[TapName], Field(min_length=1)]
     preprocessing: PreprocessingRecord
-    dtype: Literal["float16", "float32"]
-    precision: Literal["fp32", "bf16", "fp16"]
+    dtype: Literal[DTYPES]
+    precision: Literal[RESOLVED_PRECISIONS]
     source: SourceRecord
     fingerprint: str
 
@@ -135,14 +136,14 @@ class SpecRecord(Record):
     weights: str
     taps: Annotated[list[TapName], Field(min_length=1)]
     image_size: Annotated[int, Field(ge=16, le=16384)] | None = None
-    dtype: Literal["float16", "float32"]
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    dtype: Literal[DTYPES]
+    precision: Literal[PRECISIONS] = "auto"
     device: str = "auto"
     batch_size: Positive = 64
     workers: Count | None = None
     shard_size: Positive = 4096
-    compression: Literal["lzf", "gzip"] | None = None
-    on_error: Literal["skip", "fail"] = "skip"
+    compression: Literal[COMPRESSIONS[1:]] | None = None
+    on_error: Literal[ON_ERROR] = "skip"
     content_hash: bool = False
     seed: int = 0
     root: str | None = None
@@ -162,7 +163,7 @@ class Manifest(Record):
     weights: WeightsRecord
     spec: SpecRecord
     classes: list[str]
-    dtype: Literal["float16", "float32"]
+    dtype: Literal[DTYPES]
     taps: Annotated[dict[TapName, TapRecord], Field(min_length=1)]
     created: str
     shards: list[ShardRecord]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import xxhash
 from .._lazy import lazy_module
 from ..errors import CorruptCacheError
 from ..faults import fault_point
+from .atomic import fsync_file, publish, temporary_path
 
 # Imported on first use: `ls`, `info` and `heads` never need them (tests/test_cli.py).
 h5py = lazy_module("h5py", globals())
@@ -51,14 +51,6 @@ def shard_name(split: str, number: int) -> str:
 
 def shard_number(name: str) -> int:
     return int(Path(name).stem.rsplit("-", 1)[1])
-
-
-def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def file_sha256(path: Path) -> str:
@@ -87,7 +79,7 @@ class ShardWriter:
                  attrs: dict[str, str], capacity: int, compression: str | None = None) -> None:
         """`capacity`: the most rows the shard will get (contiguous datasets cannot grow)."""
         self.final_path = final_path
-        self.tmp_path = final_path.with_name(f".{final_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.tmp_path = temporary_path(final_path)
         self.rows, self.capacity, self.dtype = 0, capacity, np.dtype(dtype)
         self.file = h5py.File(self.tmp_path, "w")
         for key, value in attrs.items():
@@ -140,14 +132,11 @@ class ShardWriter:
             self.file[name].attrs[CHECKSUM_ATTR] = "xxh3_64:" + hasher.hexdigest()
         self.file.attrs["rows"] = self.rows
         self.file.close()
-        with open(self.tmp_path, "rb+") as handle:
-            os.fsync(handle.fileno())
+        fsync_file(self.tmp_path)
         record = {"rows": self.rows, "sha256": file_sha256(self.tmp_path), "bytes": self.tmp_path.stat().st_size}
         if layout := features_layout(self.tmp_path):
             record["features"] = layout
-        fault_point("before_rename")
-        os.replace(self.tmp_path, self.final_path)
-        fsync_directory(self.final_path.parent)
+        publish(self.tmp_path, self.final_path, fault="before_rename")
         fault_point("after_rename")
         return record
 

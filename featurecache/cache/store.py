@@ -23,17 +23,15 @@ from pathlib import Path
 from .._lazy import lazy_module
 from ..errors import (CacheIncompleteError, CacheLockedError, CacheNotFoundError, CorruptCacheError,
                      InvalidRecordError)
-from ..faults import fault_point
 from .integrity import JSON_CHECKSUM, json_checksum, seal_json
-from .shards import RowReader, ShardRows, fsync_directory, open_shard, read_rows, read_split_features
+from .atomic import write_json_atomic
+from .layout import LOCK, MANIFEST, WEIGHTS_DIR  # noqa: F401 (MANIFEST, WEIGHTS_DIR: also imported from here)
+from .shards import RowReader, ShardRows, open_shard, read_rows, read_split_features
 
 np = lazy_module("numpy", globals(), "np")  # imported on first use: `ls`, `info` and `heads` never need it
 
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-WEIGHTS_DIR = "_weights"
 DEFAULT_ROOT_ENV = "FEATURECACHE_ROOT"
-LOCK = ".lock"
 # errnos of file systems (some NFS, CIFS, FUSE mounts) that have no flock
 _NO_FLOCK = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
 
@@ -66,23 +64,6 @@ def content_key(entry: str, fingerprints: list[str]) -> str:
 def entry_dir_name(source_name: str, arch: str, entry: str) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in source_name)[:40] or "source"
     return f"{safe}-{arch}-{entry[:12]}"
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON to a temp file, fsync, and rename: readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, sort_keys=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        fault_point("before_manifest_rename")
-        os.replace(tmp, path)
-    except BaseException:  # disk full, interrupted: the old file stays, no temp file is left
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
 
 
 @contextlib.contextmanager
@@ -118,7 +99,7 @@ def entry_lock(entry_path: Path, timeout: float) -> Iterator[None]:
 
 def write_manifest(entry_path: Path, manifest: dict) -> None:
     """Write the manifest atomically, sealed with a checksum of its content."""
-    write_json_atomic(entry_path / MANIFEST, seal_json(manifest))
+    write_json_atomic(entry_path / MANIFEST, seal_json(manifest), "the manifest", fault="before_manifest_rename")
 
 
 def manifest_seal_problem(manifest: dict) -> str | None:

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from .. import __version__
 from ..errors import FeatureCacheError
+from ..options import COMPRESSIONS, DECODES, DEVICES, DTYPES, ON_ERROR, OPTIMIZE, PRECISIONS
 
 # Heavy libraries (torch, torchvision, scikit-learn, matplotlib, h5py) load inside the
 # commands that use them, never at module level here or in the cli_* modules: --help,
@@ -31,46 +32,18 @@ err_console = Console(stderr=True)
 _state = {"debug": False}
 
 
-class Precision(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+def _choices(name: str, vocabulary: tuple[str, ...]) -> type[Enum]:
+    """A CLI choice type built from the library's vocabulary (featurecache/options.py)."""
+    return Enum(name, {value: value for value in vocabulary}, type=str)
 
 
-class Dtype(str, Enum):
-    float16 = "float16"
-    float32 = "float32"
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class OnError(str, Enum):
-    skip = "skip"
-    fail = "fail"
-
-
-class Optimize(str, Enum):
-    auto = "auto"
-    eager = "eager"
-    fuse = "fuse"
-    freeze = "freeze"
-    compile = "compile"
-
-
-class Decode(str, Enum):
-    pil = "pil"
-    torch = "torch"
-
-
-class Compression(str, Enum):
-    none = "none"
-    lzf = "lzf"
-    gzip = "gzip"
+Precision = _choices("Precision", PRECISIONS)
+Dtype = _choices("Dtype", DTYPES)
+Device = _choices("Device", DEVICES)
+OnError = _choices("OnError", ON_ERROR)
+Optimize = _choices("Optimize", OPTIMIZE)
+Decode = _choices("Decode", DECODES)
+Compression = _choices("Compression", COMPRESSIONS)
 
 
 def _version(value: bool) -> None:
@@ -110,7 +83,7 @@ def handle_errors(function):
         except OSError as error:  # an unwritable folder or a failing disk the library did not expect
             if _state["debug"]:
                 raise
-            from ..cache.integrity import os_error_text
+            from ..cache.atomic import os_error_text
 
             err_console.print(f"error: {os_error_text(error)}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None

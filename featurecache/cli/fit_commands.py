@@ -186,12 +186,18 @@ def predict_command(
 
         results = predict(_predictor(cache, head, finetune, root), list(paths), top_k=top_k)
     if output is not None:
-        with open(output, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path"] + [f"{kind}{i + 1}" for i in range(top_k) for kind in ("class", "prob")] + ["error"])
-            for r in results:
-                cells = [c for cls, p in r.top for c in (cls, f"{p:.6f}")]
-                writer.writerow([r.path] + cells + [""] * (2 * top_k - len(cells)) + [r.error])
+        from ..cache.atomic import write_atomic
+
+        def write_csv(tmp: Path) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["path"] + [f"{kind}{i + 1}" for i in range(top_k) for kind in ("class", "prob")]
+                                + ["error"])
+                for r in results:
+                    cells = [c for cls, p in r.top for c in (cls, f"{p:.6f}")]
+                    writer.writerow([r.path] + cells + [""] * (2 * top_k - len(cells)) + [r.error])
+
+        write_atomic(Path(output), write_csv, "the predictions")
         console.print(f"wrote {len(results)} predictions to {output}", markup=False, highlight=False)
         return
     table = Table("path", "prediction", "probability", "runners-up")

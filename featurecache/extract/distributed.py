@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .engine import resolve_device
+from ..device import resolve_device
 from ..errors import CorruptCacheError, ExtractionError
 from .plan import Plan
 from ..cache.shards import file_sha256

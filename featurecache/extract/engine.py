@@ -6,7 +6,6 @@ decoded plus the failures (position, reason) of those that did not.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -16,53 +15,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..backbones.registry import Preprocessing, StagedBackbone
-from ..errors import ExtractionError, UsageError
+from ..errors import ExtractionError
+from ..device import autocast
 from ..faults import fault_point
 from ..data.images import ImageDecodeError
 from ..backbones.preprocess import normalize_batch, prepare_image
 from ..data.sources import FileSource, Sample, Source
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def resolve_device(device: str) -> torch.device:
-    device = device.lower()
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UsageError(f"unknown device {device!r}; use auto, cpu or cuda")
-    return torch.device(device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16 on GPUs that support it, else fp16; on CPU bf16 only with native support.
-
-    On a CPU without AVX512-BF16/AMX, bf16 autocast is emulated and was measured about
-    5x slower than fp32 (ResNet50, channels_last, 2 AVX2 cores: 1.8 vs 10.3 img/s).
-    """
-    precision = precision.lower()
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
-
-
-def cpu_has_native_bf16() -> bool:
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
 
 def default_workers() -> int:
     # Leave a core for the forward pass; decoding small images needs few workers.

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CorruptCacheError
+from ..cache.atomic import is_temporary
+from ..cache.layout import SHARDS_DIR, shard_file
 from ..cache.shards import features_layout, file_sha256, open_h5, read_fingerprints, shard_name, shard_number
 from ..data.sources import Sample, Source, split_sort_key
 
@@ -36,7 +38,7 @@ class PlannedShard:
 
     @property
     def file(self) -> str:
-        return f"shards/{shard_name(self.split, self.number)}"
+        return shard_file(shard_name(self.split, self.number))
 
 
 @dataclass
@@ -67,9 +69,9 @@ class Plan:
 
 def _remove_temp_files(path: Path) -> None:
     # Safe: the caller holds the entry's lock, so no live writer owns these.
-    for directory in (path, path / "shards"):
+    for directory in (path, path / SHARDS_DIR):
         for file in directory.iterdir():
-            if file.name.startswith(".") and ".tmp-" in file.name:
+            if is_temporary(file.name):
                 file.unlink(missing_ok=True)
 
 
@@ -83,7 +85,7 @@ def _orphan_record(file: Path, entry_id: str) -> tuple[dict, list[str]] | None:
         fingerprints = read_fingerprints(file)
     except (OSError, KeyError, ValueError, CorruptCacheError):
         return None
-    record = {"file": f"shards/{file.name}", "split": split, "rows": len(fingerprints),
+    record = {"file": shard_file(file.name), "split": split, "rows": len(fingerprints),
               "sha256": file_sha256(file), "bytes": file.stat().st_size, "skipped": skipped}
     if layout := features_layout(file):
         record["features"] = layout
@@ -126,8 +128,8 @@ def make_plan(path: Path, previous: dict | None, source: Source, shard_size: int
             plan.kept_skipped.append(skip)
             covered.add(skip["fingerprint"])
 
-    for file in sorted((path / "shards").glob("*.h5")):
-        relative = f"shards/{file.name}"
+    for file in sorted((path / SHARDS_DIR).glob("*.h5")):
+        relative = shard_file(file.name)
         if relative in listed:
             continue
         orphan = _orphan_record(file, entry_id)
@@ -150,7 +152,7 @@ def make_plan(path: Path, previous: dict | None, source: Source, shard_size: int
         rewrite.number = next_number.get(split, 0)
         claim(split, rewrite.number)
         first = plan.first_position.pop(rewrite.record["file"])
-        plan.first_position[f"shards/{shard_name(split, rewrite.number)}"] = first
+        plan.first_position[shard_file(shard_name(split, rewrite.number))] = first
 
     plan.to_compute = [s for s in source.samples if s.fingerprint not in covered]
     for split in plan.splits:

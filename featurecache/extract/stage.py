@@ -21,22 +21,23 @@ import torch
 from .. import __version__
 from ..backbones.registry import StagedBackbone, build_network, get_backbone, tap_shape, validate_taps
 from .distributed import Group, join_group
-from .engine import default_workers, resolve_precision, run_backbone
+from ..device import resolve_precision
+from .engine import default_workers, run_backbone
 from ..errors import CacheNotFoundError, CorruptCacheError, ExtractionError, UnreadableImageError, UsageError
 from ..faults import fault_point
-from ..cache.integrity import storage_error
+from ..options import COMPRESSIONS, DECODES, DTYPES, ON_ERROR, choices
+from ..cache.atomic import storage_error
 from ..backbones.optimize import optimize_backbone, resolve_optimize
 from .plan import Plan, make_plan
 from .writer import ShardPipeline
 from ..data.sources import FileSource, open_source
-from ..cache.store import (MANIFEST, WEIGHTS_DIR, content_key, default_root, entry_dir_name, entry_id, entry_lock,
+from ..cache.layout import MANIFEST, SHARDS_DIR, WEIGHTS_DIR, weights_file
+from ..cache.store import (content_key, default_root, entry_dir_name, entry_id, entry_lock,
                     read_manifest)
 from ..backbones.weights import read_checkpoint, resolve_weights, store_weights
 
 log = logging.getLogger("featurecache")
 
-DTYPES = ("float16", "float32")
-ON_ERROR = ("skip", "fail")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,15 +112,15 @@ def _check_spec(spec: ExtractSpec) -> None:
     if not isinstance(spec.lock_timeout, (int, float)) or isinstance(spec.lock_timeout, bool) or spec.lock_timeout < 0:
         raise UsageError(f"lock_timeout must be a non-negative number of seconds, got {spec.lock_timeout!r}")
     if spec.dtype not in DTYPES:
-        raise UsageError(f"unknown --dtype {spec.dtype!r}; use float16 or float32")
+        raise UsageError(f"unknown --dtype {spec.dtype!r}; use {choices(DTYPES)}")
     if spec.on_error not in ON_ERROR:
-        raise UsageError(f"unknown --on-error {spec.on_error!r}; use skip or fail")
-    if spec.compression not in (None, "lzf", "gzip"):
-        raise UsageError(f"unknown --compression {spec.compression!r}; use none, lzf or gzip")
+        raise UsageError(f"unknown --on-error {spec.on_error!r}; use {choices(ON_ERROR)}")
+    if spec.compression is not None and (spec.compression == "none" or spec.compression not in COMPRESSIONS):
+        raise UsageError(f"unknown --compression {spec.compression!r}; use {choices(COMPRESSIONS)}")
     if spec.name is not None and (not isinstance(spec.name, str) or not spec.name.strip() or "/" in spec.name or spec.name.startswith(".")):
         raise UsageError(f"--name {spec.name!r} must be a non-empty folder name without '/' or a leading '.'")
-    if spec.decode not in ("pil", "torch"):
-        raise UsageError(f"unknown --decode {spec.decode!r}; use pil or torch")
+    if spec.decode not in DECODES:
+        raise UsageError(f"unknown --decode {spec.decode!r}; use {choices(DECODES)}")
     if spec.decode == "torch" and spec.draft:
         raise UsageError("--draft is libjpeg draft decoding through PIL; it does not combine with --decode torch")
 
@@ -192,7 +193,7 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
     root = Path(spec.root) if spec.root else default_root()
     path = root / entry_dir_name(spec.name or source.name, entry.name, entry_hash)
     try:
-        path.joinpath("shards").mkdir(parents=True, exist_ok=True)
+        path.joinpath(SHARDS_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise storage_error(error, path, "the cache entry") from None
 
@@ -213,7 +214,7 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
         manifest = {
             "format_version": 1, "tool_version": __version__, "entry_id": entry_hash, "key": key,
             "complete": False, "config": config, "weights": {"spec": spec.weights, "description":
-            weights.description, "sha256": weights.sha256, "file": f"../{WEIGHTS_DIR}/{weights.sha256}.safetensors"},
+            weights.description, "sha256": weights.sha256, "file": f"../{WEIGHTS_DIR}/{weights_file(weights.sha256)}"},
             "spec": dataclasses.asdict(spec), "classes": source.classes, "dtype": spec.dtype,
             "taps": {t: {"shape": list(tap_shape(entry, t, preprocessing.crop_size))} for t in taps},
             "created": (previous or {}).get("created", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
@@ -247,7 +248,7 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
             pipeline.remove_unreferenced()
     if not any(final["splits"].values()):
         raise ExtractionError(f"no image in {spec.source} could be read; see the skipped list in {path / MANIFEST}")
-    notes = [f"restored the backbone checkpoint {root / WEIGHTS_DIR}/{weights.sha256}.safetensors "
+    notes = [f"restored the backbone checkpoint {root / WEIGHTS_DIR / weights_file(weights.sha256)} "
              "(it was missing or damaged)"] if damaged_checkpoint else []
     return ExtractResult(path, key, False, final["splits"], computed, final["skipped"], time.perf_counter() - started,
                          list(source.unlabeled_splits), notes)

@@ -23,6 +23,7 @@ from ..faults import fault_point
 from .plan import Plan, PlannedShard
 from ..cache.shards import ShardRows, ShardWriter, read_rows, shard_name
 from ..data.sources import printable_path
+from ..cache.layout import SHARDS_DIR, shard_file
 from ..cache.store import write_manifest
 
 _DONE = object()
@@ -57,12 +58,12 @@ class ShardPipeline:
     def _new_writer(self, split: str, number: int, capacity: int) -> ShardWriter:
         attrs = {"entry_id": self.manifest["entry_id"], "split": split, "skipped": "[]",
                  "featurecache_format": str(self.manifest["format_version"])}
-        return ShardWriter(self.path / "shards" / shard_name(split, number), tap_shapes=self.tap_shapes,
+        return ShardWriter(self.path / SHARDS_DIR / shard_name(split, number), tap_shapes=self.tap_shapes,
                            dtype=self.manifest["dtype"], attrs=attrs, capacity=capacity,
                            compression=self.spec.compression)
 
     def _commit_shard(self, writer: ShardWriter, split: str, skipped: list[dict]) -> None:
-        record = {"file": f"shards/{writer.final_path.name}", "split": split, **writer.commit()}
+        record = {"file": shard_file(writer.final_path.name), "split": split, **writer.commit()}
         self.manifest["shards"].append(record)
         self.manifest["skipped"].extend(skipped)
         self._commit_manifest()
@@ -207,6 +208,6 @@ class ShardPipeline:
 
     def remove_unreferenced(self) -> None:
         listed = {record["file"] for record in self.manifest["shards"]}
-        for file in (self.path / "shards").glob("*.h5"):
-            if f"shards/{file.name}" not in listed:
+        for file in (self.path / SHARDS_DIR).glob("*.h5"):
+            if shard_file(file.name) not in listed:
                 file.unlink(missing_ok=True)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from ..backbones.registry import Preprocessing
-from ..extract.engine import autocast
+from ..device import autocast
 from ..errors import ExtractionError
 from ..data.images import ImageDecodeError
 from ..heads.metrics import classification_metrics

@@ -27,21 +27,22 @@ from torch import nn
 
 from .. import __version__
 from ..backbones.registry import TAP_ORDER, Preprocessing, StagedBackbone
-from ..extract.engine import default_workers, resolve_device, resolve_precision
+from ..device import resolve_device, resolve_precision
+from ..extract.engine import default_workers
 from ..errors import CacheNotFoundError, CorruptCacheError, HeadError, MismatchError, UsageError
 from .data import Augmentation, ImageRows, Progress, TapRows, epoch_order, evaluate, train_epoch
 from ..fit.headstore import check_head_name, load_head
-from ..cache.integrity import (read_safetensors, read_sealed_json, remove_stale_temporaries, seal_json, storage_error,
-                        write_safetensors)
+from ..cache.atomic import remove_stale_temporaries, storage_error, write_json_atomic
+from ..cache.integrity import read_safetensors, read_sealed_json, seal_json, write_safetensors
 from ..heads.registry import head_from_saved
 from ..serve.predict import Predictor, cache_backbone
 from ..data.sources import reopen_source
-from ..cache.store import Cache, open_cache, write_json_atomic
+from ..cache.layout import BACKBONE_FILE, CHECKPOINT_FILE, FINETUNE_DIR, FINETUNE_RECORD, HEAD_FILE, finetune_run_name
+from ..cache.store import Cache, open_cache
 from ..backbones.weights import ARCH_METADATA, PREPROCESSING_METADATA
 
 log = logging.getLogger("featurecache")
 
-FINETUNE_DIR = "finetune"
 STATE_METADATA = "featurecache.finetune"
 HEAD_METADATA = "featurecache.head"
 #: Spec fields that do not change the numbers; a resumed run may differ in them.
@@ -318,17 +319,17 @@ def _load_checkpoint(path: Path, model: FinetuneModel, optimizer, scaler) -> dic
 
 def _save_outputs(directory: Path, model: FinetuneModel, cache: Cache, head_config: dict, provenance: dict) -> None:
     arch = cache.manifest["config"]["arch"]
-    _write_safetensors(directory / "backbone.safetensors", torchvision_state(model.backbone), {
+    _write_safetensors(directory / BACKBONE_FILE, torchvision_state(model.backbone), {
         ARCH_METADATA: arch, PREPROCESSING_METADATA: json.dumps(cache.manifest["config"]["preprocessing"]),
         STATE_METADATA: json.dumps(provenance)})
     head_state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
-    _write_safetensors(directory / "head.safetensors", head_state,
+    _write_safetensors(directory / HEAD_FILE, head_state,
                        {HEAD_METADATA: json.dumps({"config": head_config, **provenance})})
 
 
 def _load_outputs(directory: Path, model: FinetuneModel) -> None:
-    model.backbone.load_state_dict(_staged_state(_read_safetensors(directory / "backbone.safetensors")[0]))
-    model.head.load_state_dict(_read_safetensors(directory / "head.safetensors")[0])
+    model.backbone.load_state_dict(_staged_state(_read_safetensors(directory / BACKBONE_FILE)[0]))
+    model.head.load_state_dict(_read_safetensors(directory / HEAD_FILE)[0])
 
 
 def _spec_dict(spec: FinetuneSpec) -> dict:
@@ -375,8 +376,7 @@ def finetune(cache: Cache | str | Path, spec: FinetuneSpec, progress: Progress |
     device = resolve_device(spec.device)
     precision = resolve_precision(spec.precision, device)
     model, head_name, head_record = build_model(cache, spec)
-    name = check_head_name(spec.name or f"{head_name}-{spec.unfreeze.replace('+', 'plus')}"
-                           + ("-cache" if spec.from_cache else ""))
+    name = check_head_name(spec.name or finetune_run_name(head_name, spec.unfreeze, spec.from_cache))
     rows = _rows(cache, _split_rows(cache, head_record), spec, model)
     model.to(device, memory_format=torch.channels_last)
     optimizer = _optimizer(model, spec)
@@ -389,7 +389,7 @@ def finetune(cache: Cache | str | Path, spec: FinetuneSpec, progress: Progress |
     except OSError as error:
         raise storage_error(error, directory, "the finetune folder") from None
     remove_stale_temporaries(directory)  # of a killed earlier write
-    checkpoint = directory / "checkpoint.safetensors"
+    checkpoint = directory / CHECKPOINT_FILE
     settings = {k: v for k, v in _spec_dict(spec).items() if k not in _RESUME_FREE}
     record = {
         "name": name, "parent_cache": cache.path.name, "parent_key": cache.key,
@@ -442,7 +442,7 @@ def finetune(cache: Cache | str | Path, spec: FinetuneSpec, progress: Progress |
             _save_outputs(directory, model, cache, head_record["config"], {"epoch": epoch, **_small(record)})
         state["epoch"] = epoch
         _save_checkpoint(checkpoint, model, optimizer, scaler, state)
-        write_json_atomic(directory / "finetune.json", seal_json({**record, **_summary(state), "complete": False}))
+        write_json_atomic(directory / FINETUNE_RECORD, seal_json({**record, **_summary(state), "complete": False}))
     if state["best_epoch"] != state["epoch"]:
         _load_outputs(directory, model)
         model.to(device, memory_format=torch.channels_last)
@@ -452,7 +452,7 @@ def finetune(cache: Cache | str | Path, spec: FinetuneSpec, progress: Progress |
                         precision=precision)
         final["test_metrics"] = {"top1": test["top1"], "log_loss": test["log_loss"], "n": test["n"]}
     final = seal_json(final)
-    write_json_atomic(directory / "finetune.json", final)
+    write_json_atomic(directory / FINETUNE_RECORD, final)
     return FinetuneResult(name, directory, final, resumed_from)
 
 
@@ -468,11 +468,11 @@ def _summary(state: dict) -> dict:
 
 def read_finetune_record(cache: Cache, name: str) -> dict:
     check_head_name(name, "finetune run")
-    path = cache.path / FINETUNE_DIR / name / "finetune.json"
+    path = cache.path / FINETUNE_DIR / name / FINETUNE_RECORD
     try:
         return read_sealed_json(path, "finetune record", "run featurecache finetune again with --restart")
     except FileNotFoundError:
-        known = sorted(p.name for p in (cache.path / FINETUNE_DIR).glob("*/head.safetensors"))
+        known = sorted(p.name for p in (cache.path / FINETUNE_DIR).glob(f"*/{HEAD_FILE}"))
         raise HeadError(f"no finetune run {name!r} on {cache.path.name} (runs: {', '.join(known) or 'none yet'}); "
                         "run featurecache finetune first") from None
 
@@ -487,8 +487,8 @@ def load_finetuned_predictor(cache: Cache | str | Path, name: str) -> Predictor:
     directory = cache.path / FINETUNE_DIR / name
     backbone, preprocessing = cache_backbone(cache)
     try:
-        backbone.load_state_dict(_staged_state(_read_safetensors(directory / "backbone.safetensors")[0]))
-        tensors, metadata = _read_safetensors(directory / "head.safetensors")
+        backbone.load_state_dict(_staged_state(_read_safetensors(directory / BACKBONE_FILE)[0]))
+        tensors, metadata = _read_safetensors(directory / HEAD_FILE)
         head_meta = json.loads(metadata[HEAD_METADATA])
         head = head_from_saved(head_meta["config"], tensors)
     except (KeyError, TypeError, ValueError, RuntimeError) as error:

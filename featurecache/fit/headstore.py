@@ -29,17 +29,16 @@ from filelock import FileLock, Timeout
 
 from ..errors import (CorruptCacheError, FeatureCacheError, HeadError, InvalidRecordError, MismatchError,
                      NameTakenError, StaleError)
-from ..cache.integrity import (CHECKSUM_KEY, non_finite, read_metadata, read_tensors, remove_stale_temporaries,
-                        storage_error, write_atomic, write_safetensors)
+from ..cache.atomic import remove_stale_temporaries, storage_error, write_json_atomic
+from ..cache.integrity import CHECKSUM_KEY, non_finite, read_metadata, read_tensors, write_safetensors
 from ..cache.schema import HEAD_NAME_PATTERN, check_head_record
+from ..cache.layout import HEAD_FILE, HEAD_JSON, HEADS_DIR
 from ..cache.store import Cache
 
 if TYPE_CHECKING:
     from ..heads.registry import Head
 
 RECORD_METADATA = "featurecache.head"
-HEADS_DIR = "heads"
-HEAD_FILE = "head.safetensors"
 LOCK_TIMEOUT = 600.0
 
 
@@ -118,8 +117,7 @@ def save_head(cache: Cache, name: str, head: Head, record: dict, *, overwrite: b
             raise storage_error(error, directory, "the head folder") from None
         remove_stale_temporaries(directory)
         write_safetensors(final, tensors, {RECORD_METADATA: text}, "the head")
-        write_atomic(directory / "head.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n",
-                                                                       encoding="utf-8"), "the head's copy")
+        write_json_atomic(directory / HEAD_JSON, record, "the head's copy")
     return directory
 
 

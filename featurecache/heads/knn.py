@@ -16,7 +16,8 @@ from sklearn.utils.validation import check_is_fitted
 from torch import Tensor, nn
 
 from ..errors import HeadError, MismatchError
-from .linear import BLOCK_ELEMENTS, Head, as_features, resolve_device
+from ..device import resolve_device
+from .linear import BLOCK_ELEMENTS, Head, as_features
 
 if TYPE_CHECKING:
     from .streaming import StreamedData

@@ -19,6 +19,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import Tensor, nn
 
+from ..device import resolve_device
 from ..errors import HeadError, MismatchError
 from .logistic_path import BLOCK_ELEMENTS, fit_logistic_path, fit_logistic_path_cpu, validate_linear
 
@@ -29,22 +30,6 @@ logger = logging.getLogger("featurecache")
 
 STD_FLOOR = 1e-6
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 4, 12))
-
-
-def cuda_devices(device: torch.device) -> list[int]:
-    """The CUDA devices whose RNG `torch.random.fork_rng` must fork for `device`."""
-    return [device.index or 0] if device.type == "cuda" else []
-
-
-def resolve_device(device: str) -> torch.device:
-    """Map "auto" / "cpu" / "cuda[:i]" to a torch device, refusing CUDA when absent."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise HeadError(f"device must be 'cpu', 'cuda' or 'auto', got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise HeadError("CUDA is not available here; use device='cpu' or 'auto'")
-    return torch.device(device)
 
 
 def jsonable(value: Any) -> Any:

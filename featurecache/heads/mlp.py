@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import HeadError
-from .linear import NetworkHead, Standardize, cuda_devices, parameter_grid, resolve_device
+from ..device import cuda_devices, resolve_device
+from .linear import NetworkHead, Standardize, parameter_grid
 
 if TYPE_CHECKING:
     from .streaming import StreamedData

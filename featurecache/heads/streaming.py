@@ -29,16 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linear import cuda_devices, resolve_device
+from ..device import cuda_devices, resolve_device
 from .mlp import EarlyStopping
 from ..cache.store import Cache
+from ..cache.streaming import (bank_reader, feature_statistics, in_memory_bytes, shard_batches, split_blocks,
+                        steps_per_epoch)
 
 if TYPE_CHECKING:
     from .knn import KNNHead
     from .linear import LogisticHead
     from .mlp import MLPHead
-from ..cache.streaming import (bank_reader, feature_statistics, in_memory_bytes, shard_batches, split_blocks,
-                        steps_per_epoch)
 
 log = logging.getLogger("featurecache")
 

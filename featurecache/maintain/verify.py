@@ -27,14 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CorruptCacheError, FeatureCacheError, InvalidRecordError, MismatchError
-from ..cache.integrity import is_temporary, read_safetensors, read_sealed_json
+from ..cache.atomic import is_temporary
+from ..cache.layout import (FINETUNE_DIR, FINETUNE_RECORD, FOLDERS_WITH_TEMPORARIES, HEAD_FILE, HEADS_DIR, MANIFEST,
+                            SHARDS_DIR, WEIGHTS_DIR, shard_file, weights_file)
+from ..cache.integrity import read_safetensors, read_sealed_json
 from ..cache.shards import features_layout, file_sha256, open_h5, read_rows
-from ..cache.store import (MANIFEST, WEIGHTS_DIR, Cache, entry_lock, manifest_seal_problem, read_manifest, resolve_entry,
+from ..cache.store import (Cache, entry_lock, manifest_seal_problem, read_manifest, resolve_entry,
                     write_manifest)
 
 log = logging.getLogger("featurecache")
 
-FOLDERS_WITH_TEMPORARIES = (".", "shards", "heads", "finetune", "report")
 
 
 @dataclass
@@ -113,7 +115,7 @@ def _check_checkpoint(report: VerifyReport, manifest: dict) -> None:
 
 
 def _check_heads(report: VerifyReport, cache: Cache) -> None:
-    from ..fit.headstore import HEAD_FILE, HEADS_DIR, load_head, read_record_with_checksum
+    from ..fit.headstore import load_head, read_record_with_checksum
     from ..cache.integrity import read_tensors, read_metadata
 
     folder = cache.path / HEADS_DIR
@@ -142,20 +144,20 @@ def _check_heads(report: VerifyReport, cache: Cache) -> None:
 
 
 def _check_finetune_runs(report: VerifyReport) -> None:
-    folder = report.path / "finetune"
+    folder = report.path / FINETUNE_DIR
     for directory in sorted(folder.iterdir()) if folder.is_dir() else []:
         if not directory.is_dir():
             continue
         checks = [(file, lambda f: read_safetensors(f, "finetune output", ""))
                   for file in sorted(directory.glob("*.safetensors"))]
-        if (directory / "finetune.json").exists():
-            checks.append((directory / "finetune.json", lambda f: read_sealed_json(f, "finetune record", "")))
+        if (directory / FINETUNE_RECORD).exists():
+            checks.append((directory / FINETUNE_RECORD, lambda f: read_sealed_json(f, "finetune record", "")))
         for file, check in checks:
             report.artifacts_checked += 1
             try:
                 check(file)
             except FeatureCacheError as error:
-                report.problems.append(Problem(f"finetune/{directory.name}/{file.name}",
+                report.problems.append(Problem(f"{FINETUNE_DIR}/{directory.name}/{file.name}",
                                                str(error).split(";")[0] + "; run featurecache finetune again "
                                                "with --restart"))
 
@@ -163,7 +165,7 @@ def _check_finetune_runs(report: VerifyReport) -> None:
 def _temporaries(report: VerifyReport) -> None:
     """Temporary files of killed writers, in every folder featurecache writes to."""
     folders = [report.path / name for name in FOLDERS_WITH_TEMPORARIES]
-    for parent in ("heads", "finetune"):
+    for parent in (HEADS_DIR, FINETUNE_DIR):
         if (report.path / parent).is_dir():
             folders += sorted(p for p in (report.path / parent).iterdir() if p.is_dir())
     for folder in folders:
@@ -214,8 +216,8 @@ def verify_entry(name: str | Path, *, root: Path | None = None, lock_timeout: fl
             listed_rows = sum(s["rows"] for s in manifest["shards"] if s["split"] == split)
             if listed_rows != count:
                 report.problems.append(Problem(MANIFEST, f"{split}: shards hold {listed_rows} rows, the manifest says {count}"))
-        for file in sorted(path.joinpath("shards").iterdir()) if path.joinpath("shards").is_dir() else []:
-            relative = f"shards/{file.name}"
+        for file in sorted(path.joinpath(SHARDS_DIR).iterdir()) if path.joinpath(SHARDS_DIR).is_dir() else []:
+            relative = shard_file(file.name)
             if is_temporary(file.name):
                 continue  # reported with every other folder's below
             if relative not in listed:
@@ -251,7 +253,7 @@ def restore_checkpoint(path: Path, manifest: dict) -> Path:
 
     spec = _entry_spec(path, manifest)
     sha = manifest["weights"]["sha256"]
-    file = path.parent / WEIGHTS_DIR / f"{sha}.safetensors"
+    file = path.parent / WEIGHTS_DIR / weights_file(sha)
     try:
         resolved = resolve_weights(get_backbone(manifest["config"]["arch"]), spec.weights, seed=spec.seed)
     except FeatureCacheError as error:
@@ -289,7 +291,7 @@ def repair_entry(name: str | Path, *, root: Path | None = None, progress=None) -
     if before.checkpoint_bad:  # first: the shards' recomputation needs the same weights
         restore_checkpoint(path, manifest)
     shards_bad = bool(before.bad_shards) or any(
-        p.file == MANIFEST or p.file.startswith("shards/") for p in before.problems
+        p.file == MANIFEST or p.file.startswith(shard_file("")) for p in before.problems
         if p.file not in before.stray_files and not (p.file == MANIFEST and "checksum" in p.what))
     if shards_bad and str(manifest.get("spec", {}).get("source", "")).startswith("python:"):
         raise CorruptCacheError(

@@ -27,6 +27,7 @@ from ..extract.stage import ExtractSpec, extract
 from ..fit.stage import FitSpec, fit_head, make_ensemble
 from ..fit.headstore import default_head_name, read_record, stale_members
 from ..report.html import ReportSpec, build_report, default_output, is_current, report_inputs
+from ..cache.layout import FINETUNE_DIR, FINETUNE_RECORD, finetune_run_name
 from ..cache.store import Cache, open_cache
 
 #: FinetuneSpec fields that do not change the result (finetune.py ignores them on resume too).
@@ -384,9 +385,8 @@ def _finetune_differs(cache: Cache, spec) -> bool:
     """True when the folder this spec writes to holds a run with other settings."""
     if spec.name is None and spec.head is None:
         return False  # the folder name depends on the best head; let finetune decide
-    # finetune.py's naming rule for the run's folder
-    name = spec.name or f"{spec.head}-{spec.unfreeze.replace('+', 'plus')}" + ("-cache" if spec.from_cache else "")
-    path = cache.path / "finetune" / name / "finetune.json"
+    name = spec.name or finetune_run_name(spec.head, spec.unfreeze, spec.from_cache)
+    path = cache.path / FINETUNE_DIR / name / FINETUNE_RECORD
     if not path.exists():
         return False
     try:

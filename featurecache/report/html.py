@@ -26,13 +26,14 @@ from .. import __version__
 from . import plots
 from ..errors import FeatureCacheError, UsageError
 from ..fit.stage import leaderboard
-from ..fit.headstore import HEADS_DIR, load_head, read_record
-from ..cache.integrity import prepare_output_file, read_sealed_json, remove_stale_temporaries, write_bytes_atomic
+from ..fit.headstore import load_head, read_record
+from ..cache.atomic import remove_stale_temporaries, write_bytes_atomic
+from ..cache.integrity import prepare_output_file, read_sealed_json
+from ..cache.layout import FINETUNE_DIR, FINETUNE_RECORD, HEAD_FILE, HEADS_DIR, REPORT_DIR, REPORT_FILE
 from ..cache.store import Cache, open_cache
 
 log = logging.getLogger("featurecache")
 
-FINETUNE_DIR = "finetune"  # where finetune runs live in an entry (see finetune.py)
 INPUTS_META = "featurecache-report-inputs"
 
 
@@ -57,12 +58,12 @@ class ReportResult:
 
 
 def default_output(cache: Cache) -> Path:
-    return cache.path / "report" / "report.html"
+    return cache.path / REPORT_DIR / REPORT_FILE
 
 
 def finetune_records(cache: Cache) -> list[dict]:
     records = []
-    for path in sorted((cache.path / FINETUNE_DIR).glob("*/finetune.json")):
+    for path in sorted((cache.path / FINETUNE_DIR).glob(f"*/{FINETUNE_RECORD}")):
         try:
             records.append(read_sealed_json(path, "finetune record", "run featurecache verify"))
         except (OSError, FeatureCacheError) as error:
@@ -73,7 +74,7 @@ def finetune_records(cache: Cache) -> list[dict]:
 def report_inputs(cache: Cache, spec: ReportSpec) -> str:
     """A hash of everything the page shows: same hash, same page (the pipeline skips the step)."""
     parts = [cache.key, __version__, json.dumps({**asdict(spec), "output": None}, sort_keys=True)]
-    for pattern in (f"{HEADS_DIR}/*/head.safetensors", f"{FINETUNE_DIR}/*/finetune.json"):
+    for pattern in (f"{HEADS_DIR}/*/{HEAD_FILE}", f"{FINETUNE_DIR}/*/{FINETUNE_RECORD}"):
         for path in sorted(cache.path.glob(pattern)):
             stat = path.stat()
             parts.append(f"{path.relative_to(cache.path)}:{stat.st_size}:{stat.st_mtime_ns}")
@@ -232,7 +233,7 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
     if spec.max_points < 10 or spec.worst < 0:
         raise UsageError("--max-points must be at least 10 and --worst at least 0")
     output = Path(spec.output) if spec.output else default_output(cache)
-    prepare_output_file(output, "the report folder", "report.html")
+    prepare_output_file(output, "the report folder", REPORT_FILE)
     result = ReportResult(output)
     manifest, config = cache.manifest, cache.manifest["config"]
     board, runs = leaderboard(cache), finetune_records(cache)

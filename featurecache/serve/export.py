@@ -21,7 +21,8 @@ from torch import nn
 from .. import __version__
 from ..backbones.registry import TAP_ORDER
 from ..errors import StorageError
-from ..cache.integrity import prepare_output_file, remove_stale_temporaries, write_atomic
+from ..cache.atomic import remove_stale_temporaries, write_atomic
+from ..cache.integrity import prepare_output_file
 from .predict import Predictor
 
 METADATA_FILE = "featurecache.json"

@@ -13,15 +13,20 @@ Features are written in the cache's storage dtype, bit for bit.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UsageError
+from ..cache.atomic import write_atomic, write_json_atomic
 from ..cache.store import Cache
 
 FORMATS = ("npy", "parquet")
+
+
+def _save_npy(path: Path, values: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a handle: np.save would add ".npy" to the temporary name
+        np.save(handle, values, allow_pickle=False)
 
 
 def _describe(cache: Cache, tap: str) -> dict:
@@ -61,14 +66,15 @@ def export_features(cache: Cache | str | Path, output: str | Path, *, format: st
             folder = output / split
             folder.mkdir()
             for name, values in arrays.items():
-                np.save(folder / f"{name}.npy", values, allow_pickle=False)
+                write_atomic(folder / f"{name}.npy", lambda tmp, values=values: _save_npy(tmp, values), "the export")
         elif format == "parquet":
             flat = arrays["features"].reshape(len(arrays["features"]), -1)
             width = flat.shape[1]
             features = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), width)
             table = pa.table({"features": features, "label": arrays["labels"], "index": arrays["index"],
                               "path": arrays["paths"].tolist()})
-            pq.write_table(table, output / f"{split}.parquet")
-    (output / "dataset.json").write_text(json.dumps({**description, "format": format, "exported_splits": chosen},
-                                                    indent=1) + "\n")
+            write_atomic(output / f"{split}.parquet", lambda tmp, table=table: pq.write_table(table, str(tmp)),
+                         "the export")
+    write_json_atomic(output / "dataset.json", {**description, "format": format, "exported_splits": chosen},
+                      "the export's description")
     return output

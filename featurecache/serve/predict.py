@@ -21,7 +21,8 @@ from ..fit.headstore import load_head
 from ..data.images import ImageDecodeError, load_rgb
 from ..backbones.preprocess import normalize_batch, prepare_image
 from ..data.sources import IMAGE_EXTENSIONS, printable_path
-from ..cache.store import WEIGHTS_DIR, Cache, open_cache
+from ..cache.layout import WEIGHTS_DIR
+from ..cache.store import Cache, open_cache
 from ..backbones.weights import read_checkpoint
 
 

@@ -1,0 +1,158 @@
+"""The one atomic writer: every file featurecache writes appears complete or not at all.
+
+A file is written under a process-unique temporary name in its own folder
+(`.<name>.tmp-<pid>-<random>`, recognised by `is_temporary`, so `verify` reports and
+cleans the leftovers of a killed writer), flushed and fsynced, renamed over the final
+name with `os.replace`, and the folder is fsynced so the rename itself survives a power
+cut. Readers see the old file or the new one. Manifests, shards (whose writer streams
+into its own temporary file and finishes through `publish`), weights, heads, finetune
+outputs, exports and reports all go through here; no other module renames or fsyncs
+(tests/test_atomic.py checks the source).
+
+A failed write (full disk, read-only file system, permission) becomes one
+`StorageError` naming the file, and leaves nothing under the final name.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from ..errors import StorageError
+from ..faults import fault_point
+
+#: Temporary files older than this are removed even when their pid is alive (a reused pid).
+STALE_SECONDS = 24 * 3600
+
+
+def _reason(error: OSError) -> tuple[str, str]:
+    code = error.errno
+    if code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(error):
+        return "the disk is full", "free some space and run the command again"
+    if code == errno.EROFS:
+        return "the file system is read-only", "write somewhere writable (e.g. --root, -o)"
+    if code in (errno.EACCES, errno.EPERM):
+        return "permission denied", "fix the permissions or use another folder (e.g. --root, -o)"
+    return error.strerror or str(error), "check the path and the disk, then run the command again"
+
+
+def storage_error(error: OSError, path: Path | str, what: str = "") -> StorageError:
+    """One clear StorageError for a failed write of `path`."""
+    reason, advice = _reason(error)
+    where = f"{what} {path}".strip()
+    return StorageError(f"cannot write {where}: {reason}; nothing was written under that name. {advice}")
+
+
+def os_error_text(error: OSError) -> str:
+    """An OSError nobody expected, in one line: what, where, what to do."""
+    reason, advice = _reason(error)
+    where = f" ({error.filename})" if error.filename else ""
+    return f"{reason}{where}; {advice}"
+
+
+def temporary_path(path: Path) -> Path:
+    """A process-unique temporary name next to `path` (hidden, `.tmp-<pid>-<random>`)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(".") and ".tmp-" in name
+
+
+def _owner_alive(name: str) -> bool:
+    try:
+        pid = int(name.rsplit(".tmp-", 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Path, names: tuple[str, ...] | None = None) -> list[str]:
+    """Delete temporary files in `directory` left by writers that died; returns their names.
+
+    `names`: only the temporaries of these final file names (in a folder that is not
+    featurecache's own, such as the folder of `export -o`). A file whose writer (by the
+    pid in its name) is still running is left alone, unless it is older than a day (the
+    pid was reused)."""
+    removed = []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return removed
+    for file in entries:
+        if not is_temporary(file.name) or not file.is_file():
+            continue
+        if names is not None and not any(file.name.startswith(f".{name}.tmp-") for name in names):
+            continue
+        try:
+            old = time.time() - file.stat().st_mtime > STALE_SECONDS
+        except OSError:
+            continue
+        if old or not _owner_alive(file.name):
+            file.unlink(missing_ok=True)
+            removed.append(file.name)
+    return removed
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a closed file's data to the disk."""
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def publish(tmp: Path, path: Path, fault: str | None = None) -> None:
+    """Rename the fsynced temporary file `tmp` over `path`, then fsync the folder.
+
+    `fault`: the name of the fault point just before the rename (tests/test_crash.py)."""
+    if fault:
+        fault_point(fault)
+    os.replace(tmp, path)
+    fsync_directory(path.parent)
+
+
+def write_atomic(path: Path, write: Callable[[Path], None], what: str = "", fault: str | None = None) -> None:
+    """Call `write(tmp)`, fsync, rename to `path`; StorageError on a failed write, no temp file left."""
+    tmp = temporary_path(path)
+    try:
+        write(tmp)
+        fsync_file(tmp)
+        publish(tmp, path, fault)
+    except OSError as error:
+        raise storage_error(error, path, what) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: Path, data: bytes, what: str = "") -> None:
+    write_atomic(path, lambda tmp: tmp.write_bytes(data), what)
+
+
+def json_text(data: object) -> str:
+    """How featurecache writes a JSON record: one key per line, in insertion order."""
+    return json.dumps(data, indent=1, sort_keys=False) + "\n"
+
+
+def write_json_atomic(path: Path, data: object, what: str = "", fault: str | None = None) -> None:
+    """Write JSON atomically: readers see the old or the new file."""
+    write_atomic(path, lambda tmp: tmp.write_text(json_text(data), encoding="utf-8"), what, fault)
