@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from featurecache.extract.engine import resolve_precision
+from featurecache.device import resolve_precision
 from featurecache.backbones.optimize import resolve_optimize
 
 HYMENOPTERA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hymenoptera"

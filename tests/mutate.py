@@ -85,14 +85,15 @@ MUTATIONS = [
              "self.tmp_path = final_path", ("tests/test_crash.py", "-k", "sigkill_then_rerun"),
              "a shard under its final name is complete (temp file + rename)"),
     Mutation("manifest-before-shard", "extract/writer.py",
-             '        self.manifest["shards"].append(record)\n        self.manifest["skipped"].extend(skipped)\n'
-             '        self._commit_manifest()\n        fault_point("after_manifest")',
-             '        self.manifest["skipped"].extend(skipped)\n        fault_point("after_manifest")',
+             '        add_shard(self.manifest, record, skipped)\n        self._commit_manifest()\n        fault_point("after_manifest")',
+             '        add_skipped(self.manifest, skipped)\n        fault_point("after_manifest")',
              ("tests/test_extract.py", "-k", "resume or cache_hit"), "every committed shard is listed in the manifest"),
     Mutation("atomic-no-fsync", "cache/atomic.py", "        write(tmp)\n        fsync_file(tmp)\n", "        write(tmp)\n",
              ("tests/test_atomic.py",), "every artifact is fsynced before its rename"),
     Mutation("atomic-no-folder-fsync", "cache/atomic.py", "    os.replace(tmp, path)\n    fsync_directory(path.parent)",
              "    os.replace(tmp, path)", ("tests/test_atomic.py",), "every rename is made durable by a folder fsync"),
+    Mutation("manifest-unvalidated-write", "cache/manifest.py", "    check_manifest(json.loads(text), path)\n", "",
+             ("tests/test_manifest.py",), "every manifest write is validated by the schema first"),
     # The logistic solver.
     Mutation("logistic-ignores-C", "heads/logistic_path.py",
              "        strength = 1.0 / (Cs[index] * (penalty_rows or n))\n        if history:",

@@ -12,7 +12,6 @@ import ast
 import os
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 import featurecache
@@ -22,7 +21,6 @@ from featurecache.cli import app
 from featurecache.extract.stage import ExtractSpec
 from featurecache.fit.stage import FitSpec, fit_head, make_ensemble
 
-from helpers import write_image
 from processes import tiny_backbone
 
 PACKAGE = Path(featurecache.__file__).parent
@@ -89,23 +87,12 @@ def written_files(folder: Path) -> set[str]:
             if p.is_file() and not (p.name.startswith(".") and p.name.split(".")[-1] in ("lock", "soft"))}
 
 
-@pytest.fixture
-def photos(tmp_path) -> Path:
-    seed = 0
-    for split, count in (("train", 4), ("val", 2)):
-        for label in ("ants", "bees"):
-            for i in range(count):
-                seed += 1
-                write_image(tmp_path / "photos" / split / label / f"{label}_{i}.png", seed)
-    return tmp_path / "photos"
-
-
-def test_every_artifact_is_written_atomically(photos, tmp_path, monkeypatch):
+def test_every_artifact_is_written_atomically(image_folder, tmp_path, monkeypatch):
     journal = Journal(monkeypatch)
     runner = CliRunner()
     with tiny_backbone():
         root = tmp_path / "cache"
-        entry = extract(ExtractSpec(source=str(photos), model="tiny", weights="random", image_size=32,
+        entry = extract(ExtractSpec(source=str(image_folder), model="tiny", weights="random", image_size=32,
                                     precision="fp32", dtype="float32", batch_size=4, workers=0, shard_size=4,
                                     root=str(root))).path
         fit_head(entry, FitSpec(head="logistic", params={"C": 1.0}))

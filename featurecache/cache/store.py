@@ -21,16 +21,14 @@ from pathlib import Path
 
 
 from .._lazy import lazy_module
-from ..errors import (CacheIncompleteError, CacheLockedError, CacheNotFoundError, CorruptCacheError,
-                     InvalidRecordError)
-from .integrity import JSON_CHECKSUM, json_checksum, seal_json
-from .atomic import write_json_atomic
+from ..errors import CacheIncompleteError, CacheLockedError, CacheNotFoundError, CorruptCacheError
+from .manifest import (FORMAT_VERSION, listed_rows, manifest_seal_problem, read_manifest,  # noqa: F401 (also imported here)
+                       shard_records, tap_shapes, write_manifest)
 from .layout import LOCK, MANIFEST, WEIGHTS_DIR  # noqa: F401 (MANIFEST, WEIGHTS_DIR: also imported from here)
 from .shards import RowReader, ShardRows, open_shard, read_rows, read_split_features
 
 np = lazy_module("numpy", globals(), "np")  # imported on first use: `ls`, `info` and `heads` never need it
 
-FORMAT_VERSION = 1
 DEFAULT_ROOT_ENV = "FEATURECACHE_ROOT"
 # errnos of file systems (some NFS, CIFS, FUSE mounts) that have no flock
 _NO_FLOCK = (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK)
@@ -97,44 +95,6 @@ def entry_lock(entry_path: Path, timeout: float) -> Iterator[None]:
         lock.release()
 
 
-def write_manifest(entry_path: Path, manifest: dict) -> None:
-    """Write the manifest atomically, sealed with a checksum of its content."""
-    write_json_atomic(entry_path / MANIFEST, seal_json(manifest), "the manifest", fault="before_manifest_rename")
-
-
-def manifest_seal_problem(manifest: dict) -> str | None:
-    """What is wrong with the manifest's checksum, or None."""
-    if JSON_CHECKSUM not in manifest:
-        return "carries no checksum (written by an older featurecache, or edited)"
-    if json_checksum(manifest) != manifest[JSON_CHECKSUM]:
-        return "fails its checksum (edited or damaged after featurecache wrote it)"
-    return None
-
-
-def read_manifest(entry_path: Path, *, check_seal: bool = True) -> dict:
-    """The entry's manifest, validated by the schema (featurecache.schema) and its checksum
-    before any use (`check_seal=False`: verify, which reports a bad checksum with the rest)."""
-    path = entry_path / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CacheNotFoundError(f"no cache entry at {entry_path} (no {MANIFEST}); run featurecache extract first") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise CorruptCacheError(f"manifest {path} is unreadable ({type(error).__name__}: {str(error)[:200]}); "
-                                "run featurecache verify") from None
-    if isinstance(manifest, dict) and manifest.get("format_version") not in (None, FORMAT_VERSION):
-        raise InvalidRecordError(f"{path}: field format_version: {manifest.get('format_version')!r} is not "
-                                 f"featurecache's format {FORMAT_VERSION}; extract the dataset again")
-    from .schema import check_manifest  # pydantic: imported when a manifest is read, not at CLI start-up
-
-    check_manifest(manifest, path)
-    problem = manifest_seal_problem(manifest) if check_seal else None
-    if problem:
-        raise CorruptCacheError(f"manifest {path} {problem}; run featurecache verify, then featurecache verify "
-                                "--repair to check its shards and seal it again")
-    return manifest
-
-
 def resolve_entry(name: str | Path, root: Path | None = None) -> Path:
     """A cache entry by path, by folder name under the root, or by a unique key prefix."""
     path = Path(name).expanduser()
@@ -172,7 +132,7 @@ class Cache:
         self.path, self.manifest = path, manifest
         self.key: str = manifest["key"]
         self.classes: list[str] = manifest["classes"]
-        self.tap_shapes = {tap: tuple(info["shape"]) for tap, info in manifest["taps"].items()}
+        self.tap_shapes = tap_shapes(manifest)
 
     @property
     def splits(self) -> dict[str, int]:
@@ -203,7 +163,7 @@ class Cache:
     def _shards(self, split: str) -> list[dict]:
         if split not in self.manifest["splits"]:
             raise CacheNotFoundError(f"split {split!r} is not in {self.path.name}; it has: {', '.join(self.splits)}")
-        return [s for s in self.manifest["shards"] if s["split"] == split]
+        return shard_records(self.manifest, split)
 
     def _check_tap(self, tap: str) -> None:
         if tap not in self.tap_shapes:
@@ -280,7 +240,7 @@ def open_cache(path: str | Path, *, root: Path | None = None) -> Cache:
         if file.stat().st_size != shard["bytes"]:
             raise CorruptCacheError(f"shard {shard['file']} of {entry_path} has the wrong size; run featurecache verify --repair")
     for split, count in manifest["splits"].items():
-        if sum(s["rows"] for s in manifest["shards"] if s["split"] == split) != count:
+        if listed_rows(manifest, split) != count:
             raise CorruptCacheError(f"the shards of {entry_path} do not add up to its {count} {split} rows; "
                                     "run featurecache verify --repair")
     return Cache(entry_path, manifest)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from .manifest import shard_records
 from .shards import read_split_features
 from .store import Cache
 
@@ -37,7 +38,7 @@ def shard_batches(cache: Cache, split: str, tap: str, batch_size: int | None, rn
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(float32 features (n, D), labels) minibatches of one shard at a time (whole shards when
     `batch_size` is None); shards and rows shuffled when `rng` is given."""
-    shards = [s for s in cache.manifest["shards"] if s["split"] == split]
+    shards = shard_records(cache.manifest, split)
     starts = np.cumsum([0] + [s["rows"] for s in shards])
     split_labels = torch.from_numpy(cache.labels(split))  # small: read once, sliced per shard
     shape = cache.tap_shapes[tap]
@@ -64,7 +65,7 @@ def shard_batches(cache: Cache, split: str, tap: str, batch_size: int | None, rn
 
 def steps_per_epoch(cache: Cache, split: str, batch_size: int) -> int:
     """How many minibatches `shard_batches` yields for one pass over a split."""
-    return sum(math.ceil(s["rows"] / batch_size) for s in cache.manifest["shards"] if s["split"] == split)
+    return sum(math.ceil(s["rows"] / batch_size) for s in shard_records(cache.manifest, split))
 
 
 def feature_statistics(cache: Cache, split: str, tap: str) -> tuple[torch.Tensor, torch.Tensor, int]:

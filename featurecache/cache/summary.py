@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import FeatureCacheError
-from .store import entry_size_bytes, list_entries, read_manifest, resolve_entry
+from .manifest import read_manifest
+from .store import entry_size_bytes, list_entries, resolve_entry
 
 
 def human_bytes(count: float) -> str:

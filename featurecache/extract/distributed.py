@@ -28,6 +28,7 @@ import torch.distributed as dist
 from ..device import resolve_device
 from ..errors import CorruptCacheError, ExtractionError
 from .plan import Plan
+from ..cache.manifest import replace_part
 from ..cache.shards import file_sha256
 from ..data.sources import Source
 
@@ -107,8 +108,7 @@ class Group:
             new_shards = plan.canonical_order([r for records, _, _ in parts for r in records])
             new_skipped = sorted((s for _, skipped, _ in parts for s in skipped),
                                  key=lambda s: position[s["fingerprint"]])
-            manifest["shards"] = [r for r in manifest["shards"] if r["file"] not in planned] + new_shards
-            manifest["skipped"] = [s for s in manifest["skipped"] if s["fingerprint"] not in position] + new_skipped
+            replace_part(manifest, planned, position, new_shards, new_skipped)
         return sum(count for _, _, count in parts)
 
     def close(self) -> None:

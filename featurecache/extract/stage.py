@@ -32,6 +32,7 @@ from .plan import Plan, make_plan
 from .writer import ShardPipeline
 from ..data.sources import FileSource, open_source
 from ..cache.layout import MANIFEST, SHARDS_DIR, WEIGHTS_DIR, weights_file
+from ..cache.manifest import new_manifest
 from ..cache.store import (content_key, default_root, entry_dir_name, entry_id, entry_lock,
                     read_manifest)
 from ..backbones.weights import read_checkpoint, resolve_weights, store_weights
@@ -211,20 +212,13 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
             log.info("cache hit: %s", path)
             return ExtractResult(path, key, True, hit["splits"], 0, hit["skipped"], time.perf_counter() - started,
                                  list(source.unlabeled_splits))
-        manifest = {
-            "format_version": 1, "tool_version": __version__, "entry_id": entry_hash, "key": key,
-            "complete": False, "config": config, "weights": {"spec": spec.weights, "description":
-            weights.description, "sha256": weights.sha256, "file": f"../{WEIGHTS_DIR}/{weights_file(weights.sha256)}"},
-            "spec": dataclasses.asdict(spec), "classes": source.classes, "dtype": spec.dtype,
-            "taps": {t: {"shape": list(tap_shape(entry, t, preprocessing.crop_size))} for t in taps},
-            "created": (previous or {}).get("created", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
-            "shards": [], "skipped": [], "splits": {},
-            # Rows of these splits carry label -1: cached, never fitted or scored (predict --split reads them).
-            "unlabeled_splits": list(source.unlabeled_splits),
-            "fingerprints": "content" if spec.content_hash else source.fingerprint_kind,
-        }
-        if source.class_ids:
-            manifest["class_ids"] = list(source.class_ids)
+        manifest = new_manifest(
+            tool_version=__version__, entry_id=entry_hash, key=key, config=config, weights_spec=spec.weights,
+            weights_description=weights.description, weights_sha256=weights.sha256, spec=dataclasses.asdict(spec),
+            classes=source.classes, dtype=spec.dtype,
+            taps={t: tap_shape(entry, t, preprocessing.crop_size) for t in taps},
+            created=(previous or {}).get("created"), unlabeled_splits=list(source.unlabeled_splits),
+            fingerprints="content" if spec.content_hash else source.fingerprint_kind, class_ids=source.class_ids)
         if group.leader:
             store_weights(root / WEIGHTS_DIR, entry.name, weights)
         plan = group.assign(plan)  # this rank's shards: all of them outside torchrun

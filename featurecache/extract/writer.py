@@ -12,7 +12,6 @@ import errno
 import json
 import queue
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from .plan import Plan, PlannedShard
 from ..cache.shards import ShardRows, ShardWriter, read_rows, shard_name
 from ..data.sources import printable_path
 from ..cache.layout import SHARDS_DIR, shard_file
-from ..cache.store import write_manifest
+from ..cache.manifest import add_shard, add_skipped, count_rows, mark_complete, start_from, tap_shapes, write_manifest
 
 _DONE = object()
 
@@ -33,9 +32,8 @@ class ShardPipeline:
     def __init__(self, path: Path, manifest: dict, plan: Plan, spec, *, publish: bool = True) -> None:
         self.path, self.manifest, self.plan, self.spec = path, manifest, plan, spec
         self.publish = publish  # False on torchrun ranks other than 0: rank 0 alone writes the manifest
-        self.tap_shapes = {t: tuple(info["shape"]) for t, info in manifest["taps"].items()}
-        manifest["shards"] = list(plan.kept)
-        manifest["skipped"] = list(plan.kept_skipped)
+        self.tap_shapes = tap_shapes(manifest)
+        start_from(manifest, plan.kept, plan.kept_skipped)
         self._queue: queue.Queue = queue.Queue(maxsize=4)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -48,11 +46,7 @@ class ShardPipeline:
     def _commit_manifest(self) -> None:
         if not self.publish:
             return
-        splits = {split: 0 for split in self.plan.splits}
-        for record in self.manifest["shards"]:
-            splits[record["split"]] = splits.get(record["split"], 0) + record["rows"]
-        self.manifest["splits"] = splits
-        self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        count_rows(self.manifest, self.plan.splits)
         write_manifest(self.path, self.manifest)
 
     def _new_writer(self, split: str, number: int, capacity: int) -> ShardWriter:
@@ -64,8 +58,7 @@ class ShardPipeline:
 
     def _commit_shard(self, writer: ShardWriter, split: str, skipped: list[dict]) -> None:
         record = {"file": shard_file(writer.final_path.name), "split": split, **writer.commit()}
-        self.manifest["shards"].append(record)
-        self.manifest["skipped"].extend(skipped)
+        add_shard(self.manifest, record, skipped)
         self._commit_manifest()
         fault_point("after_manifest")
 
@@ -193,7 +186,7 @@ class ShardPipeline:
             self._commit_shard(self._writer, shard.split, self._skipped)
             self._writer = None
         else:  # every image of the shard failed: nothing to write, but record why
-            self.manifest["skipped"].extend(self._skipped)
+            add_skipped(self.manifest, self._skipped)
             self._commit_manifest()
         self._shard_index += 1
 
@@ -201,8 +194,7 @@ class ShardPipeline:
     def finish(self) -> dict:
         # Rows in source order whatever produced the shards: a resumed, repaired or
         # distributed run lists its rows as an uninterrupted single process would.
-        self.manifest["shards"] = self.plan.canonical_order(self.manifest["shards"])
-        self.manifest["complete"] = True
+        mark_complete(self.manifest, self.plan.canonical_order)
         self._commit_manifest()
         return self.manifest
 

@@ -32,8 +32,9 @@ from ..cache.layout import (FINETUNE_DIR, FINETUNE_RECORD, FOLDERS_WITH_TEMPORAR
                             SHARDS_DIR, WEIGHTS_DIR, shard_file, weights_file)
 from ..cache.integrity import read_safetensors, read_sealed_json
 from ..cache.shards import features_layout, file_sha256, open_h5, read_rows
-from ..cache.store import (Cache, entry_lock, manifest_seal_problem, read_manifest, resolve_entry,
-                    write_manifest)
+from ..cache.manifest import (drop_shards, listed_rows, manifest_seal_problem, read_manifest, tap_shapes,
+                              write_manifest)
+from ..cache.store import Cache, entry_lock, resolve_entry
 
 log = logging.getLogger("featurecache")
 
@@ -201,27 +202,27 @@ def verify_entry(name: str | Path, *, root: Path | None = None, lock_timeout: fl
             report.manifest_unsealed = True
         if not manifest.get("complete"):
             report.problems.append(Problem(MANIFEST, "extraction has not finished (rerun extract to resume)"))
-        tap_shapes = {tap: tuple(info["shape"]) for tap, info in manifest["taps"].items()}
+        shapes = tap_shapes(manifest)
         listed = set()
         for record in manifest["shards"]:
             listed.add(record["file"])
             report.shards_checked += 1
-            problem = _check_shard(path, record, tap_shapes, len(manifest["classes"]))
+            problem = _check_shard(path, record, shapes, len(manifest["classes"]))
             if problem:
                 report.problems.append(Problem(record["file"], problem))
                 report.bad_shards.append(record["file"])
             else:
                 report.rows_checked += record["rows"]
         for split, count in manifest["splits"].items():
-            listed_rows = sum(s["rows"] for s in manifest["shards"] if s["split"] == split)
-            if listed_rows != count:
-                report.problems.append(Problem(MANIFEST, f"{split}: shards hold {listed_rows} rows, the manifest says {count}"))
+            rows = listed_rows(manifest, split)
+            if rows != count:
+                report.problems.append(Problem(MANIFEST, f"{split}: shards hold {rows} rows, the manifest says {count}"))
         for file in sorted(path.joinpath(SHARDS_DIR).iterdir()) if path.joinpath(SHARDS_DIR).is_dir() else []:
             relative = shard_file(file.name)
             if is_temporary(file.name):
                 continue  # reported with every other folder's below
             if relative not in listed:
-                what = _check_unlisted(file, tap_shapes) if file.suffix == ".h5" else "unexpected file"
+                what = _check_unlisted(file, shapes) if file.suffix == ".h5" else "unexpected file"
                 report.problems.append(Problem(relative, what))
                 if "damaged" in what or file.suffix != ".h5":
                     report.stray_files.append(relative)
@@ -304,8 +305,7 @@ def repair_entry(name: str | Path, *, root: Path | None = None, progress=None) -
         if shards_bad:
             manifest = read_manifest(path)
             bad = set(before.bad_shards)
-            manifest["shards"] = [s for s in manifest["shards"] if s["file"] not in bad]
-            manifest["complete"] = False
+            drop_shards(manifest, bad)
             write_manifest(path, manifest)  # the commit marker first, then the files
             for relative in bad:
                 (path / relative).unlink(missing_ok=True)
