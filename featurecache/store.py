@@ -25,7 +25,8 @@ from .errors import (CacheIncompleteError, CacheLockedError, CacheNotFoundError,
                      InvalidRecordError)
 from .faults import fault_point
 from .integrity import JSON_CHECKSUM, json_checksum, seal_json
-from .shards import RowReader, ShardRows, fsync_directory, open_shard, read_rows, read_split_features
+from .shards import (RowReader, ShardRows, empty_like_file, fsync_directory, open_shard, read_rows,
+                     read_split_features)
 
 np = lazy_module("numpy", globals(), "np")  # imported on first use: `ls`, `info` and `heads` never need it
 
@@ -242,7 +243,9 @@ class Cache:
         """All features of a split, read straight into one preallocated array."""
         self._check_tap(tap)
         shards = self._shards(split)
-        out = np.empty((sum(s["rows"] for s in shards), *self.tap_shapes[tap]), dtype=self.manifest["dtype"])
+        located = [(s.get("features") or {}).get(tap) for s in shards]
+        offset = next((int(where["offset"]) for where in located if where), 0)  # shards share their layout
+        out = empty_like_file((sum(s["rows"] for s in shards), *self.tap_shapes[tap]), self.manifest["dtype"], offset)
         read_split_features([(self.path / s["file"], s["rows"], s) for s in shards], tap, self.tap_shapes[tap], out)
         return out
 
