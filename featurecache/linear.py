@@ -79,13 +79,23 @@ def as_labels(y: Any, n_rows: int) -> np.ndarray:
 
 
 def standardization(X: np.ndarray) -> tuple[Tensor, Tensor]:
-    """Per-feature mean and std (floored at STD_FLOOR) as float32 tensors."""
-    mean = X.mean(axis=0, dtype=np.float64)
-    squares = np.zeros(X.shape[1])
-    for start in range(0, len(X), 1024):  # X.std makes an (N, D) float64 temporary: 1.5x slower
-        centred = np.subtract(X[start : start + 1024], mean, dtype=np.float64)
+    """Per-feature mean and std (floored at STD_FLOOR) as float32 tensors.
+
+    One pass in float32 blocks of 512 rows, shifted by the mean of 1,024 rows spread over
+    X (so the shifted values are small whatever the row order), block sums added in
+    float64: 3x less CPU than float64 blocks (90 vs 283 ms on 30,000 x 2048), within
+    2e-6 relative of them. (X.std makes an (N, D) float64 temporary: slower still.)"""
+    n, block = len(X), 512
+    shift = X[:: max(1, n // 1024)].mean(axis=0, dtype=np.float64).astype(np.float32)
+    total, squares = np.zeros(X.shape[1]), np.zeros(X.shape[1])
+    buffer = np.empty((min(block, n), X.shape[1]), np.float32)
+    for start in range(0, n, block):
+        centred = np.subtract(X[start : start + block], shift, out=buffer[: min(block, n - start)])
+        total += centred.sum(axis=0)
         squares += np.einsum("ij,ij->j", centred, centred)
-    std = np.maximum(np.sqrt(squares / max(len(X), 1)), STD_FLOOR)
+    offset = total / max(n, 1)
+    mean = shift + offset
+    std = np.maximum(np.sqrt(np.maximum(squares / max(n, 1) - offset**2, 0.0)), STD_FLOOR)
     return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32))
 
 

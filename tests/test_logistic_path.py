@@ -117,3 +117,17 @@ def test_sweep_tol_is_checked():
 
     with pytest.raises(HeadError, match="sweep_tol"):
         make_head("logistic", sweep_tol=0).fit(FEATURES[:100], LABELS[:100], FEATURES[100:200], LABELS[100:200])
+
+
+def test_standardization_statistics_match_float64_whatever_the_row_order():
+    """One float32 pass, shifted: rows sorted by value, far from zero, and a constant column."""
+    from featurecache.linear import STD_FLOOR, standardization
+
+    rng = np.random.default_rng(1)
+    X = np.sort(rng.gamma(0.6, 3.0, (5000, 6)), axis=0).astype(np.float32) + 100
+    X[:, 5] = 7.0
+    mean, std = standardization(X)
+    X64 = X.astype(np.float64)
+    np.testing.assert_allclose(mean.numpy(), X64.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(std.numpy()[:5], X64.std(axis=0)[:5], rtol=1e-4)
+    assert std[5] == np.float32(STD_FLOOR)
