@@ -94,8 +94,8 @@ def run(config: Config) -> list[Row]:
                 else:
                     handle.create_dataset("x", data=data)
             candidates[name] = lambda file=file: _read_h5(file)
-        # Reads take tens of ms and vary run to run by up to 2x (page faults of the fresh array):
-        # many interleaved repeats, cheap here, steady the medians.
+        # Reads take tens of ms and a shared machine's load moves them by up to 2x: many
+        # interleaved repeats, cheap here, steady the medians.
         seconds = interleaved(candidates, repeats=max(15, config.repeats), warmup=2)
         rate = {name: gigabytes / s for name, s in seconds.items()}
         rows.append(Row("3", f"read all features, {dtype} ({config.read_rows:,} x 2048)", rate["ours"], rate["npy"],
@@ -108,3 +108,29 @@ def run(config: Config) -> list[Row]:
 def _read_h5(file: Path) -> np.ndarray:
     with h5py.File(file, "r") as handle:
         return handle["x"][:]
+
+
+def five_processes_main(argv: list[str]) -> None:
+    """`python -m benchmarks.read DIR [ROWS]`: Cache.features vs np.load in this process,
+    float16 and float32, on an entry kept in DIR (written on the first call), so that
+    several processes in a row measure the read alone."""
+    workdir = Path(argv[0])
+    count = int(argv[1]) if len(argv) > 1 else 30_000
+    for dtype in ("float16", "float32"):
+        entry, npy = workdir / f"read-{dtype}-{count}", workdir / f"read-{dtype}-{count}.npy"
+        if not npy.exists():
+            features = synthetic_features(count)
+            write_entry(entry, features, dtype=dtype)
+            np.save(npy, features.astype(dtype))
+        cache = open_cache(entry)
+        seconds = interleaved({"npy": lambda: np.load(npy), "ours": lambda: cache.features("train")},
+                              repeats=15, warmup=2)
+        gigabytes = count * 2048 * np.dtype(dtype).itemsize / 1e9
+        print(f"{dtype}: ours {gigabytes / seconds['ours']:.2f} GB/s, np.load {gigabytes / seconds['npy']:.2f} GB/s, "
+              f"ratio {seconds['npy'] / seconds['ours']:.2f}x (median of 15, interleaved)")
+
+
+if __name__ == "__main__":
+    import sys
+
+    five_processes_main(sys.argv[1:])

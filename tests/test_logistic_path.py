@@ -14,8 +14,8 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
-from featurecache.heads.registry import make_head
-from featurecache.heads.logistic_path import fit_logistic_path, fit_logistic_path_cpu, lbfgs
+from featurecache.heads.registry.registry import make_head
+from featurecache.heads.registry.logistic_path import fit_logistic_path, fit_logistic_path_cpu, lbfgs
 
 FEATURES, LABELS = load_digits(return_X_y=True)
 MEAN, STD = FEATURES[:1200].mean(axis=0), np.maximum(FEATURES[:1200].std(axis=0), 1e-6)
@@ -93,3 +93,41 @@ def test_bad_sweep_rows_is_refused(value):
 
     with pytest.raises(HeadError, match="sweep_rows"):
         make_head("logistic", sweep_rows=value).fit(FEATURES[:100], LABELS[:100], FEATURES[100:200], LABELS[100:200])
+
+
+def test_loose_selection_tolerance_chooses_the_exact_paths_C_and_the_same_head():
+    """The selection path stops at sweep_tol (default 10 x tol): on digits, where the best
+    C leads the others by 3 validation rows or more, it chooses the C that
+    the path run to tol chooses, and the chosen C is still solved to tol on every row.
+    (Between C=1 and C=10, one validation row apart at tol, the loose path can swap them.)"""
+    train, val = slice(0, 1000), slice(1000, 1400)
+    raw = FEATURES.astype(np.float32)
+    Cs = [0.0003, 0.003, 0.03, 0.3]
+    common = dict(device="cpu", Cs=Cs, sweep_rows=None, patience=None, tol=1e-5, max_iter=2000, sweep_max_iter=2000)
+    exact = make_head("logistic", sweep_tol=1e-5, **common).fit(raw[train], LABELS[train], raw[val], LABELS[val])
+    loose = make_head("logistic", **common).fit(raw[train], LABELS[train], raw[val], LABELS[val])
+    assert loose.best_params_ == exact.best_params_
+    best = Cs.index(exact.best_params_["C"])
+    assert abs(loose.sweep_[best]["val_top1"] - exact.sweep_[best]["val_top1"]) <= 0.005
+    np.testing.assert_allclose(loose.predict_proba(raw[1400:]), exact.predict_proba(raw[1400:]), atol=2e-3)
+
+
+def test_sweep_tol_is_checked():
+    from featurecache.errors import HeadError
+
+    with pytest.raises(HeadError, match="sweep_tol"):
+        make_head("logistic", sweep_tol=0).fit(FEATURES[:100], LABELS[:100], FEATURES[100:200], LABELS[100:200])
+
+
+def test_standardization_statistics_match_float64_whatever_the_row_order():
+    """One float32 pass, shifted: rows sorted by value, far from zero, and a constant column."""
+    from featurecache.heads.linear import STD_FLOOR, standardization
+
+    rng = np.random.default_rng(1)
+    X = np.sort(rng.gamma(0.6, 3.0, (5000, 6)), axis=0).astype(np.float32) + 100
+    X[:, 5] = 7.0
+    mean, std = standardization(X)
+    X64 = X.astype(np.float64)
+    np.testing.assert_allclose(mean.numpy(), X64.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(std.numpy()[:5], X64.std(axis=0)[:5], rtol=1e-4)
+    assert std[5] == np.float32(STD_FLOOR)

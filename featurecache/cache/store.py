@@ -25,7 +25,7 @@ from ..errors import CacheIncompleteError, CacheLockedError, CacheNotFoundError,
 from .manifest import (FORMAT_VERSION, listed_rows, manifest_seal_problem, read_manifest,  # noqa: F401 (also imported here)
                        shard_records, tap_shapes, write_manifest)
 from .layout import LOCK, MANIFEST, WEIGHTS_DIR  # noqa: F401 (MANIFEST, WEIGHTS_DIR: also imported from here)
-from .shards import RowReader, ShardRows, open_shard, read_rows, read_split_features
+from .shards import RowReader, ShardRows, empty_like_file, open_shard, read_rows, read_split_features
 
 np = lazy_module("numpy", globals(), "np")  # imported on first use: `ls`, `info` and `heads` never need it
 
@@ -183,7 +183,9 @@ class Cache:
         """All features of a split, read straight into one preallocated array."""
         self._check_tap(tap)
         shards = self._shards(split)
-        out = np.empty((sum(s["rows"] for s in shards), *self.tap_shapes[tap]), dtype=self.manifest["dtype"])
+        located = [(s.get("features") or {}).get(tap) for s in shards]
+        offset = next((int(where["offset"]) for where in located if where), 0)  # shards share their layout
+        out = empty_like_file((sum(s["rows"] for s in shards), *self.tap_shapes[tap]), self.manifest["dtype"], offset)
         read_split_features([(self.path / s["file"], s["rows"], s) for s in shards], tap, self.tap_shapes[tap], out)
         return out
 

@@ -67,13 +67,23 @@ def as_labels(y: Any, n_rows: int) -> np.ndarray:
 
 
 def standardization(X: np.ndarray) -> tuple[Tensor, Tensor]:
-    """Per-feature mean and std (floored at STD_FLOOR) as float32 tensors."""
-    mean = X.mean(axis=0, dtype=np.float64)
-    squares = np.zeros(X.shape[1])
-    for start in range(0, len(X), 1024):  # X.std makes an (N, D) float64 temporary: 1.5x slower
-        centred = np.subtract(X[start : start + 1024], mean, dtype=np.float64)
+    """Per-feature mean and std (floored at STD_FLOOR) as float32 tensors.
+
+    One pass in float32 blocks of 512 rows, shifted by the mean of 1,024 rows spread over
+    X (so the shifted values are small whatever the row order), block sums added in
+    float64: 3x less CPU than float64 blocks (90 vs 283 ms on 30,000 x 2048), within
+    2e-6 relative of them. (X.std makes an (N, D) float64 temporary: slower still.)"""
+    n, block = len(X), 512
+    shift = X[:: max(1, n // 1024)].mean(axis=0, dtype=np.float64).astype(np.float32)
+    total, squares = np.zeros(X.shape[1]), np.zeros(X.shape[1])
+    buffer = np.empty((min(block, n), X.shape[1]), np.float32)
+    for start in range(0, n, block):
+        centred = np.subtract(X[start : start + block], shift, out=buffer[: min(block, n - start)])
+        total += centred.sum(axis=0)
         squares += np.einsum("ij,ij->j", centred, centred)
-    std = np.maximum(np.sqrt(squares / max(len(X), 1)), STD_FLOOR)
+    offset = total / max(n, 1)
+    mean = shift + offset
+    std = np.maximum(np.sqrt(np.maximum(squares / max(n, 1) - offset**2, 0.0)), STD_FLOOR)
     return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32))
 
 
@@ -281,20 +291,28 @@ class LogisticHead(NetworkHead):
     costs a fraction of one full fit, and the chosen C's solution is the exact optimum
     on all rows, to `tol`, as with a single C.
 
+    `sweep_tol` is the gradient tolerance of the selection path (default None: 10 x
+    `tol`). Selection only ranks Cs by validation accuracy, which settles well before the
+    gradient reaches `tol`: on 50,000 x 2048 features it cut the path's evaluations 3x
+    (50 to 16 at 100 classes) and chose the same C; the chosen C's final solve still
+    runs to `tol`.
+
     Streamed from disk (features over the memory budget), the same `C` or `Cs` are
     trained together by minibatch Adam, `stream_epochs` passes of `stream_batch_size`
     rows at `stream_lr`, and C is chosen on the cache's val split; `max_iter`, `tol`,
-    `patience`, `sweep_rows` and `sweep_max_iter` apply in memory only.
+    `patience`, `sweep_rows`, `sweep_tol` and `sweep_max_iter` apply in memory only.
     """
 
     name = "logistic"
     _saved_attributes = ("best_params_", "sweep_", "sweep_rows_")
+    SWEEP_TOL_FACTOR = 10.0  # sweep_tol=None: the selection path stops at this multiple of tol
 
     def __init__(self, *, C: float | None = None, Cs: Sequence[float] | None = None,
                  refit: bool = False, max_iter: int = 100, sweep_max_iter: int = 30,
                  patience: int | None = 3, tol: float = 1e-4, device: str = "auto",
                  n_classes: int | None = None, sweep_rows: int | str | None = "auto",
-                 stream_epochs: int = 10, stream_batch_size: int = 1024, stream_lr: float = 1e-2) -> None:
+                 sweep_tol: float | None = None, stream_epochs: int = 10, stream_batch_size: int = 1024,
+                 stream_lr: float = 1e-2) -> None:
         self.C = C
         self.Cs = Cs
         self.refit = refit
@@ -305,6 +323,7 @@ class LogisticHead(NetworkHead):
         self.device = device
         self.n_classes = n_classes
         self.sweep_rows = sweep_rows
+        self.sweep_tol = sweep_tol
         self.stream_epochs = stream_epochs
         self.stream_batch_size = stream_batch_size
         self.stream_lr = stream_lr
@@ -333,8 +352,10 @@ class LogisticHead(NetworkHead):
         if self.patience is not None and not (isinstance(self.patience, int) and not isinstance(self.patience, bool)
                                               and self.patience > 0):
             raise HeadError(f"patience must be a positive integer or None, got {self.patience!r}")
-        for name in ("tol", "stream_lr"):
+        for name in ("tol", "sweep_tol", "stream_lr"):
             value = getattr(self, name)
+            if name == "sweep_tol" and value is None:
+                continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise HeadError(f"{name} must be a positive number, got {value!r}")
         if not isinstance(self.refit, bool):
@@ -355,12 +376,12 @@ class LogisticHead(NetworkHead):
         ))
 
     def _solve(self, features, y: np.ndarray, n_classes: int, Cs: list[float], device: torch.device,
-               max_iter: int, **options) -> tuple[Tensor, Tensor]:
+               max_iter: int, tol: float, **options) -> tuple[Tensor, Tensor]:
         """The path over `Cs` on standardised features (NumPy float32 on the CPU, else a tensor)."""
         if device.type == "cpu":
-            return fit_logistic_path_cpu(features, y, n_classes, Cs, max_iter=max_iter, tol=self.tol, **options)
+            return fit_logistic_path_cpu(features, y, n_classes, Cs, max_iter=max_iter, tol=tol, **options)
         return fit_logistic_path(features, torch.from_numpy(y).to(device), n_classes, Cs, max_iter=max_iter,
-                                 tol=self.tol, **options)
+                                 tol=tol, **options)
 
     def _sweep(self, features, y, val_features, y_val, n_classes, Cs, device,
                penalty_rows: int) -> tuple[int, Tensor, Tensor]:
@@ -374,7 +395,8 @@ class LogisticHead(NetworkHead):
             since_best = sum(1 for i in scores if Cs[i] > Cs[best_so_far])
             return self.patience is not None and since_best >= self.patience
 
-        weights, biases = self._solve(features, y, n_classes, Cs, device, self.sweep_max_iter, stop=stop,
+        sweep_tol = self.SWEEP_TOL_FACTOR * self.tol if self.sweep_tol is None else self.sweep_tol
+        weights, biases = self._solve(features, y, n_classes, Cs, device, self.sweep_max_iter, sweep_tol, stop=stop,
                                       penalty_rows=penalty_rows)
         self.sweep_ = [{"C": C, "val_top1": scores[i][0] if i in scores else None,
                         "val_log_loss": scores[i][1] if i in scores else None,
@@ -409,7 +431,7 @@ class LogisticHead(NetworkHead):
             network = self._standardized_network(X, n_classes)
             features = _standardized(network, X, device)
         # Polish the chosen C to convergence on every row, warm-started from its sweep solution.
-        weights, biases = self._solve(features, y, n_classes, [chosen], device, self.max_iter, start=start)
+        weights, biases = self._solve(features, y, n_classes, [chosen], device, self.max_iter, self.tol, start=start)
         with torch.no_grad():
             network.classifier.weight.copy_(weights[0])
             network.classifier.bias.copy_(biases[0])
