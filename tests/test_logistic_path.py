@@ -14,8 +14,8 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
-from featurecache.heads.registry.registry import make_head
-from featurecache.heads.registry.logistic_path import fit_logistic_path, fit_logistic_path_cpu, lbfgs
+from featurecache.heads.registry import make_head
+from featurecache.heads.logistic_path import fit_logistic_path, fit_logistic_path_cpu, lbfgs
 
 FEATURES, LABELS = load_digits(return_X_y=True)
 MEAN, STD = FEATURES[:1200].mean(axis=0), np.maximum(FEATURES[:1200].std(axis=0), 1e-6)
@@ -103,8 +103,8 @@ def test_loose_selection_tolerance_chooses_the_exact_paths_C_and_the_same_head()
     train, val = slice(0, 1000), slice(1000, 1400)
     raw = FEATURES.astype(np.float32)
     Cs = [0.0003, 0.003, 0.03, 0.3]
-    common = dict(device="cpu", Cs=Cs, sweep_rows=None, patience=None, tol=1e-5, max_iter=2000, sweep_max_iter=2000)
-    exact = make_head("logistic", sweep_tol=1e-5, **common).fit(raw[train], LABELS[train], raw[val], LABELS[val])
+    common = dict(device="cpu", Cs=Cs, sweep_rows=None, patience=None, tol=1e-6, max_iter=4000, sweep_max_iter=4000)
+    exact = make_head("logistic", sweep_tol=1e-6, **common).fit(raw[train], LABELS[train], raw[val], LABELS[val])
     loose = make_head("logistic", **common).fit(raw[train], LABELS[train], raw[val], LABELS[val])
     assert loose.best_params_ == exact.best_params_
     best = Cs.index(exact.best_params_["C"])

@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not installed
 from benchmarks.read import write_entry  # noqa: E402
-from featurecache import shards  # noqa: E402
+from featurecache.cache import shards  # noqa: E402
 from featurecache.errors import CorruptCacheError
 from featurecache.cache.shards import PAGE_BYTES, empty_like_file
 from featurecache.cache.store import open_cache
