@@ -94,7 +94,7 @@ def _kind(feature) -> str:
     return type(feature).__name__ if not isinstance(feature, Mapping) else "a struct"
 
 
-def _columns(parts: Mapping, where: str) -> str:
+def _columns(parts: Mapping) -> str:
     features = {}
     for dataset in parts.values():
         features.update(dataset.features)
@@ -106,7 +106,7 @@ def _image_column(parts: Mapping, named: str | None, where: str) -> str:
         for split, dataset in parts.items():
             if named not in dataset.features:
                 raise SourceError(f"{where}: the {split} split has no column {named!r}; its columns are "
-                                  f"{_columns({split: dataset}, where)}")
+                                  f"{_columns({split: dataset})}")
             feature = dataset.features[named]
             if not (_is_image(feature) or _is_binary(feature)):
                 raise SourceError(f"{where}: column {named!r} holds {_kind(feature)}, not images; name the column "
@@ -116,7 +116,7 @@ def _image_column(parts: Mapping, named: str | None, where: str) -> str:
                     if _is_image(feature)})
     if not found:
         raise SourceError(f"{where}: no image column (no column has the Image feature); the columns are "
-                          f"{_columns(parts, where)}; name the one holding encoded images with image=COLUMN")
+                          f"{_columns(parts)}; name the one holding encoded images with image=COLUMN")
     if len(found) > 1:
         raise SourceError(f"{where}: several image columns ({', '.join(found)}); choose one with image=COLUMN "
                           f"(e.g. image={found[0]})")
@@ -144,7 +144,7 @@ def _label_column(parts: Mapping, named: str | None, image: str, where: str) -> 
     """The label column and its class names (None: integer labels, named by number)."""
     if named:
         if not any(named in dataset.features for dataset in parts.values()):
-            raise SourceError(f"{where}: no column {named!r}; the columns are {_columns(parts, where)}")
+            raise SourceError(f"{where}: no column {named!r}; the columns are {_columns(parts)}")
         column = named
     else:
         found = sorted({name for dataset in parts.values() for name, feature in dataset.features.items()
@@ -155,7 +155,7 @@ def _label_column(parts: Mapping, named: str | None, image: str, where: str) -> 
         plain = [name for name in LABEL_NAMES if any(name in dataset.features for dataset in parts.values())]
         if not found and not plain:
             raise SourceError(f"{where}: no label column (no ClassLabel column, no column named label); the "
-                              f"columns are {_columns(parts, where)}; name it with label=COLUMN")
+                              f"columns are {_columns(parts)}; name it with label=COLUMN")
         column = found[0] if found else plain[0]
     if column == image:
         raise SourceError(f"{where}: {column!r} cannot be both the image and the label column")
