@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from featurecache.extract.stage import ExtractSpec
 from helpers import write_image
+
+# Hugging Face datasets (tests/test_hf_sources.py): never the network, and its Arrow cache in a
+# scratch folder. Set before anything imports datasets, which reads them once at import.
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="featurecache-tests-hf-")
 
 
 @pytest.fixture(autouse=True)

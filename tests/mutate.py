@@ -129,6 +129,19 @@ MUTATIONS = [
              'read_split_features([(cache.path / shard["file"], count, shard)], tap, shape, values); '
              'globals().setdefault("_kept", []).append(values)',
              ("tests/test_streaming.py", "-k", "bounded"), "streamed heads hold a bounded multiple of the budget"),
+    # Hugging Face datasets: each row its own label and split, fingerprinted by its bytes.
+    Mutation("hf-row-labels", "data/hf.py", "label = int(labels[split][i])", "label = int(labels[split][i - 1])",
+             ("tests/test_hf_sources.py", "-k", "matches_the_image_folder or local_layout"),
+             "each Hugging Face row gets its own label"),
+    Mutation("hf-validation-split", "data/hf.py", "return SPLIT_WORDS.get(word, word) if word", "return word if word",
+             ("tests/test_hf_sources.py", "-k", "matches_the_image_folder"), "Hugging Face's validation is our val"),
+    Mutation("hf-content-fingerprint", "data/hf.py", "hashlib.sha256(data).hexdigest()", "'same'",
+             ("tests/test_hf_sources.py", "-k", "content_fingerprints"), "a row's fingerprint follows its image bytes"),
+    Mutation("hf-header-check", "data/hf.py", "with Image.open(io.BytesIO(data)):", "with contextlib.nullcontext():",
+             ("tests/test_hf_sources.py", "-k", "mistake or undecodable"), "bytes that are no image are refused first"),
+    Mutation("export-hf-dtype", "export_features.py", "column = vector(datasets.Value(dtype), length=shape[0])",
+             "column = vector(datasets.Value('float32'), length=shape[0])",
+             ("tests/test_export_features.py", "-k", "hf"), "export-features --format hf keeps the cache's bits"),
 ]
 
 

@@ -15,7 +15,7 @@ import pytest
 from featurecache import extract, open_cache
 from featurecache.fit.stage import FitSpec, fit_head
 
-HEAVY = ("torch", "torchvision", "sklearn", "matplotlib", "scipy", "h5py", "PIL")
+HEAVY = ("torch", "torchvision", "sklearn", "matplotlib", "scipy", "h5py", "PIL", "datasets", "pyarrow")
 
 # Runs the CLI's main() as the console script does, then prints which heavy modules loaded.
 _PROBE = """

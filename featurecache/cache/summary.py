@@ -45,6 +45,8 @@ def _fingerprints(manifest: dict) -> str:
     kind = manifest.get("fingerprints") or manifest["config"].get("fingerprint", "stat")
     if kind == "content":
         source_kind = str(manifest["config"]["source"].get("kind", ""))
+        if source_kind in ("hf", "python:hf"):
+            return "content (no files to stat: each row is identified by a hash of its encoded image bytes)"
         if source_kind == "arrays" or source_kind.startswith("python"):
             return "content (no files to stat: each row is identified by a hash of its pixels)"
         return "content (a hash of each file's bytes)"

@@ -237,12 +237,12 @@ def export_command(
 def export_features_command(
     cache: Annotated[str, typer.Argument(help="Cache entry.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="A new (or empty) folder to write.")],
-    format: Annotated[str, typer.Option("--format", help="npy (one .npy per array and split) or parquet (one file per split; needs pyarrow).")] = "npy",
+    format: Annotated[str, typer.Option("--format", help="npy (one .npy per array and split), parquet (one file per split; needs pyarrow) or hf (a Hugging Face DatasetDict that datasets.load_from_disk opens; needs datasets).")] = "npy",
     tap: Annotated[str, typer.Option(help="Which cached features to write.")] = "pool",
     split: Annotated[list[str], typer.Option("--split", help="Only these splits (repeatable; default all).")] = [],
     root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
 ) -> None:
-    """Write features, labels, paths and splits as .npy files or parquet, for other tools.
+    """Write features, labels, paths and splits as .npy files, parquet or a Hugging Face dataset, for other tools.
 
     Example: featurecache export-features cache/digits-resnet50-0123456789ab --format npy -o digits-features
     """

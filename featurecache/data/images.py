@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import io
 import logging
 import os
 import re
@@ -79,6 +80,19 @@ def load_rgb(
     Raises `ImageDecodeError` for every unreadable file, and `ValueError` for bad
     arguments.
     """
+    return _guarded(lambda: _load_rgb(path, max_pixels, draft_size), os.fspath(path), max_pixels, draft_size)
+
+
+def load_rgb_bytes(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """`load_rgb` for an encoded image held in memory (a Hugging Face dataset's image
+    bytes); `name` identifies it in the `ImageDecodeError`."""
+    if not data:
+        raise ImageDecodeError("empty image bytes", name)
+    return _guarded(lambda: _decode(io.BytesIO(data), max_pixels, draft_size), name, max_pixels, draft_size)
+
+
+def _guarded(decode, name: str, max_pixels: int, draft_size: tuple[int, int] | None) -> Image.Image:
     if max_pixels < 1:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     if draft_size is not None and (len(draft_size) != 2 or min(draft_size) < 1):
@@ -91,14 +105,14 @@ def load_rgb(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            return _load_rgb(path, max_pixels, draft_size)
+            return decode()
         except ImageDecodeError as error:
-            raise ImageDecodeError(error.reason, path) from error
+            raise ImageDecodeError(error.reason, name) from error
         except Exception as error:
-            raise ImageDecodeError(_reason_for(error), path) from error
+            raise ImageDecodeError(_reason_for(error), name) from error
         finally:
             for warning in caught:
-                logger.debug("%s: %s", os.fspath(path), warning.message)
+                logger.debug("%s: %s", name, warning.message)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -165,22 +179,27 @@ def _load_rgb(
     if info.st_size == 0:
         raise ImageDecodeError("empty file")
     with open(path, "rb") as file:
-        with warnings.catch_warnings():
-            # At open time the explicit max_pixels check below replaces Pillow's soft
-            # limit, so a caller may allow sizes up to Pillow's hard limit.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(file)  # positioned at the first frame
-        width, height = image.size
-        if width * height > max_pixels:
-            raise ImageDecodeError(
-                f"too large: {width}x{height} pixels exceeds limit of {max_pixels}"
-            )
-        if draft_size is not None and image.format == "JPEG":
-            _draft(image, draft_size)
-        image.load()
-        if _orientation(image) in range(2, 9):
-            image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
+        return _decode(file, max_pixels, draft_size)
+
+
+def _decode(file, max_pixels: int, draft_size: tuple[int, int] | None) -> Image.Image:
+    """Decode an open binary file (or BytesIO) of an encoded image to oriented RGB."""
+    with warnings.catch_warnings():
+        # At open time the explicit max_pixels check below replaces Pillow's soft
+        # limit, so a caller may allow sizes up to Pillow's hard limit.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(file)  # positioned at the first frame
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"too large: {width}x{height} pixels exceeds limit of {max_pixels}"
+        )
+    if draft_size is not None and image.format == "JPEG":
+        _draft(image, draft_size)
+    image.load()
+    if _orientation(image) in range(2, 9):
+        image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
 
 
 def _draft(image: ImageFile.ImageFile, size: tuple[int, int]) -> None:

@@ -217,4 +217,10 @@ def describe_sources() -> list[tuple[str, str, str]]:
         ("cifar100-coarse:ROOT", "cifar-100-python/; the 20 coarse labels", "train 50,000, test 10,000"),
     ]
     rows += [(f"{prefix}:ROOT", named.layout, named.splits) for prefix, named in NAMED.items()]
+    rows.append(("hf:PATH",
+                 "a Hugging Face dataset saved with save_to_disk (Dataset or DatasetDict), or its parquet files as a Hub "
+                 "repository holds them (PATH/train-*.parquet, PATH/data/train-00000-of-00001.parquet); images from the "
+                 "Image column, labels and class names from the ClassLabel column; hf:PATH?image=COL&label=COL names "
+                 "them (needs the datasets package)",
+                 "the dataset's own (validation -> val; no label column or all -1: unlabelled)"))
     return rows

@@ -11,6 +11,8 @@ Accepted:
 - a list of `(path, label)` or `(path, label, split)` pairs (label None: unlabelled).
 - uint8 image arrays: `(images, labels)`, or a dict by split of `(images, labels)` or
   `images` alone (unlabelled), with an optional `"classes"` entry naming the labels.
+- a Hugging Face `datasets.Dataset` or `DatasetDict` (or a dict of Datasets by split),
+  read by `hf.py`.
 
 Rows are fingerprinted by a file's path, size and mtime where the dataset has files,
 else by a hash of the image's pixels ("content" in `featurecache info`).
@@ -260,8 +262,20 @@ def _arrays_source(name: str, parts: Mapping[str, object], classes: list[str] | 
                        splits, names=names, indices=indices)
 
 
-def from_python(obj: object, *, name: str | None = None, unlabeled=()) -> Source:
-    """A Source for a Python object (see the module's docstring for what is accepted)."""
+def from_python(obj: object, *, name: str | None = None, unlabeled=(),
+                columns: Mapping[str, str] | None = None) -> Source:
+    """A Source for a Python object (see the module's docstring for what is accepted);
+    `columns` ({"image": ..., "label": ...}) names a Hugging Face dataset's columns."""
+    if _is_huggingface(obj) or (isinstance(obj, Mapping) and obj and _is_huggingface(next(iter(obj.values())))):
+        from .hf import from_huggingface
+
+        if unlabeled:
+            raise SourceError("unlabeled= applies to image folders; in a Hugging Face dataset, a split without the "
+                              "label column (or with every label -1) is unlabelled")
+        return from_huggingface(obj, name=name, **(columns or {}))
+    if columns:
+        raise SourceError("image_column and label_column name the columns of a Hugging Face dataset; this source "
+                          f"is a {type(obj).__name__}")
     if unlabeled:
         raise SourceError("unlabeled= applies to image folders; from Python, give unlabelled items label None "
                           "(or an images array without labels)")
@@ -275,9 +289,6 @@ def from_python(obj: object, *, name: str | None = None, unlabeled=()) -> Source
         source = _dataset_source(obj, name)
     elif isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], (tuple, list)) and isinstance(obj[0][0], (str, Path)):
         source = PathListSource(name or "paths", obj)
-    elif _is_huggingface(obj):
-        raise SourceError("Hugging Face datasets are not supported yet; convert it with "
-                          "dataset.with_format('numpy') to (images, labels) arrays, or save its images to a folder")
     elif hasattr(obj, "__getitem__") and hasattr(obj, "__len__") and not isinstance(obj, (str, bytes, list, tuple)):
         source = _dataset_source({"train": obj}, name)
     else:
@@ -288,9 +299,6 @@ def from_python(obj: object, *, name: str | None = None, unlabeled=()) -> Source
 
 def _dataset_source(parts: Mapping, name: str | None) -> DatasetSource:
     first = next(iter(parts.values()))
-    if _is_huggingface(first):
-        raise SourceError("Hugging Face datasets are not supported yet; convert it with "
-                          "dataset.with_format('numpy') to (images, labels) arrays, or save its images to a folder")
     return DatasetSource(name or type(first).__name__.lower(), parts)
 
 

@@ -1,7 +1,8 @@
 """Datasets: an ImageFolder tree, a CSV manifest, CIFAR-10/100 on disk, or `digits`.
 
 Named layouts (`tinyimagenet:`, `food101:`, torchvision's datasets) live in
-`named_sources.py`, Python objects in `python_sources.py`, and the checks that refuse a
+`named_sources.py`, Python objects in `python_sources.py`, Hugging Face datasets
+(`hf:PATH` and `datasets` objects) in `hf.py`, and the checks that refuse a
 folder tree that looks wrong in `layout.py`.
 
 Every source lists `Sample`s (relative path, label, split, fingerprint) and loads one
@@ -427,7 +428,8 @@ def cifar_source(root: Path, variant: str) -> ArraySource:
 def open_source(spec: str, *, content_hash: bool = False, allow_layout: bool = False,
                 unlabeled: tuple[str, ...] = ()) -> Source:
     """Open `digits`, `cifar10:ROOT`, a named layout (`tinyimagenet:ROOT`, `food101:ROOT`,
-    torchvision's datasets: see `featurecache sources`), an image folder or a CSV file."""
+    torchvision's datasets: see `featurecache sources`), a Hugging Face dataset on disk
+    (`hf:PATH`, see hf.py), an image folder or a CSV file."""
     if spec.lower() == "digits":
         return digits_source()
     prefix, _, rest = spec.partition(":")
@@ -440,6 +442,13 @@ def open_source(spec: str, *, content_hash: bool = False, allow_layout: bool = F
         raise SourceError("--unlabeled applies to an image folder with split folders")
     if prefix in CIFAR_VARIANTS and rest:
         return cifar_source(Path(rest).expanduser(), prefix)
+    if prefix == "hf":
+        if unlabeled:
+            raise SourceError("--unlabeled applies to an image folder; in an hf: dataset, a split without the label "
+                              "column (or with every label -1) is unlabelled")
+        from .hf import open_hf
+
+        return open_hf(rest, content_hash=content_hash)
     from .named import NAMED, open_named
 
     if prefix in NAMED and rest:
@@ -454,7 +463,8 @@ def open_source(spec: str, *, content_hash: bool = False, allow_layout: bool = F
         if unlabeled:
             raise SourceError("--unlabeled applies to an image folder; in a CSV, leave the label empty and name the split")
         return CsvSource(path.resolve(), content_hash=content_hash, allow_layout=allow_layout)
-    known = "an image folder, a CSV, digits, cifar10:ROOT or another named dataset (featurecache sources lists them)"
+    known = ("an image folder, a CSV, digits, cifar10:ROOT, hf:PATH or another named dataset (featurecache sources "
+             "lists them)")
     if prefix in NAMED or prefix in CIFAR_VARIANTS:
         raise SourceError(f"{spec}: give the dataset's local folder after the colon, e.g. {prefix}:/data")
     if path.exists():

@@ -134,7 +134,8 @@ def extract(spec: ExtractSpec | None = None, *, progress: Callable[[int, int], N
     `extract(source=..., model="resnet18", name="pets")`, where `source` is anything
     `ExtractSpec.source` accepts or a Python object: a torchvision dataset (or a dict of
     them by split), a list of (path, label[, split]) pairs, `(images, labels)` uint8
-    arrays, or a Hugging Face `datasets.Dataset`/`DatasetDict` (see python_sources.py).
+    arrays, or a Hugging Face `datasets.Dataset`/`DatasetDict` (see hf.py), whose
+    columns `image_column=` and `label_column=` name where they are not detected.
 
     Under torchrun, this process is one rank of a distributed run (see distributed.py).
     """
@@ -143,11 +144,16 @@ def extract(spec: ExtractSpec | None = None, *, progress: Callable[[int, int], N
         if source is None:
             raise UsageError("extract needs an ExtractSpec or source=...")
         if isinstance(source, (str, Path)):
+            if "image_column" in settings or "label_column" in settings:
+                raise UsageError("image_column and label_column apply to a Hugging Face dataset object; for hf:PATH "
+                                 "put them in the source: hf:PATH?image=COLUMN&label=COLUMN")
             spec = ExtractSpec(source=str(source), **settings)
         else:
             from ..data.python_objects import from_python
 
-            prepared = from_python(source, name=settings.get("name"), unlabeled=settings.get("unlabeled", ()))
+            columns = {key: settings.pop(f"{key}_column") for key in ("image", "label") if f"{key}_column" in settings}
+            prepared = from_python(source, name=settings.get("name"), unlabeled=settings.get("unlabeled", ()),
+                                   columns=columns)
             kind = prepared.kind.removeprefix("python:")
             spec = ExtractSpec(source=f"python:{kind}:{prepared.name}", **settings)
     elif source is not None or settings:

@@ -7,6 +7,10 @@
 - `parquet` (needs pyarrow): `DIR/<split>.parquet` with columns `features` (a
   fixed-size list per row, flattened), `label`, `index`, `path`, and the same
   `dataset.json`.
+- `hf` (needs datasets): a `DatasetDict` by split saved with `save_to_disk`, which
+  `datasets.load_from_disk(DIR)` opens: columns `features` (a fixed-length list, or an
+  `Array2D`..`Array5D` of the tap's shape), `label` (a `ClassLabel` with the cache's
+  class names; -1 in an unlabeled split), `index`, `path`; plus the same `dataset.json`.
 
 Features are written in the cache's storage dtype, bit for bit.
 """
@@ -21,7 +25,7 @@ from ..errors import UsageError
 from ..cache.atomic import write_atomic, write_json_atomic
 from ..cache.store import Cache
 
-FORMATS = ("npy", "parquet")
+FORMATS = ("npy", "parquet", "hf")
 
 
 def _save_npy(path: Path, values: np.ndarray) -> None:
@@ -58,9 +62,16 @@ def export_features(cache: Cache | str | Path, output: str | Path, *, format: st
             import pyarrow.parquet as pq
         except ImportError:
             raise UsageError("--format parquet needs pyarrow: pip install pyarrow") from None
+    if format == "hf":
+        try:
+            import datasets
+        except ImportError:
+            raise UsageError('--format hf needs datasets: pip install "featurecache[hf]"') from None
     output.mkdir(parents=True, exist_ok=True)
     description = _describe(cache, tap)
-    for split in chosen:
+    if format == "hf":
+        _save_hf(datasets, cache, tap, chosen, output)
+    for split in chosen if format != "hf" else []:
         arrays = cache.arrays(split, tap)
         if format == "npy":
             folder = output / split
@@ -75,6 +86,34 @@ def export_features(cache: Cache | str | Path, output: str | Path, *, format: st
                               "path": arrays["paths"].tolist()})
             write_atomic(output / f"{split}.parquet", lambda tmp, table=table: pq.write_table(table, str(tmp)),
                          "the export")
+    # (hf: beside dataset_dict.json, which is all load_from_disk reads)
     write_json_atomic(output / "dataset.json", {**description, "format": format, "exported_splits": chosen},
                       "the export's description")
     return output
+
+
+def _save_hf(datasets, cache: Cache, tap: str, splits: list[str], output: Path) -> None:
+    shape = tuple(cache.tap_shapes[tap])
+    dtype = cache.manifest["dtype"]
+    if len(shape) == 1:  # datasets 4 renamed Sequence to List
+        vector = getattr(datasets, "List", None) or datasets.Sequence
+        column = vector(datasets.Value(dtype), length=shape[0])
+    elif len(shape) <= 5:
+        column = getattr(datasets, f"Array{len(shape)}D")(shape=shape, dtype=dtype)
+    else:
+        raise UsageError(f"--format hf stores features of 1 to 5 dimensions; {tap} has shape {shape}")
+    features = datasets.Features({"features": column, "label": datasets.ClassLabel(names=list(cache.classes)),
+                                  "index": datasets.Value("int64"), "path": datasets.Value("string")})
+    parts = {}
+    for split in splits:
+        arrays = cache.arrays(split, tap)
+        parts[split] = datasets.Dataset.from_dict({"features": arrays["features"], "label": arrays["labels"],
+                                                   "index": arrays["index"], "path": arrays["paths"].tolist()},
+                                                  features=features, split=split)
+    bars = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        datasets.DatasetDict(parts).save_to_disk(str(output))
+    finally:
+        if not bars:
+            datasets.enable_progress_bars()
