@@ -15,7 +15,7 @@ from .runner import Pipeline, load_pipeline
 
 def demo_pipeline_file() -> Path:
     """pipelines/digits.toml of the source checkout this package runs from."""
-    path = Path(__file__).resolve().parent.parent / "pipelines" / "digits.toml"
+    path = Path(__file__).resolve().parents[2] / "pipelines" / "digits.toml"
     if not path.exists():
         raise UsageError(f"the demo pipeline {path} is missing; run featurecache demo from a clone of the "
                          "repository (pip install -e .)")
