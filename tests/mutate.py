@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-IGNORED = shutil.ignore_patterns(".git", ".venv*", "cache", "__pycache__", "*.egg-info", ".pytest_cache")
+_IGNORED = shutil.ignore_patterns(".git", ".venv*", "__pycache__", "*.egg-info", ".pytest_cache")
+
+
+def IGNORED(folder: str, names: list[str]) -> set[str]:
+    """What the scratch copy leaves out; `cache` only at the top (featurecache/cache/ is a package)."""
+    top = {"cache"} & set(names) if Path(folder).resolve() == REPOSITORY else set()
+    return set(_IGNORED(folder, names)) | top
 
 
 @dataclass(frozen=True)

@@ -34,12 +34,18 @@ class Preprocessing:
     interpolation: str = "bilinear"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # timm's data config, recorded (and so in the key) only when it came from one:
+    crop_pct: float | None = None  # resize_size = floor(crop_size / crop_pct)
+    crop_mode: str | None = None  # center (shorter side resized) or squash (both sides resized)
 
     def with_image_size(self, size: int) -> "Preprocessing":
         """Override the input size, keeping the weights' resize/crop ratio."""
         if size < 16:
             raise BackboneError(f"--image-size {size} is too small; use at least 16 pixels")
-        resize = int(math.floor(size * self.resize_size / self.crop_size + 0.5))
+        if self.crop_pct is not None:  # timm's rule for an input_size override
+            resize = int(math.floor(size / self.crop_pct))
+        else:
+            resize = int(math.floor(size * self.resize_size / self.crop_size + 0.5))
         return dataclasses.replace(self, crop_size=size, resize_size=resize)
 
     def to_dict(self) -> dict:
@@ -49,6 +55,8 @@ class Preprocessing:
             "interpolation": self.interpolation,
             "mean": list(self.mean),
             "std": list(self.std),
+            **({"crop_pct": self.crop_pct} if self.crop_pct is not None else {}),
+            **({"crop_mode": self.crop_mode} if self.crop_mode is not None else {}),
         }
 
     @classmethod
@@ -59,6 +67,8 @@ class Preprocessing:
             interpolation=str(data.get("interpolation", "bilinear")),
             mean=tuple(float(v) for v in data["mean"]),
             std=tuple(float(v) for v in data["std"]),
+            crop_pct=None if data.get("crop_pct") is None else float(data["crop_pct"]),
+            crop_mode=None if data.get("crop_mode") is None else str(data["crop_mode"]),
         )
 
 
@@ -79,6 +89,8 @@ class BackboneEntry:
     downsampling: int = 32  # ResNet shorthand: input size / deepest layer's spatial size
     description: FeatureDescription | None = None
     preprocessing: Preprocessing = IMAGENET_PREPROCESSING  # for random weights and files without their own
+    #: The default pretrained weights' local file: () -> (path, tag); None: torchvision's weights enum.
+    pretrained: Callable[[], tuple] | None = None
 
     def __post_init__(self) -> None:
         if self.description is None:
@@ -197,3 +209,19 @@ def backbone_state_dict(network: nn.Module, description: FeatureDescription | No
 from .resnet import register_torchvision_resnets  # noqa: E402  (the family needs BackboneEntry)
 
 register_torchvision_resnets(register_backbone)
+
+
+def _timm_entry(name: str) -> BackboneEntry:
+    from .timm_family import resolve  # imports timm: only for timm: models
+
+    return resolve(name)
+
+
+def _torchvision_entry(name: str) -> BackboneEntry:
+    from .torchvision_family import resolve
+
+    return resolve(name)
+
+
+register_family("timm", _timm_entry)
+register_family("torchvision", _torchvision_entry)

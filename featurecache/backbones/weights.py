@@ -69,6 +69,11 @@ def resolve_weights(entry: BackboneEntry, weights: str, *, seed: int = 0) -> Res
         state = backbone_state_dict(entry.build(), entry.description)
         return _resolved(entry, state, f"random(seed={seed})", entry.preprocessing)
     if value.lower() in ("imagenet", "pretrained", "default"):
+        if entry.pretrained is not None:  # e.g. timm: the local hub cache, never a download
+            path, tag = entry.pretrained()
+            state, _ = load_checkpoint(path)
+            check_architecture(entry, state, path)
+            return _resolved(entry, state, f"pretrained:{tag}", entry.preprocessing)
         value = DEFAULT_PRETRAINED
     if not value:
         raise BackboneError("--weights is empty; use imagenet, random, an enum name or a path to a checkpoint")
