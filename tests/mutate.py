@@ -141,6 +141,16 @@ MUTATIONS = [
              "self.stages = nn.Sequential(*[getattr(staged, name) for name in staged.stage_names[:stop]])",
              "self.stages = nn.Sequential(*[getattr(staged, name) for name in staged.stage_names[1:stop]])",
              ("tests/test_description.py", "-k", "finetune"), "export runs the stages up to the tap"),
+    # timm backbones.
+    Mutation("timm-cls-token", "backbones/timm_family.py", "return x[:, 0]", "return x[:, 1]",
+             ("tests/test_timm.py", "-k", "features_equal and vit"), "tap cls is a ViT's class token"),
+    Mutation("timm-interpolation", "backbones/timm_family.py",
+             'interpolation=str(config.get("interpolation") or "bilinear")', 'interpolation="bilinear"',
+             ("tests/test_timm.py", "-k", "preprocessing and convnext and None"),
+             "timm models are preprocessed with their data config's interpolation"),
+    Mutation("key-crop-mode", "backbones/registry.py",
+             '**({"crop_mode": self.crop_mode} if self.crop_mode is not None else {}),', "",
+             ("tests/test_timm.py", "-k", "key_follows"), "timm's crop mode is recorded in the key"),
     # Streaming heads hold about one shard, not the split.
     Mutation("streaming-accumulates", "cache/streaming.py",
              'read_split_features([(cache.path / shard["file"], count, shard)], tap, shape, values)',
