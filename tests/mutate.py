@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-IGNORED = shutil.ignore_patterns(".git", ".venv*", "cache", "__pycache__", "*.egg-info", ".pytest_cache")
+_IGNORED = shutil.ignore_patterns(".git", ".venv*", "__pycache__", "*.egg-info", ".pytest_cache")
+
+
+def IGNORED(folder: str, names: list[str]) -> set[str]:
+    """What the scratch copy leaves out; `cache` only at the top (featurecache/cache/ is a package)."""
+    top = {"cache"} & set(names) if Path(folder).resolve() == REPOSITORY else set()
+    return set(_IGNORED(folder, names)) | top
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,33 @@ MUTATIONS = [
     Mutation("finetune-rounding", "finetune/stage.py", "if not self.training and self.round_to is not None:",
              "if False:", ("tests/test_finetune.py", "-k", "epoch_zero"),
              "LP-FT epoch 0 is the starting head on float16 storage"),
+    # A non-ResNet backbone runs through its feature description.
+    Mutation("description-readout", "backbones/description.py", "            return self.readouts[tap](x)\n",
+             "            return x\n", ("tests/test_description.py", "-k", "directly"),
+             "a tap read through a readout (e.g. a CLS token) is the readout's output"),
+    Mutation("description-forward-from", "backbones/description.py",
+             "x = self.run(x, self.tap_index(tap) + 1, self.tap_index(until) + 1)",
+             "x = self.run(x, self.tap_index(tap), self.tap_index(until) + 1)",
+             ("tests/test_description.py", "-k", "shapes_and_blocks"), "the rest of the network runs from a tap"),
+    Mutation("fold-traced-pairs", "backbones/optimize.py", "found.append((source.target, node.target))", "pass",
+             ("tests/test_description.py", "-k", "fold"), "BatchNorm folding finds conv/bn pairs in any traced block"),
+    Mutation("finetune-input-tap", "finetune/stage.py", "self.input_tap = backbone.input_tap(self.start)",
+             "self.input_tap = backbone.input_tap(self.start - 1)", ("tests/test_description.py", "-k", "finetune"),
+             "the fast path starts from the tap at the input of the first unfrozen stage"),
+    Mutation("export-stages", "backbones/description.py",
+             "self.stages = nn.Sequential(*[getattr(staged, name) for name in staged.stage_names[:stop]])",
+             "self.stages = nn.Sequential(*[getattr(staged, name) for name in staged.stage_names[1:stop]])",
+             ("tests/test_description.py", "-k", "finetune"), "export runs the stages up to the tap"),
+    # timm backbones.
+    Mutation("timm-cls-token", "backbones/timm_family.py", "return x[:, 0]", "return x[:, 1]",
+             ("tests/test_timm.py", "-k", "features_equal and vit"), "tap cls is a ViT's class token"),
+    Mutation("timm-interpolation", "backbones/timm_family.py",
+             'interpolation=str(config.get("interpolation") or "bilinear")', 'interpolation="bilinear"',
+             ("tests/test_timm.py", "-k", "preprocessing and convnext and None"),
+             "timm models are preprocessed with their data config's interpolation"),
+    Mutation("key-crop-mode", "backbones/registry.py",
+             '**({"crop_mode": self.crop_mode} if self.crop_mode is not None else {}),', "",
+             ("tests/test_timm.py", "-k", "key_follows"), "timm's crop mode is recorded in the key"),
     # Streaming heads hold about one shard, not the split.
     Mutation("streaming-accumulates", "cache/streaming.py",
              'read_split_features([(cache.path / shard["file"], count, shard)], tap, shape, values)',

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .registry import StagedBackbone
+from .description import FeatureDescription, StagedBackbone
 from ..errors import UsageError
 from ..options import OPTIMIZE
 
@@ -82,7 +82,7 @@ def optimize_backbone(model: StagedBackbone, taps: Sequence[str], *, mode: str, 
     if mode == "eager":
         return model
     if mode == "fuse":
-        return fold_batchnorm(model)
+        return fold_batchnorm(model, getattr(model, "description", None))
     fixed = _Taps(model, taps).eval()
     try:
         if mode == "freeze":
@@ -95,22 +95,74 @@ def optimize_backbone(model: StagedBackbone, taps: Sequence[str], *, mode: str, 
     raise UsageError(f"unknown optimize mode {mode!r}")
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
+def fold_batchnorm(model: nn.Module, description: FeatureDescription | None = None) -> nn.Module:
     """A copy of `model` (in eval mode) in which each BatchNorm2d that directly follows a
-    Conv2d is folded into it: `convN`/`bnN` attribute pairs (torchvision's residual
-    blocks) and adjacent items of an `nn.Sequential` (the stem, `downsample`)."""
+    Conv2d is folded into it.
+
+    The pairs are found generically: each module is traced with torch.fx and every Conv2d
+    whose only consumer is a BatchNorm2d (each called once) is a pair; a module that does
+    not trace is searched child by child, pairing adjacent items of an `nn.Sequential` and
+    whatever pairs the backbone's description names (`FeatureDescription.fold_pairs`)."""
     folded = copy.deepcopy(model).eval()
-    for module in list(folded.modules()):
-        if isinstance(module, nn.Sequential):
-            pairs = [(str(i), str(i + 1)) for i in range(len(module) - 1)]
-        else:
-            pairs = [(name, "bn" + name[4:]) for name, _ in module.named_children() if name.startswith("conv")]
-        for conv_name, bn_name in pairs:
-            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None:
-                setattr(module, conv_name, fuse_conv_bn_eval(conv, bn))
-                setattr(module, bn_name, nn.Identity())
+    description = description or getattr(folded, "description", None)
+    pairs: list[tuple[nn.Module, str, str]] = []
+    _find_pairs(folded, description, pairs)
+    done: set[tuple[int, str]] = set()
+    for parent, conv_name, bn_name in pairs:
+        if (id(parent), conv_name) in done:
+            continue
+        conv, bn = getattr(parent, conv_name, None), getattr(parent, bn_name, None)
+        if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None:
+            setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
+            setattr(parent, bn_name, nn.Identity())
+            done.add((id(parent), conv_name))
     return folded
+
+
+def _find_pairs(module: nn.Module, description: FeatureDescription | None,
+                pairs: list[tuple[nn.Module, str, str]]) -> None:
+    traced = _traced_pairs(module)
+    if traced is not None:
+        for conv_path, bn_path in traced:
+            conv_parent, _, conv_name = conv_path.rpartition(".")
+            bn_parent, _, bn_name = bn_path.rpartition(".")
+            if conv_parent == bn_parent:  # folding swaps two children of one parent
+                pairs.append((module.get_submodule(conv_parent) if conv_parent else module, conv_name, bn_name))
+        return
+    if isinstance(module, nn.Sequential):
+        pairs += [(module, str(i), str(i + 1)) for i in range(len(module) - 1)]
+    if description is not None:
+        pairs += [(module, conv, bn) for conv, bn in description.fold_pairs(module)]
+    for child in module.children():
+        _find_pairs(child, description, pairs)
+
+
+def _traced_pairs(module: nn.Module) -> list[tuple[str, str]] | None:
+    """(conv path, batchnorm path) pairs in `module`'s traced graph; None when it does not trace."""
+    import torch.fx
+
+    if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) or not any(True for _ in module.children()):
+        return []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = torch.fx.Tracer().trace(module)
+    except Exception:  # dynamic control flow, unsupported ops: search the children instead
+        return None
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    found = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(module.get_submodule(node.target), nn.BatchNorm2d):
+            continue
+        source = node.args[0] if node.args else None
+        if (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1
+                and isinstance(module.get_submodule(source.target), nn.Conv2d)
+                and calls[source.target] == 1 and calls[node.target] == 1):
+            found.append((source.target, node.target))
+    return found
 
 
 def _frozen(fixed: _Taps, taps: Sequence[str], image_size: int, device: torch.device) -> Forward:

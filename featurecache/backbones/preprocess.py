@@ -19,7 +19,10 @@ from .registry import Preprocessing
 def prepare_image(image: Image.Image, preprocessing: Preprocessing) -> torch.Tensor:
     """Resize the shorter side, centre-crop, and return a 3 x S x S uint8 tensor."""
     interpolation = InterpolationMode(preprocessing.interpolation)
-    image = F.resize(image, preprocessing.resize_size, interpolation=interpolation, antialias=True)
+    size = preprocessing.resize_size
+    if preprocessing.crop_mode == "squash":  # timm: both sides to resize_size, aspect ratio not kept
+        size = [size, size]
+    image = F.resize(image, size, interpolation=interpolation, antialias=True)
     image = F.center_crop(image, preprocessing.crop_size)
     return F.pil_to_tensor(image)
 

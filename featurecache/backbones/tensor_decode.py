@@ -126,9 +126,12 @@ def resize_crop(image: torch.Tensor, preprocessing: Preprocessing) -> torch.Tens
     elsewhere in float32, then rounds.
     """
     interpolation = InterpolationMode(preprocessing.interpolation)
+    size = preprocessing.resize_size
+    if preprocessing.crop_mode == "squash":  # timm: both sides resized, aspect ratio not kept
+        size = [size, size]
     if image.device.type == "cpu":
-        resized = F.resize(image, preprocessing.resize_size, interpolation=interpolation, antialias=True)
+        resized = F.resize(image, size, interpolation=interpolation, antialias=True)
     else:
-        resized = F.resize(image.float(), preprocessing.resize_size, interpolation=interpolation, antialias=True)
+        resized = F.resize(image.float(), size, interpolation=interpolation, antialias=True)
         resized = resized.round_().clamp_(0, 255).to(torch.uint8)
     return F.center_crop(resized, preprocessing.crop_size)

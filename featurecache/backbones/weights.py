@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from .registry import IMAGENET_PREPROCESSING, BackboneEntry, Preprocessing, backbone_state_dict
+from .registry import BackboneEntry, Preprocessing, backbone_state_dict
 from ..errors import (BackboneError, CacheNotFoundError, CorruptCacheError, UnsafeCheckpointError,
                      StorageError, WeightsUnavailableError)
 from ..cache.atomic import remove_stale_temporaries, storage_error, write_atomic
@@ -67,9 +67,14 @@ def resolve_weights(entry: BackboneEntry, weights: str, *, seed: int = 0) -> Res
     value = weights.strip()
     if value.lower() == "random":
         torch.manual_seed(seed)
-        state = backbone_state_dict(entry.build())
-        return _resolved(state, f"random(seed={seed})", IMAGENET_PREPROCESSING)
+        state = backbone_state_dict(entry.build(), entry.description)
+        return _resolved(entry, state, f"random(seed={seed})", entry.preprocessing)
     if value.lower() in ("imagenet", "pretrained", "default"):
+        if entry.pretrained is not None:  # e.g. timm: the local hub cache, never a download
+            path, tag = entry.pretrained()
+            state, _ = load_checkpoint(path)
+            check_architecture(entry, state, path)
+            return _resolved(entry, state, f"pretrained:{tag}", entry.preprocessing)
         value = DEFAULT_PRETRAINED
     if not value:
         raise BackboneError("--weights is empty; use imagenet, random, an enum name or a path to a checkpoint")
@@ -77,7 +82,7 @@ def resolve_weights(entry: BackboneEntry, weights: str, *, seed: int = 0) -> Res
     if path.suffix.lower() in (".pt", ".pth", ".bin", ".safetensors") or path.exists():
         state, preprocessing = load_checkpoint(path)
         check_architecture(entry, state, path)
-        return _resolved(state, f"file:{path.resolve()}", preprocessing or IMAGENET_PREPROCESSING)
+        return _resolved(entry, state, f"file:{path.resolve()}", preprocessing or entry.preprocessing)
     return _resolve_enum(entry, value)
 
 
@@ -108,8 +113,9 @@ def _saved_arch(path: Path) -> str | None:
         return None
 
 
-def _resolved(state: dict[str, torch.Tensor], description: str, preprocessing: Preprocessing) -> ResolvedWeights:
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+def _resolved(entry: BackboneEntry, state: dict[str, torch.Tensor], description: str,
+              preprocessing: Preprocessing) -> ResolvedWeights:
+    state = entry.description.backbone_state(state)
     return ResolvedWeights(state, weights_sha256(state), description, preprocessing)
 
 
@@ -134,7 +140,7 @@ def _resolve_enum(entry: BackboneEntry, name: str) -> ResolvedWeights:
         mean=tuple(transforms.mean),
         std=tuple(transforms.std),
     )
-    return _resolved(state, member.name, preprocessing)
+    return _resolved(entry, state, member.name, preprocessing)
 
 
 def _download(url: str, destination: Path, arch: str, weights_name: str) -> None:

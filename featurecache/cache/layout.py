@@ -44,4 +44,4 @@ def weights_file(sha256: str) -> str:
 
 def finetune_run_name(head: str, unfreeze: str, from_cache: bool) -> str:
     """The folder of a finetune run given no name: `<head>-<unfreeze>[-cache]`."""
-    return f"{head}-{unfreeze.replace('+', 'plus')}" + ("-cache" if from_cache else "")
+    return f"{head}-{unfreeze.replace('+', 'plus').replace(':', '')}" + ("-cache" if from_cache else "")

@@ -105,6 +105,8 @@ class PreprocessingRecord(Record):
     mean: Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=3, max_length=3)]
     std: Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=3, max_length=3)]
     jpeg_draft: bool = False
+    crop_pct: Annotated[float, Field(gt=0, le=4, allow_inf_nan=False)] | None = None
+    crop_mode: Literal["center", "squash"] | None = None
 
 
 class SourceRecord(Record):

@@ -61,6 +61,7 @@ def content_key(entry: str, fingerprints: list[str]) -> str:
 
 def entry_dir_name(source_name: str, arch: str, entry: str) -> str:
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in source_name)[:40] or "source"
+    arch = "".join(c if c.isalnum() or c in "-_." else "-" for c in arch)  # timm:NAME -> timm-NAME
     return f"{safe}-{arch}-{entry[:12]}"
 
 

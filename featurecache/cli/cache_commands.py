@@ -18,9 +18,9 @@ from .app import app, console, handle_errors, progress_bar, Precision, Dtype, De
 @handle_errors
 def extract(
     source: Annotated[str, typer.Argument(help="Image folder, CSV (path,label[,split]), digits, cifar10:ROOT, tinyimagenet:ROOT, food101:ROOT, ... (featurecache sources lists them).")],
-    model: Annotated[str, typer.Option(help="Backbone architecture (torchvision ResNets).")] = "resnet50",
+    model: Annotated[str, typer.Option(help="Backbone: a torchvision ResNet (resnet18 ... resnet152), timm:NAME (any timm model) or torchvision:NAME (another torchvision classifier).")] = "resnet50",
     weights: Annotated[str, typer.Option(help="imagenet (IMAGENET1K_V1), an enum name like IMAGENET1K_V2, random, or a .pt/.pth/.safetensors file.")] = "imagenet",
-    tap: Annotated[list[str], typer.Option("--tap", help="Layer(s) to store: pool (default), layer3, layer4. Repeatable.")] = ["pool"],
+    tap: Annotated[list[str], typer.Option("--tap", help="Tap(s) to store: pool (default) or another the model offers (ResNets: layer1..layer4). Repeatable.")] = ["pool"],
     image_size: Annotated[Optional[int], typer.Option(help="Input size override (crop size); part of the cache key.")] = None,
     dtype: Annotated[Dtype, typer.Option(case_sensitive=False, help="Storage dtype of the features.")] = Dtype.float16,
     precision: Annotated[Precision, typer.Option(case_sensitive=False, help="Forward-pass precision (auto: bf16 on CPU, bf16/fp16 on GPU).")] = Precision.auto,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..backbones.registry import StagedBackbone, build_network, get_backbone, tap_shape, validate_taps
+from ..backbones.registry import StagedBackbone, build_network, get_backbone, staged_backbone, tap_shape, validate_taps
 from .distributed import Group, join_group
 from ..device import resolve_precision
 from .engine import default_workers, run_backbone
@@ -99,7 +99,7 @@ def _check_spec(spec: ExtractSpec) -> None:
     if not isinstance(spec.weights, str) or not spec.weights.strip():
         raise UsageError("--weights is empty; use imagenet, random, an enum name or a path to a checkpoint")
     if not isinstance(spec.taps, (tuple, list)) or not spec.taps or not all(isinstance(t, str) for t in spec.taps):
-        raise UsageError(f"--tap must name at least one layer (pool, layer3, layer4), got {spec.taps!r}")
+        raise UsageError(f"--tap must name at least one tap (pool, or another the model offers), got {spec.taps!r}")
     if spec.image_size is not None and (not _integer(spec.image_size) or not 16 <= spec.image_size <= 4096):
         raise UsageError(f"--image-size must be an integer from 16 to 4096, got {spec.image_size!r}")
     for name in ("batch_size", "shard_size", "max_consecutive_failures"):
@@ -233,7 +233,7 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
         computed = 0
         if plan.shards:
             network = build_network(entry, weights.state_dict)
-            model = StagedBackbone(network).eval().to(device, memory_format=torch.channels_last)
+            model = staged_backbone(entry, network).eval().to(device, memory_format=torch.channels_last)
             # Decided by the dataset's size, not by what is left to compute, so a resumed run
             # builds the same graph as an uninterrupted one (bitwise-identical features).
             optimize = resolve_optimize(spec.optimize, device, precision, images=len(source.samples))

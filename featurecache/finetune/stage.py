@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..backbones.registry import TAP_ORDER, Preprocessing, StagedBackbone
+from ..backbones.registry import Preprocessing, StagedBackbone
 from ..device import resolve_device, resolve_precision
 from ..extract.engine import default_workers
 from ..errors import CacheNotFoundError, CorruptCacheError, HeadError, MismatchError, UsageError
@@ -86,17 +86,9 @@ class FinetuneResult:
 
 
 def parse_unfreeze(backbone: StagedBackbone, value: str) -> list[str]:
-    """Names of the residual blocks to train, e.g. ["layer4.0", "layer4.1"]; always trailing."""
-    blocks = [f"{stage}.{i}" for stage in TAP_ORDER[:4] for i in range(len(getattr(backbone, stage)))]
-    text = value.strip().lower()
-    match = re.fullmatch(r"layer([1-4])(\+?)", text)
-    if match and (match.group(2) or match.group(1) == "4"):
-        first = f"layer{match.group(1)}"
-        return [b for b in blocks if b.split(".")[0] >= first]
-    if text.isdigit() and 1 <= int(text) <= len(blocks):
-        return blocks[-int(text):]
-    raise UsageError(f"--unfreeze {value!r} is not understood; use layer4, layer3+, layer2+ or a number "
-                     f"of trailing blocks from 1 to {len(blocks)}")
+    """Names of the blocks to train, e.g. ["layer4.0", "layer4.1"]; always trailing. The
+    vocabulary comes from the backbone's feature description."""
+    return backbone.description.parse_unfreeze(backbone, value)
 
 
 class FinetuneModel(nn.Module):
@@ -115,8 +107,9 @@ class FinetuneModel(nn.Module):
         backbone.requires_grad_(False)
         for name in trainable:
             backbone.get_submodule(name).requires_grad_(True)
-        self.start = TAP_ORDER.index(trainable[0].split(".")[0])  # first stage with a trainable block
-        self.input_tap = TAP_ORDER[self.start - 1] if self.start > 0 else None
+        self.start = backbone.stage_index(trainable[0].split(".")[0])  # first stage with a trainable block
+        self.stop = backbone.tap_index(backbone.description.final_tap) + 1
+        self.input_tap = backbone.input_tap(self.start)  # the cached tap the fast path starts from
         self.train()
 
     def train(self, mode: bool = True) -> "FinetuneModel":
@@ -133,12 +126,9 @@ class FinetuneModel(nn.Module):
     def forward(self, x: torch.Tensor, from_tap: bool = False) -> torch.Tensor:
         if not from_tap:
             with torch.no_grad():
-                x = self.backbone.stem(x)
-                for name in TAP_ORDER[: self.start]:
-                    x = getattr(self.backbone, name)(x)
-        for name in TAP_ORDER[self.start :]:  # frozen leading blocks of this stage build no graph
-            x = getattr(self.backbone, name)(x)
-        features = x.float()
+                x = self.backbone.run(x, 0, self.start)
+        x = self.backbone.run(x, self.start, self.stop)  # frozen leading blocks of this stage build no graph
+        features = self.backbone.read(self.backbone.description.final_tap, x).float()
         if not self.training and self.round_to is not None:
             features = features.to(self.round_to).float()
         return self.head(features)
@@ -149,22 +139,15 @@ class FinetuneModel(nn.Module):
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k.startswith(prefixes)}
 
 
-def torchvision_state(backbone: StagedBackbone) -> dict[str, torch.Tensor]:
-    """The backbone's state under torchvision's resnet names (fc excluded), as `extract --weights` expects."""
-    renames = {"stem.0.": "conv1.", "stem.1.": "bn1."}
-    state = {}
-    for key, value in backbone.state_dict().items():
-        for old, new in renames.items():
-            if key.startswith(old):
-                key = new + key[len(old):]
-        state[key] = value.detach().cpu().contiguous()
-    return state
+def network_state(backbone: StagedBackbone) -> dict[str, torch.Tensor]:
+    """The backbone's state under the network's own names (classifier excluded), as `extract
+    --weights` expects: the stages share the network's modules."""
+    state = backbone.description.backbone_state(backbone.network.state_dict())
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def _staged_state(torchvision: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    renames = {"conv1.": "stem.0.", "bn1.": "stem.1."}
-    return {next((new + k[len(old):] for old, new in renames.items() if k.startswith(old)), k): v
-            for k, v in torchvision.items()}
+def load_network_state(backbone: StagedBackbone, state: dict[str, torch.Tensor]) -> None:
+    backbone.network.load_state_dict(backbone.description.backbone_state(state))
 
 
 def _starting_head(cache: Cache, name: str | None):
@@ -213,8 +196,8 @@ def _rows(cache: Cache, split_rows: dict[str, tuple[str, np.ndarray | None]], sp
 
 def _missing_tap_message(cache: Cache, spec: FinetuneSpec, tap: str | None) -> str:
     if tap is None:
-        return (f"--from-cache cannot unfreeze every block (--unfreeze {spec.unfreeze}): the stem's output is "
-                "not a cached tap; unfreeze fewer blocks or drop --from-cache")
+        return (f"--from-cache cannot unfreeze these blocks (--unfreeze {spec.unfreeze}): their input (the stem's "
+                "output) is not a tap the backbone offers; unfreeze fewer blocks or drop --from-cache")
     made = cache.manifest["spec"]
     command = f"featurecache extract {made['source']} --model {made['model']} --weights {made['weights']}"
     if made.get("seed"):
@@ -319,7 +302,7 @@ def _load_checkpoint(path: Path, model: FinetuneModel, optimizer, scaler) -> dic
 
 def _save_outputs(directory: Path, model: FinetuneModel, cache: Cache, head_config: dict, provenance: dict) -> None:
     arch = cache.manifest["config"]["arch"]
-    _write_safetensors(directory / BACKBONE_FILE, torchvision_state(model.backbone), {
+    _write_safetensors(directory / BACKBONE_FILE, network_state(model.backbone), {
         ARCH_METADATA: arch, PREPROCESSING_METADATA: json.dumps(cache.manifest["config"]["preprocessing"]),
         STATE_METADATA: json.dumps(provenance)})
     head_state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
@@ -328,7 +311,7 @@ def _save_outputs(directory: Path, model: FinetuneModel, cache: Cache, head_conf
 
 
 def _load_outputs(directory: Path, model: FinetuneModel) -> None:
-    model.backbone.load_state_dict(_staged_state(_read_safetensors(directory / BACKBONE_FILE)[0]))
+    load_network_state(model.backbone, _read_safetensors(directory / BACKBONE_FILE)[0])
     model.head.load_state_dict(_read_safetensors(directory / HEAD_FILE)[0])
 
 
@@ -362,7 +345,8 @@ def check_finetune_spec(spec: FinetuneSpec) -> None:
     if spec.workers is not None and (not integer(spec.workers) or spec.workers < 0):
         raise UsageError(f"--workers must be a non-negative integer, got {spec.workers!r}")
     if not isinstance(spec.unfreeze, str) or not spec.unfreeze.strip():
-        raise UsageError(f"--unfreeze must be layer4, layer3+, layer2+ or a number of blocks, got {spec.unfreeze!r}")
+        raise UsageError(f"--unfreeze must name the blocks to train (a stage such as layer4, STAGE+ or a number of "
+                         f"trailing blocks), got {spec.unfreeze!r}")
     if spec.name is not None:
         check_head_name(spec.name, "finetune run")
     if spec.head is not None:
@@ -487,7 +471,7 @@ def load_finetuned_predictor(cache: Cache | str | Path, name: str) -> Predictor:
     directory = cache.path / FINETUNE_DIR / name
     backbone, preprocessing = cache_backbone(cache)
     try:
-        backbone.load_state_dict(_staged_state(_read_safetensors(directory / BACKBONE_FILE)[0]))
+        load_network_state(backbone, _read_safetensors(directory / BACKBONE_FILE)[0])
         tensors, metadata = _read_safetensors(directory / HEAD_FILE)
         head_meta = json.loads(metadata[HEAD_METADATA])
         head = head_from_saved(head_meta["config"], tensors)

@@ -255,9 +255,8 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
         if finetune.head is not None and finetune.head not in names:
             raise source.error(f"{finetune.head!r} is not a head of this pipeline (heads: {', '.join(names) or 'none'})",
                                "finetune", 0, "head")
-        match = re.fullmatch(r"layer([1-4])\+?", finetune.unfreeze.strip().lower())
-        needed = f"layer{int(match.group(1)) - 1}" if match and match.group(1) != "1" else None
-        if finetune.from_cache and needed and needed not in extract_spec.taps:
+        needed = _fast_path_tap(extract_spec.model, finetune.unfreeze) if finetune.from_cache else None
+        if needed and needed not in extract_spec.taps:
             raise source.error(f"needs the activations of tap {needed}: add it to [extract] taps "
                                f"(e.g. taps = [\"pool\", \"{needed}\"])", "finetune", 0, "from_cache")
     report = _spec(source, ReportSpec, data.get("report", {}), "report")
@@ -268,6 +267,26 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
         report = dataclasses.replace(report, output=_resolve_path(report.output, base))
     return Pipeline(path=path, name=settings.get("name", path.stem), extract=extract_spec, heads=heads,
                     ensemble=ensemble, finetune=finetune, report=report)
+
+
+def _fast_path_tap(model: str, unfreeze: str) -> str | None:
+    """The cached tap finetune --from-cache would start from for a stage name in --unfreeze
+    (None when it is a number of blocks, or cannot be told before the run)."""
+    import torch
+
+    from ..backbones.registry import get_backbone, staged_backbone
+    from ..finetune.stage import parse_unfreeze
+
+    if re.fullmatch(r"(?:blocks:)?\d+", unfreeze.strip().lower()):
+        return None
+    try:
+        entry = get_backbone(model)
+        with torch.device("meta"):
+            staged = staged_backbone(entry, entry.build())
+        blocks = parse_unfreeze(staged, unfreeze)
+    except Exception:  # an unknown model or --unfreeze value is reported where it is checked
+        return None
+    return staged.input_tap(staged.stage_index(blocks[0].split(".")[0]))
 
 
 def _check_backbone(source: _Source, spec: ExtractSpec) -> None:

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..backbones.registry import TAP_ORDER
 from ..errors import StorageError
 from ..cache.atomic import remove_stale_temporaries, write_atomic
 from ..cache.integrity import prepare_output_file
@@ -41,13 +40,12 @@ class _Normalize(nn.Module):
 
 
 class _Classifier(nn.Module):
-    """Backbone stages up to the tap, flattened, then the head."""
+    """Backbone stages up to the tap (read from its feature description), flattened, then the head."""
 
     def __init__(self, predictor: Predictor) -> None:
         super().__init__()
         backbone = predictor.backbone
-        stages = [backbone.stem] + [getattr(backbone, name) for name in TAP_ORDER[: TAP_ORDER.index(predictor.tap) + 1]]
-        self.features = nn.Sequential(*stages)
+        self.features = backbone.up_to(predictor.tap)  # the stages up to the tap, as its description cuts them
         self.head = predictor.head
         self.half = predictor.storage_dtype == "float16"
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backbones.registry import Preprocessing, StagedBackbone, build_network, get_backbone
+from ..backbones.registry import Preprocessing, StagedBackbone, build_network, get_backbone, staged_backbone
 from ..errors import CacheNotFoundError, SourceError
 from ..fit.headstore import load_head
 from ..data.images import ImageDecodeError, load_rgb
@@ -31,7 +31,7 @@ def cache_backbone(cache: Cache) -> tuple[StagedBackbone, Preprocessing]:
     (checked: its tensors must hash to the sha256 the manifest records)."""
     state = read_checkpoint(cache.path.parent / WEIGHTS_DIR, cache.manifest["weights"]["sha256"])
     entry = get_backbone(cache.manifest["config"]["arch"])
-    model = StagedBackbone(build_network(entry, state)).eval()
+    model = staged_backbone(entry, build_network(entry, state)).eval()
     return model, Preprocessing.from_dict(cache.manifest["config"]["preprocessing"])
 
 

@@ -1,0 +1,260 @@
+"""Any timm model as a backbone: `--model timm:NAME`.
+
+timm is imported only when a `timm:` model is asked for. The description reads the
+network through timm's own API: the features are `forward_features` then
+`forward_head(pre_logits=True)` (tap `pool`); vision transformers are cut into their
+embedding, blocks and final norm, so they also offer `cls` (the class token) and
+`patch_mean` (the mean of the patch tokens), and their blocks can be unfrozen
+(`--unfreeze blocks:N`). Preprocessing comes from timm's resolved data config (input
+size, interpolation, mean/std, crop_pct, crop mode); `--image-size` still overrides the
+size. Weights: `random`, a file (state dict as timm saves it), or `pretrained`, read from
+the local Hugging Face hub cache or timm's torch-hub cache, never downloaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import BackboneError, WeightsUnavailableError
+from .description import FeatureDescription, StagedBackbone, Tap
+
+PREFIX = "timm"
+
+
+def _timm():
+    try:
+        import timm
+        import timm.data
+    except ImportError:  # pragma: no cover - timm is a dependency
+        raise BackboneError("timm is not installed; pip install 'timm>=1.0' to use --model timm:NAME") from None
+    return timm
+
+
+class _Method(nn.Module):
+    """Calls one method of the network (forward_features, forward_head, ...)."""
+
+    def __init__(self, network: nn.Module, method: str, **kwargs) -> None:
+        super().__init__()
+        self.net = network
+        self.method, self.kwargs = method, kwargs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self.net, self.method)(x, **self.kwargs)
+
+
+class _VitEmbed(nn.Module):
+    """A ViT's forward_features up to its blocks: patch embedding, position embedding, norm_pre."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.net = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        return net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(x))))
+
+
+class _Cls(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
+
+
+class _PatchMean(nn.Module):
+    def __init__(self, prefix_tokens: int) -> None:
+        super().__init__()
+        self.prefix_tokens = prefix_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.prefix_tokens:].mean(dim=1)
+
+
+def _is_vit(network: nn.Module) -> bool:
+    return all(hasattr(network, a) for a in ("patch_embed", "_pos_embed", "blocks", "norm", "forward_head")) \
+        and isinstance(network.blocks, nn.Sequential)
+
+
+class TimmDescription(FeatureDescription):
+    """timm's forward_features / forward_head(pre_logits=True), ViTs cut finer."""
+
+    def __init__(self, network: nn.Module, build) -> None:
+        self.build = build
+        self.vit = _is_vit(network)
+        classifier = network.pretrained_cfg.get("classifier") if hasattr(network, "pretrained_cfg") else None
+        names = [classifier] if isinstance(classifier, str) else list(classifier or [])
+        self.classifier_prefixes = tuple(f"{n}." for n in names if n)
+        self.classifier_names = tuple(names)
+        width = int(network.num_features)
+        if self.vit:
+            prefix = int(getattr(network, "num_prefix_tokens", 1))
+            self.prefix_tokens = prefix
+            taps = [Tap(name="pool", stage="norm", channels=self._head_width(network, width),
+                        readout=lambda net: _Method(net, "forward_head", pre_logits=True))]
+            if prefix >= 1 and getattr(network, "cls_token", None) is not None:
+                taps.append(Tap(name="cls", stage="norm", channels=width, readout=lambda net: _Cls()))
+            taps.append(Tap(name="patch_mean", stage="norm", channels=width,
+                            readout=lambda net, p=prefix: _PatchMean(p)))
+        else:
+            taps = [Tap(name="pool", stage="features", channels=self._head_width(network, width),
+                        readout=lambda net: _Method(net, "forward_head", pre_logits=True))]
+        self.taps = tuple(taps)
+        self.block_paths = [] if self.vit else _grouped_blocks(network)
+
+    @staticmethod
+    def _head_width(network: nn.Module, width: int) -> int:
+        return int(getattr(network, "head_hidden_size", None) or width)
+
+    def stages(self, network: nn.Module) -> list[tuple[str, nn.Module]]:
+        if self.vit:
+            return [("embed", _VitEmbed(network)), ("blocks", network.blocks), ("norm", network.norm)]
+        return [("features", _Method(network, "forward_features"))]
+
+    def blocks(self, staged: StagedBackbone) -> list[str]:
+        if self.vit:
+            return [f"blocks.{i}" for i in range(len(staged.blocks))]
+        return [f"features.net.{path}" for path in self.block_paths]
+
+    def strip_classifier(self, network: nn.Module) -> nn.Module:
+        if hasattr(network, "reset_classifier"):
+            network.reset_classifier(0)
+        return network
+
+    def tap_shape(self, name: str, crop_size: int) -> tuple[int, ...]:
+        self.tap(name)
+        return (self.tap(name).channels,)
+
+
+def _grouped_blocks(network: nn.Module) -> list[str]:
+    """The network's blocks in forward order, from timm's own parameter groups
+    (`group_matcher(coarse=False)`, as timm's layer-wise learning-rate decay uses them): each
+    group's top-level modules, the first group (the stem) and the last (the head) left out."""
+    try:
+        from timm.models._manipulate import group_modules
+
+        groups = list(group_modules(network, network.group_matcher(coarse=False)).values())
+    except Exception:  # a model without group_matcher: extract, fit and export still work
+        return []
+    paths = []
+    for index, names in enumerate(groups[1:-1], 1):
+        split = [n.split(".") for n in names if n]
+        common = []
+        for column in zip(*split):
+            if len(set(column)) > 1:
+                break
+            common.append(column[0])
+        prefix = ".".join(common)
+        others = [n for i, g in enumerate(groups) if i != index for n in g]
+        if prefix and not any(n == prefix or n.startswith(prefix + ".") for n in others):
+            paths.append(prefix)  # the group is one whole module (a residual block, a ConvNeXt block)
+        else:  # its top-level modules (e.g. a stage's downsample and its first block)
+            members = set(names)
+            paths += [n for n in names if n and not any(n.startswith(m + ".") for m in members if m != n)]
+    return paths
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_kwargs(model_name: str) -> tuple[tuple[str, object], ...]:
+    """ViTs are built with dynamic_img_size so any --image-size works (position embeddings resampled)."""
+    timm = _timm()
+    try:
+        with torch.device("meta"):
+            timm.create_model(model_name, pretrained=False, dynamic_img_size=True)
+        return (("dynamic_img_size", True),)
+    except TypeError:
+        return ()
+
+
+def create(model_name: str) -> nn.Module:
+    """The untrained timm network as featurecache builds it."""
+    return _timm().create_model(model_name, pretrained=False, **dict(_dynamic_kwargs(model_name)))
+
+
+def data_config(network: nn.Module) -> dict:
+    return _timm().data.resolve_data_config({}, model=network)
+
+
+def preprocessing_from_config(config: dict):
+    """timm's eval transform as a Preprocessing: resize to floor(size / crop_pct), centre crop."""
+    from .registry import Preprocessing
+
+    _, height, width = config["input_size"]
+    crop_mode = config.get("crop_mode") or "center"
+    if crop_mode not in ("center", "squash"):
+        raise BackboneError(f"timm crop mode {crop_mode!r} is not supported (center and squash are)")
+    crop_pct = float(config.get("crop_pct") or 0.875)
+    size = int(height)
+    return Preprocessing(resize_size=math.floor(size / crop_pct), crop_size=size,
+                         interpolation=str(config.get("interpolation") or "bilinear"),
+                         mean=tuple(float(v) for v in config["mean"]), std=tuple(float(v) for v in config["std"]),
+                         crop_pct=crop_pct, crop_mode=crop_mode)
+
+
+def resolve(name: str):
+    """The BackboneEntry of `timm:NAME` (built on first use)."""
+    from .registry import BackboneEntry
+
+    timm = _timm()
+    model_name = name.strip()
+    if not model_name or not timm.is_model(model_name):
+        close = timm.list_models(f"*{model_name}*")[:5] if model_name else []
+        raise BackboneError(f"unknown timm model {model_name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+    build = functools.partial(create, model_name)
+    with torch.device("meta"):
+        network = build()
+    description = TimmDescription(network, build)
+    return BackboneEntry(name=f"{PREFIX}:{model_name}", build=build, description=description,
+                         preprocessing=preprocessing_from_config(data_config(network)),
+                         pretrained=functools.partial(pretrained_file, model_name))
+
+
+def _hub_cache() -> Path:
+    """The Hugging Face hub cache, read from the environment now (huggingface_hub reads it at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def pretrained_file(model_name: str) -> tuple[Path, str]:
+    """(local file, tag) of the model's default pretrained weights, from the Hugging Face hub
+    cache or timm's torch-hub cache; WeightsUnavailableError saying where to put the file."""
+    with torch.device("meta"):
+        network = create(model_name)
+    cfg = dict(getattr(network, "pretrained_cfg", {}) or {})
+    tag = cfg.get("tag") or ""
+    hub_id = cfg.get("hf_hub_id")
+    wanted = []
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        cache = _hub_cache()
+        filename = cfg.get("hf_hub_filename")
+        for candidate in ([filename] if filename else ["model.safetensors", "pytorch_model.bin"]):
+            found = try_to_load_from_cache(hub_id, candidate, cache_dir=str(cache))
+            if isinstance(found, str) and os.path.isfile(found):
+                return Path(found), f"{model_name}.{tag}" if tag else model_name
+        folder = cache / f"models--{hub_id.replace('/', '--')}"
+        wanted.append(f"put model.safetensors from https://huggingface.co/{hub_id} into the Hugging Face hub cache "
+                      f"({folder}/snapshots/<revision>/model.safetensors with refs/main holding <revision>; "
+                      f"`huggingface-cli download {hub_id} model.safetensors` on a connected machine, then copy "
+                      f"{cache})")
+    url = cfg.get("url")
+    if url:
+        file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        if file.is_file():
+            return file, f"{model_name}.{tag}" if tag else model_name
+        wanted.append(f"download {url} to {file}")
+    if not wanted:
+        raise WeightsUnavailableError(f"timm has no pretrained weights for {model_name}; pass --weights PATH or "
+                                      "--weights random")
+    raise WeightsUnavailableError(f"timm:{model_name} pretrained weights are not on this machine (no download is "
+                                  f"tried): {'; or '.join(wanted)}; or pass --weights /path/to/model.safetensors, or "
+                                  "--weights random to run without them")
