@@ -124,6 +124,25 @@ MUTATIONS = [
              'read_split_features([(cache.path / shard["file"], count, shard)], tap, shape, values); '
              'globals().setdefault("_kept", []).append(values)',
              ("tests/test_streaming.py", "-k", "bounded"), "streamed heads hold a bounded multiple of the budget"),
+    # Augmented views (issue 18).
+    Mutation("views-key-seed", "cache/views.py", '"seed": seed,\n', '',
+             ("tests/test_views.py::test_views_are_a_keyed_set_beside_the_plain_features",), "the view seed is in the view key"),
+    Mutation("views-global-rng", "extract/views.py", "return np.random.default_rng([seed, digest, view])",
+             "return np.random.default_rng()", ("tests/test_views.py", "-k", "depends_on or later or killed"),
+             "a view depends on (seed, image, index) only"),
+    Mutation("views-recompute-all", "extract/views.py", "if view_shard(view, block) not in listed]", "]",
+             ("tests/test_views.py::test_more_views_later_compute_only_the_new_ones",), "more views compute only the new ones"),
+    Mutation("views-unverified", "maintain/verify.py", "        _check_views(report, tap_shapes, len(manifest[\"classes\"]))\n", "",
+             ("tests/test_views.py::test_a_damaged_view_shard_is_found_by_verify_and_refused_on_read",), "verify checks view shards"),
+    Mutation("views-val-rows", "fit/views.py", "bank = bank.reshape(len(bank), count, -1)[train_rows]",
+             "bank = bank.reshape(len(bank), count, -1)[:len(train_rows)]",
+             ("tests/test_views.py::test_views_of_validation_rows_never_reach_training",), "views of validation rows never train"),
+    Mutation("views-mlp-plain-only", "heads/mlp.py", "if views is not None:  # one version", "if False:  # one version",
+             ("tests/test_views.py::test_mlp_draws_one_version_per_image_per_epoch",), "the MLP trains on the views"),
+    Mutation("views-logistic-ignored", "fit/views.py", "    if bank is None:\n", "    if True:\n",
+             ("tests/test_views.py", "-k", "logistic"), "logistic trains on the stacked views"),
+    Mutation("views-noise-off", "heads/mlp.py", "        if self.feature_noise:\n", "        if False:\n",
+             ("tests/test_views.py::test_feature_space_augmentation_changes_the_mlp",), "feature_noise changes the MLP"),
 ]
 
 

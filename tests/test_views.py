@@ -117,23 +117,51 @@ def test_a_view_depends_on_seed_image_and_index_only():
     assert reference.shape == (3, 32, 32) and reference.dtype == np.uint8
 
 
+def _invoke(argv: list[str]) -> tuple[int, str]:
+    """Run the CLI in this process: (exit code, its one line on stderr, checked to be one `error:` line)."""
+    from typer.testing import CliRunner
+
+    from featurecache.cli import app
+
+    result = CliRunner().invoke(app, argv)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    return result.exit_code, lines[0]
+
+
 def _cli(folder: Path, root: Path, *extra: str) -> list[str]:
     return ["extract", str(folder), "--model", "tiny", "--weights", "random", "--image-size", "32", "--precision",
             "fp32", "--dtype", "float32", "--workers", "0", "--shard-size", "4", "--batch-size", "3", "--root",
             str(root), *extra]
 
 
-@pytest.mark.parametrize("fault", ["after_manifest:2", "after_append:3", "before_rename:4", "shard_open:1"])
-def test_killed_and_resumed_views_equal_an_uninterrupted_run(image_folder, tmp_path, fault):
-    reference_root, root = tmp_path / "reference", tmp_path / "killed"
-    assert run_cli(_cli(image_folder, reference_root, "--views", "3"), tmp_path / "reference.log") == 0
-    assert run_cli(_cli(image_folder, root), tmp_path / "plain.log") == 0  # plain first: faults hit views only
-    killed = run_cli(_cli(image_folder, root, "--views", "3"), tmp_path / "killed.log", fault=fault)
+@pytest.fixture(scope="module")
+def kill_setup(tmp_path_factory):
+    """A folder, an uninterrupted run with 3 views, and the plain entry alone (copied per test)."""
+    base = tmp_path_factory.mktemp("views-kill")
+    folder = base / "photos"
+    for i in range(8):
+        write_image(folder / "train" / ("ants" if i % 2 else "bees") / f"{i}.png", 300 + i)
+    write_image(folder / "val" / "ants" / "v.png", 400)
+    write_image(folder / "val" / "bees" / "v.png", 401)
+    assert run_cli(_cli(folder, base / "reference", "--views", "3"), base / "reference.log") == 0
+    assert run_cli(_cli(folder, base / "plain"), base / "plain.log") == 0  # plain first: faults hit views only
+    return folder, base
+
+
+@pytest.mark.parametrize("fault", ["after_manifest:2", "after_append:3"])
+def test_killed_and_resumed_views_equal_an_uninterrupted_run(kill_setup, tmp_path, fault):
+    import shutil
+
+    folder, base = kill_setup
+    root = tmp_path / "killed"
+    shutil.copytree(base / "plain", root)
+    killed = run_cli(_cli(folder, root, "--views", "3"), tmp_path / "killed.log", fault=fault)
     assert killed == -signal.SIGKILL, (tmp_path / "killed.log").read_text()
     log = tmp_path / "rerun.log"
-    assert run_cli(_cli(image_folder, root, "--views", "3", "--workers", "1"), log) == 0, log.read_text()
+    assert run_cli(_cli(folder, root, "--views", "3", "--workers", "1"), log) == 0, log.read_text()
     (entry,) = [p for p in root.iterdir() if p.name != "_weights"]
-    (reference,) = [p for p in reference_root.iterdir() if p.name != "_weights"]
+    (reference,) = [p for p in (base / "reference").iterdir() if p.name != "_weights"]
     (directory,) = (entry / "views").iterdir()
     assert not [f for f in directory.rglob("*") if ".tmp-" in f.name]
     assert _shard_bytes(directory) == _shard_bytes(next((reference / "views").iterdir()))
@@ -153,10 +181,8 @@ def test_a_damaged_view_shard_is_found_by_verify_and_refused_on_read(image_folde
     flip_feature_byte(shard, "pool", 5)
     report = verify_entry(result.path)
     assert [p.file for p in report.problems] == [f"views/{result.views.path.name}/shards/train-v0001-00001.h5"]
-    log = tmp_path / "fit.log"
-    code = run_cli(["fit-head", str(result.path), "--head", "logistic", "--views", "2"], log)
-    lines = log.read_text().strip().splitlines()
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("error: ") and "train-v0001-00001" in lines[0], lines
+    code, line = _invoke(["fit-head", str(result.path), "--head", "logistic", "--views", "2"])
+    assert code == 1 and "train-v0001-00001" in line, line
     before, after = repair_entry(result.path)
     assert not before.ok and after.ok
     assert _views(result.path, 2).tobytes() == good.tobytes()  # recomputed, the same bytes
@@ -169,11 +195,9 @@ def test_a_damaged_view_shard_is_found_by_verify_and_refused_on_read(image_folde
     (["--views", "2", "--augment", "flip:0.5-1"], "no scale"),
     (["--views", "2", "--augment", "crop-flip:a-b"], "scale range"),
 ])
-def test_bad_views_or_policy_is_one_error_line(image_folder, tmp_path, args, words):
-    log = tmp_path / "log"
-    code = run_cli(_cli(image_folder, tmp_path / "cache", *args), log)
-    lines = log.read_text().strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
+def test_bad_views_or_policy_is_one_error_line(image_folder, tmp_path, tiny, args, words):
+    code, line = _invoke(_cli(image_folder, tmp_path / "cache", *args))
+    assert code == 2 and words in line, line
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").rglob("views"))
 
 
@@ -190,17 +214,23 @@ def test_policy_parsing():
 # ------------------------------------------------------------------ heads on views
 
 
-@pytest.fixture
-def with_views(tmp_path_factory, tiny_spec, tiny):
+@pytest.fixture(scope="module")
+def with_views(tmp_path_factory):
     """An entry with 12 train rows per class (3 classes), val and test, and 3 crop-flip views."""
-    folder = tmp_path_factory.mktemp("views") / "photos"
+    from featurecache.extract.stage import ExtractSpec
+
+    base = tmp_path_factory.mktemp("views")
+    folder = base / "photos"
     seed = 100
     for split, count in (("train", 12), ("val", 4), ("test", 4)):
         for label in ("a", "b", "c"):
             for i in range(count):
                 seed += 1
                 write_image(folder / split / label / f"{label}{i}.png", seed)
-    return extract(_spec(tiny_spec, folder, views=3, shard_size=16)).path
+    with tiny_backbone():
+        return extract(ExtractSpec(source=str(folder), model="tiny", weights="random", image_size=32,
+                                   precision="fp32", dtype="float32", batch_size=8, workers=0, shard_size=16,
+                                   views=3, root=str(base / "cache"))).path
 
 
 def _fit(entry, head, **settings):
@@ -308,7 +338,8 @@ def test_views_of_validation_rows_never_reach_training(with_views, monkeypatch):
     reference = _fit(with_views, "mlp", views=3, val_fraction=0.25)
     monkeypatch.setattr(fit_views, "load_views", poisoned(val_rows))
     same = _fit(with_views, "mlp", views=3, val_fraction=0.25)
-    for split in ("val (from train)", "test", "val"):
+    assert set(reference.record["metrics"]) == {"val (from train)", "test"}
+    for split in reference.record["metrics"]:
         assert same.record["metrics"][split] == reference.record["metrics"][split], split
     val = open_cache(with_views).features("test").reshape(12, -1)
     assert np.array_equal(same.head.predict_proba(val), reference.head.predict_proba(val))
@@ -340,8 +371,6 @@ def test_feature_space_augmentation_changes_the_mlp(with_views):
     (["--views", "2", "--view-set", "flip"], "no view set"), (["--views", "2", "--view-mode", "median"], "view mode"),
     (["--head", "mlp", "--param", "feature_noise=-1"], "feature_noise"),
 ])
-def test_bad_fit_views_is_one_error_line(with_views, tmp_path, args, words):
-    log = tmp_path / "log"
-    code = run_cli(["fit-head", str(with_views), *args], log)
-    lines = log.read_text().strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
+def test_bad_fit_views_is_one_error_line(with_views, args, words):
+    code, line = _invoke(["fit-head", str(with_views), "--name", "bad", *args])
+    assert code == 2 and words in line, line
