@@ -25,7 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-IGNORED = shutil.ignore_patterns(".git", ".venv*", "cache", "__pycache__", "*.egg-info", ".pytest_cache")
+_IGNORED = shutil.ignore_patterns(".git", ".venv*", "__pycache__", "*.egg-info", ".pytest_cache")
+
+
+def IGNORED(directory: str, names: list[str]) -> set[str]:
+    """The patterns above, and the top-level cache/ only: featurecache/cache/ is code."""
+    return _IGNORED(directory, names) | ({"cache"} if Path(directory) == REPOSITORY else set())
 
 
 @dataclass(frozen=True)

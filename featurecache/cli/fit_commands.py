@@ -90,7 +90,9 @@ def fit_head_command(
     console.print(f"  {headline['note']}; fitted in {record['fit_seconds']:.1f}s; saved to {result.path}",
                   markup=False, highlight=False)
     if record.get("views"):
-        console.print(f"  views: {_describe_views(record['views'])}", markup=False, highlight=False)
+        from ..fit.headstore import views_label
+
+        console.print(f"  trained on views: {views_label(record['views'])}", markup=False, highlight=False)
 
 
 def _parse_views(text: Optional[str]):
@@ -100,13 +102,6 @@ def _parse_views(text: Optional[str]):
         return int(text)
     except ValueError:
         raise UsageError(f"--views {text!r} must be a number of views or 'all'") from None
-
-
-def _describe_views(views: dict) -> str:
-    if not views.get("views"):
-        return views.get("note", "none")
-    how = {"sample": "one drawn per image per epoch", "stack": "stacked", "mean": "averaged"}[views["mode"]]
-    return f"{views['views']} {views['augment']} views ({how}), view set {views['view_set']}"
 
 
 @app.command("heads")
