@@ -30,8 +30,12 @@ from featurecache.extract.stage import ExtractSpec
 from featurecache.fit.stage import FitSpec, fit_head
 
 
+VAL_FRACTION = None
+
+
 def _fit(entry: Path, head: str, seed: int, name: str, **settings) -> float:
-    result = fit_head(entry, FitSpec(head=head, name=name, seed=seed, overwrite=True, **settings))
+    result = fit_head(entry, FitSpec(head=head, name=name, seed=seed, overwrite=True, val_fraction=VAL_FRACTION,
+                                     **settings))
     return result.record["metrics"]["test"]["top1"] if "test" in result.record["metrics"] else \
         result.record["headline"]["top1"]
 
@@ -51,7 +55,11 @@ def main() -> None:
     parser.add_argument("--augment", default="crop-flip")
     parser.add_argument("--root", default=None, help="cache root (default: a temporary folder)")
     parser.add_argument("--mlp-epochs", type=int, default=100)
+    parser.add_argument("--val-fraction", type=float, default=None,
+                        help="choose on this fraction of train (for sources without a test split: val is then held out)")
     args = parser.parse_args()
+    global VAL_FRACTION
+    VAL_FRACTION = args.val_fraction
     root = Path(args.root or tempfile.mkdtemp(prefix="featurecache-views-"))
     base = dict(source=args.source, model=args.model, weights="random", image_size=args.image_size,
                 root=str(root), augment=args.augment, precision="fp32")
