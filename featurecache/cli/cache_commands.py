@@ -41,6 +41,9 @@ def extract(
     name: Annotated[Optional[str], typer.Option(help="Name of the entry's folder (default: the source's name).")] = None,
     unlabeled: Annotated[list[str], typer.Option("--unlabeled", help="A split folder (e.g. test) whose images have no label: cached to predict on, never fitted or scored. Repeatable.")] = [],
     allow_layout: Annotated[bool, typer.Option("--allow-layout", help="Read a folder whose layout looks wrong (a class named images, an empty class, one class, a known dataset's folder) anyway.")] = False,
+    views: Annotated[int, typer.Option(help="Augmented views per train image, beside the plain features (a keyed view set; more later computes only the new ones). val/test keep the plain view only.")] = 0,
+    augment: Annotated[str, typer.Option(help="Policy of the views: crop-flip (random resized crop, area 0.25-1, and flip), crop, flip, or a crop's area range as crop-flip:0.5-1.")] = "crop-flip",
+    view_seed: Annotated[int, typer.Option(help="Seed of the views' crops and flips.")] = 0,
 ) -> None:
     """Extract backbone features of a dataset into the cache (resumable, incremental).
 
@@ -60,7 +63,7 @@ def extract(
         workers=workers, shard_size=shard_size, compression=None if compression is Compression.none else compression.value,
         on_error=on_error.value, content_hash=content_hash, seed=seed, root=str(root) if root else None,
         draft=draft, optimize=optimize.value, name=name, allow_layout=allow_layout, unlabeled=tuple(unlabeled),
-        decode=decode.value,
+        decode=decode.value, views=views, augment=augment, view_seed=view_seed,
     )
     bar, update = progress_bar("extract", quiet or follower)
     try:
@@ -87,6 +90,10 @@ def extract(
         console.print(f"  skipped {skip['path']}: {skip['reason']}", markup=False, highlight=False)
     if len(result.skipped) > 10:
         console.print(f"  ... and {len(result.skipped) - 10} more (see manifest.json)", markup=False)
+    if result.views is not None:
+        views = result.views
+        console.print(f"views: {views.views} per train image ({views.augment}, view seed {views.seed}); computed "
+                      f"{views.computed} in {views.seconds:.1f}s; view set {views.path}", markup=False, highlight=False)
     console.print(f"cache: {result.path}", markup=False, highlight=False)
 
 

@@ -67,6 +67,9 @@ def fit_head_command(
     seed: Annotated[int, typer.Option()] = 0,
     max_memory: Annotated[Optional[str], typer.Option(help="Features held in memory at most, e.g. 8G or 512M (default: half the free RAM); above it the logistic, mlp and knn heads stream shards.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing head of the same name.")] = False,
+    views: Annotated[Optional[str], typer.Option(help="Train on K cached augmented views per train image (or 'all'): mlp draws one version per image per epoch, logistic stacks them, knn keeps the plain features. val/test stay plain.")] = None,
+    view_set: Annotated[Optional[str], typer.Option(help="Which view set, when the entry has several: a policy (crop-flip, flip, crop-flip:0.5-1) or a view key prefix.")] = None,
+    view_mode: Annotated[Optional[str], typer.Option(help="logistic/sklearn heads: stack (default) or mean of the views.")] = None,
     root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
 ) -> None:
     """Fit a classifier head on cached features; choose hyper-parameters on validation.
@@ -77,7 +80,7 @@ def fit_head_command(
 
     spec = FitSpec(head=head, name=name, tap=tap, params=_parse_params(param), val_fraction=val_fraction,
                    refit=refit, seed=seed, max_memory=_parse_bytes(max_memory) if max_memory else None,
-                   overwrite=overwrite)
+                   overwrite=overwrite, views=_parse_views(views), view_set=view_set, view_mode=view_mode)
     result = fit_head(_open(cache, root), spec)
     record = result.record
     headline = record["headline"]
@@ -86,6 +89,19 @@ def fit_head_command(
                   markup=False, highlight=False)
     console.print(f"  {headline['note']}; fitted in {record['fit_seconds']:.1f}s; saved to {result.path}",
                   markup=False, highlight=False)
+    if record.get("views"):
+        from ..fit.headstore import views_label
+
+        console.print(f"  trained on views: {views_label(record['views'])}", markup=False, highlight=False)
+
+
+def _parse_views(text: Optional[str]):
+    if text is None or text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--views {text!r} must be a number of views or 'all'") from None
 
 
 @app.command("heads")
@@ -105,13 +121,13 @@ def heads_command(
         console.print("no heads yet; fit one with featurecache fit-head", markup=False)
         return
     table = Table()
-    for column in ("head", "top-1 %", "top-5 %", "val top-1 %", "fit s"):
+    for column in ("head", "top-1 %", "top-5 %", "val top-1 %", "fit s", "views"):
         table.add_column(column, overflow="fold")
     for row in rows:
         label = row["name"] + ("" if row["head"] in (row["name"], f"sklearn:{row['name'][8:]}") else f" ({row['head']})")
         label += ("" if row["tap"] == "pool" else f" [{row['tap']}]") + (" (stale)" if row["stale"] else "")
         table.add_row(label, f"{_percent(row['top1'])} {row['split']}", _percent(row["top5"]),
-                      _percent(row["val_top1"]), f"{row['fit_seconds']:.1f}")
+                      _percent(row["val_top1"]), f"{row['fit_seconds']:.1f}", row["views"])
     console.print(table)
 
 

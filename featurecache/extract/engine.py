@@ -93,17 +93,18 @@ class Batch:
 def run_backbone(model: StagedBackbone, source: Source, samples: Sequence[Sample], *,
                  preprocessing: Preprocessing, taps: Sequence[str], device: torch.device,
                  precision: str, dtype: str, batches: list[list[int]], num_workers: int,
-                 decode: str = "pil") -> Iterator[Batch]:
+                 decode: str = "pil", dataset: Dataset | None = None) -> Iterator[Batch]:
     """Yield features for `samples`, batch by batch in the given order of positions.
 
     Failures to decode are reported per batch. The caller fixes the batches: the same
     images in the same batch give bitwise-identical features, which a resumed run
     relies on to reproduce an uninterrupted one. `decode`: "pil" or "torch" (see
-    tensor_decode.py; on a GPU the torch path decodes each batch there).
+    tensor_decode.py; on a GPU the torch path decodes each batch there). `dataset`: yields
+    (position, uint8 image or None, reason) in place of decoding `samples` (augmented views).
     """
-    defer = decode == "torch" and device.type == "cuda"
+    defer = decode == "torch" and device.type == "cuda" and dataset is None
     loader = DataLoader(
-        _DecodeDataset(source, samples, preprocessing, decode, defer), batch_sampler=batches,
+        dataset or _DecodeDataset(source, samples, preprocessing, decode, defer), batch_sampler=batches,
         num_workers=num_workers, collate_fn=_collate, pin_memory=device.type == "cuda" and not defer,
         prefetch_factor=4 if num_workers else None,
     )

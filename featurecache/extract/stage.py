@@ -33,6 +33,7 @@ from .writer import ShardPipeline
 from ..data.sources import FileSource, open_source
 from ..cache.layout import MANIFEST, SHARDS_DIR, WEIGHTS_DIR, weights_file
 from ..cache.manifest import new_manifest
+from ..cache.views import check_view_count, parse_policy
 from ..cache.store import (content_key, default_root, entry_dir_name, entry_id, entry_lock,
                     read_manifest)
 from ..backbones.weights import read_checkpoint, resolve_weights, store_weights
@@ -69,6 +70,9 @@ class ExtractSpec:
     allow_layout: bool = False  # read a folder whose layout looks wrong anyway (see layout.py)
     unlabeled: tuple[str, ...] = ()  # split folders of an image folder whose images have no label
     decode: str = "pil"  # pil | torch (torchvision.io + tensor resize, on the device; see tensor_decode.py), in the key
+    views: int = 0  # augmented views per train image, a keyed view set beside the entry (see cache/views.py)
+    augment: str = "crop-flip"  # the views' policy: crop-flip, crop, flip, or crop-flip:LO-HI (area range)
+    view_seed: int = 0  # seeds the views' crops and flips (with each image's fingerprint and the view index)
 
 
 @dataclass
@@ -82,6 +86,7 @@ class ExtractResult:
     seconds: float = 0.0
     unlabeled_splits: list[str] = field(default_factory=list)  # cached, never fitted or scored
     notes: list[str] = field(default_factory=list)  # what else was done, e.g. a damaged checkpoint restored
+    views: object = None  # a ViewsResult when views were asked for (extract/views.py)
 
     @property
     def images_per_second(self) -> float:
@@ -124,6 +129,12 @@ def _check_spec(spec: ExtractSpec) -> None:
         raise UsageError(f"unknown --decode {spec.decode!r}; use {choices(DECODES)}")
     if spec.decode == "torch" and spec.draft:
         raise UsageError("--draft is libjpeg draft decoding through PIL; it does not combine with --decode torch")
+    check_view_count(spec.views)
+    parse_policy(spec.augment)  # a bad policy is refused even without --views
+    if not _integer(spec.view_seed) or not 0 <= spec.view_seed < 2**63:
+        raise UsageError(f"--view-seed must be a non-negative integer, got {spec.view_seed!r}")
+    if spec.views and spec.decode != "pil":
+        raise UsageError("--views decodes images with PIL; it does not combine with --decode torch")
 
 
 def extract(spec: ExtractSpec | None = None, *, progress: Callable[[int, int], None] | None = None,
@@ -160,6 +171,9 @@ def extract(spec: ExtractSpec | None = None, *, progress: Callable[[int, int], N
         raise UsageError("give extract either an ExtractSpec or keyword settings, not both")
     _check_spec(spec)
     group = join_group(spec.device)
+    if spec.views and group.world_size > 1:
+        group.close()
+        raise UsageError("--views runs in one process; extract the views without torchrun (--devices 1)")
     try:
         return _extract(spec, group, progress, prepared)
     finally:
@@ -205,7 +219,9 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
         raise storage_error(error, path, "the cache entry") from None
 
     # Only rank 0 (the only process outside torchrun) locks, cleans up, plans and writes the manifest.
-    with entry_lock(path, spec.lock_timeout) if group.leader else contextlib.nullcontext():
+    with contextlib.ExitStack() as lock:
+        if group.leader:
+            lock.enter_context(entry_lock(path, spec.lock_timeout))
         fault_point("after_lock")
         previous = read_manifest(path) if group.leader and (path / MANIFEST).exists() else None
         damaged_checkpoint = bool(previous) and group.leader and not _checkpoint_intact(root, previous)
@@ -214,10 +230,27 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
         plan = None if hit or not group.leader else make_plan(path, previous, source, spec.shard_size,
                                                               entry_id=entry_hash)
         hit, plan = group.share_plan(key, previous if hit else None, plan, source)
+        built: list = []
+
+        def model_factory() -> StagedBackbone:  # built once, for the plain rows and the views
+            if not built:
+                network = build_network(entry, weights.state_dict)
+                model = staged_backbone(entry, network).eval().to(device, memory_format=torch.channels_last)
+                # Decided by the dataset's size, not by what is left to compute, so a resumed run
+                # builds the same graph as an uninterrupted one (bitwise-identical features).
+                optimize = resolve_optimize(spec.optimize, device, precision, images=len(source.samples))
+                built.append(optimize_backbone(model, taps, mode=optimize, batch_size=spec.batch_size,
+                                               image_size=preprocessing.crop_size, device=device))
+            return built[0]
+
+        workers = default_workers() if spec.workers is None else spec.workers
         if hit:
             log.info("cache hit: %s", path)
-            return ExtractResult(path, key, True, hit["splits"], 0, hit["skipped"], time.perf_counter() - started,
-                                 list(source.unlabeled_splits))
+            result = ExtractResult(path, key, True, hit["splits"], 0, hit["skipped"], time.perf_counter() - started,
+                                   list(source.unlabeled_splits))
+            lock.close()  # views take the lock themselves
+            return _with_views(result, hit, spec, source, model_factory, taps, device, precision, preprocessing,
+                               workers, progress)
         manifest = new_manifest(
             tool_version=__version__, entry_id=entry_hash, key=key, config=config, weights_spec=spec.weights,
             weights_description=weights.description, weights_sha256=weights.sha256, spec=dataclasses.asdict(spec),
@@ -232,15 +265,7 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
         pipeline.carry_over()
         computed = 0
         if plan.shards:
-            network = build_network(entry, weights.state_dict)
-            model = staged_backbone(entry, network).eval().to(device, memory_format=torch.channels_last)
-            # Decided by the dataset's size, not by what is left to compute, so a resumed run
-            # builds the same graph as an uninterrupted one (bitwise-identical features).
-            optimize = resolve_optimize(spec.optimize, device, precision, images=len(source.samples))
-            model = optimize_backbone(model, taps, mode=optimize, batch_size=spec.batch_size,
-                                      image_size=preprocessing.crop_size, device=device)
-            workers = default_workers() if spec.workers is None else spec.workers
-            computed = _compute(model, source, plan, pipeline, spec, taps, device, precision,
+            computed = _compute(model_factory(), source, plan, pipeline, spec, taps, device, precision,
                                 preprocessing, workers, progress)
         computed = group.collect(pipeline, computed)  # waits for every rank; rank 0 lists their shards
         final = group.share(pipeline.finish())
@@ -250,8 +275,23 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
         raise ExtractionError(f"no image in {spec.source} could be read; see the skipped list in {path / MANIFEST}")
     notes = [f"restored the backbone checkpoint {root / WEIGHTS_DIR / weights_file(weights.sha256)} "
              "(it was missing or damaged)"] if damaged_checkpoint else []
-    return ExtractResult(path, key, False, final["splits"], computed, final["skipped"], time.perf_counter() - started,
-                         list(source.unlabeled_splits), notes)
+    result = ExtractResult(path, key, False, final["splits"], computed, final["skipped"], time.perf_counter() - started,
+                           list(source.unlabeled_splits), notes)
+    return _with_views(result, final, spec, source, model_factory, taps, device, precision, preprocessing, workers,
+                       progress)
+
+
+def _with_views(result: ExtractResult, manifest: dict, spec: ExtractSpec, source, model_factory, taps, device,
+                precision, preprocessing, workers, progress) -> ExtractResult:
+    """The plain entry is complete: add the views asked for (none: nothing to do)."""
+    if not spec.views:
+        return result
+    from .views import extend_views
+
+    result.views = extend_views(path=result.path, manifest=manifest, source=source, spec=spec,
+                                model_factory=model_factory, taps=taps, device=device, precision=precision,
+                                preprocessing=preprocessing, workers=workers, progress=progress)
+    return result
 
 
 def _checkpoint_intact(root: Path, manifest: dict) -> bool:

@@ -250,6 +250,14 @@ def list_heads(cache: Cache) -> list[str]:
                   if re.fullmatch(HEAD_NAME_PATTERN, p.name) and (p / HEAD_FILE).exists())
 
 
+def views_label(views: object) -> str:
+    """What a head record says of augmented views: "-" for none, else how many and how used."""
+    if not isinstance(views, dict) or not views.get("views"):
+        return "-" if not isinstance(views, dict) else "no (plain features)"
+    how = {"sample": "1 drawn per epoch", "stack": "stacked", "mean": "mean"}.get(views.get("mode"), "?")
+    return f"{views['views']} {views.get('augment', '')} ({how})"
+
+
 def leaderboard(cache: Cache | str | Path) -> list[dict]:
     """Every head on the cache with its headline figure, best first; stale ones last (reads records only)."""
     from ..cache.store import open_cache
@@ -267,6 +275,6 @@ def leaderboard(cache: Cache | str | Path) -> list[dict]:
             "top1": metrics.get("top1"), "top5": metrics.get("top5"),
             "val_top1": next((m.get("top1") for s, m in record["metrics"].items() if s.startswith("val")), None),
             "chosen": record.get("chosen"), "fit_seconds": record.get("fit_seconds", 0.0),
-            "stale": stale, "note": record["headline"].get("note", ""),
+            "stale": stale, "note": record["headline"].get("note", ""), "views": views_label(record.get("views")),
         })
     return sorted(rows, key=lambda r: (r["stale"], -(r["top1"] or 0.0)))

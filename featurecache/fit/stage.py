@@ -27,6 +27,7 @@ from ..heads.metrics import classification_metrics
 from ..cache.store import Cache, open_cache
 from ..cache.streaming import available_memory, in_memory_bytes, streamed_probabilities
 from ..heads.streaming import StreamedData
+from .views import check_views_spec, fit_with_views, train_views
 
 log = logging.getLogger("featurecache")
 
@@ -45,6 +46,9 @@ class FitSpec:
     seed: int = 0
     max_memory: int | None = None  # bytes of features to hold at once; None: half the available RAM
     overwrite: bool = False  # replace an existing head of the same name (refused otherwise)
+    views: int | str | None = None  # train on K cached augmented views per image ("all": every one); see fit/views.py
+    view_set: str | None = None  # which view set: a policy (crop-flip, ...) or a view key prefix; None: the only one
+    view_mode: str | None = None  # logistic and sklearn heads: stack (default) or mean of the views
 
 
 @dataclass
@@ -204,6 +208,7 @@ def check_fit_spec(spec: FitSpec) -> None:
         raise HeadError("--refit is supported for the logistic head")
     if spec.head == "ensemble":
         raise HeadError("make an ensemble with featurecache ensemble, not fit-head")
+    check_views_spec(spec.views, spec.view_mode)
     check_head_name(spec.name or default_head_name(spec.head))
     make_head(spec.head, **spec.params)  # the head's own checks, and sklearn's for its estimators
 
@@ -224,6 +229,10 @@ def fit_head(cache: Cache | str | Path, spec: FitSpec) -> FitResult:
     started = time.perf_counter()
     streaming = _needs_streaming(cache, spec)
     notes = []
+    augmenting = spec.views is not None or any(spec.params.get(p) for p in ("feature_noise", "feature_mixup"))
+    if streaming and augmenting:
+        raise HeadError("views and feature-space augmentation need the features in memory; raise --max-memory")
+    views_info = None
     if streaming:
         head, metrics, val_name = _fit_streaming(cache, spec)
         rows = dict(cache.labeled_splits)
@@ -233,7 +242,8 @@ def fit_head(cache: Cache | str | Path, spec: FitSpec) -> FitResult:
         head = make_head(spec.head, **spec.params, **({"refit": True} if spec.refit else {}))
         if isinstance(head, SklearnHead):
             head.check_saveable(X, y, len(cache.classes))  # before the real fit: refused early, not after
-        head.fit(X, y, X_val, y_val, n_classes=len(cache.classes))
+        bank, views_info = train_views(cache, spec, _train_rows(cache, spec))
+        fit_with_views(head, X, y, X_val, y_val, len(cache.classes), bank, views_info)
         metrics = _evaluate(head, data, cache.classes)
         rows = {split: int(len(labels)) for split, (_, labels) in data.items()}
         if val_name != "val":
@@ -246,14 +256,23 @@ def fit_head(cache: Cache | str | Path, spec: FitSpec) -> FitResult:
         "classes": cache.classes, "selection_split": val_name,
         "chosen": getattr(head, "best_params_", None), "metrics": metrics,
         "headline": _headline(metrics, spec.refit), "fit_seconds": seconds, "rows": rows,
-        "streamed": streaming, "validation": _validation(val_name, spec), "notes": notes,
+        "streamed": streaming, "validation": _validation(val_name, spec), "notes": notes, "views": views_info,
         "spec": {"head": spec.head, "tap": spec.tap, "params": spec.params, "val_fraction": spec.val_fraction,
-                 "refit": spec.refit, "seed": spec.seed, "max_memory": spec.max_memory},
+                 "refit": spec.refit, "seed": spec.seed, "max_memory": spec.max_memory, "views": spec.views,
+                 "view_set": spec.view_set, "view_mode": spec.view_mode},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tool_version": __version__,
     }
     path = save_head(cache, name, head, record, overwrite=spec.overwrite)
     log.info("head %s: %s top-1 %.4f", name, record["headline"]["split"], record["headline"]["top1"])
     return FitResult(name, path, head, read_record(cache, name))
+
+
+def _train_rows(cache: Cache, spec: FitSpec) -> np.ndarray:
+    """Positions in the cache's train split of the rows `_splits` trains on (not the carved validation)."""
+    labels = cache.labels("train")
+    if spec.val_fraction is None and cache.labeled_splits.get("val", 0) > 0:
+        return np.arange(len(labels))
+    return _stratified_split(labels, spec.val_fraction if spec.val_fraction is not None else 0.2, spec.seed)[0]
 
 
 def _validation(val_name: str, spec: FitSpec) -> dict:

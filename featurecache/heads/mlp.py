@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -64,6 +65,13 @@ class MLPHead(NetworkHead):
     `lr` and `weight_decay` are values or lists; their grid is searched on validation
     data and the best epoch's weights of the best setting are kept. Seeded by `seed`
     without touching the caller's global RNG; deterministic on CPU.
+
+    Augmentation: `fit(..., views=V)` with V (N x K x D), K cached augmented views of each
+    training row, draws one of the K + 1 versions of each row (the plain one counts) per
+    epoch. In feature space, `feature_noise` adds Gaussian noise of that many standard
+    deviations (of each feature, over the training rows) to every training input, and
+    `feature_mixup=ALPHA` trains on mixup of pairs of rows (lambda ~ Beta(ALPHA, ALPHA)).
+    Validation rows are never augmented.
     """
 
     name = "mlp"
@@ -73,7 +81,7 @@ class MLPHead(NetworkHead):
                  lr: float | Sequence[float] = (1e-3, 3e-3),
                  weight_decay: float | Sequence[float] = (1e-4, 1e-2), epochs: int = 100,
                  batch_size: int = 256, patience: int = 10, seed: int = 0, device: str = "auto",
-                 n_classes: int | None = None) -> None:
+                 n_classes: int | None = None, feature_noise: float = 0.0, feature_mixup: float = 0.0) -> None:
         self.hidden_sizes = hidden_sizes
         self.dropout = dropout
         self.lr = lr
@@ -84,6 +92,22 @@ class MLPHead(NetworkHead):
         self.seed = seed
         self.device = device
         self.n_classes = n_classes
+        self.feature_noise = feature_noise
+        self.feature_mixup = feature_mixup
+        self._views = None
+
+    def fit(self, X, y, X_val=None, y_val=None, *, n_classes: int | None = None, views=None) -> MLPHead:
+        """As every head's `fit`; `views` (N x K x D): augmented views of the rows of X, one of
+        the K + 1 versions of each row drawn per epoch."""
+        if views is not None:
+            views = np.asarray(views, dtype=np.float32)
+            if views.ndim != 3 or len(views) != len(X) or views.shape[2] != np.shape(X)[1]:
+                raise HeadError(f"views must be (rows, views, features) matching X {np.shape(X)}, got {views.shape}")
+        self._views = views
+        try:
+            return super().fit(X, y, X_val, y_val, n_classes=n_classes)
+        finally:
+            self._views = None
 
     streams = True
 
@@ -109,6 +133,10 @@ class MLPHead(NetworkHead):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise HeadError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("feature_noise", "feature_mixup"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 100:
+                raise HeadError(f"{name} must be a number from 0 to 100 (0: off), got {value!r}")
         resolve_device(self.device)
 
     def _build_network(self, n_features: int, n_classes: int) -> nn.Sequential:
@@ -125,19 +153,24 @@ class MLPHead(NetworkHead):
 
     def _train(self, network: nn.Module, data: tuple, lr: float, weight_decay: float) -> tuple:
         """Train one setting: (best state, history, best epoch, (val top-1, -val loss) or None)."""
-        features, labels, features_val, labels_val = data
+        features, labels, features_val, labels_val, views = data
         optimizer = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=weight_decay)
         steps = self.epochs * math.ceil(len(features) / self.batch_size)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         generator = torch.Generator().manual_seed(self.seed)
         history: list[dict] = []
         stopping = EarlyStopping(self.patience, self.epochs)
+        rows = torch.arange(len(features), device=features.device)
         for epoch in range(1, self.epochs + 1):
             network.train()
             total = torch.zeros((), device=features.device)
+            epoch_features = features
+            if views is not None:  # one version of each row this epoch: 0 the plain one, k view k - 1
+                pick = torch.randint(views.shape[1] + 1, (len(features),), generator=generator).to(features.device)
+                epoch_features = torch.where((pick == 0)[:, None], features, views[rows, (pick - 1).clamp(min=0)])
             for batch in torch.randperm(len(features), generator=generator).split(self.batch_size):
                 batch = batch.to(features.device)
-                loss = F.cross_entropy(network(features[batch]), labels[batch])
+                loss = self._loss(network, epoch_features[batch], labels[batch], generator)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -154,6 +187,19 @@ class MLPHead(NetworkHead):
                 break
         return stopping.state or network.state_dict(), history, stopping.epoch, stopping.score
 
+    def _loss(self, network: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        """Cross-entropy of one training batch, after the feature-space augmentation asked for."""
+        if self.feature_noise:
+            noise = torch.randn(x.shape, generator=generator).to(x.device)
+            x = x + self.feature_noise * network.standardize.scale * noise
+        if self.feature_mixup:
+            lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator))).beta(
+                self.feature_mixup, self.feature_mixup))
+            partner = torch.randperm(len(x), generator=generator).to(x.device)
+            logits = network(lam * x + (1 - lam) * x[partner])
+            return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[partner])
+        return F.cross_entropy(network(x), y)
+
     def _fit(self, X, y, X_val, y_val, n_classes: int) -> None:
         settings = self._settings()
         if len(settings) > 1 and X_val is None:
@@ -161,7 +207,7 @@ class MLPHead(NetworkHead):
                             "(or pass single values)")
         device = resolve_device(self.device)
         data = tuple(None if array is None else torch.from_numpy(array).to(device)
-                     for array in (X, y, X_val, y_val))
+                     for array in (X, y, X_val, y_val, self._views))
         trials = []
         for lr, weight_decay in settings:
             # fork_rng seeds weight init and dropout but leaves the caller's RNG as it was.

@@ -58,6 +58,8 @@ class VerifyReport:
     manifest_readable: bool = True
     invalid_records: list[str] = field(default_factory=list)  # malformed manifest or head records (exit code 2)
     checkpoint_bad: bool = False  # the backbone checkpoint is missing or damaged
+    bad_view_shards: list[str] = field(default_factory=list)  # listed view shards to drop and recompute
+    bad_view_sets: list[str] = field(default_factory=list)  # view set folders whose manifest is unreadable
     manifest_unsealed: bool = False  # the manifest's checksum is missing or wrong
     shards_checked: int = 0
     rows_checked: int = 0
@@ -231,7 +233,18 @@ def verify_entry(name: str | Path, *, root: Path | None = None, lock_timeout: fl
         cache = Cache(path, manifest)
         _check_heads(report, cache)
         _check_finetune_runs(report)
+        _check_views(report, tap_shapes, len(manifest["classes"]))
     return report
+
+
+def _check_views(report: VerifyReport, tap_shapes: dict, n_classes: int) -> None:
+    """Every view set (cache/views.py): its manifest, each listed shard as thoroughly as a plain one, strays."""
+    from ..cache.views import check_view_sets
+
+    for relative, what, kind in check_view_sets(report.path, tap_shapes, n_classes, _check_shard):
+        report.problems.append(Problem(relative, what))
+        {"shard": report.bad_view_shards, "stray": report.stray_files,
+         "set": report.bad_view_sets}[kind].append(relative if kind != "set" else relative.rsplit("/", 1)[0])
 
 
 def _entry_spec(path: Path, manifest: dict):
@@ -316,4 +329,28 @@ def repair_entry(name: str | Path, *, root: Path | None = None, progress=None) -
             raise CorruptCacheError(
                 f"re-extracting {path} gave another entry ({result.path}): the source or weights changed "
                 "since it was made; run featurecache extract instead")
+    _repair_views(path, before, progress)
     return before, verify_entry(path)
+
+
+def _repair_views(path: Path, before: VerifyReport, progress) -> None:
+    """Unreadable view sets are deleted; damaged view shards dropped and computed again (the
+    views are deterministic, so the same bytes come back)."""
+    import shutil
+
+    from ..cache.views import drop_view_shards
+    from ..extract.stage import extract
+
+    with entry_lock(path, 10.0):
+        for relative in before.bad_view_sets:
+            shutil.rmtree(path / relative, ignore_errors=True)
+            log.warning("removed the view set %s (its manifest is unreadable); extract --views makes it again",
+                        relative)
+        touched = drop_view_shards(path, before.bad_view_shards)
+    manifest = read_manifest(path)
+    for views in touched:
+        if views["entry_key"] != manifest["key"]:
+            continue  # a set for files the entry no longer has: dropped, not recomputed
+        spec = dataclasses.replace(_entry_spec(path, manifest), views=views["views"], augment=views["augment"],
+                                   view_seed=views["seed"])
+        extract(spec, progress=progress)

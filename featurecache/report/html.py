@@ -276,10 +276,10 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
     if board:
         rows = [[r["name"] + (" (stale)" if r["stale"] else ""), r["head"], r["tap"], r["split"], _pct(r["top1"]),
                  _pct(r["top5"]), _pct(r["val_top1"]), f"{r['fit_seconds']:.1f}",
-                 _compact(r["chosen"])] for r in board]
+                 _compact(r["chosen"]), r["views"]] for r in board]
         best = next((i for i, r in enumerate(board) if r["name"] == result.head), None)
         sections.append(_table(["head", "type", "tap", "reported on", "top-1 %", "top-5 %", "val top-1 %", "fit s",
-                                "chosen on validation"], rows, {4, 5, 6, 7}, best))
+                                "chosen on validation", "trained on views"], rows, {4, 5, 6, 7}, best))
         sections.append(f"<p class=note>Best first. Hyper-parameters are chosen on validation; "
                         f"{_e(board[0]['note'])}.</p>")
     else:
