@@ -37,7 +37,7 @@ _LAZY = {  # public name -> "submodule" or "submodule:attribute" that defines it
     # verify and repair
     "verify": "maintain.verify:verify_entry", "repair": "maintain.verify:repair_entry",
     # report and pipelines
-    "ReportSpec": "report.html", "build_report": "report.html",
+    "ReportSpec": "report.page", "build_report": "report.page",
     "load_pipeline": "pipeline.runner", "run_pipeline": "pipeline.runner",
 }
 
@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
     from .heads.registry import make_head
     from .maintain.verify import repair_entry as repair, verify_entry as verify
     from .pipeline.runner import load_pipeline, run_pipeline
-    from .report.html import ReportSpec, build_report
+    from .report.page import ReportSpec, build_report
     from .serve.export import export_model as export
     from .serve.export_features import export_features
     from .serve.predict import load_predictor, predict, predict_split

@@ -183,7 +183,7 @@ MUTATIONS = [
              "a view depends on (seed, image, index) only"),
     Mutation("views-recompute-all", "extract/views.py", "if view_shard(view, block) not in listed]", "]",
              ("tests/test_views.py::test_more_views_later_compute_only_the_new_ones",), "more views compute only the new ones"),
-    Mutation("views-unverified", "maintain/verify.py", "        _check_views(report, tap_shapes, len(manifest[\"classes\"]))\n", "",
+    Mutation("views-unverified", "maintain/verify.py", "        _check_views(report, shapes, len(manifest[\"classes\"]))\n", "",
              ("tests/test_views.py::test_a_damaged_view_shard_is_found_by_verify_and_refused_on_read",), "verify checks view shards"),
     Mutation("views-val-rows", "fit/views.py", "bank = bank.reshape(len(bank), count, -1)[train_rows]",
              "bank = bank.reshape(len(bank), count, -1)[:len(train_rows)]",

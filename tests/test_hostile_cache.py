@@ -432,7 +432,7 @@ def test_damaged_head_is_refused_and_reported(attack, entry, tmp_path, image):
 
 
 def test_a_diverged_head_is_not_saved(entry, monkeypatch):
-    from featurecache.heads.linear import LogisticHead
+    from featurecache.heads.logistic import LogisticHead
 
     original = LogisticHead._fit
 

@@ -121,7 +121,7 @@ def test_sweep_tol_is_checked():
 
 def test_standardization_statistics_match_float64_whatever_the_row_order():
     """One float32 pass, shifted: rows sorted by value, far from zero, and a constant column."""
-    from featurecache.heads.linear import STD_FLOOR, standardization
+    from featurecache.heads.base import STD_FLOOR, standardization
 
     rng = np.random.default_rng(1)
     X = np.sort(rng.gamma(0.6, 3.0, (5000, 6)), axis=0).astype(np.float32) + 100

@@ -20,7 +20,7 @@ def test_every_public_name_is_the_object_its_stage_defines():
         "predict": ("serve.predict", "predict"), "load_predictor": ("serve.predict", "load_predictor"),
         "export": ("serve.export", "export_model"), "export_features": ("serve.export_features", "export_features"),
         "verify": ("maintain.verify", "verify_entry"), "repair": ("maintain.verify", "repair_entry"),
-        "build_report": ("report.html", "build_report"), "run_pipeline": ("pipeline.runner", "run_pipeline"),
+        "build_report": ("report.page", "build_report"), "run_pipeline": ("pipeline.runner", "run_pipeline"),
         "open_cache": ("cache.store", "open_cache"),
     }
     for name, (module, attribute) in definitions.items():

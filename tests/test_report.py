@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from featurecache import ExtractSpec, extract, open_cache
 from featurecache.cli import app
 from featurecache.fit.stage import FitSpec, fit_head, make_ensemble
-from featurecache.report.html import ReportSpec, build_report
+from featurecache.report.page import ReportSpec, build_report
 
 runner = CliRunner()
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 220)}

@@ -13,7 +13,7 @@ from featurecache.cli import app
 from featurecache.errors import SourceError
 from featurecache.finetune.stage import FinetuneSpec, finetune
 from featurecache.serve.predict import load_predictor, predict, predict_split
-from featurecache.report.html import ReportSpec, build_report
+from featurecache.report.page import ReportSpec, build_report
 from featurecache.data.sources import open_source
 
 import replicas

@@ -244,8 +244,6 @@ def _fit(entry, head, **settings):
 
 
 def _spy(monkeypatch, cls, method="fit"):
-    from featurecache.heads import linear
-
     calls = []
     original = getattr(cls, method)
 
@@ -258,7 +256,7 @@ def _spy(monkeypatch, cls, method="fit"):
 
 
 def test_logistic_stacks_the_views_and_validates_on_plain_val(with_views, monkeypatch):
-    from featurecache.heads.linear import LogisticHead
+    from featurecache.heads.logistic import LogisticHead
 
     cache = open_cache(with_views)
     X, views = cache.features("train").reshape(36, -1), _views(with_views, 3).reshape(36, 3, -1)

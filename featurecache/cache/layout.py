@@ -19,6 +19,7 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 WEIGHTS_DIR = "_weights"
 SHARDS_DIR = "shards"
+VIEWS_DIR = "views"  # augmented view sets: views/<key>/manifest.json and views/<key>/shards/
 HEADS_DIR = "heads"
 HEAD_FILE = "head.safetensors"
 HEAD_JSON = "head.json"

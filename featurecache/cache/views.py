@@ -28,15 +28,15 @@ from pathlib import Path
 
 from .._lazy import lazy_module
 from ..errors import CorruptCacheError, FeatureCacheError, HeadError, UsageError
-from .store import MANIFEST, canonical_json, sha256_text, write_manifest
+from .layout import MANIFEST, SHARDS_DIR, VIEWS_DIR, shard_file
+from .store import canonical_json, sha256_text
 
 np = lazy_module("numpy", globals(), "np")
 
-VIEWS_DIR = "views"
 POLICIES = ("crop-flip", "crop", "flip")
 DEFAULT_SCALE = (0.25, 1.0)  # finetune's Augmentation default: RandomResizedCrop's area fraction
 DEFAULT_RATIO = (3 / 4, 4 / 3)
-SHARD_PATTERN = re.compile(r"shards/train-v([0-9]{4})-([0-9]{5})\.h5")
+SHARD_PATTERN = re.compile(rf"{SHARDS_DIR}/train-v([0-9]{{4}})-([0-9]{{5}})\.h5")
 
 
 @dataclass(frozen=True)
@@ -100,11 +100,18 @@ def view_dir(entry_path: Path, key: str) -> Path:
 
 
 def view_shard(view: int, number: int) -> str:
-    return f"shards/train-v{view:04d}-{number:05d}.h5"
+    return shard_file(f"train-v{view:04d}-{number:05d}.h5")
 
 
 def write_view_manifest(directory: Path, manifest: dict) -> None:
-    write_manifest(directory, manifest)  # sealed, temp file + fsync + rename
+    """Sealed, validated by the view schema first, then written by the one atomic writer."""
+    from .atomic import json_text, write_atomic
+    from .integrity import seal_json
+
+    path = directory / MANIFEST
+    text = json_text(seal_json(manifest))
+    _check(json.loads(text), path)
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), "the view manifest")
 
 
 @functools.cache
@@ -114,6 +121,7 @@ def _schema():
 
     from pydantic import Field, StringConstraints
 
+    from ..options import DTYPES
     from .schema import Count, FeatureLayout, Hex64, Record, TapName, TapRecord
 
     class ViewShardRecord(Record):
@@ -143,7 +151,7 @@ def _schema():
         rows: Count
         blocks: Count
         shard_size: Annotated[int, Field(ge=1)]
-        dtype: Literal["float16", "float32"]
+        dtype: Literal[DTYPES]  # type: ignore[valid-type]
         taps: Annotated[dict[TapName, TapRecord], Field(min_length=1)]
         shards: list[ViewShardRecord]
 
@@ -271,7 +279,7 @@ def check_view_sets(entry_path: Path, tap_shapes: dict, n_classes: int, check_sh
     """Problems of every view set: (file relative to the entry, what, kind) with kind `shard`
     (a listed shard to drop and recompute), `stray` (a file to delete) or `set` (an unreadable
     view manifest: its folder is deleted by --repair). `check_shard` is verify's shard check."""
-    from .integrity import is_temporary
+    from .atomic import is_temporary
 
     problems = []
     for directory, manifest, problem in view_sets(entry_path):
@@ -288,9 +296,9 @@ def check_view_sets(entry_path: Path, tap_shapes: dict, n_classes: int, check_sh
         for file in sorted(directory.iterdir()):
             if is_temporary(file.name) and file.is_file():
                 problems.append((f"{relative}/{file.name}", "temporary file left by an interrupted run", "stray"))
-        shards = directory / "shards"
+        shards = directory / SHARDS_DIR
         for file in sorted(shards.iterdir()) if shards.is_dir() else []:
-            name = f"shards/{file.name}"
+            name = shard_file(file.name)
             if is_temporary(file.name):
                 problems.append((f"{relative}/{name}", "temporary file left by an interrupted run", "stray"))
             elif name not in listed:
@@ -305,12 +313,12 @@ def drop_view_shards(entry_path: Path, files: list[str]) -> list[dict]:
     touched = []
     by_set: dict[Path, set[str]] = {}
     for relative in files:
-        directory, _, shard = relative.partition("/shards/")
-        by_set.setdefault(entry_path / directory, set()).add(f"shards/{shard}")
+        directory, _, shard = relative.partition(f"/{SHARDS_DIR}/")
+        by_set.setdefault(entry_path / directory, set()).add(shard_file(shard))
     for directory, bad in by_set.items():
         manifest = read_view_manifest(directory)
-        manifest["shards"] = [r for r in manifest["shards"] if r["file"] not in bad]
-        write_view_manifest(directory, {k: v for k, v in manifest.items() if k != "checksum"})
+        kept = [r for r in manifest["shards"] if r["file"] not in bad]
+        write_view_manifest(directory, {k: v for k, v in manifest.items() if k != "checksum"} | {"shards": kept})
         for shard in bad:
             (directory / shard).unlink(missing_ok=True)
         touched.append({"augment": manifest["augment"], "seed": manifest["seed"], "views": manifest["requested"],

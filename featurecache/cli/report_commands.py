@@ -25,7 +25,7 @@ def report_command(
 
     Example: featurecache report cache/digits-resnet50-0123456789ab -o report.html
     """
-    from ..report.html import ReportSpec, build_report
+    from ..report.page import ReportSpec, build_report
     from ..cache.store import open_cache
 
     spec = ReportSpec(output=str(output) if output else None, head=head, worst=worst, max_points=max_points, tsne=tsne)

@@ -29,9 +29,10 @@ from torchvision.transforms import functional as F
 
 from ..backbones.preprocess import prepare_image
 from ..backbones.registry import Preprocessing
-from ..cache.integrity import is_temporary
+from ..cache.atomic import is_temporary
 from ..cache.shards import ShardRows, ShardWriter, read_fingerprints
-from ..cache.store import MANIFEST, entry_lock
+from ..cache.layout import MANIFEST, SHARDS_DIR, shard_file
+from ..cache.store import entry_lock
 from ..cache.views import (ViewPolicy, parse_policy, read_view_manifest, view_dir, view_key, view_shard,
                            write_view_manifest, available_views)
 from ..data.images import ImageDecodeError
@@ -129,8 +130,8 @@ def _train_samples(path: Path, manifest: dict, source: Source) -> list[Sample]:
 
 def _clean(directory: Path, listed: set[str]) -> None:
     """Temporary files of killed writers and shards no manifest lists (the caller holds the lock)."""
-    for file in sorted((directory / "shards").iterdir()):
-        if is_temporary(file.name) or f"shards/{file.name}" not in listed:
+    for file in sorted((directory / SHARDS_DIR).iterdir()):
+        if is_temporary(file.name) or shard_file(file.name) not in listed:
             file.unlink(missing_ok=True)
     for file in directory.iterdir():
         if is_temporary(file.name) and file.is_file():

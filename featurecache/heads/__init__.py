@@ -2,4 +2,4 @@
 
 from .._lazy import lazy_exports
 
-__getattr__, __dir__ = lazy_exports(__name__, {"Head": "linear", "make_head": "registry", "available_heads": "registry", "register_head": "registry", "head_from_saved": "registry", "LogisticHead": "linear", "MLPHead": "mlp", "KNNHead": "knn", "SklearnHead": "registry", "EnsembleHead": "registry"})
+__getattr__, __dir__ = lazy_exports(__name__, {"Head": "base", "make_head": "registry", "available_heads": "registry", "register_head": "registry", "head_from_saved": "registry", "LogisticHead": "logistic", "MLPHead": "mlp", "KNNHead": "knn", "SklearnHead": "registry", "EnsembleHead": "registry"})

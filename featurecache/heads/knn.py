@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..errors import HeadError, MismatchError
 from ..device import resolve_device
-from .linear import BLOCK_ELEMENTS, Head, as_features
+from .base import BLOCK_ELEMENTS, Head, as_features
 
 if TYPE_CHECKING:
     from .streaming import StreamedData

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..errors import HeadError
 from ..device import cuda_devices, resolve_device
-from .linear import NetworkHead, Standardize, parameter_grid
+from .base import NetworkHead, Standardize, parameter_grid
 
 if TYPE_CHECKING:
     from .streaming import StreamedData

@@ -1,9 +1,9 @@
-"""Classifier heads over cached features, and the registry that names them.
+"""The registry that names the heads: `make_head`, `head_from_saved`, `register_head`.
 
-The logistic head and the shared `Head` base live in `linear`, the MLP in `mlp`, k-NN
-in `knn`; this module adds the scikit-learn wrapper and the soft-voting ensemble.
+The `Head` base lives in `base`, the heads in `logistic`, `mlp`, `knn`, `sklearn_head`
+(the scikit-learn wrapper) and `ensemble` (soft voting).
 
-Every head follows the scikit-learn estimator contract (`featurecache.linear.Head`),
+Every head follows the scikit-learn estimator contract (`featurecache.heads.base.Head`),
 saves as tensors plus a JSON config (never pickle) and, where it can, exports a torch
 module from raw features to probabilities. Examples: `make_head("logistic")`,
 `make_head("mlp", hidden_sizes=(256,))`, `make_head("knn", k=10)`,
@@ -12,23 +12,20 @@ module from raw features to probabilities. Examples: `make_head("logistic")`,
 
 from __future__ import annotations
 
-import importlib
 import inspect
-import json
 import logging
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-import torch
-from sklearn.base import ClassifierMixin
-from sklearn.utils.validation import check_is_fitted
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..errors import HeadError, MismatchError
+from ..errors import HeadError
 from .knn import KNNHead
-from .linear import Head, LogisticHead, Standardize, as_features, jsonable, standardization
+from .base import Head
+from .logistic import LogisticHead
 from .mlp import MLPHead
+from .ensemble import EnsembleHead
+from .sklearn_head import SKLEARN_PREFIX, SklearnHead
 
 __all__ = [
     "EnsembleHead", "Head", "KNNHead", "LogisticHead", "MLPHead", "SklearnHead",
@@ -37,7 +34,6 @@ __all__ = [
 
 logger = logging.getLogger("featurecache")
 
-SKLEARN_PREFIX = "sklearn:"
 _HEADS: dict[str, type[Head]] = {}
 
 
@@ -62,24 +58,6 @@ def available_heads() -> list[str]:
 def streaming_heads() -> list[str]:
     """The registered heads that can fit on features streamed from disk (`Head.streams`)."""
     return [name for name, cls in _HEADS.items() if cls.streams]  # in registration order
-
-
-def _sklearn_class(path: str) -> type:
-    """The sklearn classifier named "<module>.<Estimator>", e.g. "svm.LinearSVC"."""
-    module_name, _, class_name = path.rpartition(".")
-    if not module_name or not class_name:
-        raise HeadError(f"expected sklearn:<module>.<Estimator> (e.g. sklearn:svm.LinearSVC), "
-                        f"got sklearn:{path}")
-    try:
-        module = importlib.import_module(f"sklearn.{module_name}")
-    except ImportError as error:
-        raise HeadError(f"sklearn has no module {module_name!r} (in sklearn:{path})") from error
-    cls = getattr(module, class_name, None)
-    if not inspect.isclass(cls):
-        raise HeadError(f"sklearn.{module_name} has no estimator {class_name!r}")
-    if not issubclass(cls, ClassifierMixin):
-        raise HeadError(f"sklearn.{module_name}.{class_name} is not a classifier")
-    return cls
 
 
 def make_head(name: str, **params: Any) -> Head:
@@ -123,305 +101,6 @@ def head_from_saved(config: dict, tensors: dict[str, Tensor],
 
 
 # ------------------------------------------------------------------------------ sklearn
-
-
-def _softmax(scores: np.ndarray) -> np.ndarray:
-    exponentials = np.exp(scores - scores.max(axis=1, keepdims=True))
-    return exponentials / exponentials.sum(axis=1, keepdims=True)
-
-
-class LinearSoftmax(nn.Module):
-    """softmax(W standardise(x) + b) over the classes an sklearn linear model was fitted
-    on; classes absent from its training data get probability 0."""
-
-    def __init__(self, mean: Tensor, scale: Tensor, weight: Tensor, bias: Tensor,
-                 columns: Tensor, n_classes: int) -> None:
-        super().__init__()
-        self.standardize = Standardize(mean, scale)
-        self.linear = nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            self.linear.weight.copy_(weight)
-            self.linear.bias.copy_(bias)
-        self.register_buffer("columns", columns)
-        self.n_classes = n_classes
-        self.binary = weight.shape[0] == 1  # sklearn keeps one score row for two classes
-
-    def forward(self, x: Tensor) -> Tensor:
-        logits = self.linear(self.standardize(x))
-        if self.binary:
-            logits = torch.cat([torch.zeros_like(logits), logits], dim=1)
-        full = torch.full((x.shape[0], self.n_classes), float("-inf"), device=x.device)
-        return torch.softmax(full.index_copy(1, self.columns, logits), dim=1)
-
-
-def _estimator_state(estimator: Any, label: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The fitted state of an sklearn estimator as (JSON values, numeric arrays).
-
-    Takes every attribute that is not a constructor parameter, private ones included,
-    since some estimators predict from them; refuses any that is an object."""
-    params = estimator.get_params(deep=False)
-    values, arrays = {}, {}
-    for key, value in vars(estimator).items():
-        if key in params:
-            continue
-        if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
-            arrays[key] = value
-            continue
-        try:
-            values[key] = jsonable(value)
-        except HeadError:
-            raise HeadError(
-                f"{label} cannot be saved safely: its attribute {key!r} holds a "
-                f"{type(value).__name__}, not arrays or plain values, and featurecache never "
-                "pickles. Use a linear estimator (sklearn:linear_model.LogisticRegression, "
-                "sklearn:svm.LinearSVC) or the logistic head."
-            ) from None
-    return values, arrays
-
-
-class SklearnHead(Head):
-    """An sklearn classifier (`estimator` "<module>.<Estimator>", built with `params`)
-    fitted on standardised features. Probabilities come from its `predict_proba`, or
-    else the softmax of its `decision_function`."""
-
-    _saved_attributes = ("exportable_",)
-
-    def __init__(self, *, estimator: str = "linear_model.LogisticRegression",
-                 params: dict | None = None, n_classes: int | None = None) -> None:
-        self.estimator = estimator
-        self.params = params
-        self.n_classes = n_classes
-
-    @property
-    def name(self) -> str:  # type: ignore[override]
-        return f"{SKLEARN_PREFIX}{self.estimator}"
-
-    def _new_estimator(self) -> Any:
-        if self.params is not None and not isinstance(self.params, dict):
-            raise HeadError(f"parameters of {self.name} must be a table of name = value, got {self.params!r}")
-        try:
-            return _sklearn_class(self.estimator)(**(self.params or {}))
-        except (TypeError, ValueError) as error:
-            raise HeadError(f"bad parameters for {self.name}: {error}") from None
-
-    def _check_params(self) -> None:
-        estimator = self._new_estimator()
-        validate = getattr(estimator, "_validate_params", None)  # scikit-learn >= 1.2 checks types and ranges
-        if validate is not None:
-            try:
-                validate()
-            except (TypeError, ValueError) as error:
-                raise HeadError(f"bad parameters for {self.name}: {error}") from None
-
-    def check_saveable(self, X: np.ndarray, y: np.ndarray, n_classes: int) -> None:
-        """Fit a copy on a small sample, save it and load it back: refuses, before the real fit,
-        an estimator whose fitted state featurecache cannot store exactly (it never pickles)."""
-        rng = np.random.default_rng(0)  # enough rows that size-dependent choices (kd-trees) happen here too
-        per_class = max(3, min(40, 400 // max(len(np.unique(y)), 1)))
-        picked = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in np.unique(y)])
-        sample, labels = X[np.sort(picked)], y[np.sort(picked)]
-        probe = SklearnHead(estimator=self.estimator, params=self.params, n_classes=n_classes)
-        try:
-            probe.fit(sample, labels, n_classes=n_classes)
-        except Exception:  # noqa: BLE001 - the sample was too small for it: the real fit decides
-            return
-        try:
-            expected = probe.predict_proba(sample)
-            loaded = SklearnHead.from_saved(json.loads(json.dumps(probe.to_config())),
-                                            {k: v.clone() for k, v in probe.to_tensors().items()})
-            same = np.allclose(loaded.predict_proba(sample), expected, atol=1e-6)
-        except HeadError:
-            raise
-        except Exception as error:  # noqa: BLE001 - whatever breaks on reload means: cannot be saved
-            same, reason = False, f"{type(error).__name__}: {str(error)[:120]}"
-        else:
-            reason = "its predictions change when saved and loaded back"
-        if not same:
-            raise HeadError(f"{self.name} cannot be saved and loaded back exactly ({reason}); featurecache never "
-                            "pickles. Use a linear estimator (sklearn:linear_model.LogisticRegression, "
-                            "sklearn:svm.LinearSVC) or the logistic, mlp or knn heads")
-
-    def _probabilities(self, standardized: np.ndarray, n_classes: int) -> np.ndarray:
-        estimator = self.estimator_
-        if hasattr(estimator, "predict_proba"):
-            seen = estimator.predict_proba(standardized)
-        else:
-            scores = estimator.decision_function(standardized)
-            if scores.ndim == 1:
-                scores = np.stack([np.zeros_like(scores), scores], axis=1)
-            seen = _softmax(scores)
-        probabilities = np.zeros((len(standardized), n_classes))
-        probabilities[:, estimator.classes_.astype(np.int64)] = seen
-        return probabilities
-
-    def _is_linear_softmax(self, standardized: np.ndarray) -> bool:
-        """Whether probabilities are softmax(coef_ x + intercept_): not so for one-vs-rest,
-        pairwise or calibrated models, whatever their `coef_`."""
-        coef, intercept = (getattr(self.estimator_, name, None) for name in ("coef_", "intercept_"))
-        if not isinstance(coef, np.ndarray) or coef.ndim != 2 or intercept is None:
-            return False
-        logits = standardized @ coef.T + intercept
-        if logits.shape[1] == 1:
-            logits = np.concatenate([np.zeros_like(logits), logits], axis=1)
-        seen = self.estimator_.classes_.astype(np.int64)
-        if logits.shape[1] != len(seen):
-            return False
-        expected = self._probabilities(standardized, int(seen.max()) + 1)[:, seen]
-        return bool(np.allclose(_softmax(logits), expected, atol=1e-5))
-
-    def _fit(self, X, y, X_val, y_val, n_classes: int) -> None:
-        self.mean_, self.scale_ = (statistic.numpy() for statistic in standardization(X))
-        standardized = (X - self.mean_) / self.scale_
-        self.estimator_ = self._new_estimator()
-        try:
-            self.estimator_.fit(standardized, y)
-        except (ValueError, TypeError) as error:  # sklearn's own validation of parameters and data
-            raise HeadError(f"{self.name} could not be fitted: {str(error).splitlines()[0][:300]}") from None
-        self.exportable_ = self._is_linear_softmax(standardized[:256])
-
-    def _predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return self._probabilities((X - self.mean_) / self.scale_, len(self.classes_))
-
-    def to_config(self) -> dict:
-        check_is_fitted(self)
-        state = _estimator_state(self.estimator_, self.name)[0]
-        return {**super().to_config(), "estimator_state": state}
-
-    def to_tensors(self) -> dict[str, Tensor]:
-        check_is_fitted(self)
-        arrays = _estimator_state(self.estimator_, self.name)[1]
-        # copies: an estimator may hold arrays that share memory (views of one another), which
-        # safetensors refuses to store
-        tensors = {f"estimator.{key}": torch.from_numpy(np.array(value, copy=True, order="C"))
-                   for key, value in arrays.items()}
-        return {"mean": torch.from_numpy(self.mean_.copy()), "scale": torch.from_numpy(self.scale_.copy()),
-                **tensors}
-
-    def _load_tensors(self, tensors: dict[str, Tensor], config: dict) -> None:
-        self.mean_, self.scale_ = tensors["mean"].numpy().copy(), tensors["scale"].numpy().copy()
-        if self.mean_.shape != (self.n_features_in_,) or self.scale_.shape != (self.n_features_in_,) \
-                or (self.scale_ <= 0).any():
-            raise MismatchError(f"saved standardisation has shapes {self.mean_.shape} and {self.scale_.shape} "
-                                f"(positive scales expected), the config says {self.n_features_in_} features")
-        self.estimator_ = self._new_estimator()
-        for key, value in config["estimator_state"].items():
-            setattr(self.estimator_, key, value)
-        for key, tensor in tensors.items():
-            if key.startswith("estimator."):
-                setattr(self.estimator_, key.removeprefix("estimator."), tensor.numpy().copy())
-
-    def as_module(self) -> nn.Module:
-        check_is_fitted(self)
-        if not self.exportable_:
-            raise HeadError(
-                f"{self.name} is not a softmax of a linear map, so it has no torch module; use "
-                "sklearn:linear_model.LogisticRegression, sklearn:svm.LinearSVC or logistic")
-        coef = np.asarray(self.estimator_.coef_, dtype=np.float32)
-        intercept = np.broadcast_to(np.asarray(self.estimator_.intercept_, np.float32), len(coef))
-        columns = torch.from_numpy(self.estimator_.classes_.astype(np.int64))
-        return LinearSoftmax(torch.from_numpy(self.mean_), torch.from_numpy(self.scale_),
-                             torch.from_numpy(coef), torch.from_numpy(intercept.copy()),
-                             columns, len(self.classes_)).eval()
-
-
-# ----------------------------------------------------------------------------- ensemble
-
-
-class EnsembleModule(nn.Module):
-    """Weighted sum of member modules' probabilities."""
-
-    def __init__(self, members: list[nn.Module], weights: Sequence[float]) -> None:
-        super().__init__()
-        self.members = nn.ModuleList(members)
-        self.register_buffer("weights", torch.tensor(list(weights), dtype=torch.float32))
-
-    def forward(self, x: Tensor) -> Tensor:
-        total = torch.zeros(0)  # TorchScript wants it defined before the loop
-        for index, member in enumerate(self.members):
-            part = self.weights[index] * member(x)
-            total = part if index == 0 else total + part
-        return total
-
-
-class EnsembleHead(Head):
-    """Soft voting over already-fitted heads, with `weights` normalised to sum to one.
-
-    `members` names the heads as the caller saved them; it is needed to save the ensemble.
-    """
-
-    name = "ensemble"
-
-    def __init__(self, heads: Sequence[Head] = (), weights: Sequence[float] | None = None, *,
-                 members: Sequence[str] | None = None) -> None:
-        self.heads = heads
-        self.weights = weights
-        self.members = members
-
-    @classmethod
-    def from_members(cls, heads: Sequence[Head], weights: Sequence[float] | None = None,
-                     names: Sequence[str] | None = None) -> EnsembleHead:
-        """A fitted ensemble of `heads` (e.g. loaded from disk)."""
-        return cls(list(heads), weights, members=names).fit()
-
-    @classmethod
-    def from_saved(cls, config: dict, tensors: dict[str, Tensor]) -> Head:
-        raise HeadError("rebuild an ensemble with head_from_saved(..., members=heads)")
-
-    def _normalized_weights(self) -> np.ndarray:
-        if not self.heads:
-            raise HeadError("an ensemble needs at least one head")
-        n = len(self.heads)
-        weights = np.ones(n) if self.weights is None else np.asarray(self.weights, np.float64)
-        if weights.shape != (n,) or (weights < 0).any() or weights.sum() <= 0:
-            raise HeadError(f"ensemble weights must be {n} non-negative numbers, not all zero")
-        if self.members is not None and len(self.members) != n:
-            raise HeadError(f"{len(self.members)} member names for {n} heads")
-        return weights / weights.sum()
-
-    def _check_params(self) -> None:
-        self._normalized_weights()
-
-    def fit(self, X=None, y=None, X_val=None, y_val=None, **_: Any) -> EnsembleHead:
-        """Members are fitted already: only checks that they agree, and with X if given."""
-        self.weights_ = self._normalized_weights()
-        for index, head in enumerate(self.heads):
-            if not hasattr(head, "classes_"):
-                raise HeadError(f"ensemble member {index} is not fitted")
-        first = self.heads[0]
-        for head in self.heads[1:]:
-            if len(head.classes_) != len(first.classes_):
-                raise MismatchError(f"ensemble members disagree on the number of classes: "
-                                    f"{len(first.classes_)} vs {len(head.classes_)}")
-            if head.n_features_in_ != first.n_features_in_:
-                raise MismatchError(f"ensemble members disagree on the number of features: "
-                                    f"{first.n_features_in_} vs {head.n_features_in_}")
-        if X is not None:
-            as_features(X, first.n_features_in_)
-        self.classes_ = np.arange(len(first.classes_))
-        self.n_features_in_ = first.n_features_in_
-        return self
-
-    def _predict_proba(self, X: np.ndarray) -> np.ndarray:
-        parts = [weight * head.predict_proba(X) for weight, head in zip(self.weights_, self.heads)]
-        return sum(parts[1:], parts[0])
-
-    def to_config(self) -> dict:
-        check_is_fitted(self)
-        if self.members is None:
-            raise HeadError("name the ensemble's members (members=[...]) to save it")
-        return {"head": self.name,
-                "params": {"weights": jsonable(self.weights), "members": list(self.members)},
-                "weights_": self.weights_.tolist(), "n_classes": len(self.classes_),
-                "n_features": int(self.n_features_in_)}
-
-    def to_tensors(self) -> dict[str, Tensor]:
-        check_is_fitted(self)
-        return {"weights": torch.from_numpy(self.weights_.copy())}
-
-    def as_module(self) -> nn.Module:
-        check_is_fitted(self)
-        members = [head.as_module() for head in self.heads]
-        return EnsembleModule(members, self.weights_.tolist()).eval()
 
 
 register_head("logistic", LogisticHead)

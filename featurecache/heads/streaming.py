@@ -37,7 +37,7 @@ from ..cache.streaming import (bank_reader, feature_statistics, in_memory_bytes,
 
 if TYPE_CHECKING:
     from .knn import KNNHead
-    from .linear import LogisticHead
+    from .logistic import LogisticHead
     from .mlp import MLPHead
 
 log = logging.getLogger("featurecache")

@@ -233,7 +233,7 @@ def verify_entry(name: str | Path, *, root: Path | None = None, lock_timeout: fl
         cache = Cache(path, manifest)
         _check_heads(report, cache)
         _check_finetune_runs(report)
-        _check_views(report, tap_shapes, len(manifest["classes"]))
+        _check_views(report, shapes, len(manifest["classes"]))
     return report
 
 

@@ -26,7 +26,7 @@ from ..errors import FeatureCacheError, UsageError
 from ..extract.stage import ExtractSpec, extract
 from ..fit.stage import FitSpec, fit_head, make_ensemble
 from ..fit.headstore import default_head_name, read_record, stale_members
-from ..report.html import ReportSpec, build_report, default_output, is_current, report_inputs
+from ..report.page import ReportSpec, build_report, default_output, is_current, report_inputs
 from ..cache.layout import FINETUNE_DIR, FINETUNE_RECORD, finetune_run_name
 from ..cache.store import Cache, open_cache
 
@@ -391,7 +391,7 @@ def _ensemble_is_current(cache: Cache, step: EnsembleStep) -> bool:
 
 
 def _finetune_done(cache: Cache, spec) -> dict | None:
-    from ..report.html import finetune_records
+    from ..report.page import finetune_records
 
     for record in finetune_records(cache):
         if (record.get("complete") and record.get("parent_key") == cache.key

@@ -2,4 +2,4 @@
 
 from .._lazy import lazy_exports
 
-__getattr__, __dir__ = lazy_exports(__name__, {"ReportSpec": "html", "build_report": "html"})
+__getattr__, __dir__ = lazy_exports(__name__, {"ReportSpec": "page", "build_report": "page"})
