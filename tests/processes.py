@@ -23,7 +23,7 @@ from torch import nn
 from featurecache.backbones.registry import BackboneEntry, available_backbones, register_backbone, unregister_backbone
 
 _context = multiprocessing.get_context("forkserver")
-_context.set_forkserver_preload(["featurecache.cli", "featurecache.extract"])
+_context.set_forkserver_preload(["featurecache.cli", "featurecache.extract.stage"])
 
 
 def _stage(channels_in: int, channels_out: int, stride: int) -> nn.Sequential:
