@@ -223,7 +223,10 @@ def test_finetuning_raises_accuracy_and_its_checkpoint_makes_a_new_cache(digits_
     # The predictor is the fine-tuned head on those features, and reproduces the best epoch's accuracy.
     with torch.no_grad():
         probabilities = predictor.head(torch.from_numpy(new_cache.features("val").astype(np.float32))).numpy()
-    np.testing.assert_allclose(predictor.predict_proba(batch), probabilities, atol=1e-4)  # measured 3.4e-5
+    # Features one float16 step apart (checked above) move the fine-tuned head's probabilities a
+    # little: measured 3.4e-5, and 1.2e-4 since the logistic sweep stops at sweep_tol (the
+    # starting head, and so the fine-tuned one, changed).
+    np.testing.assert_allclose(predictor.predict_proba(batch), probabilities, atol=3e-4)
     top1 = float((probabilities.argmax(1) == new_cache.labels("val")).mean())
     assert top1 == pytest.approx(result.best["val_top1"], abs=2 / len(probabilities))
 
