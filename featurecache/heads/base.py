@@ -198,13 +198,19 @@ class Head(ClassifierMixin, BaseEstimator):
         """Module mapping raw float32 features (B, D) to class probabilities (B, C)."""
         raise HeadError(f"the {self.name} head cannot be expressed as a torch module")
 
-    #: True for heads that can fit on features larger than memory, read shard by shard.
-    streams: ClassVar[bool] = False
+    #: For heads that can fit on features larger than memory, read shard by shard: the name of
+    #: their fitting function in `heads.streaming`; None for the others.
+    streams: ClassVar[str | None] = None
 
     def fit_streamed(self, data: StreamedData) -> Head:
         """Fit on `data` (a cache split streamed from disk) with this head's own parameters,
         the same ones as in memory; validation is the cache's val split."""
-        raise HeadError(f"the {self.name} head cannot stream features from disk")
+        if not self.streams:
+            raise HeadError(f"the {self.name} head cannot stream features from disk")
+        from . import streaming
+
+        self.check_params()
+        return getattr(streaming, self.streams)(self, data)
 
 
 class NetworkHead(Head):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,8 +18,6 @@ from ..errors import HeadError, MismatchError
 from ..device import resolve_device
 from .base import BLOCK_ELEMENTS, Head, as_features
 
-if TYPE_CHECKING:
-    from .streaming import StreamedData
 
 logger = logging.getLogger("featurecache")
 
@@ -126,13 +123,7 @@ class KNNHead(Head):
         self.device = device
         self.n_classes = n_classes
 
-    streams = True
-
-    def fit_streamed(self, data: StreamedData) -> KNNHead:
-        from .streaming import fit_streaming_knn
-
-        self.check_params()
-        return fit_streaming_knn(self, data)
+    streams = "fit_streaming_knn"
 
     def _ks(self) -> list[int]:
         ks = [self.k] if np.isscalar(self.k) else list(self.k)

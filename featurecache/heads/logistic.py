@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,8 +17,6 @@ from ..errors import HeadError
 from .base import NetworkHead, Standardize, parameter_grid
 from .logistic_path import fit_logistic_path, fit_logistic_path_cpu, validate_linear
 
-if TYPE_CHECKING:
-    from .streaming import StreamedData
 
 logger = logging.getLogger("featurecache")
 
@@ -93,13 +90,7 @@ class LogisticHead(NetworkHead):
         self.stream_batch_size = stream_batch_size
         self.stream_lr = stream_lr
 
-    streams = True
-
-    def fit_streamed(self, data: StreamedData) -> LogisticHead:
-        from .streaming import fit_streaming_logistic
-
-        self.check_params()
-        return fit_streaming_logistic(self, data)
+    streams = "fit_streaming_logistic"
 
     def _Cs(self) -> list[float]:
         if self.C is None:

@@ -9,7 +9,6 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,8 +19,6 @@ from ..errors import HeadError
 from ..device import cuda_devices, resolve_device
 from .base import NetworkHead, Standardize, parameter_grid
 
-if TYPE_CHECKING:
-    from .streaming import StreamedData
 
 logger = logging.getLogger("featurecache")
 
@@ -109,13 +106,7 @@ class MLPHead(NetworkHead):
         finally:
             self._views = None
 
-    streams = True
-
-    def fit_streamed(self, data: StreamedData) -> MLPHead:
-        from .streaming import fit_streaming_mlp
-
-        self.check_params()
-        return fit_streaming_mlp(self, data)
+    streams = "fit_streaming_mlp"
 
     def _settings(self) -> list[tuple[float, float]]:
         weight_decays = parameter_grid(self.weight_decay, "weight_decay", allow_zero=True)
