@@ -150,7 +150,7 @@ def test_fit_finetune_predict_export(tinynet, image_folder, tmp_path):
                                  **SETTINGS))
     cache = open_cache(result.path)
     fit_head(cache, FitSpec(head="logistic", name="logistic"))
-    spec = FinetuneSpec(head="logistic", unfreeze="1", epochs=2, batch_size=4, workers=0, precision="fp32",
+    spec = FinetuneSpec(head="logistic", epochs=2, batch_size=4, workers=0, precision="fp32",
                         device="cpu", hflip=False, lr=0.05, backbone_lr=0.05)
     model, _, _ = build_model(cache, spec)
     assert model.trainable == ["body.1"] and model.input_tap == "early"
@@ -159,6 +159,7 @@ def test_fit_finetune_predict_export(tinynet, image_folder, tmp_path):
     for from_cache in (False, True):
         run = finetune(cache, spec if not from_cache else FinetuneSpec(**{**spec.__dict__, "from_cache": True}))
         assert run.record["trainable_blocks"] == ["body.1"] and run.record["input_tap"] == "early"
+        assert run.record["spec"]["unfreeze"] == "1" and run.name == "logistic-1" + ("-cache" if from_cache else "")
         saved = load_file(str(run.path / "backbone.safetensors"))
         assert set(saved) == set(before)  # the network's own names, no classifier
         changed = {k for k in saved if not torch.equal(saved[k], before[k])}

@@ -14,7 +14,7 @@ from featurecache import extract, open_cache
 from featurecache.errors import HeadError, UsageError
 from featurecache.extract.stage import ExtractSpec
 from featurecache.finetune.stage import (FinetuneSpec, build_model, finetune, load_finetuned_predictor, parse_unfreeze,
-                                   _rows, _split_rows)
+                                         with_default_unfreeze, _rows, _split_rows)
 from featurecache.finetune.data import Augmentation, train_epoch
 from featurecache.fit.stage import FitSpec, fit_head
 from featurecache.fit.headstore import load_head
@@ -90,6 +90,9 @@ def digits_cache(tmp_path_factory):
 
 def test_unfreeze_names_trailing_blocks(tiny_cache):
     model, _, _ = build_model(tiny_cache, _spec())
+    assert model.trainable == ["layer4.0", "layer4.1"]  # no --unfreeze: a ResNet's last stage
+    assert with_default_unfreeze(FinetuneSpec(), "resnet18").unfreeze == "layer4"
+    assert with_default_unfreeze(FinetuneSpec(unfreeze="2"), "resnet18").unfreeze == "2"
     assert parse_unfreeze(model.backbone, "layer4") == ["layer4.0", "layer4.1"]
     assert parse_unfreeze(model.backbone, "layer3+") == ["layer3.0", "layer3.1", "layer4.0", "layer4.1"]
     assert parse_unfreeze(model.backbone, "3") == ["layer3.1", "layer4.0", "layer4.1"]

@@ -53,6 +53,8 @@ class FeatureDescription:
     #: The tap heads are fitted on for finetune and that `forward_from` ends at by default.
     final_tap: str = "pool"
     default_taps: tuple[str, ...] = ("pool",)
+    #: What finetune trains when `--unfreeze` is not given (any value `parse_unfreeze` takes).
+    default_unfreeze: str = "1"
 
     # -- what the network is made of ----------------------------------------------------
     def stages(self, network: nn.Module) -> list[tuple[str, nn.Module]]:

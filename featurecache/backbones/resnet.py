@@ -21,6 +21,7 @@ BOTTLENECK_CHANNELS = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2
 
 class ResNetDescription(FeatureDescription):
     classifier_prefixes = ("fc.",)
+    default_unfreeze = "layer4"
 
     def __init__(self, tap_channels: dict[str, int] | None = None, downsampling: int = 32) -> None:
         channels = tap_channels or BASIC_CHANNELS

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..backbones.registry import Preprocessing, StagedBackbone
+from ..backbones.registry import Preprocessing, StagedBackbone, get_backbone
 from ..device import resolve_device, resolve_precision
 from ..extract.engine import default_workers
 from ..errors import CacheNotFoundError, CorruptCacheError, HeadError, MismatchError, UsageError
@@ -54,7 +54,7 @@ class FinetuneSpec:
     """What `finetune` needs; stored in finetune.json and in every checkpoint."""
 
     head: str | None = None  # starting head; None picks the cache's best logistic head
-    unfreeze: str = "layer4"  # layer4 | layer3+ | N (the last N residual blocks)
+    unfreeze: str | None = None  # STAGE | STAGE+ | N (the last N blocks); None: the backbone's default
     epochs: int = 5
     lr: float = 3e-4  # the head's learning rate (AdamW, cosine decay per step)
     backbone_lr: float = 3e-5  # the unfrozen blocks' (lower: they start from good features)
@@ -83,6 +83,14 @@ class FinetuneResult:
     @property
     def best(self) -> dict:
         return self.record["history"][self.record["best_epoch"]]
+
+
+def with_default_unfreeze(spec: FinetuneSpec, arch: str) -> FinetuneSpec:
+    """`spec` with `unfreeze` filled in from the backbone's description when not given
+    (ResNets: their last stage, layer4; other backbones: their last block)."""
+    if spec.unfreeze is not None:
+        return spec
+    return dataclasses.replace(spec, unfreeze=get_backbone(arch).description.default_unfreeze)
 
 
 def parse_unfreeze(backbone: StagedBackbone, value: str) -> list[str]:
@@ -239,7 +247,7 @@ def build_model(cache: Cache, spec: FinetuneSpec) -> tuple[FinetuneModel, str, d
     """The LP-FT starting point: (model, starting head name, its record)."""
     head_name, head, record = _starting_head(cache, spec.head)
     backbone, _ = cache_backbone(cache)
-    trainable = parse_unfreeze(backbone, spec.unfreeze)
+    trainable = parse_unfreeze(backbone, spec.unfreeze or backbone.description.default_unfreeze)
     model = FinetuneModel(backbone, head.as_logits_module(), trainable, cache.manifest["dtype"], train_bn=spec.train_bn)
     return model, head_name, record
 
@@ -344,7 +352,7 @@ def check_finetune_spec(spec: FinetuneSpec) -> None:
         raise UsageError(f"--seed must be an integer from 0 to 2**32 - 1, got {spec.seed!r}")
     if spec.workers is not None and (not integer(spec.workers) or spec.workers < 0):
         raise UsageError(f"--workers must be a non-negative integer, got {spec.workers!r}")
-    if not isinstance(spec.unfreeze, str) or not spec.unfreeze.strip():
+    if spec.unfreeze is not None and (not isinstance(spec.unfreeze, str) or not spec.unfreeze.strip()):
         raise UsageError(f"--unfreeze must name the blocks to train (a stage such as layer4, STAGE+ or a number of "
                          f"trailing blocks), got {spec.unfreeze!r}")
     if spec.name is not None:
@@ -357,6 +365,7 @@ def finetune(cache: Cache | str | Path, spec: FinetuneSpec, progress: Progress |
     """Fine-tune the cache's backbone and a fitted head; resumes an interrupted run of the same spec."""
     check_finetune_spec(spec)
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    spec = with_default_unfreeze(spec, cache.manifest["config"]["arch"])
     device = resolve_device(spec.device)
     precision = resolve_precision(spec.precision, device)
     model, head_name, head_record = build_model(cache, spec)

@@ -249,12 +249,16 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
         from ..finetune.stage import FinetuneSpec
 
         finetune = _spec(source, FinetuneSpec, data["finetune"], "finetune", exclude=("restart",))
-        from ..finetune.stage import check_finetune_spec
+        from ..finetune.stage import check_finetune_spec, with_default_unfreeze
 
         _checked(source, lambda: check_finetune_spec(finetune), "finetune", 0, data["finetune"])
         if finetune.head is not None and finetune.head not in names:
             raise source.error(f"{finetune.head!r} is not a head of this pipeline (heads: {', '.join(names) or 'none'})",
                                "finetune", 0, "head")
+        try:
+            finetune = with_default_unfreeze(finetune, extract_spec.model)
+        except FeatureCacheError:
+            pass  # an unknown model is reported by the [extract] check
         needed = _fast_path_tap(extract_spec.model, finetune.unfreeze) if finetune.from_cache else None
         if needed and needed not in extract_spec.taps:
             raise source.error(f"needs the activations of tap {needed}: add it to [extract] taps "
