@@ -104,9 +104,11 @@ class FeatureDescription:
     # -- finetune -------------------------------------------------------------------------
     def parse_unfreeze(self, staged: "StagedBackbone", value: str) -> list[str]:
         """Blocks to train, always trailing: `N` or `blocks:N` (the last N blocks), the last
-        stage's name (its blocks), or `STAGE+` (that stage's blocks and all after)."""
+        stage's name (its blocks), or `STAGE+` (that stage's blocks and all after). Stage
+        names come from the block paths (`stage_of`): layer4, stages.3, blocks.6, blocks."""
         blocks = self.blocks(staged)
-        groups = list(dict.fromkeys(b.split(".")[0] for b in blocks))
+        stages = [stage_of(b) for b in blocks]
+        groups = list(dict.fromkeys(stages))
         text = value.strip().lower()
         number = re.fullmatch(r"(?:blocks:)?(\d+)", text)
         if number and 1 <= int(number.group(1)) <= len(blocks):
@@ -115,12 +117,25 @@ class FeatureDescription:
         lowered = [g.lower() for g in groups]
         if name in lowered and (plus or lowered.index(name) == len(groups) - 1):
             first = lowered.index(name)
-            return [b for b in blocks if groups.index(b.split(".")[0]) >= first]
+            return [b for b, stage in zip(blocks, stages) if groups.index(stage) >= first]
         if not blocks:
             raise UsageError(f"this backbone has no blocks that can be unfrozen (--unfreeze {value!r})")
         words = [groups[-1], *(f"{g}+" for g in reversed(groups[-3:-1]))]
         raise UsageError(f"--unfreeze {value!r} is not understood; use {', '.join(words)} or a number "
                          f"of trailing blocks from 1 to {len(blocks)}")
+
+
+def stage_of(block: str) -> str:
+    """The stage a block path belongs to, as `--unfreeze` names it: the first numbered
+    component above the block's own index ("features.net.stages.3.blocks.1" and
+    "features.net.stages.3.downsample.1" -> stages.3, "features.net.blocks.6.0" -> blocks.6),
+    else the parent's name ("layer4.1" -> layer4, "blocks.11" -> blocks); a block without
+    a parent is its own stage."""
+    parts = block.split(".")
+    for index in range(len(parts) - 2):
+        if parts[index + 1].isdigit():
+            return f"{parts[index]}.{parts[index + 1]}"
+    return parts[-2] if len(parts) > 1 else block
 
 
 class StagedBackbone(nn.Module):

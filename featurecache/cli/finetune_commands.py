@@ -16,7 +16,7 @@ from .app import Device, Precision, app, console, err_console, handle_errors
 def finetune_command(
     cache: Annotated[str, typer.Argument(help="Cache entry (path, folder name or key prefix).")],
     head: Annotated[Optional[str], typer.Option(help="Starting head (logistic or mlp); default: the cache's best logistic head.")] = None,
-    unfreeze: Annotated[Optional[str], typer.Option(help="The blocks to train: a last stage (ResNets: layer4), STAGE+ (that stage and all after, e.g. layer3+), or N: the last N blocks. Default: the backbone's last stage for ResNets (layer4), its last block for others.")] = None,
+    unfreeze: Annotated[Optional[str], typer.Option(help="The blocks to train: a last stage (ResNets: layer4; timm ConvNeXt: stages.3), STAGE+ (that stage and all after, e.g. layer3+), or N: the last N blocks. Default: the backbone's last stage for ResNets (layer4), its last block for others.")] = None,
     epochs: Annotated[int, typer.Option(min=1)] = 5,
     lr: Annotated[float, typer.Option(help="Learning rate of the head (AdamW, cosine decay).")] = 3e-4,
     backbone_lr: Annotated[float, typer.Option(help="Learning rate of the unfrozen blocks (lower than the head's).")] = 3e-5,
