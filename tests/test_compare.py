@@ -160,10 +160,12 @@ def test_cli_prints_the_table_writes_the_report_and_reports_a_head_that_fails_on
     (["resnet18", "resnet34", "timm:convnext_attoo"], [], "unknown timm model 'convnext_attoo'"),
     (["resnet18", "resnet34", "vgg99"], [], "unknown model 'vgg99'"),
     (["resnet18", "resnet34"], ["logistic", "no-such-head"], "no-such-head"),
+    (["resnet18", "timm:convnext_atto"], ["--tap", "layer4"], "unknown tap"),  # a ResNet tap ConvNeXt lacks
 ])
 def test_bad_input_is_one_line_exit_2_before_any_extraction(models, heads, fragment, tmp_path):
     root = tmp_path / "cache"
-    arguments = [a for m in models for a in ("--model", m)] + [a for h in heads for a in ("--head", h)]
+    arguments = [a for m in models for a in ("--model", m)]
+    arguments += heads if heads[:1] == ["--tap"] else [a for h in heads for a in ("--head", h)]
     result = runner.invoke(app, ["compare", "/no/such/photos" if not heads else str(tmp_path), *arguments,
                                  "--root", str(root), "-o", str(tmp_path / "c.html"), *CLI])
     assert result.exit_code == 2, result.output
