@@ -2,7 +2,7 @@
 
 The public API covers every stage for notebook users: `extract`, `open_cache`,
 `fit_head`, `make_ensemble`, `finetune`, `predict` / `load_predictor`, `export`,
-`export_features`, `verify` / `repair`, `build_report`, `run_pipeline`.
+`export_features`, `verify` / `repair`, `build_report`, `run_pipeline`, `compare_backbones`.
 
 The public names below load on first use (PEP 562 module `__getattr__`), so that
 `import featurecache` and the command line's `--help`, `ls`, `info` and `heads` do not
@@ -39,6 +39,8 @@ _LAZY = {  # public name -> "submodule" or "submodule:attribute" that defines it
     # report and pipelines
     "ReportSpec": "report.page", "build_report": "report.page",
     "load_pipeline": "pipeline.runner", "run_pipeline": "pipeline.runner",
+    # compare backbones
+    "Comparison": "pipeline.compare", "compare_backbones": "pipeline.compare",
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
@@ -49,6 +51,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load lazily
     from .fit.stage import FitSpec, fit_head, make_ensemble
     from .heads.registry import make_head
     from .maintain.verify import repair_entry as repair, verify_entry as verify
+    from .pipeline.compare import Comparison, compare_backbones
     from .pipeline.runner import load_pipeline, run_pipeline
     from .report.page import ReportSpec, build_report
     from .serve.export import export_model as export

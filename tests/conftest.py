@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from featurecache.extract.stage import ExtractSpec
-from helpers import write_image
+from helpers import write_photo_folder
 
 # Hugging Face datasets (tests/test_hf_sources.py): never the network, and its Arrow cache in a
 # scratch folder. Set before anything imports datasets, which reads them once at import.
@@ -29,14 +29,7 @@ def _isolated(tmp_path, monkeypatch):
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     """train/ and val/ splits, 2 classes, 5 + 3 small images per class."""
-    root = tmp_path / "photos"
-    seed = 0
-    for split, count in (("train", 5), ("val", 3)):
-        for label in ("ants", "bees"):
-            for i in range(count):
-                seed += 1
-                write_image(root / split / label / f"{label}_{i}.png", seed)
-    return root
+    return write_photo_folder(tmp_path / "photos")
 
 
 @pytest.fixture

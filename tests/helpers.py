@@ -21,6 +21,18 @@ def write_image(path: Path, seed: int, size: int = 40, fmt: str | None = None) -
     return path
 
 
+def write_photo_folder(root: Path, counts: tuple[tuple[str, int], ...] = (("train", 5), ("val", 3)),
+                       labels: tuple[str, ...] = ("ants", "bees")) -> Path:
+    """An image folder root/<split>/<label>/<label>_<i>.png, each image seeded by its position."""
+    seed = 0
+    for split, count in counts:
+        for label in labels:
+            for i in range(count):
+                seed += 1
+                write_image(root / split / label / f"{label}_{i}.png", seed)
+    return root
+
+
 def replace_spec(spec: ExtractSpec, **changes) -> ExtractSpec:
     return dataclasses.replace(spec, **changes)
 

@@ -11,6 +11,7 @@ from . import fit_commands  # noqa: F401  fit-head, heads, ensemble, predict, ex
 from . import verify_commands  # noqa: F401  verify [--repair]
 from . import report_commands  # noqa: F401  report, run, demo
 from . import finetune_commands  # noqa: F401  finetune
+from . import compare_commands  # noqa: F401  compare
 
 __all__ = ["app", "main"]
 

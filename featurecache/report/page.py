@@ -374,21 +374,33 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
     sections.append("<h2 id=provenance>Provenance</h2><table>" + "".join(
         f"<tr><th>{_e(k)}</th><td><code>{_e(v)}</code></td></tr>" for k, v in provenance) + "</table>")
 
-    remove_stale_temporaries(output.parent, (output.name, *(f"{output.stem}-{name}.png" for name in
-                                                            ("confusion", "per-class", "curves", "pca", "tsne"))))
+    title = f"{config['source']['name']} · {config['arch']} · {manifest['weights']['description']}"
+    result.figures = write_page(
+        output, heading="featurecache report", title=title, what="report", sections=sections, figures=figures,
+        figure_names=("confusion", "per-class", "curves", "pca", "tsne"),
+        subtitle=f"{_e(title)} · entry <code>{_e(cache.path.name)}</code>",
+        meta=f'<meta name="{INPUTS_META}" content="{report_inputs(cache, spec)}">')
+    return result
+
+
+def write_page(output: Path, *, heading: str, title: str, subtitle: str, sections: list[str],
+               figures: dict[str, bytes], figure_names: tuple[str, ...], what: str, meta: str = "") -> list[Path]:
+    """Write each figure as `<stem>-<name>.png` next to `output`, then the page; returns the PNGs' paths.
+
+    `subtitle`, `sections` and `meta` are HTML already; `figure_names`: every figure the page
+    can have (temporaries a dead writer left of any of them are removed)."""
+    remove_stale_temporaries(output.parent, (output.name, *(f"{output.stem}-{name}.png" for name in figure_names)))
+    paths = []
     for name, png in figures.items():
         path = output.with_name(f"{output.stem}-{name}.png")
-        write_bytes_atomic(path, png, "the report figure")
-        result.figures.append(path)
-    title = f"{config['source']['name']} · {config['arch']} · {manifest['weights']['description']}"
-    page = (f'<!doctype html><html lang=en><head><meta charset=utf-8>'
-            f'<meta name="{INPUTS_META}" content="{report_inputs(cache, spec)}">'
-            f'<meta name=viewport content="width=device-width,initial-scale=1"><title>featurecache report: {_e(title)}'
-            f"</title><style>{CSS}</style></head><body><main><h1>featurecache report</h1>"
-            f"<p class=sub>{_e(title)} · entry <code>{_e(cache.path.name)}</code></p>" + "".join(sections)
-            + "</main></body></html>\n")
-    write_bytes_atomic(output, page.encode("utf-8"), "the report")
-    return result
+        write_bytes_atomic(path, png, f"the {what} figure")
+        paths.append(path)
+    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8>{meta}"
+            f'<meta name=viewport content="width=device-width,initial-scale=1"><title>{_e(heading)}: {_e(title)}'
+            f"</title><style>{CSS}</style></head><body><main><h1>{_e(heading)}</h1>"
+            f"<p class=sub>{subtitle}</p>" + "".join(sections) + "</main></body></html>\n")
+    write_bytes_atomic(output, page.encode("utf-8"), f"the {what}")
+    return paths
 
 
 def _thumb(mistake: dict) -> str:

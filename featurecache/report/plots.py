@@ -196,6 +196,33 @@ def scatter_2d(points: np.ndarray, labels: np.ndarray, classes: list[str], title
         return _png(figure)
 
 
+MARKERS = "osD^vP*Xph"
+
+
+def cost_accuracy(points: list[dict], title: str) -> bytes:
+    """Top-1 against extraction cost (seconds per image, log scale): one colour per backbone,
+    one marker per head. `points`: [{"backbone", "head", "seconds_per_image", "top1"}, ...]."""
+    backbones = list(dict.fromkeys(p["backbone"] for p in points))
+    heads = list(dict.fromkeys(p["head"] for p in points))
+    colours = dict(zip(backbones, _palette(len(backbones))))
+    markers = {head: MARKERS[i % len(MARKERS)] for i, head in enumerate(heads)}
+    with plt.rc_context(STYLE):
+        figure, axes = plt.subplots(figsize=(6.4, 4.0))
+        for point in points:
+            # Hollow markers: two heads with the same top-1 on one backbone stay both visible.
+            axes.scatter(point["seconds_per_image"], 100 * point["top1"], s=52, facecolors="none",
+                         edgecolors=[colours[point["backbone"]]], marker=markers[point["head"]], linewidths=1.6)
+        axes.set_xscale("log")
+        axes.set_xlabel("extraction cost (seconds per image, log scale)")
+        axes.set_ylabel("top-1 (%)")
+        axes.set_title(title)
+        handles = [plt.Line2D([], [], color=colours[b], marker="o", linestyle="", label=b) for b in backbones]
+        handles += [plt.Line2D([], [], color="#52606d", marker=markers[h], markerfacecolor="none", linestyle="",
+                               label=h) for h in heads]
+        axes.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+        return _png(figure)
+
+
 def thumbnail(image: Image.Image, size: int = 96) -> bytes:
     """A small PNG of one image; tiny images are enlarged with nearest-neighbour so pixels stay crisp."""
     image = image.convert("RGB")
