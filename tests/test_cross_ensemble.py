@@ -15,15 +15,17 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from featurecache.cache.manifest import read_manifest, write_manifest
 from featurecache.cache.schema import check_head_record
 from featurecache.cache.store import open_cache
 from featurecache.cli import app
-from featurecache.errors import HeadError, InvalidRecordError, MismatchError, StaleError
+from featurecache.errors import CorruptCacheError, HeadError, InvalidRecordError, MismatchError, StaleError
 from featurecache.extract.stage import ExtractSpec, extract
 from featurecache.fit.cross_ensemble import cross_split_probabilities
 from featurecache.fit.headstore import leaderboard, load_head
 from featurecache.fit.stage import FitSpec, fit_head, make_ensemble
 from featurecache.heads.metrics import classification_metrics
+from featurecache.report.page import ReportSpec, build_report, report_inputs
 from featurecache.serve.predict import load_predictor, predict, predict_split
 
 runner = CliRunner()
@@ -180,9 +182,30 @@ def test_stale_after_a_member_is_fitted_again_or_its_entry_deleted(entries):
     assert result.exit_code == 2 and "is stale" in _one_line_error(result)
     _vote(a, b, overwrite=True)  # made again: current
     assert not next(r for r in leaderboard(a) if r["name"] == "vote")["stale"]
+    manifest = read_manifest(b.path)
+    write_manifest(b.path, {**manifest, "key": "f" * 64})  # as extract writes it after the source changed
+    with pytest.raises(StaleError, match="extracted again"):
+        load_predictor(a, "vote")
+    write_manifest(b.path, manifest)
+    assert not next(r for r in leaderboard(a) if r["name"] == "vote")["stale"]
     shutil.rmtree(b.path)
     with pytest.raises(StaleError, match="entry is gone"):
         load_predictor(a, "vote")
+
+
+def test_carved_validation_scores_the_carved_rows_only(entries):
+    a, b, _ = entries
+    for cache in (a, b):
+        fit_head(cache, FitSpec(head="logistic", name="carved", val_fraction=0.4, seed=3))
+    record = make_ensemble(a, ["carved", (b.path.name, "carved")], name="vote").record
+    member = load_head(a, "carved")[1]
+    carved = member["metrics"]["val (from train)"]["n"]
+    assert 0 < carved < a.splits["train"] // 2  # the same train rows in both entries: the same carved rows
+    assert record["metrics"]["val (from train)"]["n"] == carved
+    assert record["alignment"]["val (from train)"]["left_out"] == 0
+    assert record["validation"] == {"split": "train", "fraction": 0.4, "seed": 3, "trained_on": False}
+    with pytest.raises(HeadError, match="validated on different rows"):
+        make_ensemble(a, ["carved", (b.path.name, "logistic")], name="mixed")
 
 
 def test_another_source_or_class_list_is_refused(entries, tmp_path):
@@ -210,6 +233,35 @@ def test_a_vote_across_entries_is_not_applied_to_one_entrys_features(entries):
         make_ensemble(a, ["logistic", "vote"], name="nested")
     with pytest.raises(HeadError, match="named twice"):
         make_ensemble(a, ["logistic", (a.path, "logistic")], name="twice")
+
+
+def test_rows_that_cannot_be_matched_by_path_are_refused(entries, monkeypatch):
+    a, b, _ = entries
+    labels = b.labels
+    vote = lambda: make_ensemble(a, ["logistic", (b, "logistic")], name="vote")  # noqa: E731  (this Cache object)
+    monkeypatch.setattr(b, "labels", lambda split: (labels(split) + (split == "test")) % len(b.classes))
+    with pytest.raises(MismatchError, match="labelled differently"):
+        vote()
+    monkeypatch.setattr(b, "labels", labels)
+    paths = b.paths
+    monkeypatch.setattr(b, "paths", lambda split: paths(split)[:1] + paths(split)[:-1])
+    with pytest.raises(CorruptCacheError, match="twice"):
+        vote()
+    assert not (a.path / "heads" / "vote").exists()
+
+
+def test_report_lists_the_vote_and_its_mistakes(entries, tmp_path):
+    a, b, _ = entries
+    _vote(a, b)
+    spec = ReportSpec(output=str(tmp_path / "out" / "report.html"), head="vote")
+    html = build_report(a, spec).path.read_text()
+    assert f"vote votes across entries: {a.path.name}:logistic, {b.path.name}:logistic" in html
+    assert "1 val row(s) not in every entry were left out" in html and "1 test row(s)" in html
+    assert "Head <b>vote</b> (cross-ensemble) on the test split" in html
+    assert "over 9 images" in html
+    before = report_inputs(a, spec)
+    fit_head(b, FitSpec(head="logistic", params={"C": 0.5}, overwrite=True))  # the vote turns stale: a new page
+    assert report_inputs(a, spec) != before
 
 
 def test_record_schema_refuses_a_tampered_member_entry(entries):
