@@ -229,7 +229,7 @@ MUTATIONS = [
     Mutation("cross-export-accepted", "serve/export.py", "if isinstance(predictor, CrossPredictor):", "if False:",
              (CROSS, "-k", "cli"), "export refuses a vote across entries in one line"),
     Mutation("cross-report-inputs", "report/page.py", "            parts.append(f\"{name}:{cross_member_changes(cache, record)}\")\n",
-             "", (CROSS, "-k", "report"), "the report is rebuilt when a vote turns stale through another entry"),
+             "            pass\n", (CROSS, "-k", "report"), "the report is rebuilt when a vote turns stale through another entry"),
     Mutation("cross-entry-dots", "cache/schema.py", 'if self.entry in (".", ".."):', "if False:", (CROSS, "-k", "schema"),
              "a recorded member entry cannot name the parent folder"),
 ]

@@ -268,11 +268,18 @@ def test_record_schema_refuses_a_tampered_member_entry(entries):
     a, b, _ = entries
     record = _vote(a, b).record
     check_head_record(record, "head.json")
-    for change in ({"entry": ".."}, {"entry": "../elsewhere"}, {"cache_key": "0" * 12}):
+    for change, fragment in (({"entry": ".."}, "cross_members.1: .*is not a folder name"),
+                             ({"entry": "../elsewhere"}, "cross_members.1.entry: String should match pattern"),
+                             ({"cache_key": "0" * 12}, "cross_members.1.cache_key: String should match pattern")):
         bad = json.loads(json.dumps(record))
         bad["cross_members"][1].update(change)
-        with pytest.raises(InvalidRecordError, match="cross_members"):
+        bad["config"]["params"]["members"][1] = f"{bad['cross_members'][1]['entry']}:logistic"
+        with pytest.raises(InvalidRecordError, match=fragment):
             check_head_record(bad, "head.json")
+    bad = json.loads(json.dumps(record))
+    bad["config"]["params"]["members"].reverse()
+    with pytest.raises(InvalidRecordError, match="config.params.members differs"):
+        check_head_record(bad, "head.json")
     bad = json.loads(json.dumps(record))
     bad["weights"] = [1.0]
     with pytest.raises(InvalidRecordError, match="weights"):
