@@ -156,6 +156,8 @@ def test_cli_ensemble_across_entries_warns_lists_and_refuses_export(entries, tmp
     assert "1 test row(s) are not in every member's entry" in result.output
     heads = runner.invoke(app, ["heads", a.path.name])
     assert heads.exit_code == 0 and "vote (cross-ensemble)" in heads.output
+    verified = runner.invoke(app, ["verify", a.path.name])  # a vote is out of one entry's reach, not damage
+    assert verified.exit_code == 0, verified.output
     exported = runner.invoke(app, ["export", a.path.name, "--head", "vote", "-o", str(tmp_path / "model.pt")])
     assert exported.exit_code == 2 and not (tmp_path / "model.pt").exists()
     assert "votes across cache entries" in _one_line_error(exported) and "export each member" in exported.stderr
