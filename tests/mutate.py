@@ -45,6 +45,7 @@ class Mutation:
 
 
 KEY = "tests/test_cache_key.py"
+CROSS = "tests/test_cross_ensemble.py"
 MUTATIONS = [
     # The cache key: each field that changes the numbers, dropped from the entry's config.
     Mutation("key-weights", "extract/stage.py", '"weights_sha256": weights.sha256,', "",
@@ -194,6 +195,43 @@ MUTATIONS = [
              ("tests/test_views.py", "-k", "logistic"), "logistic trains on the stacked views"),
     Mutation("views-noise-off", "heads/mlp.py", "        if self.feature_noise:\n", "        if False:\n",
              ("tests/test_views.py::test_feature_space_augmentation_changes_the_mlp",), "feature_noise changes the MLP"),
+    # Ensembles across entries (fit/cross_ensemble.py): rows matched by path, staleness, refusals.
+    Mutation("cross-by-position", "fit/cross_ensemble.py",
+             "rows = np.fromiter((where[path] for path in common), np.int64, len(common))",
+             "rows = np.arange(len(common))", (CROSS, "-k", "matched_by_path and weighted"),
+             "entries' rows are matched by path, not by position"),
+    Mutation("cross-equal-weights", "fit/cross_ensemble.py", "total += weight * probabilities[rows]",
+             "total += probabilities[rows] / len(parts)", (CROSS, "-k", "weighted_mean"), "the vote follows its weights"),
+    Mutation("cross-left-out-unrecorded", "fit/cross_ensemble.py", '"left_out": len(self.missing_from)', '"left_out": 0',
+             (CROSS, "-k", "matched_by_path and weighted"), "rows left out of the vote are counted"),
+    Mutation("cross-carved-train-rows", "fit/cross_ensemble.py", "_, rows = _stratified_split(", "rows, _ = _stratified_split(",
+             (CROSS, "-k", "carved"), "a vote is scored on its members' carved validation rows, not training rows"),
+    Mutation("cross-labels-unchecked", "fit/cross_ensemble.py", "elif (member_labels[rows] != labels).any():",
+             "elif False:", (CROSS, "-k", "cannot_be_matched"), "a path labelled differently by two entries is refused"),
+    Mutation("cross-duplicate-paths", "fit/cross_ensemble.py", "            if path in where:\n", "            if False:\n",
+             (CROSS, "-k", "cannot_be_matched"), "a path listed twice in one entry is refused"),
+    Mutation("cross-any-source", "fit/cross_ensemble.py", "if mine != theirs:", "if False:", (CROSS, "-k", "refused"),
+             "entries of another source are refused"),
+    Mutation("cross-any-classes", "fit/cross_ensemble.py", "if other.classes != home.classes:", "if False:",
+             (CROSS, "-k", "refused"), "entries with other classes are refused"),
+    Mutation("cross-refit-unseen", "fit/headstore.py", 'if current != member["checksum"]:', "if False:",
+             (CROSS, "-k", "stale"), "a member fitted again makes the vote stale"),
+    Mutation("cross-reextract-unseen", "fit/headstore.py", 'if other.key != member["cache_key"]:', "if False:",
+             (CROSS, "-k", "stale"), "a member's entry extracted again makes the vote stale"),
+    Mutation("cross-on-one-entry", "fit/headstore.py", "    if record[\"head\"] == CROSS_ENSEMBLE:\n        entries",
+             "    if False:\n        entries", (CROSS, "-k", "not_applied"),
+             "a vote across entries is never applied to one entry's features"),
+    Mutation("cross-one-preprocessing", "serve/predict.py", "tuple(member.prepare(image) for member in self.members)",
+             "tuple(self.members[0].prepare(image) for member in self.members)", (CROSS, "-k", "predict_on_images"),
+             "predict runs each member's backbone with its own preprocessing"),
+    Mutation("cross-split-rows-hidden", "serve/predict.py", "for path in home + [p for p in voted.missing_from if p not in listed]:",
+             "for path in voted.paths:", (CROSS, "-k", "predict_split"), "predict --split names the rows left out"),
+    Mutation("cross-export-accepted", "serve/export.py", "if isinstance(predictor, CrossPredictor):", "if False:",
+             (CROSS, "-k", "cli"), "export refuses a vote across entries in one line"),
+    Mutation("cross-report-inputs", "report/page.py", "            parts.append(f\"{name}:{cross_member_changes(cache, record)}\")\n",
+             "            pass\n", (CROSS, "-k", "report"), "the report is rebuilt when a vote turns stale through another entry"),
+    Mutation("cross-entry-dots", "cache/schema.py", 'if self.entry in (".", ".."):', "if False:", (CROSS, "-k", "schema"),
+             "a recorded member entry cannot name the parent folder"),
 ]
 
 

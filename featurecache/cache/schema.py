@@ -228,6 +228,37 @@ class HeadConfigRecord(Record):
     n_features: Positive
 
 
+#: The head type of a soft vote over heads of several entries of one source (fit/cross_ensemble.py).
+CROSS_ENSEMBLE = "cross-ensemble"
+#: A sibling entry's folder name: joined to the cache root, so no separator and no "." or "..".
+EntryName = Annotated[str, StringConstraints(pattern=r"^[^/\\\x00]{1,255}$")]
+
+
+class CrossMemberRecord(Record):
+    """One member of an ensemble across entries: which entry (and which version of it) and which head."""
+
+    entry: EntryName
+    cache_key: Hex64
+    head: HeadName
+    checksum: Checksum
+    tap: TapName
+
+    @model_validator(mode="after")
+    def _no_dots(self) -> "CrossMemberRecord":
+        if self.entry in (".", ".."):
+            raise ValueError(f"entry {self.entry!r} is not a folder name")
+        return self
+
+
+class AlignmentRecord(Record):
+    """How one split's rows were matched by path across entries: rows scored, rows left out and why."""
+
+    rows: Count
+    left_out: Count
+    missing: dict[str, Count] = {}  # member -> rows of the other entries its entry lacks
+    examples: list[str] = []
+
+
 class HeadRecord(Record):
     name: HeadName
     head: str
@@ -241,6 +272,8 @@ class HeadRecord(Record):
     members: list[HeadName] | None = None
     weights: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
     member_checksums: dict[HeadName, Checksum] | None = None
+    cross_members: list[CrossMemberRecord] | None = None
+    alignment: dict[str, AlignmentRecord] | None = None
     checksum: Checksum | None = None
 
     @model_validator(mode="after")
@@ -263,6 +296,14 @@ class HeadRecord(Record):
                 raise ValueError(f"the ensemble {self.name!r} lists itself as a member")
             if self.config.params.get("members") != members:
                 raise ValueError("config.params.members differs from members")
+        if self.head == CROSS_ENSEMBLE:
+            labels = [f"{m.entry}:{m.head}" for m in self.cross_members or []]
+            if len(labels) < 2 or len(set(labels)) != len(labels):
+                raise ValueError("an ensemble across entries needs two members or more, each named once")
+            if self.weights is None or len(self.weights) != len(labels) or sum(self.weights) <= 0:
+                raise ValueError(f"weights must be {len(labels)} non-negative numbers, not all zero")
+            if self.config.params.get("members") != labels:
+                raise ValueError("config.params.members differs from cross_members")
         return self
 
 

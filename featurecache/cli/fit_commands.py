@@ -135,7 +135,7 @@ def heads_command(
 @handle_errors
 def ensemble_command(
     cache: Annotated[str, typer.Argument(help="Cache entry.")],
-    members: Annotated[list[str], typer.Argument(help="Names of fitted heads to combine.")],
+    members: Annotated[list[str], typer.Argument(help="Fitted heads to combine: HEAD on this entry, or ENTRY:HEAD on another entry of the same source (a sibling folder name or a path), matched by image path.")],
     name: Annotated[str, typer.Option(help="Name of the ensemble head.")] = "ensemble",
     weights: Annotated[Optional[str], typer.Option(help="Comma-separated weights, one per head (default equal).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing head or ensemble of that name (never one of its members).")] = False,
@@ -144,17 +144,24 @@ def ensemble_command(
     """Soft-voting ensemble (weighted average of probabilities) saved as a head.
 
     Example: featurecache ensemble cache/digits-resnet50-0123456789ab logistic mlp knn --name vote
+    Example: featurecache ensemble cache/pets-resnet50-0123456789ab logistic pets-timm-convnext_tiny-0123456789ab:logistic --name vote
     """
+    from ..fit.cross_ensemble import parse_member
     from ..fit.stage import make_ensemble
 
     try:
         parsed = [float(w) for w in weights.split(",")] if weights else None
     except ValueError:
         raise UsageError(f"--weights {weights!r} must be comma-separated numbers") from None
-    result = make_ensemble(_open(cache, root), members, name=name, weights=parsed, overwrite=overwrite)
+    result = make_ensemble(_open(cache, root), [parse_member(m) for m in members], name=name, weights=parsed,
+                           overwrite=overwrite)
     headline = result.record["headline"]
     console.print(f"ensemble {result.name} of {', '.join(members)}: {headline['split']} top-1 "
                   f"{_percent(headline['top1'])}% ({headline['note']})", markup=False, highlight=False)
+    for split, part in (result.record.get("alignment") or {}).items():
+        if part["left_out"]:
+            console.print(f"  warning: {part['left_out']} {split} row(s) are not in every member's entry and were "
+                          f"left out; scored on the {part['rows']} rows all hold", markup=False, highlight=False)
 
 
 def _predictor(cache: str, head: Optional[str], finetune: Optional[str], root: Optional[Path]):

@@ -31,7 +31,7 @@ from ..errors import (CorruptCacheError, FeatureCacheError, HeadError, InvalidRe
                      NameTakenError, StaleError)
 from ..cache.atomic import remove_stale_temporaries, storage_error, write_json_atomic
 from ..cache.integrity import CHECKSUM_KEY, non_finite, read_metadata, read_tensors, write_safetensors
-from ..cache.schema import HEAD_NAME_PATTERN, check_head_record
+from ..cache.schema import CROSS_ENSEMBLE, HEAD_NAME_PATTERN, check_head_record
 from ..cache.layout import HEAD_FILE, HEAD_JSON, HEADS_DIR
 from ..cache.store import Cache
 
@@ -153,6 +153,8 @@ def read_record(cache: Cache, name: str) -> dict:
 
 def stale_members(cache: Cache, record: dict) -> list[str]:
     """The members of an ensemble that changed (or vanished) since it was made; [] for other heads."""
+    if record.get("head") == CROSS_ENSEMBLE:
+        return cross_member_changes(cache, record)
     if record.get("head") != "ensemble":
         return []
     recorded = record.get("member_checksums")
@@ -166,6 +168,32 @@ def stale_members(cache: Cache, record: dict) -> list[str]:
             current = None
         if current is None or recorded.get(member) != current:
             changed.append(member)
+    return changed
+
+
+def cross_member_changes(cache: Cache, record: dict) -> list[str]:
+    """The members of an ensemble across entries that changed since it was made, each with what changed:
+    its entry deleted or extracted again (another cache key), its head refitted or removed."""
+    from ..cache.store import open_cache
+
+    changed = []
+    for member in record["cross_members"]:
+        label = f"{member['entry']}:{member['head']}"
+        try:
+            other = cache if member["entry"] == cache.path.name else open_cache(cache.path.parent / member["entry"])
+        except FeatureCacheError:
+            changed.append(f"{label} (its entry is gone or unreadable)")
+            continue
+        if other.key != member["cache_key"]:
+            changed.append(f"{label} (its entry was extracted again)")
+            continue
+        try:
+            current = read_record_with_checksum(other, member["head"])[1]
+        except FeatureCacheError:
+            changed.append(f"{label} (the head is gone or unreadable)")
+            continue
+        if current != member["checksum"]:
+            changed.append(f"{label} (the head was fitted again)")
     return changed
 
 
@@ -192,6 +220,11 @@ def load_head(cache: Cache, name: str, _seen: tuple[str, ...] = ()) -> tuple[Hea
         raise InvalidRecordError(f"ensemble {_seen[0]!r} contains itself (through {' -> '.join((*_seen, name))}); "
                                  "make it again with featurecache ensemble --overwrite")
     record, _ = read_record_with_checksum(cache, name)
+    if record["head"] == CROSS_ENSEMBLE:
+        entries = ", ".join(f"{m['entry']}:{m['head']}" for m in record["cross_members"])
+        raise MismatchError(f"head {name!r} votes across cache entries ({entries}), so it cannot run on the features "
+                            f"of {cache.path.name} alone; use it with featurecache predict (images or --split), or "
+                            "choose a head of one entry")
     if record["cache_key"] != cache.key:
         raise MismatchError(
             f"head {name!r} was fitted on other features (cache key {record['cache_key'][:12]}, "
@@ -276,5 +309,8 @@ def leaderboard(cache: Cache | str | Path) -> list[dict]:
             "val_top1": next((m.get("top1") for s, m in record["metrics"].items() if s.startswith("val")), None),
             "chosen": record.get("chosen"), "fit_seconds": record.get("fit_seconds", 0.0),
             "stale": stale, "note": record["headline"].get("note", ""), "views": views_label(record.get("views")),
+            "entries": [f"{m['entry']}:{m['head']}" for m in record.get("cross_members") or []],
+            "left_out": {split: part["left_out"] for split, part in (record.get("alignment") or {}).items()
+                         if part["left_out"]},
         })
     return sorted(rows, key=lambda r: (r["stale"], -(r["top1"] or 0.0)))

@@ -300,9 +300,8 @@ def _describe_validation(validation: dict) -> str:
     return f"{validation['fraction']:g} of train with seed {validation['seed']}"
 
 
-def _ensemble_data(cache: Cache, tap: str, records: dict[str, dict]) -> tuple[dict, dict]:
-    """The rows to score an ensemble on: its members' own validation rows (which none of them
-    trained on, unless refitted) and the test split. Members validated on different rows are refused."""
+def shared_validation(records: dict[str, dict]) -> dict:
+    """The validation every member was chosen on (refused when they differ), and whether any trained on it."""
     validations = {name: head_validation(record) for name, record in records.items()}
     keys = {name: {k: v for k, v in validation.items() if k != "trained_on"} for name, validation in validations.items()}
     first = next(iter(keys))
@@ -313,7 +312,13 @@ def _ensemble_data(cache: Cache, tap: str, records: dict[str, dict]) -> tuple[di
                 f"{name!r} on {_describe_validation(key)}; an ensemble scored on either would be scored on rows "
                 "another member trained on. Fit them with the same --val-fraction and --seed (or all on the "
                 "cache's val split)")
-    validation = {**keys[first], "trained_on": any(v["trained_on"] for v in validations.values())}
+    return {**keys[first], "trained_on": any(v["trained_on"] for v in validations.values())}
+
+
+def _ensemble_data(cache: Cache, tap: str, records: dict[str, dict]) -> tuple[dict, dict]:
+    """The rows to score an ensemble on: its members' own validation rows (which none of them
+    trained on, unless refitted) and the test split. Members validated on different rows are refused."""
+    validation = shared_validation(records)
     data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if not validation["trained_on"]:
         if validation["split"] == "val":
@@ -332,15 +337,29 @@ def _ensemble_data(cache: Cache, tap: str, records: dict[str, dict]) -> tuple[di
     return data, validation
 
 
-def make_ensemble(cache: Cache | str | Path, members: list[str], *, name: str,
+def check_ensemble_weights(weights: list[float] | None, count: int) -> None:
+    if weights is not None and len(weights) != count:
+        raise HeadError(f"{len(weights)} weights for {count} heads; give one weight per head")
+    if weights is not None and not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+                                       and w >= 0 for w in weights) or (weights is not None and sum(weights) <= 0):
+        raise HeadError(f"ensemble weights must be non-negative numbers, not all zero; got {weights}")
+
+
+def make_ensemble(cache: Cache | str | Path, members: list[str | tuple[str | Path | Cache, str]], *, name: str,
                   weights: list[float] | None = None, overwrite: bool = False) -> FitResult:
     """Soft voting: a weighted average of the members' probabilities, saved as a head.
 
     Scored on rows none of its members trained on (their shared validation rows, and
-    test). It records each member's checksum: once a member changes, it is stale."""
+    test). It records each member's checksum: once a member changes, it is stale.
+    A member given as (entry, head) is a head of another entry of the same source: see
+    `featurecache.fit.cross_ensemble`."""
     check_head_name(name, "ensemble")
     if not members:
         raise HeadError("name at least one head to ensemble")
+    if any(not isinstance(member, str) for member in members):  # (entry, head): heads of other entries
+        from .cross_ensemble import make_cross_ensemble
+
+        return make_cross_ensemble(cache, members, name=name, weights=weights, overwrite=overwrite)
     for member in members:
         check_head_name(member, "member")
     if len(set(members)) != len(members):
@@ -348,11 +367,7 @@ def make_ensemble(cache: Cache | str | Path, members: list[str], *, name: str,
     if name in members:
         raise HeadError(f"an ensemble cannot take the name of its member {name!r}: it would replace the head it "
                         "is made of; choose another --name")
-    if weights is not None and len(weights) != len(members):
-        raise HeadError(f"{len(weights)} weights for {len(members)} heads; give one weight per head")
-    if weights is not None and not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
-                                       and w >= 0 for w in weights) or (weights is not None and sum(weights) <= 0):
-        raise HeadError(f"ensemble weights must be non-negative numbers, not all zero; got {weights}")
+    check_ensemble_weights(weights, len(members))
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     refuse_taken(cache, name, overwrite)
     for member in members:

@@ -26,7 +26,9 @@ from .. import __version__
 from . import plots
 from ..errors import FeatureCacheError, UsageError
 from ..fit.stage import leaderboard
-from ..fit.headstore import load_head, read_record
+from ..cache.schema import CROSS_ENSEMBLE
+from ..fit.cross_ensemble import cross_split_probabilities
+from ..fit.headstore import cross_member_changes, list_heads, load_head, read_record
 from ..cache.atomic import remove_stale_temporaries, write_bytes_atomic
 from ..cache.integrity import prepare_output_file, read_sealed_json
 from ..cache.layout import FINETUNE_DIR, FINETUNE_RECORD, HEAD_FILE, HEADS_DIR, REPORT_DIR, REPORT_FILE
@@ -78,6 +80,10 @@ def report_inputs(cache: Cache, spec: ReportSpec) -> str:
         for path in sorted(cache.path.glob(pattern)):
             stat = path.stat()
             parts.append(f"{path.relative_to(cache.path)}:{stat.st_size}:{stat.st_mtime_ns}")
+    for name in list_heads(cache):  # an ensemble across entries turns stale through the other entries
+        record = read_record(cache, name)
+        if record["head"] == CROSS_ENSEMBLE:
+            parts.append(f"{name}:{cross_member_changes(cache, record)}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -143,10 +149,14 @@ def _tsne(cache: Cache, spec: ReportSpec, split: str) -> np.ndarray | None:
 
 def _mistakes(cache: Cache, head_name: str, split: str, count: int) -> tuple[list[dict], str | None]:
     """The most confident wrong predictions on `split`, with thumbnails where the images are readable."""
-    head, record = load_head(cache, head_name)
-    features = cache.features(split, record["tap"])
-    probabilities = head.predict_proba(features.reshape(len(features), -1))
-    labels, paths = cache.labels(split), cache.paths(split)
+    if read_record(cache, head_name)["head"] == CROSS_ENSEMBLE:  # the rows every member's entry holds
+        voted = cross_split_probabilities(cache, head_name, split)
+        probabilities, labels, paths = voted.probabilities, voted.labels, voted.paths
+    else:
+        head, record = load_head(cache, head_name)
+        features = cache.features(split, record["tap"])
+        probabilities = head.predict_proba(features.reshape(len(features), -1))
+        labels, paths = cache.labels(split), cache.paths(split)
     predicted = probabilities.argmax(axis=1)
     wrong = np.flatnonzero(predicted != labels)
     wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]], kind="stable")][:count]
@@ -282,6 +292,9 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
                                 "chosen on validation", "trained on views"], rows, {4, 5, 6, 7}, best))
         sections.append(f"<p class=note>Best first. Hyper-parameters are chosen on validation; "
                         f"{_e(board[0]['note'])}.</p>")
+        sections += [f"<p class=note>{_e(r['name'])} votes across entries: {_e(', '.join(r['entries']))}"
+                     + "".join(f"; {n} {_e(split)} row(s) not in every entry were left out"
+                               for split, n in r["left_out"].items()) + ".</p>" for r in board if r["entries"]]
     else:
         sections.append(f"<p>No head fitted yet. Fit one with <code>featurecache fit-head {_e(cache.path.name)} "
                         "--head logistic</code> and build the report again.</p>")

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..errors import StorageError
+from ..errors import HeadError, StorageError
 from ..cache.atomic import remove_stale_temporaries, write_atomic
 from ..cache.integrity import prepare_output_file
-from .predict import Predictor
+from .predict import CrossPredictor, Predictor
 
 METADATA_FILE = "featurecache.json"
 
@@ -57,7 +57,16 @@ class _Classifier(nn.Module):
 
 
 def export_model(predictor: Predictor, output: str | Path, *, provenance: dict | None = None) -> Path:
-    """Write a TorchScript file (atomically) and return its path."""
+    """Write a TorchScript file (atomically) and return its path.
+
+    An ensemble across cache entries is refused: it runs several backbones, each with its
+    own preprocessing, which the file's one input size and preprocessing record cannot describe."""
+    if isinstance(predictor, CrossPredictor):
+        raise HeadError(
+            f"this head votes across cache entries ({', '.join(predictor.labels)}), each backbone with its own "
+            "preprocessing, which one exported file does not hold; export each member (featurecache export ENTRY "
+            f"--head HEAD -o FILE) and average their probabilities with weights "
+            f"{', '.join(f'{w:.4g}' for w in predictor.weights)}, or classify with featurecache predict")
     output = Path(output)
     prepare_output_file(output, "the export folder", "model.pt")
     size = predictor.preprocessing.crop_size

@@ -17,7 +17,9 @@ from torch import nn
 
 from ..backbones.registry import Preprocessing, StagedBackbone, build_network, get_backbone, staged_backbone
 from ..errors import CacheNotFoundError, SourceError
-from ..fit.headstore import load_head
+from ..cache.schema import CROSS_ENSEMBLE
+from ..fit.cross_ensemble import cross_split_probabilities, load_cross_ensemble
+from ..fit.headstore import load_head, read_record
 from ..data.images import ImageDecodeError, load_rgb
 from ..backbones.preprocess import normalize_batch, prepare_image
 from ..data.sources import IMAGE_EXTENSIONS, printable_path
@@ -57,14 +59,47 @@ class Predictor:
         with torch.inference_mode():
             return self.head(self.features(images)).float().numpy()
 
+    def prepare(self, image) -> torch.Tensor:
+        """A decoded RGB image, resized and cropped as this backbone's cache was."""
+        return prepare_image(image, self.preprocessing)
 
-def load_predictor(cache: Cache | str | Path, head_name: str) -> Predictor:
-    """The cache's backbone plus one of its fitted heads."""
-    cache = cache if isinstance(cache, Cache) else open_cache(cache)
-    head, record = load_head(cache, head_name)
+    def predict_prepared(self, prepared: list[torch.Tensor]) -> np.ndarray:
+        return self.predict_proba(torch.stack(prepared))
+
+
+@dataclass
+class CrossPredictor:
+    """A soft vote across cache entries: each member's own backbone, preprocessing and head, averaged."""
+
+    members: list[Predictor]
+    weights: list[float]  # normalised, one per member
+    labels: list[str]  # ENTRY:HEAD, one per member
+    classes: list[str]
+
+    def prepare(self, image) -> tuple[torch.Tensor, ...]:
+        return tuple(member.prepare(image) for member in self.members)
+
+    def predict_prepared(self, prepared: list[tuple[torch.Tensor, ...]]) -> np.ndarray:
+        parts = [weight * member.predict_prepared([item[index] for item in prepared])
+                 for index, (member, weight) in enumerate(zip(self.members, self.weights))]
+        return sum(parts[1:], parts[0])
+
+
+def _predictor(cache: Cache, head, record: dict) -> Predictor:
     backbone, preprocessing = cache_backbone(cache)
     return Predictor(backbone.to(memory_format=torch.channels_last), preprocessing, record["tap"],
                      head.as_module().eval(), cache.classes, cache.manifest["dtype"])
+
+
+def load_predictor(cache: Cache | str | Path, head_name: str) -> Predictor | CrossPredictor:
+    """The cache's backbone plus one of its fitted heads; for an ensemble across entries, each member's."""
+    cache = cache if isinstance(cache, Cache) else open_cache(cache)
+    if read_record(cache, head_name)["head"] == CROSS_ENSEMBLE:
+        _, voters, weights = load_cross_ensemble(cache, head_name)
+        members = [_predictor(member.cache, head, {"tap": tap}) for member, head, tap in voters]
+        return CrossPredictor(members, weights.tolist(), [member.label for member, _, _ in voters], cache.classes)
+    head, record = load_head(cache, head_name)
+    return _predictor(cache, head, record)
 
 
 def image_files(paths: list[str | Path]) -> list[Path]:
@@ -89,7 +124,7 @@ class Prediction:
     error: str = ""
 
 
-def predict(predictor: Predictor, paths: list[str | Path], *, top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
+def predict(predictor: Predictor | CrossPredictor, paths: list[str | Path], *, top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
     """Classify image files (or folders of them); unreadable files get an error instead."""
     files = image_files(paths)
     k = max(1, min(top_k, len(predictor.classes)))
@@ -99,12 +134,12 @@ def predict(predictor: Predictor, paths: list[str | Path], *, top_k: int = 5, ba
         for position, file in enumerate(chunk, start):
             shown = printable_path(str(file))  # a name that is not UTF-8 still prints
             try:
-                tensors.append(prepare_image(load_rgb(file), predictor.preprocessing))
+                tensors.append(predictor.prepare(load_rgb(file)))
                 good.append((position, shown))
             except ImageDecodeError as error:
                 results.append((position, Prediction(shown, [], error.reason)))
         if tensors:
-            probabilities = predictor.predict_proba(torch.stack(tensors))
+            probabilities = predictor.predict_prepared(tensors)
             for (position, shown), row in zip(good, probabilities):
                 order = np.argsort(-row)[:k]
                 results.append((position, Prediction(shown, [(predictor.classes[i], float(row[i])) for i in order])))
@@ -121,6 +156,8 @@ def predict_split(cache: Cache | str | Path, head_name: str, split: str, *, top_
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     if split not in cache.splits:
         raise CacheNotFoundError(f"split {split!r} is not in {cache.path.name}; it has: {', '.join(cache.splits)}")
+    if read_record(cache, head_name)["head"] == CROSS_ENSEMBLE:
+        return _predict_cross_split(cache, head_name, split, top_k)
     head, record = load_head(cache, head_name)
     tap = record["tap"]
     k = max(1, min(top_k, len(cache.classes)))
@@ -133,4 +170,21 @@ def predict_split(cache: Cache | str | Path, head_name: str, split: str, *, top_
             for path, row in zip(rows.paths[start : start + block_rows], probabilities):
                 order = np.argsort(-row, kind="stable")[:k]
                 results.append(Prediction(path, [(cache.classes[i], float(row[i])) for i in order]))
+    return results
+
+
+def _predict_cross_split(cache: Cache, head_name: str, split: str, top_k: int) -> list[Prediction]:
+    """An ensemble across entries on a cached split, rows matched by path; a row some member's entry
+    lacks gets an error instead of a vote of fewer members."""
+    voted = cross_split_probabilities(cache, head_name, split)
+    k = max(1, min(top_k, len(cache.classes)))
+    by_path = {path: row for path, row in zip(voted.paths, voted.probabilities)}
+    results, home = [], cache.paths(split)
+    listed = set(home)
+    for path in home + [p for p in voted.missing_from if p not in listed]:
+        if path in by_path:
+            order = np.argsort(-by_path[path], kind="stable")[:k]
+            results.append(Prediction(path, [(cache.classes[i], float(by_path[path][i])) for i in order]))
+        else:
+            results.append(Prediction(path, [], f"not in {', '.join(voted.missing_from[path])}: left out of the vote"))
     return results
