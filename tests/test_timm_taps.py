@@ -153,3 +153,29 @@ def test_crop_mode_is_in_the_key_and_refused_when_unknown(tmp_path):
     assert not np.array_equal(open_cache(center.path).features("train"), open_cache(border.path).features("train"))
     with pytest.raises(UsageError, match="crop-mode"):
         extract(spec(crop_mode="letterbox"))
+
+
+@pytest.mark.parametrize("model,optimize", [("convnext_atto", "fuse"), ("resnet18", "eager")])
+def test_convnet_stage_taps_equal_timms_forward_intermediates(image_folder, tmp_path, model, optimize):
+    entry = get_backbone(f"timm:{model}")
+    channels = [e["num_chs"] for e in timm.create_model(model, pretrained=False).feature_info]
+    stages = tuple(f"stage{i}" for i in range(len(channels)))
+    assert entry.description.tap_names == (*stages, "pool")
+    taps = (stages[1], stages[-1], "pool")
+    cache = open_cache(extract(ExtractSpec(source=str(image_folder), model=f"timm:{model}", weights="random",
+                                           image_size=32, precision="fp32", dtype="float32", batch_size=4,
+                                           workers=0, root=str(tmp_path / "c"), taps=taps, optimize=optimize)).path)
+    assert {t: tuple(i["shape"]) for t, i in cache.manifest["taps"].items()} == {
+        stages[1]: (channels[1],), stages[-1]: (channels[-1],), "pool": (entry.description.tap("pool").channels,)}
+    network = timm.create_model(model, pretrained=False)
+    state = load_file(str(cache.path.parent / "_weights" / f"{cache.manifest['weights']['sha256']}.safetensors"))
+    network.load_state_dict(state, strict=False)
+    network.eval()
+    preprocessing = Preprocessing.from_dict(cache.manifest["config"]["preprocessing"])
+    images = torch.stack([prepare_image(load_rgb(image_folder / p), preprocessing) for p in cache.paths("val")])
+    x = normalize_batch(images, preprocessing, channels_last=False)
+    with torch.inference_mode():
+        maps = network.forward_intermediates(x, indices=[1, len(channels) - 1], intermediates_only=True)
+        pool = network.forward_head(network.forward_features(x), pre_logits=True)
+    for tap, expected in zip(taps, [maps[0].mean((2, 3)), maps[1].mean((2, 3)), pool]):
+        np.testing.assert_allclose(cache.features("val", tap), expected.numpy(), rtol=1e-4, atol=1e-4)

@@ -7,7 +7,8 @@ embedding, blocks and final norm, so they also offer `cls` (the class token),
 `patch_mean` (the mean of the patch tokens), `blockN` (block N's class token and patch
 mean, each after the final norm, as timm's `forward_intermediates(norm=True)` gives them)
 and `dinov2_linear` (DINOv2's linear-evaluation input), and their blocks can be unfrozen
-(`--unfreeze blocks:N`). Preprocessing comes from timm's resolved data config (input
+(`--unfreeze blocks:N`). Other models with `forward_intermediates` offer `stageN` (entry N
+of timm's feature_info, globally averaged). Preprocessing comes from timm's resolved data config (input
 size, interpolation, mean/std, crop_pct, crop mode); `--image-size` still overrides the
 size. Weights: `random`, a file (state dict as timm saves it), or `pretrained`, read from
 the local Hugging Face hub cache or timm's torch-hub cache, never downloaded.
@@ -146,7 +147,8 @@ class TimmDescription(FeatureDescription):
         if self.vit:
             taps = self._vit_taps(network, width)
         else:
-            taps = [Tap(name="pool", stage="features", channels=self._head_width(network, width),
+            taps = [*_stage_taps(network),
+                    Tap(name="pool", stage="features", channels=self._head_width(network, width),
                         readout=lambda net: _Method(net, "forward_head", pre_logits=True))]
         self.taps = tuple(taps)
         self.block_paths = [] if self.vit else _grouped_blocks(network)
@@ -181,7 +183,7 @@ class TimmDescription(FeatureDescription):
         if self.vit:
             return [("embed", _VitEmbed(network)), ("blocks", _VitBlocks(network, self.prefix_tokens, self.has_cls)),
                     ("norm", _VitNorm(network.norm, self.extra))]
-        return [("features", _Method(network, "forward_features"))]
+        return [("input", nn.Identity()), ("features", _Method(network, "forward_features"))]
 
     def blocks(self, staged: StagedBackbone) -> list[str]:
         if self.vit:
@@ -196,6 +198,34 @@ class TimmDescription(FeatureDescription):
     def tap_shape(self, name: str, crop_size: int) -> tuple[int, ...]:
         self.tap(name)
         return (self.tap(name).channels,)
+
+
+class _StageMean(nn.Module):
+    """Entry `index` of a ConvNet's feature_info, globally averaged: timm's own
+    `forward_intermediates(indices=[index], stop_early=True)` from the image, so the network
+    runs up to that stage once more for this tap."""
+
+    def __init__(self, network: nn.Module, index: int) -> None:
+        super().__init__()
+        self.net, self.index = network, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (stage,) = self.net.forward_intermediates(x, indices=[self.index], intermediates_only=True, stop_early=True)
+        return stage.mean(dim=(2, 3))
+
+
+def _stage_taps(network: nn.Module) -> list[Tap]:
+    """stage0..stageK-1: the entries of timm's feature_info (for ResNets the stem first), where
+    the model has forward_intermediates; none otherwise."""
+    info = getattr(network, "feature_info", None)
+    if not hasattr(network, "forward_intermediates") or not isinstance(info, list) or not info:
+        return []
+    try:
+        channels = [int(entry["num_chs"]) for entry in info]
+    except (KeyError, TypeError, ValueError):
+        return []
+    return [Tap(name=f"stage{i}", stage="input", channels=c, readout=lambda net, i=i: _StageMean(net, i))
+            for i, c in enumerate(channels)]
 
 
 def _grouped_blocks(network: nn.Module) -> list[str]:
