@@ -41,22 +41,30 @@ def _by_hand(network: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tenso
     return out
 
 
+def _extract(folder: Path, root: Path, model: str, taps: tuple[str, ...], optimize: str = "eager"):
+    return open_cache(extract(ExtractSpec(source=str(folder), model=f"timm:{model}", weights="random", image_size=32,
+                                          precision="fp32", dtype="float32", batch_size=4, workers=0, root=str(root),
+                                          taps=taps, optimize=optimize)).path)
+
+
+def _timm_and_input(cache, folder: Path, model: str, split: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """timm's own model with the cache's weights (its classifier random), and the split's images as the cache saw them."""
+    network = timm.create_model(model, pretrained=False, **({"dynamic_img_size": True} if "vit" in model else {}))
+    state = load_file(str(cache.path.parent / "_weights" / f"{cache.manifest['weights']['sha256']}.safetensors"))
+    network.load_state_dict(state, strict=False)
+    preprocessing = Preprocessing.from_dict(cache.manifest["config"]["preprocessing"])
+    images = torch.stack([prepare_image(load_rgb(folder / p), preprocessing) for p in cache.paths(split)])
+    return network.eval(), normalize_batch(images, preprocessing, channels_last=False)
+
+
 def test_vit_block_taps_and_dinov2_linear_equal_timms_forward_intermediates(image_folder, tmp_path):
     taps = ("block0", "block5", "block11", "dinov2_linear", "pool", "cls", "patch_mean")
-    cache = open_cache(extract(ExtractSpec(source=str(image_folder), model=f"timm:{VIT}", weights="random",
-                                           image_size=32, precision="fp32", dtype="float32", batch_size=4,
-                                           workers=0, root=str(tmp_path / "c"), taps=taps, optimize="eager")).path)
+    cache = _extract(image_folder, tmp_path / "c", VIT, taps)
     width = 192
     assert {t: tuple(info["shape"]) for t, info in cache.manifest["taps"].items()} == {
         "block0": (2 * width,), "block5": (2 * width,), "block11": (2 * width,), "dinov2_linear": (5 * width,),
         "pool": (width,), "cls": (width,), "patch_mean": (width,)}
-    network = timm.create_model(VIT, pretrained=False, dynamic_img_size=True)
-    state = load_file(str(cache.path.parent / "_weights" / f"{cache.manifest['weights']['sha256']}.safetensors"))
-    network.load_state_dict(state, strict=False)
-    network.eval()
-    preprocessing = Preprocessing.from_dict(cache.manifest["config"]["preprocessing"])
-    images = torch.stack([prepare_image(load_rgb(image_folder / p), preprocessing) for p in cache.paths("train")])
-    x = normalize_batch(images, preprocessing, channels_last=False)
+    network, x = _timm_and_input(cache, image_folder, VIT, "train")
     expected = _by_hand(network, x)
     with torch.inference_mode():
         tokens = network.forward_features(x)
@@ -88,10 +96,7 @@ def test_dinov2_linear_with_register_tokens_skips_them():
 
 def test_finetune_from_cache_refuses_vit_block_taps(image_folder, tmp_path):
     """Block taps are summaries, not the token sequence: the network cannot run on from them."""
-    cache = open_cache(extract(ExtractSpec(source=str(image_folder), model=f"timm:{VIT}", weights="random",
-                                           image_size=32, precision="fp32", dtype="float32", batch_size=4,
-                                           workers=0, root=str(tmp_path / "c"), taps=("pool", "block10"),
-                                           optimize="eager")).path)
+    cache = _extract(image_folder, tmp_path / "c", VIT, ("pool", "block10"))
     fit_head(cache, FitSpec(head="logistic", name="logistic"))
     spec = FinetuneSpec(head="logistic", unfreeze="blocks:1", epochs=1, batch_size=4, workers=0, precision="fp32",
                         device="cpu", hflip=False, from_cache=True)
@@ -162,20 +167,27 @@ def test_convnet_stage_taps_equal_timms_forward_intermediates(image_folder, tmp_
     stages = tuple(f"stage{i}" for i in range(len(channels)))
     assert entry.description.tap_names == (*stages, "pool")
     taps = (stages[1], stages[-1], "pool")
-    cache = open_cache(extract(ExtractSpec(source=str(image_folder), model=f"timm:{model}", weights="random",
-                                           image_size=32, precision="fp32", dtype="float32", batch_size=4,
-                                           workers=0, root=str(tmp_path / "c"), taps=taps, optimize=optimize)).path)
+    cache = _extract(image_folder, tmp_path / "c", model, taps, optimize)
     assert {t: tuple(i["shape"]) for t, i in cache.manifest["taps"].items()} == {
         stages[1]: (channels[1],), stages[-1]: (channels[-1],), "pool": (entry.description.tap("pool").channels,)}
-    network = timm.create_model(model, pretrained=False)
-    state = load_file(str(cache.path.parent / "_weights" / f"{cache.manifest['weights']['sha256']}.safetensors"))
-    network.load_state_dict(state, strict=False)
-    network.eval()
-    preprocessing = Preprocessing.from_dict(cache.manifest["config"]["preprocessing"])
-    images = torch.stack([prepare_image(load_rgb(image_folder / p), preprocessing) for p in cache.paths("val")])
-    x = normalize_batch(images, preprocessing, channels_last=False)
+    network, x = _timm_and_input(cache, image_folder, model, "val")
     with torch.inference_mode():
         maps = network.forward_intermediates(x, indices=[1, len(channels) - 1], intermediates_only=True)
         pool = network.forward_head(network.forward_features(x), pre_logits=True)
     for tap, expected in zip(taps, [maps[0].mean((2, 3)), maps[1].mean((2, 3)), pool]):
         np.testing.assert_allclose(cache.features("val", tap), expected.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_unknown_crop_mode_is_one_error_line_and_exit_2(image_folder, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "featurecache", "extract", str(image_folder), "--model",
+                           "timm:convnext_atto", "--weights", "random", "--crop-mode", "letterbox"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "FEATURECACHE_ROOT": str(tmp_path / "c")})
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2 and lines == ["error: unknown --crop-mode 'letterbox'; use center, squash or border"], \
+        done.stdout + done.stderr
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
