@@ -155,6 +155,10 @@ def test_crop_mode_is_in_the_key_and_refused_when_unknown(tmp_path):
     assert center.key != border.key and center.path != border.path
     manifest = open_cache(border.path).manifest
     assert manifest["config"]["preprocessing"]["crop_mode"] == "border"
+    from featurecache.cache.summary import describe_entry
+
+    shown = dict(describe_entry(str(border.path), None))["preprocessing"]
+    assert shown.startswith("resize longer side to ") and "pad with the mean colour, centre crop 32" in shown, shown
     assert not np.array_equal(open_cache(center.path).features("train"), open_cache(border.path).features("train"))
     with pytest.raises(UsageError, match="crop-mode"):
         extract(spec(crop_mode="letterbox"))
