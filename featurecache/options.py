@@ -19,6 +19,8 @@ ON_ERROR = ("skip", "fail")
 OPTIMIZE = ("auto", "eager", "fuse", "freeze", "compile")
 #: Who decodes and resizes the images.
 DECODES = ("pil", "torch")
+#: How an image is resized and cropped to the input size (timm's eval crop modes).
+CROP_MODES = ("center", "squash", "border")
 #: HDF5 compression of the features; "none" on the command line is None in the library.
 COMPRESSIONS = ("none", "lzf", "gzip")
 

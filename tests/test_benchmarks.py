@@ -48,3 +48,13 @@ def test_gpu_check_says_no_gpu_and_exits_cleanly_without_cuda():
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("no GPU:") and "CUDA is not available" in done.stdout
     assert "Traceback" not in done.stderr
+
+
+def test_timm_extraction_benchmark_runs_at_the_smallest_size(image_folder, tmp_path):
+    pytest.importorskip("timm")
+    from benchmarks.timm_extraction import measure, photo_folder, table
+
+    folder = photo_folder(tmp_path / "work", 4, source=image_folder)
+    result = measure(folder, "convnext_atto", 2, tmp_path / "cache", image_size=32, workers=0)
+    assert (result.images, result.input_size) == (4, 32) and result.plain_s > 0 and result.ours_s > 0
+    assert "convnext_atto | 32 px | 4 |" in table([result])

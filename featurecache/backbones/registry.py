@@ -36,7 +36,7 @@ class Preprocessing:
     std: tuple[float, float, float] = IMAGENET_STD
     # timm's data config, recorded (and so in the key) only when it came from one:
     crop_pct: float | None = None  # resize_size = floor(crop_size / crop_pct)
-    crop_mode: str | None = None  # center (shorter side resized) or squash (both sides resized)
+    crop_mode: str | None = None  # center (shorter side resized), squash (both) or border (longer, padded)
 
     def with_image_size(self, size: int) -> "Preprocessing":
         """Override the input size, keeping the weights' resize/crop ratio."""

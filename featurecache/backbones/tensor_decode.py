@@ -119,19 +119,19 @@ def decode_batch(items: Sequence[Encoded], device: torch.device) -> list[torch.T
 
 
 def resize_crop(image: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
-    """Shorter side to resize_size (antialiased), centre crop: 3 x S x S uint8, on image's device.
+    """Resize (antialiased) and crop as `preprocess.prepare_image` does: 3 x S x S uint8, on image's device.
 
     uint8 in, uint8 out, rounded, as PIL's resize returns: the two paths then share
     `normalize_batch`. On the CPU torchvision resizes uint8 directly (its AVX2 path);
     elsewhere in float32, then rounds.
     """
+    from .preprocess import crop, resize_target
+
     interpolation = InterpolationMode(preprocessing.interpolation)
-    size = preprocessing.resize_size
-    if preprocessing.crop_mode == "squash":  # timm: both sides resized, aspect ratio not kept
-        size = [size, size]
+    size = resize_target(preprocessing, image.shape[-2], image.shape[-1])
     if image.device.type == "cpu":
         resized = F.resize(image, size, interpolation=interpolation, antialias=True)
     else:
         resized = F.resize(image.float(), size, interpolation=interpolation, antialias=True)
         resized = resized.round_().clamp_(0, 255).to(torch.uint8)
-    return F.center_crop(resized, preprocessing.crop_size)
+    return crop(resized, preprocessing)

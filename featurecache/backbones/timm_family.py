@@ -3,9 +3,12 @@
 timm is imported only when a `timm:` model is asked for. The description reads the
 network through timm's own API: the features are `forward_features` then
 `forward_head(pre_logits=True)` (tap `pool`); vision transformers are cut into their
-embedding, blocks and final norm, so they also offer `cls` (the class token) and
-`patch_mean` (the mean of the patch tokens), and their blocks can be unfrozen
-(`--unfreeze blocks:N`). Preprocessing comes from timm's resolved data config (input
+embedding, blocks and final norm, so they also offer `cls` (the class token),
+`patch_mean` (the mean of the patch tokens), `blockN` (block N's class token and patch
+mean, each after the final norm, as timm's `forward_intermediates(norm=True)` gives them)
+and `dinov2_linear` (DINOv2's linear-evaluation input), and their blocks can be unfrozen
+(`--unfreeze blocks:N`). Other models with `forward_intermediates` offer `stageN` (entry N
+of timm's feature_info, globally averaged). Preprocessing comes from timm's resolved data config (input
 size, interpolation, mean/std, crop_pct, crop mode); `--image-size` still overrides the
 size. Weights: `random`, a file (state dict as timm saves it), or `pretrained`, read from
 the local Hugging Face hub cache or timm's torch-hub cache, never downloaded.
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import BackboneError, WeightsUnavailableError
+from ..options import CROP_MODES
 from .description import FeatureDescription, StagedBackbone, Tap
 
 PREFIX = "timm"
@@ -60,18 +64,68 @@ class _VitEmbed(nn.Module):
         return net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(x))))
 
 
-class _Cls(nn.Module):
+class _VitBlocks(nn.Sequential):
+    """A ViT's blocks (the same children, so `blocks.N` paths and names are unchanged) whose
+    output is the last block's tokens followed by `rows` summary rows per block: its class
+    token (when the model has one) and the mean of its patch tokens, both after the final
+    norm, as `forward_intermediates(norm=True)` gives them. One pass yields every block tap;
+    the extra norm per block is small next to the block itself."""
+
+    def __init__(self, network: nn.Module, prefix_tokens: int, has_cls: bool) -> None:
+        super().__init__(*network.blocks)
+        object.__setattr__(self, "final_norm", network.norm)  # not a child: it is the `norm` stage's module
+        self.prefix_tokens, self.has_cls = prefix_tokens, has_cls
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, 0]
+        rows = []
+        for block in self:
+            x = block(x)
+            normed = self.final_norm(x)
+            if self.has_cls:
+                rows.append(normed[:, 0])
+            rows.append(normed[:, self.prefix_tokens:].mean(dim=1))
+        return torch.cat([x, torch.stack(rows, dim=1)], dim=1)
 
 
-class _PatchMean(nn.Module):
-    def __init__(self, prefix_tokens: int) -> None:
+class _VitNorm(nn.Module):
+    """The final norm on the tokens; the summary rows (already normed) pass through."""
+
+    def __init__(self, norm: nn.Module, extra: int) -> None:
         super().__init__()
-        self.prefix_tokens = prefix_tokens
+        self.norm, self.extra = norm, extra
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, self.prefix_tokens:].mean(dim=1)
+        return torch.cat([self.norm(x[:, :-self.extra]), x[:, -self.extra:]], dim=1)
+
+
+class _Tokens(nn.Module):
+    """A readout of the tokens (summary rows dropped): the class token, the patch mean or timm's head."""
+
+    def __init__(self, extra: int, kind: str, prefix_tokens: int = 1, network: nn.Module | None = None) -> None:
+        super().__init__()
+        self.extra, self.kind, self.prefix_tokens = extra, kind, prefix_tokens
+        if network is not None:
+            self.head = _Method(network, "forward_head", pre_logits=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :-self.extra]
+        if self.kind == "cls":
+            return x[:, 0]
+        if self.kind == "patch_mean":
+            return x[:, self.prefix_tokens:].mean(dim=1)
+        return self.head(x)
+
+
+class _Summary(nn.Module):
+    """Summary rows as one vector: `blocks` (indices) x `rows`, flattened block by block."""
+
+    def __init__(self, blocks: int, rows: int, take: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.blocks, self.rows, self.take = blocks, rows, take
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x[:, -self.blocks * self.rows:].unflatten(1, (self.blocks, self.rows))
+        return torch.cat([rows[:, block, row] for block, row in self.take], dim=1)
 
 
 def _is_vit(network: nn.Module) -> bool:
@@ -91,19 +145,35 @@ class TimmDescription(FeatureDescription):
         self.classifier_names = tuple(names)
         width = int(network.num_features)
         if self.vit:
-            prefix = int(getattr(network, "num_prefix_tokens", 1))
-            self.prefix_tokens = prefix
-            taps = [Tap(name="pool", stage="norm", channels=self._head_width(network, width),
-                        readout=lambda net: _Method(net, "forward_head", pre_logits=True))]
-            if prefix >= 1 and getattr(network, "cls_token", None) is not None:
-                taps.append(Tap(name="cls", stage="norm", channels=width, readout=lambda net: _Cls()))
-            taps.append(Tap(name="patch_mean", stage="norm", channels=width,
-                            readout=lambda net, p=prefix: _PatchMean(p)))
+            taps = self._vit_taps(network, width)
         else:
-            taps = [Tap(name="pool", stage="features", channels=self._head_width(network, width),
+            taps = [*_stage_taps(network),
+                    Tap(name="pool", stage="features", channels=self._head_width(network, width),
                         readout=lambda net: _Method(net, "forward_head", pre_logits=True))]
         self.taps = tuple(taps)
         self.block_paths = [] if self.vit else _grouped_blocks(network)
+
+    def _vit_taps(self, network: nn.Module, width: int) -> list[Tap]:
+        """block0..blockN-1 and dinov2_linear read the blocks' summary rows; pool, cls, patch_mean the tokens."""
+        prefix = self.prefix_tokens = int(getattr(network, "num_prefix_tokens", 1))
+        self.has_cls = prefix >= 1 and getattr(network, "cls_token", None) is not None
+        count, rows = len(network.blocks), 2 if self.has_cls else 1
+        self.extra = count * rows
+        taps = [Tap(name=f"block{i}", stage="blocks", channels=rows * width,
+                    readout=lambda net, i=i: _Summary(count, rows, [(i, r) for r in range(rows)]))
+                for i in range(count)]
+        if self.has_cls and count >= 4:  # DINOv2's create_linear_input(n=4, avgpool=True)
+            take = [(i, 0) for i in range(count - 4, count)] + [(count - 1, 1)]
+            taps.append(Tap(name="dinov2_linear", stage="blocks", channels=5 * width,
+                            readout=lambda net: _Summary(count, rows, take)))
+        extra = self.extra
+        taps.append(Tap(name="pool", stage="norm", channels=self._head_width(network, width),
+                        readout=lambda net: _Tokens(extra, "pool", network=net)))
+        if self.has_cls:
+            taps.append(Tap(name="cls", stage="norm", channels=width, readout=lambda net: _Tokens(extra, "cls")))
+        taps.append(Tap(name="patch_mean", stage="norm", channels=width,
+                        readout=lambda net: _Tokens(extra, "patch_mean", prefix)))
+        return taps
 
     @staticmethod
     def _head_width(network: nn.Module, width: int) -> int:
@@ -111,8 +181,9 @@ class TimmDescription(FeatureDescription):
 
     def stages(self, network: nn.Module) -> list[tuple[str, nn.Module]]:
         if self.vit:
-            return [("embed", _VitEmbed(network)), ("blocks", network.blocks), ("norm", network.norm)]
-        return [("features", _Method(network, "forward_features"))]
+            return [("embed", _VitEmbed(network)), ("blocks", _VitBlocks(network, self.prefix_tokens, self.has_cls)),
+                    ("norm", _VitNorm(network.norm, self.extra))]
+        return [("input", nn.Identity()), ("features", _Method(network, "forward_features"))]
 
     def blocks(self, staged: StagedBackbone) -> list[str]:
         if self.vit:
@@ -127,6 +198,34 @@ class TimmDescription(FeatureDescription):
     def tap_shape(self, name: str, crop_size: int) -> tuple[int, ...]:
         self.tap(name)
         return (self.tap(name).channels,)
+
+
+class _StageMean(nn.Module):
+    """Entry `index` of a ConvNet's feature_info, globally averaged: timm's own
+    `forward_intermediates(indices=[index], stop_early=True)` from the image, so the network
+    runs up to that stage once more for this tap."""
+
+    def __init__(self, network: nn.Module, index: int) -> None:
+        super().__init__()
+        self.net, self.index = network, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (stage,) = self.net.forward_intermediates(x, indices=[self.index], intermediates_only=True, stop_early=True)
+        return stage.mean(dim=(2, 3))
+
+
+def _stage_taps(network: nn.Module) -> list[Tap]:
+    """stage0..stageK-1: the entries of timm's feature_info (for ResNets the stem first), where
+    the model has forward_intermediates; none otherwise."""
+    info = getattr(network, "feature_info", None)
+    if not hasattr(network, "forward_intermediates") or not isinstance(info, list) or not info:
+        return []
+    try:
+        channels = [int(entry["num_chs"]) for entry in info]
+    except (KeyError, TypeError, ValueError):
+        return []
+    return [Tap(name=f"stage{i}", stage="input", channels=c, readout=lambda net, i=i: _StageMean(net, i))
+            for i, c in enumerate(channels)]
 
 
 def _grouped_blocks(network: nn.Module) -> list[str]:
@@ -179,13 +278,13 @@ def data_config(network: nn.Module) -> dict:
 
 
 def preprocessing_from_config(config: dict):
-    """timm's eval transform as a Preprocessing: resize to floor(size / crop_pct), centre crop."""
+    """timm's eval transform as a Preprocessing: resize to floor(size / crop_pct) by the crop mode, crop."""
     from .registry import Preprocessing
 
     _, height, width = config["input_size"]
     crop_mode = config.get("crop_mode") or "center"
-    if crop_mode not in ("center", "squash"):
-        raise BackboneError(f"timm crop mode {crop_mode!r} is not supported (center and squash are)")
+    if crop_mode not in CROP_MODES:
+        raise BackboneError(f"timm crop mode {crop_mode!r} is not supported ({', '.join(CROP_MODES)} are)")
     crop_pct = float(config.get("crop_pct") or 0.875)
     size = int(height)
     return Preprocessing(resize_size=math.floor(size / crop_pct), crop_size=size,

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from ..errors import InvalidRecordError
-from ..options import COMPRESSIONS, DTYPES, ON_ERROR, PRECISIONS, RESOLVED_PRECISIONS
+from ..options import COMPRESSIONS, CROP_MODES, DTYPES, ON_ERROR, PRECISIONS, RESOLVED_PRECISIONS
 
 STORAGE_DTYPES = DTYPES
 ITEMSIZE = {"float16": 2, "float32": 4}
@@ -106,7 +106,7 @@ class PreprocessingRecord(Record):
     std: Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(min_length=3, max_length=3)]
     jpeg_draft: bool = False
     crop_pct: Annotated[float, Field(gt=0, le=4, allow_inf_nan=False)] | None = None
-    crop_mode: Literal["center", "squash"] | None = None
+    crop_mode: Literal[CROP_MODES] | None = None
 
 
 class SourceRecord(Record):
@@ -138,6 +138,7 @@ class SpecRecord(Record):
     weights: str
     taps: Annotated[list[TapName], Field(min_length=1)]
     image_size: Annotated[int, Field(ge=16, le=16384)] | None = None
+    crop_mode: Literal[CROP_MODES] | None = None
     dtype: Literal[DTYPES]
     precision: Literal[PRECISIONS] = "auto"
     device: str = "auto"

@@ -8,6 +8,9 @@ from ..errors import FeatureCacheError
 from .manifest import read_manifest
 from .store import entry_size_bytes, list_entries, resolve_entry
 
+#: How each crop mode resizes (timm's modes; none or center: the shorter side).
+_RESIZE = {"squash": "both sides to ", "border": "longer side to "}
+
 
 def human_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -69,7 +72,8 @@ def describe_entry(name: str, root: Path | None = None) -> list[tuple[str, str]]
         ("fingerprints", _fingerprints(manifest)),
         ("model", config["arch"]),
         ("weights", f"{manifest['weights']['description']} (sha256 {manifest['weights']['sha256'][:16]}…)"),
-        ("preprocessing", f"resize {pre['resize_size']} ({pre['interpolation']}), centre crop {pre['crop_size']}"),
+        ("preprocessing", f"resize {_RESIZE.get(pre.get('crop_mode'), '')}{pre['resize_size']} ({pre['interpolation']}), "
+                          f"{'pad with the mean colour, ' if pre.get('crop_mode') == 'border' else ''}centre crop {pre['crop_size']}"),
         ("taps", taps),
         ("storage", f"{manifest['dtype']}, forward in {config['precision']}"),
         ("classes", f"{len(manifest['classes'])}: {', '.join(manifest['classes'][:12])}"

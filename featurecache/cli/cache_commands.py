@@ -22,6 +22,7 @@ def extract(
     weights: Annotated[str, typer.Option(help="imagenet (IMAGENET1K_V1), an enum name like IMAGENET1K_V2, random, or a .pt/.pth/.safetensors file.")] = "imagenet",
     tap: Annotated[list[str], typer.Option("--tap", help="Tap(s) to store: pool (default) or another the model offers (ResNets: layer1..layer4). Repeatable.")] = ["pool"],
     image_size: Annotated[Optional[int], typer.Option(help="Input size override (crop size); part of the cache key.")] = None,
+    crop_mode: Annotated[Optional[str], typer.Option(help="Resize/crop rule override (timm's eval modes): center (shorter side resized, centre crop), squash (both sides resized), border (longer side resized, padded with the mean colour); part of the cache key.")] = None,
     dtype: Annotated[Dtype, typer.Option(case_sensitive=False, help="Storage dtype of the features.")] = Dtype.float16,
     precision: Annotated[Precision, typer.Option(case_sensitive=False, help="Forward-pass precision (auto: bf16 on CPU, bf16/fp16 on GPU).")] = Precision.auto,
     device: Annotated[Device, typer.Option(case_sensitive=False)] = Device.auto,
@@ -58,7 +59,7 @@ def extract(
     follower = os.environ.get("RANK", "0") != "0"  # under torchrun, rank 0 alone reports
 
     spec = ExtractSpec(
-        source=source, model=model, weights=weights, taps=tuple(tap), image_size=image_size,
+        source=source, model=model, weights=weights, taps=tuple(tap), image_size=image_size, crop_mode=crop_mode,
         dtype=dtype.value, precision=precision.value, device=device.value, batch_size=batch_size,
         workers=workers, shard_size=shard_size, compression=None if compression is Compression.none else compression.value,
         on_error=on_error.value, content_hash=content_hash, seed=seed, root=str(root) if root else None,

@@ -25,7 +25,7 @@ from ..device import resolve_precision
 from .engine import default_workers, run_backbone
 from ..errors import CacheNotFoundError, CorruptCacheError, ExtractionError, UnreadableImageError, UsageError
 from ..faults import fault_point
-from ..options import COMPRESSIONS, DECODES, DTYPES, ON_ERROR, choices
+from ..options import COMPRESSIONS, CROP_MODES, DECODES, DTYPES, ON_ERROR, choices
 from ..cache.atomic import storage_error
 from ..backbones.optimize import optimize_backbone, resolve_optimize
 from .plan import Plan, make_plan
@@ -51,6 +51,7 @@ class ExtractSpec:
     weights: str = "imagenet"  # imagenet | an enum name | random | path to a state dict
     taps: tuple[str, ...] = ("pool",)
     image_size: int | None = None  # overrides the weights' crop size (and scales the resize)
+    crop_mode: str | None = None  # overrides the resize/crop rule: center, squash or border (timm's modes), in the key
     dtype: str = "float16"  # storage dtype of the features
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (autocast of the forward pass)
     device: str = "auto"
@@ -107,6 +108,8 @@ def _check_spec(spec: ExtractSpec) -> None:
         raise UsageError(f"--tap must name at least one tap (pool, or another the model offers), got {spec.taps!r}")
     if spec.image_size is not None and (not _integer(spec.image_size) or not 16 <= spec.image_size <= 4096):
         raise UsageError(f"--image-size must be an integer from 16 to 4096, got {spec.image_size!r}")
+    if spec.crop_mode is not None and spec.crop_mode not in CROP_MODES:
+        raise UsageError(f"unknown --crop-mode {spec.crop_mode!r}; use {choices(CROP_MODES)}")
     for name in ("batch_size", "shard_size", "max_consecutive_failures"):
         value = getattr(spec, name)
         if not _integer(value) or not 1 <= value <= 1 << 24:
@@ -194,6 +197,8 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
     preprocessing = weights.preprocessing
     if spec.image_size is not None:
         preprocessing = preprocessing.with_image_size(spec.image_size)
+    if spec.crop_mode is not None:
+        preprocessing = dataclasses.replace(preprocessing, crop_mode=spec.crop_mode)
     if spec.draft and isinstance(source, FileSource):
         # libjpeg decodes at the smallest 1/2..1/8 scale whose shorter side still covers the resize.
         source.draft_size = (preprocessing.resize_size, preprocessing.resize_size)
