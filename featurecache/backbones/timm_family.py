@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import BackboneError, WeightsUnavailableError
 from ..options import CROP_MODES
-from .description import FeatureDescription, StagedBackbone, Tap
+from .description import FeatureDescription, StagedBackbone, Tap, stage_of
 
 PREFIX = "timm"
 
@@ -152,6 +152,8 @@ class TimmDescription(FeatureDescription):
                         readout=lambda net: _Method(net, "forward_head", pre_logits=True))]
         self.taps = tuple(taps)
         self.block_paths = [] if self.vit else _grouped_blocks(network)
+        if self.block_paths:
+            self.default_unfreeze = _last_stage(self.block_paths)
 
     def _vit_taps(self, network: nn.Module, width: int) -> list[Tap]:
         """block0..blockN-1 and dinov2_linear read the blocks' summary rows; pool, cls, patch_mean the tokens."""
@@ -252,8 +254,29 @@ def _grouped_blocks(network: nn.Module) -> list[str]:
             paths.append(prefix)  # the group is one whole module (a residual block, a ConvNeXt block)
         else:  # its top-level modules (e.g. a stage's downsample and its first block)
             members = set(names)
-            paths += [n for n in names if n and not any(n.startswith(m + ".") for m in members if m != n)]
+            tops = [n for n in names if n and not any(n.startswith(m + ".") for m in members if m != n)]
+            paths += [p for p in dict.fromkeys(map(_whole_block, tops)) if p not in paths]
     return paths
+
+
+def _last_stage(paths: list[str]) -> str:
+    """A ConvNet's default `--unfreeze`: the stage of its last numbered block, with the
+    modules after it ("layer4", "stages.3"; EfficientNet: "blocks.6+", its last block
+    and the head convolution after it), as a ResNet's default is its last stage."""
+    numbered = [i for i, path in enumerate(paths) if path.rsplit(".", 1)[-1].isdigit()]
+    if not numbered:
+        return "1"
+    stage = stage_of(paths[numbered[-1]])
+    return stage if all(stage_of(p) == stage for p in paths[numbered[-1]:]) else f"{stage}+"
+
+
+def _whole_block(name: str) -> str:
+    """A module path cut after its second index: the block it belongs to, as in
+    "blocks.6.0.conv_pw" -> "blocks.6.0" (timm groups EfficientNet's last block with its
+    head convolution, so the group lists the block's layers one by one)."""
+    parts = name.split(".")
+    indices = [i for i, part in enumerate(parts) if part.isdigit()]
+    return ".".join(parts[: indices[1] + 1]) if len(indices) > 1 else name
 
 
 @functools.lru_cache(maxsize=None)

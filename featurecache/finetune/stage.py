@@ -204,8 +204,9 @@ def _rows(cache: Cache, split_rows: dict[str, tuple[str, np.ndarray | None]], sp
 
 def _missing_tap_message(cache: Cache, spec: FinetuneSpec, tap: str | None) -> str:
     if tap is None:
-        return (f"--from-cache cannot unfreeze these blocks (--unfreeze {spec.unfreeze}): their input (the stem's "
-                "output) is not a tap the backbone offers; unfreeze fewer blocks or drop --from-cache")
+        return (f"--from-cache cannot unfreeze these blocks (--unfreeze {spec.unfreeze}): their input is not a tap "
+                "the backbone can store (a ResNet's stem output is not; a ViT's taps are summaries, not the token "
+                "sequence its blocks take); unfreeze fewer blocks of a ResNet, or drop --from-cache")
     made = cache.manifest["spec"]
     command = f"featurecache extract {made['source']} --model {made['model']} --weights {made['weights']}"
     if made.get("seed"):
