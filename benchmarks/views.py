@@ -87,7 +87,8 @@ def main() -> None:
         total += seconds
         print(f"| {k} | {count} | {seconds:.1f} | {total:.1f} | {load} |", flush=True)
     mlp = {"epochs": args.mlp_epochs}
-    table: dict[str, dict[int, list[float]]] = {}
+    table: dict[str, dict[int, list[float]]] = {label: {} for label in (
+        "logistic, views stacked", "logistic, mean of views", "mlp, one version per image per epoch")}
     splits = set()
 
     def measure(label: str, k: int, head: str, name: str, **settings) -> None:
@@ -100,7 +101,8 @@ def main() -> None:
             values.append(top1)
             splits.add(split)
         table.setdefault(label, {})[k] = values
-        print(f"{label}, K={k}: {_cell(values)} [{time.perf_counter() - started:.0f} s, {_load()}]", flush=True)
+        print(f"{label}, K={k}: {_cell(values)}, per seed {[round(100 * v, 2) for v in values]} "
+              f"[{time.perf_counter() - started:.0f} s, {_load()}]", flush=True)
 
     for k in sorted(args.views):
         views = k or None
@@ -110,7 +112,7 @@ def main() -> None:
         measure("mlp, one version per image per epoch", k, "mlp", "mlp", views=views, params=dict(mlp))
     if not args.no_feature_space:
         for label, extra in FEATURE_SPACE:
-            measure(f"mlp, K=0, `{label}`", 0, "mlp", "mlp-aug", params={**mlp, **extra})
+            measure(f"mlp, `{label}`", 0, "mlp", "mlp-aug", params={**mlp, **extra})
     ks = sorted(args.views)
     print(f"\ntop-1 % on {', '.join(sorted(splits))}, mean (min-max) of seeds {args.seeds}; {_load()}\n")
     print("| head | " + " | ".join(f"K={k}" for k in ks) + " |")
