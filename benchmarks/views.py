@@ -106,10 +106,11 @@ def main() -> None:
 
     for k in sorted(args.views):
         views = k or None
-        measure("logistic, views stacked", k, "logistic", "logistic", views=views)
+        chosen = {"view_set": args.augment} if k else {}  # the set of this policy: others may share the root
+        measure("logistic, views stacked", k, "logistic", "logistic", views=views, **chosen)
         if k:
-            measure("logistic, mean of views", k, "logistic", "logistic-mean", views=views, view_mode="mean")
-        measure("mlp, one version per image per epoch", k, "mlp", "mlp", views=views, params=dict(mlp))
+            measure("logistic, mean of views", k, "logistic", "logistic-mean", views=views, view_mode="mean", **chosen)
+        measure("mlp, one version per image per epoch", k, "mlp", "mlp", views=views, params=dict(mlp), **chosen)
     if not args.no_feature_space:
         for label, extra in FEATURE_SPACE:
             measure(f"mlp, `{label}`", 0, "mlp", "mlp-aug", params={**mlp, **extra})
