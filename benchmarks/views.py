@@ -1,22 +1,25 @@
 """Do cached augmented views help? Test top-1 of logistic and MLP heads with K views (issue 18).
 
     python -m benchmarks.views --source digits --image-size 112 --views 0 2 4 8 --seeds 0 1 2
-    python -m benchmarks.views --source ../shared/data/hymenoptera --image-size 112 --views 0 2 4
+    python -m benchmarks.views --source ../shared/data/hymenoptera --image-size 112 --val-fraction 0.2
 
 One extraction (resnet18, random weights with seed 0: no pretrained weights are
 reachable here), its views added incrementally (K = 2, then 4, then 8: each step
 computes only the new views; the time of each step is printed), then for each K and
 each head seed: logistic (views stacked, and their mean) and MLP (one version per image
 per epoch), and the MLP with feature-space augmentation (noise, mixup) at K = 0.
-Head seeds vary the MLP's initialisation, batch order and view draws; the logistic
-head is deterministic given its rows, so its spread over seeds is zero by construction.
-Prints a Markdown table (mean and min-max over seeds) for BENCHMARKS.md. Not part of
-`python -m benchmarks`: it measures accuracy, not speed ratios.
+Head seeds vary the MLP's initialisation, batch order and view draws (and, with
+--val-fraction, the carved validation rows); without --val-fraction the logistic head
+is deterministic given its rows, so its spread over seeds is zero by construction.
+The load average is printed after every phase: the machine is shared. Prints Markdown
+tables (mean and min-max over seeds) for BENCHMARKS.md. Not part of `python -m
+benchmarks`: it measures accuracy, not speed ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import tempfile
@@ -29,20 +32,23 @@ from featurecache import extract
 from featurecache.extract.stage import ExtractSpec
 from featurecache.fit.stage import FitSpec, fit_head
 
+FEATURE_SPACE = (("feature_noise=0.5", {"feature_noise": 0.5}), ("feature_noise=1.0", {"feature_noise": 1.0}),
+                 ("feature_mixup=0.2", {"feature_mixup": 0.2}), ("feature_mixup=1.0", {"feature_mixup": 1.0}))
 
-VAL_FRACTION = None
+
+def _load() -> str:
+    return "load %.2f %.2f %.2f" % os.getloadavg()
 
 
-def _fit(entry: Path, head: str, seed: int, name: str, **settings) -> float:
-    result = fit_head(entry, FitSpec(head=head, name=name, seed=seed, overwrite=True, val_fraction=VAL_FRACTION,
+def _fit(entry: Path, head: str, seed: int, name: str, val_fraction: float | None, **settings) -> tuple[float, str]:
+    """(top-1, the split it is reported on) of one fitted head."""
+    result = fit_head(entry, FitSpec(head=head, name=name, seed=seed, overwrite=True, val_fraction=val_fraction,
                                      **settings))
-    return result.record["metrics"]["test"]["top1"] if "test" in result.record["metrics"] else \
-        result.record["headline"]["top1"]
+    return result.record["headline"]["top1"], result.record["headline"]["split"]
 
 
-def _row(label: str, values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    return f"| {label} | {100 * mean:.2f} | {100 * min(values):.2f}-{100 * max(values):.2f} | {len(values)} |"
+def _cell(values: list[float]) -> str:
+    return f"{100 * statistics.fmean(values):.2f} ({100 * min(values):.2f}-{100 * max(values):.2f})"
 
 
 def main() -> None:
@@ -57,49 +63,63 @@ def main() -> None:
     parser.add_argument("--mlp-epochs", type=int, default=100)
     parser.add_argument("--val-fraction", type=float, default=None,
                         help="choose on this fraction of train (for sources without a test split: val is then held out)")
+    parser.add_argument("--no-feature-space", action="store_true", help="skip the feature_noise/feature_mixup rows")
     args = parser.parse_args()
-    global VAL_FRACTION
-    VAL_FRACTION = args.val_fraction
     root = Path(args.root or tempfile.mkdtemp(prefix="featurecache-views-"))
     base = dict(source=args.source, model=args.model, weights="random", image_size=args.image_size,
                 root=str(root), augment=args.augment, precision="fp32")
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args}")
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; {_load()}; {args}",
+          flush=True)
     timings = []
-    started = time.perf_counter()
-    plain = extract(ExtractSpec(**base))
-    timings.append((0, plain.computed, time.perf_counter() - started))
-    for k in sorted(k for k in args.views if k > 0):
+    for k in [0] + sorted(k for k in set(args.views) if k > 0):
         started = time.perf_counter()
         result = extract(ExtractSpec(**base, views=k))
-        timings.append((k, result.views.computed, time.perf_counter() - started))
-    print(f"\nentry {plain.path}; rows {plain.splits}\n")
-    print("| K | images through the backbone in this step | seconds | cumulative seconds |")
-    print("|---|---|---|---|")
+        count = result.views.computed if k else result.computed
+        timings.append((k, count, time.perf_counter() - started, _load()))
+        print(f"extracted K={k}: {count} images through the backbone, {timings[-1][2]:.1f} s, {_load()}", flush=True)
+    entry = result.path
+    print(f"\nentry {entry}; rows {result.splits}\n")
+    print("| K | images through the backbone in this step | seconds | cumulative seconds | load after |")
+    print("|---|---|---|---|---|")
     total = 0.0
-    for k, count, seconds in timings:
+    for k, count, seconds, load in timings:
         total += seconds
-        print(f"| {k} | {count} | {seconds:.1f} | {total:.1f} |", flush=True)
+        print(f"| {k} | {count} | {seconds:.1f} | {total:.1f} | {load} |", flush=True)
     mlp = {"epochs": args.mlp_epochs}
-    rows = []
+    table: dict[str, dict[int, list[float]]] = {label: {} for label in (
+        "logistic, views stacked", "logistic, mean of views", "mlp, one version per image per epoch")}
+    splits = set()
+
+    def measure(label: str, k: int, head: str, name: str, **settings) -> None:
+        started = time.perf_counter()
+        values = []
+        params = settings.pop("params", None)
+        for seed in args.seeds:
+            extra = {"params": {**params, "seed": seed}} if params is not None else {}
+            top1, split = _fit(entry, head, seed, name, args.val_fraction, **settings, **extra)
+            values.append(top1)
+            splits.add(split)
+        table.setdefault(label, {})[k] = values
+        print(f"{label}, K={k}: {_cell(values)}, per seed {[round(100 * v, 2) for v in values]} "
+              f"[{time.perf_counter() - started:.0f} s, {_load()}]", flush=True)
+
     for k in sorted(args.views):
         views = k or None
-        rows.append(_row(f"logistic, K={k}" + (" (stacked)" if k else ""),
-                         [_fit(plain.path, "logistic", s, "logistic", views=views) for s in args.seeds]))
+        chosen = {"view_set": args.augment} if k else {}  # the set of this policy: others may share the root
+        measure("logistic, views stacked", k, "logistic", "logistic", views=views, **chosen)
         if k:
-            rows.append(_row(f"logistic, K={k} (mean of views)",
-                             [_fit(plain.path, "logistic", s, "logistic-mean", views=views, view_mode="mean")
-                              for s in args.seeds]))
-        rows.append(_row(f"mlp, K={k}", [_fit(plain.path, "mlp", s, "mlp", views=views, params={**mlp, "seed": s})
-                                          for s in args.seeds]))
-        print(*rows[-3 if k else -2:], sep="\n", flush=True)
-    for label, extra in (("feature_noise=0.5", {"feature_noise": 0.5}), ("feature_noise=1.0", {"feature_noise": 1.0}),
-                         ("feature_mixup=0.2", {"feature_mixup": 0.2}), ("feature_mixup=1.0", {"feature_mixup": 1.0})):
-        rows.append(_row(f"mlp, K=0, {label}", [_fit(plain.path, "mlp", s, "mlp-aug", params={**mlp, **extra, "seed": s})
-                                                 for s in args.seeds]))
-        print(rows[-1], flush=True)
-    print("\n| head | test top-1 % (mean) | min-max | seeds |\n|---|---|---|---|")
-    print(*rows, sep="\n")
+            measure("logistic, mean of views", k, "logistic", "logistic-mean", views=views, view_mode="mean", **chosen)
+        measure("mlp, one version per image per epoch", k, "mlp", "mlp", views=views, params=dict(mlp), **chosen)
+    if not args.no_feature_space:
+        for label, extra in FEATURE_SPACE:
+            measure(f"mlp, `{label}`", 0, "mlp", "mlp-aug", params={**mlp, **extra})
+    ks = sorted(args.views)
+    print(f"\ntop-1 % on {', '.join(sorted(splits))}, mean (min-max) of seeds {args.seeds}; {_load()}\n")
+    print("| head | " + " | ".join(f"K={k}" for k in ks) + " |")
+    print("|---|" + "---|" * len(ks))
+    for label, cells in table.items():
+        print(f"| {label} | " + " | ".join(_cell(cells[k]) if k in cells else "-" for k in ks) + " |")
 
 
 if __name__ == "__main__":

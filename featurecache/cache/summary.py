@@ -85,4 +85,6 @@ def describe_entry(name: str, root: Path | None = None) -> list[tuple[str, str]]
         ("updated", str(manifest.get("updated", "?"))),
     ]
     lines += [("  skipped", f"{s['path']}: {s['reason']}") for s in skipped[:20]]
-    return lines
+    from .views import summary_lines
+
+    return lines + summary_lines(path, manifest["key"])

@@ -282,6 +282,11 @@ def check_view_sets(entry_path: Path, tap_shapes: dict, n_classes: int, check_sh
     from .atomic import is_temporary
 
     problems = []
+    folder = entry_path / VIEWS_DIR
+    for file in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if not file.is_dir():  # only view set folders belong here
+            what = "temporary file left by an interrupted run" if is_temporary(file.name) else "unexpected file"
+            problems.append((f"{VIEWS_DIR}/{file.name}", what, "stray"))
     for directory, manifest, problem in view_sets(entry_path):
         relative = directory.relative_to(entry_path).as_posix()
         if manifest is None:
@@ -296,6 +301,8 @@ def check_view_sets(entry_path: Path, tap_shapes: dict, n_classes: int, check_sh
         for file in sorted(directory.iterdir()):
             if is_temporary(file.name) and file.is_file():
                 problems.append((f"{relative}/{file.name}", "temporary file left by an interrupted run", "stray"))
+            elif file.name not in (MANIFEST, SHARDS_DIR):
+                problems.append((f"{relative}/{file.name}", "unexpected file in a view set", "stray"))
         shards = directory / SHARDS_DIR
         for file in sorted(shards.iterdir()) if shards.is_dir() else []:
             name = shard_file(file.name)
@@ -326,6 +333,21 @@ def drop_view_shards(entry_path: Path, files: list[str]) -> list[dict]:
     return touched
 
 
-def describe(manifest: dict) -> str:
-    return json.dumps({"view_key": manifest["view_key"][:16], "augment": manifest["augment"],
-                       "seed": manifest["seed"], "views": available_views(manifest)})
+def summary_lines(entry_path: Path, entry_key: str) -> list[tuple[str, str]]:
+    """(label, value) lines for `info`: every view set with its size; one made for files the
+    entry no longer has is marked stale (fit-head never reads it) with how to free its space."""
+    from .summary import human_bytes
+
+    lines = []
+    for directory, manifest, problem in view_sets(entry_path):
+        size = human_bytes(sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()))
+        if manifest is None:
+            lines.append(("view set", f"{directory.name}: damaged ({problem}), {size}; run featurecache verify --repair"))
+            continue
+        text = (f"{directory.name}: {manifest['augment']}, view seed {manifest['seed']}, "
+                f"{available_views(manifest)} views of {manifest['rows']} train rows, {size}")
+        if manifest["entry_key"] != entry_key:
+            text += (f"; stale: made for files the entry no longer has, so never read (delete {directory} "
+                     "to free its space)")
+        lines.append(("view set", text))
+    return lines

@@ -3,8 +3,9 @@
 - mlp: per epoch, one of the K + 1 versions of each training image (the plain centre
   view counts as one of them), drawn by the head's seed (`MLPHead.fit(views=...)`).
 - logistic (and sklearn heads): the plain rows and all K views stacked as K + 1 rows per
-  image (`view_mode="stack"`, measured better on digits than the mean: BENCHMARKS.md),
-  or the mean of the K + 1 versions (`view_mode="mean"`).
+  image (`view_mode="stack"`, the default), or the mean of the K + 1 versions
+  (`view_mode="mean"`). Measured (BENCHMARKS.md, random weights): neither is better on
+  both datasets; with crop-flip views on digits the mean loses less than the stack.
 - knn: the plain features; the record says the views were not used.
 
 Validation and test rows are always the plain view: views are looked up for the

@@ -6,9 +6,10 @@ recorded size and SHA-256, its split and row count, the expected datasets, shape
 dtypes, no links to other files, the features' XXH3 and the columns' fletcher32
 checksums, labels inside the class list), files in `shards/` the manifest does not
 list, the backbone checkpoint under `_weights/` (its tensors must hash to its name),
-every head (record schema, checksum, tensors), every finetune run's outputs, and
-temporary files left by killed writers anywhere in the entry. It reports every
-problem, not the first.
+every head (record schema, checksum, tensors), every finetune run's outputs, every
+view set under `views/` (its sealed manifest, each view shard as a plain one, files
+it does not list; cache/views.py), and temporary files left by killed writers
+anywhere in the entry. It reports every problem, not the first.
 
 `repair_entry` restores what can be recomputed: a missing or damaged checkpoint is
 rewritten from the source weights (when they can still be had), temporary files are
