@@ -262,7 +262,7 @@ def test_logistic_stacks_the_views_and_validates_on_plain_val(with_views, monkey
     X, views = cache.features("train").reshape(36, -1), _views(with_views, 3).reshape(36, 3, -1)
     calls = _spy(monkeypatch, LogisticHead)
     plain = _fit(with_views, "logistic", name="plain")
-    stacked = _fit(with_views, "logistic", views=3)
+    stacked = _fit(with_views, "logistic", views=3, view_mode="stack")
     (X_plain, y_plain, val_plain, _), _ = calls[0]
     (X_stacked, y_stacked, val_stacked, y_val), _ = calls[1]
     assert np.array_equal(X_plain, X) and len(X_stacked) == 4 * 36
@@ -274,7 +274,7 @@ def test_logistic_stacks_the_views_and_validates_on_plain_val(with_views, monkey
                                        "augment": "crop-flip", "view_seed": 0, "mode": "stack"}
     assert plain.record["views"] is None
     assert not np.allclose(stacked.head.predict_proba(val), plain.head.predict_proba(val))
-    mean = _fit(with_views, "logistic", name="mean", views=2, view_mode="mean")
+    mean = _fit(with_views, "logistic", name="mean", views=2)  # the default: the mean of the versions
     (X_mean, *_), _ = calls[2]
     assert np.allclose(X_mean, (X + views[:, 0] + views[:, 1]) / 3, atol=1e-5)
     assert mean.record["views"]["mode"] == "mean" and mean.record["views"]["views"] == 2

@@ -69,7 +69,7 @@ def fit_head_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing head of the same name.")] = False,
     views: Annotated[Optional[str], typer.Option(help="Train on K cached augmented views per train image (or 'all'): mlp draws one version per image per epoch, logistic stacks them, knn keeps the plain features. val/test stay plain.")] = None,
     view_set: Annotated[Optional[str], typer.Option(help="Which view set, when the entry has several: a policy (crop-flip, flip, crop-flip:0.5-1) or a view key prefix.")] = None,
-    view_mode: Annotated[Optional[str], typer.Option(help="logistic/sklearn heads: stack (default) or mean of the views.")] = None,
+    view_mode: Annotated[Optional[str], typer.Option(help="logistic/sklearn heads: mean of each image's views (default) or stack them as extra rows.")] = None,
     root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
 ) -> None:
     """Fit a classifier head on cached features; choose hyper-parameters on validation.
