@@ -23,6 +23,8 @@ DECODES = ("pil", "torch")
 CROP_MODES = ("center", "squash", "border")
 #: HDF5 compression of the features; "none" on the command line is None in the library.
 COMPRESSIONS = ("none", "lzf", "gzip")
+#: compare --weights: each model's default pretrained weights, or seeded random ones.
+COMPARE_WEIGHTS = ("pretrained", "random")
 
 
 def choices(vocabulary: tuple[str, ...]) -> str:

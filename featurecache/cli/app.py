@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from .. import __version__
 from ..errors import FeatureCacheError
-from ..options import COMPRESSIONS, DECODES, DEVICES, DTYPES, ON_ERROR, OPTIMIZE, PRECISIONS
+from ..options import COMPARE_WEIGHTS, COMPRESSIONS, DECODES, DEVICES, DTYPES, ON_ERROR, OPTIMIZE, PRECISIONS
 
 # Heavy libraries (torch, torchvision, scikit-learn, matplotlib, h5py) load inside the
 # commands that use them, never at module level here or in the cli_* modules: --help,
@@ -44,6 +44,7 @@ OnError = _choices("OnError", ON_ERROR)
 Optimize = _choices("Optimize", OPTIMIZE)
 Decode = _choices("Decode", DECODES)
 Compression = _choices("Compression", COMPRESSIONS)
+CompareWeights = _choices("CompareWeights", COMPARE_WEIGHTS)
 
 
 def _version(value: bool) -> None:

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from .app import Device, Precision, app, console, err_console, handle_errors, progress_bar
-
-
-class Weights(str, Enum):
-    pretrained = "pretrained"
-    random = "random"
+from .app import CompareWeights, Device, Precision, app, console, err_console, handle_errors, progress_bar
 
 
 @app.command("compare")
@@ -23,7 +17,7 @@ def compare_command(
     source: Annotated[str, typer.Argument(help="Image folder, CSV, digits, cifar10:ROOT, ... (as for extract).")],
     model: Annotated[list[str], typer.Option("--model", help="A backbone, as extract's --model (resnet50, timm:NAME, torchvision:NAME); at least two, repeatable.")] = [],
     head: Annotated[list[str], typer.Option("--head", help="A head fitted on every backbone: logistic, mlp, knn or sklearn:<module>.<Estimator>; repeatable (default: logistic).")] = [],
-    weights: Annotated[Weights, typer.Option(case_sensitive=False, help="pretrained (each model's default weights, as extract's --weights pretrained) or random (seeded; accuracies then say nothing about the backbones).")] = Weights.pretrained,
+    weights: Annotated[CompareWeights, typer.Option(case_sensitive=False, help="pretrained (each model's default weights, as extract's --weights pretrained) or random (seeded; accuracies then say nothing about the backbones).")] = CompareWeights.pretrained,
     image_size: Annotated[Optional[int], typer.Option(help="Input size for every backbone (default: each model's own).")] = None,
     tap: Annotated[str, typer.Option(help="The tap every backbone offers: pool.")] = "pool",
     precision: Annotated[Precision, typer.Option(case_sensitive=False, help="Forward-pass precision.")] = Precision.auto,
