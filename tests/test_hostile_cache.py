@@ -729,6 +729,7 @@ def _failing(code):
 @pytest.mark.parametrize("code, fragment", [(errno.ENOSPC, "disk is full"), (errno.EROFS, "read-only"),
                                             (errno.EACCES, "permission denied")])
 def test_saving_a_head_that_cannot_be_written(code, fragment, entry, monkeypatch):
+    import safetensors
     import safetensors.torch
 
     real = safetensors.torch.save_file
@@ -737,10 +738,15 @@ def test_saving_a_head_that_cannot_be_written(code, fragment, entry, monkeypatch
         real(tensors, filename, metadata=metadata)  # a partial file under the temporary name ...
         raise OSError(code, os.strerror(code))  # ... then the disk gives out
 
-    monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
-    assert_error(cli("fit-head", entry, "--name", "new", *FAST), 1, fragment, "heads/new/head.safetensors")
-    assert not (entry / "heads" / "new" / "head.safetensors").exists()
-    assert not [p for p in entry.rglob("*") if ".tmp-" in p.name]
+    def as_safetensors_says_it(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)  # the message its Rust writer gives (seen on a full disk)
+        raise safetensors.SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+
+    for failing in (half_then_fail, as_safetensors_says_it):
+        monkeypatch.setattr(safetensors.torch, "save_file", failing)
+        assert_error(cli("fit-head", entry, "--name", "new", *FAST), 1, fragment, "heads/new/head.safetensors")
+        assert not (entry / "heads" / "new" / "head.safetensors").exists()
+        assert not [p for p in entry.rglob("*") if ".tmp-" in p.name]
 
 
 @pytest.mark.parametrize("command", ["report", "export"])

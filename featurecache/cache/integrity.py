@@ -17,6 +17,7 @@ the same folder and reported by `featurecache verify`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -81,7 +82,19 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict[str, str], what:
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     sealed = seal(metadata, tensors)
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=sealed), what)
+
+    def save(tmp: Path) -> None:
+        from safetensors import SafetensorError
+
+        try:
+            save_file(tensors, str(tmp), metadata=sealed)
+        except SafetensorError as error:  # its Rust writer reports a full disk as its own error type
+            text = str(error)
+            code = next((c for c in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+                         if f"os error {c})" in text), errno.EIO)
+            raise OSError(code, os.strerror(code), str(tmp)) from None
+
+    write_atomic(path, save, what)
     return sealed
 
 
