@@ -131,3 +131,19 @@ def test_standardization_statistics_match_float64_whatever_the_row_order():
     np.testing.assert_allclose(mean.numpy(), X64.mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(std.numpy()[:5], X64.std(axis=0)[:5], rtol=1e-4)
     assert std[5] == np.float32(STD_FLOOR)
+
+
+@pytest.mark.parametrize("C", [0.01, 1.0])
+def test_solution_meets_the_tolerance_in_weights_and_bias(C):
+    """The bias is solved inside each evaluation, out of L-BFGS's sight: the returned
+    (W, b) must still have the whole objective's gradient, recomputed here in float64
+    by autograd, at most `tol` in every weight and every bias."""
+    X, y, tol = STANDARDIZED[:1200], LABELS[:1200], 1e-4
+    weights, biases = fit_logistic_path_cpu(X, y, 10, [C], max_iter=2000, tol=tol)
+    weight = weights[0].double().requires_grad_()
+    bias = biases[0].double().requires_grad_()
+    logits = torch.from_numpy(X).double() @ weight.T + bias
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)) + 0.5 / (C * len(y)) * weight.square().sum()
+    loss.backward()
+    assert weight.grad.abs().max() <= 1.05 * tol  # float32 products in the solver
+    assert bias.grad.abs().max() <= 0.1 * tol  # solved to a tenth of tol
