@@ -161,13 +161,17 @@ def test_cli_prints_the_table_writes_the_report_and_reports_a_head_that_fails_on
     (["resnet18", "resnet34", "vgg99"], [], "unknown model 'vgg99'"),
     (["resnet18", "resnet34"], ["logistic", "no-such-head"], "no-such-head"),
     (["resnet18", "timm:convnext_atto"], ["--tap", "layer4"], "unknown tap"),  # a ResNet tap ConvNeXt lacks
+    (["resnet18", "resnet34"], ["logistic", "logistic"], "name each head type once"),
+    (["resnet18", "resnet34"], ["-o", "."], "is a folder"),  # the report's path, checked before the work
 ])
 def test_bad_input_is_one_line_exit_2_before_any_extraction(models, heads, fragment, tmp_path):
     root = tmp_path / "cache"
     arguments = [a for m in models for a in ("--model", m)]
-    arguments += heads if heads[:1] == ["--tap"] else [a for h in heads for a in ("--head", h)]
+    options = heads[:1] in (["--tap"], ["-o"])
+    arguments += heads if options else [a for h in heads for a in ("--head", h)]
+    output = str(tmp_path / "c.html") if heads[:1] != ["-o"] else str(tmp_path)
     result = runner.invoke(app, ["compare", "/no/such/photos" if not heads else str(tmp_path), *arguments,
-                                 "--root", str(root), "-o", str(tmp_path / "c.html"), *CLI])
+                                 "--root", str(root), *CLI, "-o", output])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr

@@ -8,6 +8,7 @@ row the other lacks, so an alignment by position would pair the wrong images.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -250,6 +251,33 @@ def test_rows_that_cannot_be_matched_by_path_are_refused(entries, monkeypatch):
     with pytest.raises(CorruptCacheError, match="twice"):
         vote()
     assert not (a.path / "heads" / "vote").exists()
+
+
+def test_a_path_whose_file_changed_between_the_extractions_is_refused(entries):
+    """The same path, another image: the two entries' features of it describe different files."""
+    a, b, folder = entries
+    changed = folder / "test" / "red" / "0.png"
+    saved, stat = changed.read_bytes(), changed.stat()
+    try:
+        changed.write_bytes((folder / "test" / "blue" / "0.png").read_bytes())  # another image at the same path
+        again = open_cache(extract(_spec(folder, a.path.parent, "resnet18")).path)
+    finally:
+        changed.write_bytes(saved)
+        os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert again.path == a.path and again.key != a.key  # the same entry, extracted again from the current files
+    fit_head(again, FitSpec(head="logistic", overwrite=True))
+    with pytest.raises(MismatchError, match="test/red/0.png is another file in .* changed between"):
+        make_ensemble(again, ["logistic", (b.path.name, "logistic")], name="vote")
+    assert not (a.path / "heads" / "vote").exists()
+    
+
+def test_fingerprints_are_compared_only_when_both_entries_take_them_alike(entries, monkeypatch):
+    a, b, _ = entries
+    monkeypatch.setattr(b, "fingerprints", lambda split: ["0" * 32] * b.splits[split])
+    with pytest.raises(MismatchError, match="another file"):
+        make_ensemble(a, ["logistic", (b, "logistic")], name="vote")
+    b.manifest["fingerprints"] = "content"  # a hash of the bytes against (size, mtime): never equal, so not compared
+    assert make_ensemble(a, ["logistic", (b, "logistic")], name="vote").record["alignment"]["test"]["left_out"] == 1
 
 
 def test_report_lists_the_vote_and_its_mistakes(entries, tmp_path):

@@ -556,6 +556,15 @@ def test_ensemble_is_stale_once_a_member_changes(entry, image):
     assert cli("predict", entry, image, "--head", "vote").exit_code == 0
 
 
+def test_the_command_a_stale_ensemble_names_makes_the_same_ensemble_again(entry, image):
+    made = make_ensemble(entry, ["logistic", "knn"], name="weighted", weights=[1.0, 3.0]).record
+    assert cli("fit-head", entry, "--head", "knn", "--param", "k=1", "--overwrite").exit_code == 0
+    line = assert_error(cli("predict", entry, image, "--head", "weighted"), 2, "stale", "'knn'")
+    command = line.partition("make it again with featurecache ")[2].split()
+    assert command[:2] == ["ensemble", entry.name] and cli(*command).exit_code == 0  # run as printed
+    assert read_record(open_cache(entry), "weighted")["weights"] == made["weights"] == [0.25, 0.75]
+
+
 def test_deleted_member_makes_the_ensemble_stale(entry, image):
     shutil.rmtree(entry / "heads" / "knn")
     assert_error(cli("predict", entry, image, "--head", "vote"), 2, "stale", "knn")

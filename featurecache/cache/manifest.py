@@ -113,6 +113,11 @@ def tap_shapes(manifest: dict) -> dict[str, tuple[int, ...]]:
     return {tap: tuple(info["shape"]) for tap, info in manifest["taps"].items()}
 
 
+def fingerprint_kind(manifest: dict) -> str:
+    """How the entry's rows are fingerprinted: "stat" (path, size, mtime) or "content" (a hash of the bytes)."""
+    return manifest.get("fingerprints") or manifest["config"].get("fingerprint", "stat")
+
+
 # ------------------------------------------------------------------ reading and writing
 
 

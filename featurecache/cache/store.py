@@ -22,8 +22,8 @@ from pathlib import Path
 
 from .._lazy import lazy_module
 from ..errors import CacheIncompleteError, CacheLockedError, CacheNotFoundError, CorruptCacheError
-from .manifest import (FORMAT_VERSION, listed_rows, manifest_seal_problem, read_manifest,  # noqa: F401 (also imported here)
-                       shard_records, tap_shapes, write_manifest)
+from .manifest import (FORMAT_VERSION, fingerprint_kind, listed_rows,  # noqa: F401 (also imported here)
+                       manifest_seal_problem, read_manifest, shard_records, tap_shapes, write_manifest)
 from .layout import LOCK, MANIFEST, WEIGHTS_DIR  # noqa: F401 (MANIFEST, WEIGHTS_DIR: also imported from here)
 from .shards import RowReader, ShardRows, empty_like_file, open_shard, read_rows, read_split_features
 
@@ -225,6 +225,14 @@ class Cache:
 
     def paths(self, split: str) -> list[str]:
         return [p.decode() if isinstance(p, bytes) else p for p in self._column(split, "paths")]
+
+    def fingerprints(self, split: str) -> list[str]:
+        """Each row's file fingerprint (see `fingerprint_kind`): equal fingerprints, the same file."""
+        return [f.decode("ascii") if isinstance(f, bytes) else f for f in self._column(split, "fingerprints")]
+
+    @property
+    def fingerprint_kind(self) -> str:
+        return fingerprint_kind(self.manifest)
 
     def __repr__(self) -> str:
         return f"Cache({self.path}, splits={self.splits}, taps={self.taps})"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import FeatureCacheError
-from .manifest import read_manifest
+from .manifest import fingerprint_kind, read_manifest
 from .store import entry_size_bytes, list_entries, resolve_entry
 
 #: How each crop mode resizes (timm's modes; none or center: the shorter side).
@@ -45,7 +45,7 @@ def entry_rows(root: Path) -> list[tuple[str, ...]]:
 
 
 def _fingerprints(manifest: dict) -> str:
-    kind = manifest.get("fingerprints") or manifest["config"].get("fingerprint", "stat")
+    kind = fingerprint_kind(manifest)
     if kind == "content":
         source_kind = str(manifest["config"]["source"].get("kind", ""))
         if source_kind in ("hf", "python:hf"):

@@ -242,16 +242,14 @@ def load_views(cache, directory: Path, manifest: dict, tap: str, count: int) -> 
 
     Every shard is checked (size, features checksum, columns) before use; a row of the
     cache the view set does not hold is refused, never silently dropped."""
-    from .shards import read_fingerprints, read_rows
+    from .shards import read_rows
 
     available = available_views(manifest)
     if count > available:
         raise HeadError(f"the view set {manifest['view_key'][:16]} holds {available} complete views, {count} were "
                         f"asked for; run featurecache extract with --views {count} --augment {manifest['augment']}")
     shape = cache.tap_shapes[tap]
-    fingerprints = []
-    for shard in cache._shards("train"):
-        fingerprints += read_fingerprints(cache.path / shard["file"])
+    fingerprints = cache.fingerprints("train")
     position = {f: i for i, f in enumerate(fingerprints)}
     out = np.empty((len(fingerprints), count, *shape), dtype=cache.manifest["dtype"])
     filled = np.zeros((len(fingerprints), count), dtype=bool)

@@ -34,10 +34,10 @@ def compare_command(
 
     Example: featurecache compare photos/ --model resnet18 --model timm:convnext_atto --head logistic --head knn --weights random
     """
-    from ..pipeline.compare import check_models, compare_backbones
-    from ..report.comparison import build_comparison_page
+    from ..pipeline.compare import compare_backbones
+    from ..report.comparison import build_comparison_page, check_output
 
-    check_models(model, tap, weights.value)  # before the progress bars: a typo costs nothing
+    check_output(output)  # a folder given as -o is refused before the extractions, not after them
     bars = []
 
     def stop_bar() -> None:

@@ -16,21 +16,20 @@ validation rows (members chosen on different kinds of validation are refused), a
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
 from ..cache.schema import CROSS_ENSEMBLE
 from ..cache.store import Cache, open_cache
-from ..errors import CorruptCacheError, HeadError, MismatchError, StaleError
+from ..errors import CorruptCacheError, HeadError, MismatchError
+from ..heads.ensemble import normalized_weights
 from ..heads.metrics import classification_metrics
 from .headstore import (check_head_name, cross_member_changes, load_head, read_record, read_record_with_checksum,
-                        refuse_taken, save_head)
-from .stage import (FitResult, _features, _headline, _stratified_split, check_ensemble_weights, make_ensemble,
-                    shared_validation)
+                        refuse_taken, save_head, stale_error)
+from .stage import (FitResult, _features, check_ensemble_weights, ensemble_record, ensemble_rows, ensemble_splits,
+                    make_ensemble, refuse_own_member, shared_validation)
 
 log = logging.getLogger("featurecache")
 
@@ -121,16 +120,16 @@ def _check_same_source(home: Cache, members: list[Member]) -> None:
 
 
 def _member_rows(cache: Cache, tap: str, split: str, validation: dict | None) -> tuple[list[str], np.ndarray,
-                                                                                           np.ndarray]:
-    """(paths, features, labels) of one entry's rows of `split`; "val (from train)" is the carved fraction."""
-    if split == "val (from train)":
-        labels = cache.labels("train")
-        _, rows = _stratified_split(labels, validation["fraction"], validation["seed"])
-        paths = cache.paths("train")
-        return [paths[i] for i in rows], _features(cache, "train", tap)[rows], labels[rows]
-    if split not in cache.splits:
-        return [], np.zeros((0, 1), np.float32), np.zeros(0, np.int64)
-    return cache.paths(split), _features(cache, split, tap), cache.labels(split)
+                                                                                           np.ndarray, list[str]]:
+    """(paths, features, labels, fingerprints) of one entry's rows of an ensemble's scoring split `split`."""
+    name, rows = ensemble_rows(cache, split, validation)
+    if name not in cache.splits:
+        return [], np.zeros((0, 1), np.float32), np.zeros(0, np.int64), []
+    paths, features, labels, prints = (cache.paths(name), _features(cache, name, tap), cache.labels(name),
+                                       cache.fingerprints(name))
+    if rows is None:
+        return paths, features, labels, prints
+    return [paths[i] for i in rows], features[rows], labels[rows], [prints[i] for i in rows]
 
 
 def vote(members: list[tuple[Member, object, str]], weights: np.ndarray, split: str,
@@ -138,10 +137,11 @@ def vote(members: list[tuple[Member, object, str]], weights: np.ndarray, split: 
     """The weighted mean of the members' probabilities over the paths of `split` every member's entry holds.
 
     `members` are (member, loaded head, tap). Each member scores its own entry's rows; rows are
-    then matched by path. A path listed twice, or labelled differently by two entries, is refused."""
+    then matched by path. A path listed twice, labelled differently by two entries or holding
+    another file in each (the file changed between their extractions) is refused."""
     parts = []
     for member, head, tap in members:
-        paths, features, labels = _member_rows(member.cache, tap, split, validation)
+        paths, features, labels, prints = _member_rows(member.cache, tap, split, validation)
         where: dict[str, int] = {}
         for row, path in enumerate(paths):
             if path in where:
@@ -149,25 +149,32 @@ def vote(members: list[tuple[Member, object, str]], weights: np.ndarray, split: 
                                         "cannot be matched by path; run featurecache verify")
             where[path] = row
         probabilities = np.asarray(head.predict_proba(features)) if len(paths) else None
-        parts.append((member, paths, where, labels, probabilities))
-    every = list(dict.fromkeys(p for _, paths, _, _, _ in parts for p in paths))
-    common = [path for path in every if all(path in where for _, _, where, _, _ in parts)]
+        parts.append((member, paths, where, labels, probabilities, prints))
+    every = list(dict.fromkeys(p for _, paths, *_ in parts for p in paths))
+    common = [path for path in every if all(path in where for _, _, where, *_ in parts)]
     held = set(common)
-    missing_from = {path: [m.label for m, _, where, _, _ in parts if path not in where]
+    missing_from = {path: [m.label for m, _, where, *_ in parts if path not in where]
                     for path in every if path not in held}
     total = np.zeros((len(common), len(members[0][0].cache.classes)))
     labels = None
-    for (member, _, where, member_labels, probabilities), weight in zip(parts, weights):
+    for (member, _, where, member_labels, probabilities, prints), weight in zip(parts, weights):
         if not common:
             break
         rows = np.fromiter((where[path] for path in common), np.int64, len(common))
         if labels is None:
-            labels, first = member_labels[rows], member
+            labels, first, files = member_labels[rows], member, [prints[row] for row in rows]
         elif (member_labels[rows] != labels).any():
             at = int(np.flatnonzero(member_labels[rows] != labels)[0])
             raise MismatchError(f"{common[at]} is labelled differently in {member.cache.path.name} and "
                                 f"{first.cache.path.name}: the entries do not describe the same images; extract "
                                 "them again from the same source")
+        elif member.cache.fingerprint_kind == first.cache.fingerprint_kind:  # else the fingerprints never agree
+            changed = next((path for path, row, file in zip(common, rows, files) if prints[row] != file), None)
+            if changed is not None:
+                raise MismatchError(
+                    f"{changed} is another file in {member.cache.path.name} than in {first.cache.path.name} (it "
+                    "changed between their extractions), so their features describe different images; run "
+                    "featurecache extract again for the older entry, fit its head again, then make the ensemble")
         total += weight * probabilities[rows]
     return Voted(common, labels if labels is not None else np.zeros(0, np.int64), total, missing_from)
 
@@ -179,13 +186,6 @@ def _warn_left_out(name: str, split: str, voted: Voted) -> None:
                     "it is scored on the %d rows they all hold", name, part["left_out"], split,
                     ", ".join(f"{n} missing from {m}" for m, n in part["missing"].items()),
                     ", ".join(part["examples"][:3]), part["rows"])
-
-
-def _normalised(weights: list[float] | None, count: int) -> np.ndarray:
-    values = np.ones(count) if weights is None else np.asarray(weights, np.float64)
-    if values.shape != (count,) or (values < 0).any() or values.sum() <= 0:
-        raise HeadError(f"ensemble weights must be {count} non-negative numbers, not all zero")
-    return values / values.sum()
 
 
 def make_cross_ensemble(cache: Cache | str | Path, members: list[MemberRef], *, name: str,
@@ -200,46 +200,29 @@ def make_cross_ensemble(cache: Cache | str | Path, members: list[MemberRef], *, 
                              overwrite=overwrite)
     if len(resolved) < 2:
         raise HeadError("an ensemble across entries needs two members or more")
-    if any(member.cache is home and member.head == name for member in resolved):
-        raise HeadError(f"an ensemble cannot take the name of its member {name!r}: it would replace the head it "
-                        "is made of; choose another --name")
+    refuse_own_member(name, [member.head for member in resolved if member.cache is home])
     _check_same_source(home, resolved)
     refuse_taken(home, name, overwrite)
     loaded = [load_head(member.cache, member.head) for member in resolved]  # stale or mismatched heads refused
     checksums = [read_record_with_checksum(member.cache, member.head)[1] for member in resolved]
     validation = shared_validation({m.label: record for m, (_, record) in zip(resolved, loaded)})
-    normalised = _normalised(weights, len(resolved))
+    normalised = normalized_weights(weights, len(resolved))
     voters = [(member, head, record["tap"]) for member, (head, record) in zip(resolved, loaded)]
-    splits = [] if validation["trained_on"] else ["val" if validation["split"] == "val" else "val (from train)"]
     metrics, alignment = {}, {}
-    for split in [*splits, "test"]:
-        if split == "val" and not all(m.cache.labeled_splits.get("val") for m in resolved):
-            raise HeadError("the members were validated on the val split, which "
-                            f"{next(m.cache.path.name for m in resolved if not m.cache.labeled_splits.get('val'))} "
-                            "no longer has")
-        if split == "test" and not all(m.cache.labeled_splits.get("test") for m in resolved):
-            continue  # an unlabelled (or absent) test split is never scored
+    for split in ensemble_splits([member.cache for member in resolved], validation):
         voted = vote(voters, normalised, split, validation)
         alignment[split] = voted.alignment()
         _warn_left_out(name, split, voted)
         if voted.paths:
             metrics[split] = classification_metrics(voted.probabilities, voted.labels, home.classes)
     if not metrics:
-        raise HeadError("no row is left to score the ensemble honestly: " + (
-            "the members' entries share no validation or test path" if alignment else
-            "every row the members were validated on was also trained on (--refit), and there is no test split"))
-    headline = _headline(metrics, False)
-    if headline["split"] != "test":
-        headline["note"] = "members were chosen on this split (optimistic)"
+        raise HeadError("no row is left to score the ensemble honestly: the members' entries share no validation "
+                        "or test path")
     labels = [member.label for member in resolved]
-    record = {
-        "head": CROSS_ENSEMBLE, "tap": loaded[0][1]["tap"], "cache_key": home.key, "cache": home.path.name,
-        "classes": home.classes, "selection_split": None, "weights": normalised.tolist(),
-        "cross_members": [{"entry": m.cache.path.name, "cache_key": m.cache.key, "head": m.head, "checksum": c,
-                           "tap": r["tap"]} for m, (_, r), c in zip(resolved, loaded, checksums)],
-        "validation": validation, "alignment": alignment, "metrics": metrics, "headline": headline,
-        "fit_seconds": 0.0, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tool_version": __version__,
-    }
+    record = ensemble_record(
+        home, CROSS_ENSEMBLE, loaded[0][1]["tap"], normalised, validation, metrics,
+        cross_members=[{"entry": m.cache.path.name, "cache_key": m.cache.key, "head": m.head, "checksum": c,
+                        "tap": r["tap"]} for m, (_, r), c in zip(resolved, loaded, checksums)], alignment=alignment)
     saved = _SavedVote(labels, normalised, len(home.classes), sum(r["config"]["n_features"] for _, r in loaded))
     path = save_head(home, name, saved, record, overwrite=overwrite)
     return FitResult(name, path, saved, read_record(home, name))
@@ -263,14 +246,6 @@ class _SavedVote:
                 "n_classes": self.n_classes, "n_features": self.n_features}
 
 
-def rerun_command(home: Cache, name: str, record: dict) -> str:
-    members = [m["head"] if m["entry"] == home.path.name else f"{m['entry']}:{m['head']}"
-               for m in record["cross_members"]]
-    weights = record["weights"]
-    shown = "" if len(set(weights)) == 1 else f" --weights {','.join(f'{w:g}' for w in weights)}"
-    return f"featurecache ensemble {home.path.name} {' '.join(members)} --name {name}{shown} --overwrite"
-
-
 def load_cross_ensemble(home: Cache, name: str) -> tuple[dict, list[tuple[Member, object, str]], np.ndarray]:
     """(record, [(member, head, tap)], normalised weights) of a saved ensemble across entries; a stale one
     (a member fitted again, an entry extracted again or gone) is refused with the command that makes it again."""
@@ -281,14 +256,13 @@ def load_cross_ensemble(home: Cache, name: str) -> tuple[dict, list[tuple[Member
     if record["cache_key"] != home.key:
         changed.insert(0, f"{home.path.name} itself (extracted again)")
     if changed:
-        raise StaleError(f"ensemble {name!r} is stale: member {changed[0]} changed after it was made, so its "
-                         f"figures no longer describe it; make it again with {rerun_command(home, name, record)}")
+        raise stale_error(home, name, record, changed[0])
     voters = []
     for member in record["cross_members"]:
         cache = home if member["entry"] == home.path.name else open_cache(home.path.parent / member["entry"])
         head, member_record = load_head(cache, member["head"])
         voters.append((Member(cache, member["head"]), head, member_record["tap"]))
-    return record, voters, _normalised(record["weights"], len(voters))
+    return record, voters, normalized_weights(record["weights"], len(voters))
 
 
 def cross_split_probabilities(home: Cache | str | Path, name: str, split: str) -> Voted:

@@ -197,6 +197,23 @@ def cross_member_changes(cache: Cache, record: dict) -> list[str]:
     return changed
 
 
+def remake_command(cache: Cache, name: str, record: dict) -> str:
+    """The `featurecache ensemble` command that makes ensemble `name` again: its members and its weights."""
+    if record["head"] == CROSS_ENSEMBLE:
+        members = [m["head"] if m["entry"] == cache.path.name else f"{m['entry']}:{m['head']}"
+                   for m in record["cross_members"]]
+    else:
+        members = list(record["members"])
+    weights = record.get("weights") or []
+    shown = "" if len(set(weights)) <= 1 else f" --weights {','.join(f'{w:g}' for w in weights)}"
+    return f"featurecache ensemble {cache.path.name} {' '.join(members)} --name {name}{shown} --overwrite"
+
+
+def stale_error(cache: Cache, name: str, record: dict, changed: str) -> StaleError:
+    return StaleError(f"ensemble {name!r} is stale: its member {changed} changed after it was made, so its figures "
+                      f"no longer describe it; make it again with {remake_command(cache, name, record)}")
+
+
 def member_names(cache: Cache, name: str, _seen: tuple[str, ...] = ()) -> set[str]:
     """Every head an ensemble depends on, directly or through other ensembles."""
     if name in _seen:
@@ -240,10 +257,7 @@ def load_head(cache: Cache, name: str, _seen: tuple[str, ...] = ()) -> tuple[Hea
     if record["head"] == "ensemble":
         changed = stale_members(cache, record)
         if changed:
-            raise StaleError(
-                f"ensemble {name!r} is stale: its member {changed[0]!r} changed after it was made, so its "
-                f"figures no longer describe it; make it again with featurecache ensemble {cache.path.name} "
-                f"{' '.join(record['members'])} --name {name} --overwrite")
+            raise stale_error(cache, name, record, repr(changed[0]))
         members = [load_head(cache, member, (*_seen, name))[0] for member in record["members"]]
     path = head_file(cache, name)
     try:

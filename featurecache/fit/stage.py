@@ -315,26 +315,57 @@ def shared_validation(records: dict[str, dict]) -> dict:
     return {**keys[first], "trained_on": any(v["trained_on"] for v in validations.values())}
 
 
+def ensemble_splits(caches: list[Cache], validation: dict) -> list[str]:
+    """The splits an ensemble is scored on: its members' own validation rows (which none of them
+    trained on, unless refitted), and test where every entry has it labelled."""
+    splits = []
+    if not validation["trained_on"]:
+        lacking = [cache.path.name for cache in caches if not cache.labeled_splits.get("val")]
+        if validation["split"] == "val" and lacking:
+            raise HeadError(f"the members were validated on the val split, which {lacking[0]} no longer has")
+        splits.append("val" if validation["split"] == "val" else "val (from train)")
+    if all(cache.labeled_splits.get("test", 0) > 0 for cache in caches):  # an unlabelled test is never scored
+        splits.append("test")
+    if not splits:
+        raise HeadError("every row the members were validated on was also trained on (--refit), and there is no "
+                        "labelled test split: no rows are left to score the ensemble honestly")
+    return splits
+
+
+def ensemble_rows(cache: Cache, split: str, validation: dict | None) -> tuple[str, np.ndarray | None]:
+    """(the cache's split, its rows; None: all) that an ensemble's scoring split `split` names."""
+    if split == "val (from train)":
+        return "train", _stratified_split(cache.labels("train"), validation["fraction"], validation["seed"])[1]
+    return split, None
+
+
 def _ensemble_data(cache: Cache, tap: str, records: dict[str, dict]) -> tuple[dict, dict]:
-    """The rows to score an ensemble on: its members' own validation rows (which none of them
-    trained on, unless refitted) and the test split. Members validated on different rows are refused."""
+    """The rows to score an ensemble on (`ensemble_splits`); members validated on different rows are refused."""
     validation = shared_validation(records)
     data: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    if not validation["trained_on"]:
-        if validation["split"] == "val":
-            if not cache.labeled_splits.get("val"):
-                raise HeadError(f"the members were validated on the val split, which {cache.path.name} no longer has")
-            data["val"] = (_features(cache, "val", tap), cache.labels("val"))
-        else:
-            labels = cache.labels("train")
-            _, val = _stratified_split(labels, validation["fraction"], validation["seed"])
-            data["val (from train)"] = (_features(cache, "train", tap)[val], labels[val])
-    if cache.labeled_splits.get("test", 0) > 0:  # an unlabelled test split is never scored
-        data["test"] = (_features(cache, "test", tap), cache.labels("test"))
-    if not data:
-        raise HeadError("every row the members were validated on was also trained on (--refit), and the cache has "
-                        "no test split: no rows are left to score the ensemble honestly")
+    for split in ensemble_splits([cache], validation):
+        name, rows = ensemble_rows(cache, split, validation)
+        X, y = _features(cache, name, tap), cache.labels(name)
+        data[split] = (X, y) if rows is None else (X[rows], y[rows])
     return data, validation
+
+
+def refuse_own_member(name: str, members: list[str]) -> None:
+    if name in members:
+        raise HeadError(f"an ensemble cannot take the name of its member {name!r}: it would replace the head it "
+                        "is made of; choose another --name")
+
+
+def ensemble_record(cache: Cache, head: str, tap: str, weights: list[float], validation: dict, metrics: dict,
+                    **fields) -> dict:
+    """The record of an ensemble (of one entry's heads or across entries): headline on test when there is one."""
+    headline = _headline(metrics, False)
+    if headline["split"] != "test":
+        headline["note"] = "members were chosen on this split (optimistic)"
+    return {"head": head, "tap": tap, "cache_key": cache.key, "cache": cache.path.name, "classes": cache.classes,
+            "selection_split": None, **fields, "weights": [float(w) for w in weights], "validation": validation,
+            "metrics": metrics, "headline": headline, "fit_seconds": 0.0,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tool_version": __version__}
 
 
 def check_ensemble_weights(weights: list[float] | None, count: int) -> None:
@@ -364,9 +395,7 @@ def make_ensemble(cache: Cache | str | Path, members: list[str | tuple[str | Pat
         check_head_name(member, "member")
     if len(set(members)) != len(members):
         raise HeadError(f"a head is named twice among the members ({', '.join(members)})")
-    if name in members:
-        raise HeadError(f"an ensemble cannot take the name of its member {name!r}: it would replace the head it "
-                        "is made of; choose another --name")
+    refuse_own_member(name, members)
     check_ensemble_weights(weights, len(members))
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     refuse_taken(cache, name, overwrite)
@@ -384,16 +413,7 @@ def make_ensemble(cache: Cache | str | Path, members: list[str | tuple[str | Pat
     tap = taps.pop()
     head = EnsembleHead.from_members([h for h, _ in loaded], weights, list(members))
     data, validation = _ensemble_data(cache, tap, {m: r for m, (_, r) in zip(members, loaded)})
-    metrics = _evaluate(head, data, cache.classes)
-    headline = _headline(metrics, False)
-    if headline["split"] != "test":
-        headline["note"] = "members were chosen on this split (optimistic)"
-    record = {
-        "head": "ensemble", "tap": tap, "cache_key": cache.key, "cache": cache.path.name,
-        "classes": cache.classes, "selection_split": None, "members": members,
-        "weights": list(head._normalized_weights()), "member_checksums": checksums, "validation": validation,
-        "metrics": metrics, "headline": headline, "fit_seconds": 0.0,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "tool_version": __version__,
-    }
+    record = ensemble_record(cache, "ensemble", tap, head.weights_, validation,
+                             _evaluate(head, data, cache.classes), members=members, member_checksums=checksums)
     path = save_head(cache, name, head, record, overwrite=overwrite)
     return FitResult(name, path, head, read_record(cache, name))

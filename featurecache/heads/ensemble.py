@@ -17,6 +17,14 @@ from .base import Head, as_features, jsonable
 logger = logging.getLogger("featurecache")
 
 
+def normalized_weights(weights: Sequence[float] | None, count: int) -> np.ndarray:
+    """Soft-voting weights (equal when None) scaled to sum to one; refused unless `count` non-negative numbers."""
+    values = np.ones(count) if weights is None else np.asarray(weights, np.float64)
+    if values.shape != (count,) or not np.isfinite(values).all() or (values < 0).any() or values.sum() <= 0:
+        raise HeadError(f"ensemble weights must be {count} non-negative numbers, not all zero")
+    return values / values.sum()
+
+
 class EnsembleModule(nn.Module):
     """Weighted sum of member modules' probabilities."""
 
@@ -60,13 +68,9 @@ class EnsembleHead(Head):
     def _normalized_weights(self) -> np.ndarray:
         if not self.heads:
             raise HeadError("an ensemble needs at least one head")
-        n = len(self.heads)
-        weights = np.ones(n) if self.weights is None else np.asarray(self.weights, np.float64)
-        if weights.shape != (n,) or (weights < 0).any() or weights.sum() <= 0:
-            raise HeadError(f"ensemble weights must be {n} non-negative numbers, not all zero")
-        if self.members is not None and len(self.members) != n:
-            raise HeadError(f"{len(self.members)} member names for {n} heads")
-        return weights / weights.sum()
+        if self.members is not None and len(self.members) != len(self.heads):
+            raise HeadError(f"{len(self.members)} member names for {len(self.heads)} heads")
+        return normalized_weights(self.weights, len(self.heads))
 
     def _check_params(self) -> None:
         self._normalized_weights()

@@ -150,7 +150,8 @@ def _head_specs(heads: Sequence, tap: str, val_fraction: float | None, seed: int
         specs.append(spec)
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
-        raise HeadError(f"two heads would be saved under one name ({', '.join(names)}); give each FitSpec a name")
+        raise HeadError(f"two heads would be saved under one name ({', '.join(names)}); name each head type once "
+                        "(or give each FitSpec its own name)")
     return specs
 
 

@@ -40,12 +40,18 @@ def _table_of(comparison, columns: tuple[str, ...], rows: list[list[str]]) -> st
     return _table(list(columns), rows, {i for i, name in enumerate(columns) if name in comparison.NUMERIC})
 
 
+def check_output(output: str | Path) -> Path:
+    """Refuse a folder where the page should go, and make the page's folder: call it before the comparison runs."""
+    output = Path(output)
+    prepare_output_file(output, "the comparison report's folder", "compare.html")
+    return output
+
+
 def build_comparison_page(comparison, output: str | Path) -> ComparisonPage:
     """Write the page (and its PNG) for `comparison`: its backbone and head tables and the cost plot."""
     from . import plots
 
-    output = Path(output)
-    prepare_output_file(output, "the comparison report's folder", "compare.html")
+    output = check_output(output)
     page = ComparisonPage(output)
     sections = []
     if comparison.random_weights:

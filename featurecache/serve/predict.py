@@ -124,6 +124,12 @@ class Prediction:
     error: str = ""
 
 
+def _top(path: str, row: np.ndarray, classes: list[str], k: int) -> Prediction:
+    """The `k` most probable classes of one row, best first (ties in class order)."""
+    order = np.argsort(-row, kind="stable")[:k]
+    return Prediction(path, [(classes[i], float(row[i])) for i in order])
+
+
 def predict(predictor: Predictor | CrossPredictor, paths: list[str | Path], *, top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
     """Classify image files (or folders of them); unreadable files get an error instead."""
     files = image_files(paths)
@@ -141,8 +147,7 @@ def predict(predictor: Predictor | CrossPredictor, paths: list[str | Path], *, t
         if tensors:
             probabilities = predictor.predict_prepared(tensors)
             for (position, shown), row in zip(good, probabilities):
-                order = np.argsort(-row)[:k]
-                results.append((position, Prediction(shown, [(predictor.classes[i], float(row[i])) for i in order])))
+                results.append((position, _top(shown, row, predictor.classes, k)))
     return [prediction for _, prediction in sorted(results, key=lambda item: item[0])]
 
 
@@ -167,9 +172,8 @@ def predict_split(cache: Cache | str | Path, head_name: str, split: str, *, top_
         for start in range(0, len(features), block_rows):
             block = features[start : start + block_rows]
             probabilities = np.asarray(head.predict_proba(block.reshape(len(block), -1).astype(np.float32)))
-            for path, row in zip(rows.paths[start : start + block_rows], probabilities):
-                order = np.argsort(-row, kind="stable")[:k]
-                results.append(Prediction(path, [(cache.classes[i], float(row[i])) for i in order]))
+            results += [_top(path, row, cache.classes, k)
+                        for path, row in zip(rows.paths[start : start + block_rows], probabilities)]
     return results
 
 
@@ -183,8 +187,7 @@ def _predict_cross_split(cache: Cache, head_name: str, split: str, top_k: int) -
     listed = set(home)
     for path in home + [p for p in voted.missing_from if p not in listed]:
         if path in by_path:
-            order = np.argsort(-by_path[path], kind="stable")[:k]
-            results.append(Prediction(path, [(cache.classes[i], float(by_path[path][i])) for i in order]))
+            results.append(_top(path, by_path[path], cache.classes, k))
         else:
             results.append(Prediction(path, [], f"not in {', '.join(voted.missing_from[path])}: left out of the vote"))
     return results
