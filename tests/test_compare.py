@@ -18,7 +18,7 @@ from featurecache import compare_backbones, open_cache
 from featurecache.cli import app
 from featurecache.errors import BackboneError, HeadError, UsageError
 from featurecache.fit.stage import FitSpec, fit_head
-from featurecache.report.comparison import build_comparison_page
+from featurecache.report.comparison import build_comparison_page, plotted_points
 from helpers import write_photo_folder
 
 pytest.importorskip("timm")
@@ -115,6 +115,21 @@ def test_reused_backbones_are_left_off_the_plot_and_the_page_says_why(compared, 
     text = page.path.read_text(encoding="utf-8")
     assert page.figures == [] and "data:image/png" not in text
     assert "Nothing to plot: resnet18 (reused: no extraction time recorded); timm:convnext_atto (reused" in text
+
+
+def test_a_resumed_backbone_is_left_off_the_plot_and_the_page_says_why(compared, tmp_path):
+    """An entry finished by this call after an interruption ran only some images: the
+    fixed start-up divided over them is no cost per image to set beside whole runs."""
+    from dataclasses import replace
+
+    comparison, _, _, _ = compared
+    whole, resumed = comparison.backbones
+    partial = replace(comparison, backbones=[whole, replace(resumed, computed=4)])
+    points, left_off = plotted_points(partial)
+    assert {point["backbone"] for point in points} == {whole.model}
+    assert left_off == [f"{resumed.model} (resumed: 4 of 16 images computed by this call, so its cost per image "
+                        "is not comparable with a whole extraction)"]
+    assert partial.backbone_rows()[1][4] == "4 of 16"  # the table still shows what was done
 
 
 def test_cli_prints_the_table_writes_the_report_and_reports_a_head_that_fails_on_one_backbone(

@@ -29,6 +29,10 @@ def plotted_points(comparison) -> tuple[list[dict], list[str]]:
         if run.seconds_per_image is None:
             left_off.append(f"{run.model} (reused: no extraction time recorded)")
             continue
+        if run.computed != run.images:  # a resumed entry: the fixed start-up spread over a few images
+            left_off.append(f"{run.model} (resumed: {run.computed} of {run.images} images computed by this call, "
+                            "so its cost per image is not comparable with a whole extraction)")
+            continue
         for score in run.heads:
             if score.top1 is not None:
                 points.append({"backbone": run.model, "head": score.name, "top1": score.top1,
@@ -62,7 +66,8 @@ def build_comparison_page(comparison, output: str | Path) -> ComparisonPage:
                                                                  comparison.backbone_rows()))
     sections.append("<p class=note><i>seconds</i>: wall-clock time of the extract call that computed the features "
                     "(building the network, decoding the images, the forward pass); <i>s/image</i> divides it by the "
-                    "images computed. A reused cache entry has no extraction time recorded, so it shows no cost.</p>")
+                    "images computed. A reused cache entry has no extraction time recorded, so it shows no cost; an entry "
+                    "this call only finished (after an interruption) is left off the plot.</p>")
     sections.append("<h2 id=heads>Heads</h2>" + _table_of(comparison, comparison.HEAD_COLUMNS, comparison.head_rows()))
     sections.append("<p class=note>Each head's settings were chosen on the split under <i>chosen on</i>; "
                     "<i>top-1 %</i> is on the split under <i>reported on</i>, marked optimistic when it is the same "
