@@ -46,6 +46,7 @@ class Mutation:
 
 KEY = "tests/test_cache_key.py"
 CROSS = "tests/test_cross_ensemble.py"
+VIT = "tests/test_vit_fast_path.py"
 MUTATIONS = [
     # The cache key: each field that changes the numbers, dropped from the entry's config.
     Mutation("key-weights", "extract/stage.py", '"weights_sha256": weights.sha256,', "",
@@ -131,7 +132,7 @@ MUTATIONS = [
              "if False:", ("tests/test_finetune.py", "-k", "epoch_zero"),
              "LP-FT epoch 0 is the starting head on float16 storage"),
     # A non-ResNet backbone runs through its feature description.
-    Mutation("description-readout", "backbones/description.py", "            return self.readouts[tap](x)\n",
+    Mutation("description-readout", "backbones/description.py", "            return self.readouts[tap](*(kept[s] for s in self._reads[tap]), x)\n",
              "            return x\n", ("tests/test_description.py", "-k", "directly"),
              "a tap read through a readout (e.g. a CLS token) is the readout's output"),
     Mutation("description-forward-from", "backbones/description.py",
@@ -144,8 +145,8 @@ MUTATIONS = [
              "self.input_tap = backbone.input_tap(self.start - 1)", ("tests/test_description.py", "-k", "finetune"),
              "the fast path starts from the tap at the input of the first unfrozen stage"),
     Mutation("export-stages", "backbones/description.py",
-             "self.stages = nn.Sequential(*[getattr(staged, name) for name in staged.stage_names[:stop]])",
-             "self.stages = nn.Sequential(*[getattr(staged, name) for name in staged.stage_names[1:stop]])",
+             "self.stages = nn.Sequential(*[staged.stage(name) for name in staged.stage_names[:stop]])",
+             "self.stages = nn.Sequential(*[staged.stage(name) for name in staged.stage_names[1:stop]])",
              ("tests/test_description.py", "-k", "finetune"), "export runs the stages up to the tap"),
     # timm backbones.
     Mutation("timm-cls-token", "backbones/timm_family.py", "return x[:, 0]", "return x[:, 1]",
@@ -157,6 +158,39 @@ MUTATIONS = [
     Mutation("key-crop-mode", "backbones/registry.py",
              '**({"crop_mode": self.crop_mode} if self.crop_mode is not None else {}),', "",
              ("tests/test_timm.py", "-k", "key_follows"), "timm's crop mode is recorded in the key"),
+    # finetune --from-cache for timm ViTs: the token-sequence taps, the fast path from them.
+    Mutation("vit-tokens-wrong-block", "backbones/timm_family.py", 'Tap(name=f"tokens{i}", stage=f"blocks.{i}"',
+             'Tap(name=f"tokens{i}", stage=f"blocks.{max(i - 1, 0)}"', (VIT, "-k", "token_taps_equal"),
+             "tap tokensK is block K's output"),
+    Mutation("vit-tokens-no-prefix", "backbones/timm_family.py",
+             'return int(getattr(network, "num_prefix_tokens", 1)) + int(rows) * int(columns), width',
+             "return int(rows) * int(columns), width", (VIT, "-k", "token_taps"),
+             "a token tap holds the class and register tokens too"),
+    Mutation("vit-embed-no-norm-pre", "backbones/timm_family.py",
+             "return net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(x))))",
+             "return net.patch_drop(net._pos_embed(net.patch_embed(x)))", (VIT, "-k", "norm_pre"),
+             "a ViT's embedding ends with timm's norm_pre"),
+    Mutation("vit-up-to-reads", "backbones/description.py",
+             "self.keep = [staged.stage_index(s) for s in staged.description.tap(tap).reads]",
+             "self.keep = [staged.stage_index(s) + 1 for s in staged.description.tap(tap).reads]",
+             ("tests/test_timm_taps.py", "-k", "register"), "export's dinov2_linear reads the last four blocks"),
+    Mutation("finetune-image-path-short", "finetune/stage.py", "x = self.backbone.run(x, 0, self.start)",
+             "x = self.backbone.run(x, 0, self.start - 1)", (VIT, "-k", "first_steps"),
+             "the image path runs every frozen block (as the cached tap did)"),
+    Mutation("finetune-start-block", "finetune/stage.py", "self.start = backbone.block_stage(trainable[0])",
+             "self.start = backbone.block_stage(trainable[-1])", (VIT, "-k", "first_steps or only_the"),
+             "the fast path starts at the first unfrozen block"),
+    Mutation("finetune-trains-frozen", "finetune/stage.py", "backbone.get_submodule(name).requires_grad_(True)",
+             "backbone.requires_grad_(True)", (VIT, "-k", "only_the"), "only the unfrozen blocks change"),
+    Mutation("finetune-token-rows-layout", "finetune/data.py", "if x.ndim == 4:", "if True:",
+             (VIT, "-k", "first_steps"), "cached token sequences (3-D rows) reach the model"),
+    Mutation("finetune-missing-tap-unchecked", "finetune/stage.py",
+             "if spec.from_cache and (tap is None or tap not in cache.tap_shapes):",
+             "if spec.from_cache and tap is None:", (VIT, "-k", "missing"),
+             "a missing tap is one error line naming it and the command that adds it"),
+    Mutation("pipeline-fast-path-last-block", "pipeline/runner.py", "staged.input_tap(staged.block_stage(blocks[0]))",
+             "staged.input_tap(staged.block_stage(blocks[-1]))", (VIT, "-k", "pipeline"),
+             "a pipeline names the tap a ViT's fast path needs"),
     # Streaming heads hold about one shard, not the split.
     Mutation("streaming-accumulates", "cache/streaming.py",
              'read_split_features([(cache.path / shard["file"], count, shard)], tap, shape, values)',

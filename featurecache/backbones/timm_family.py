@@ -3,11 +3,13 @@
 timm is imported only when a `timm:` model is asked for. The description reads the
 network through timm's own API: the features are `forward_features` then
 `forward_head(pre_logits=True)` (tap `pool`); vision transformers are cut into their
-embedding, blocks and final norm, so they also offer `cls` (the class token),
+embedding, each block and the final norm, so they also offer `cls` (the class token),
 `patch_mean` (the mean of the patch tokens), `blockN` (block N's class token and patch
-mean, each after the final norm, as timm's `forward_intermediates(norm=True)` gives them)
-and `dinov2_linear` (DINOv2's linear-evaluation input), and their blocks can be unfrozen
-(`--unfreeze blocks:N`). Other models with `forward_intermediates` offer `stageN` (entry N
+mean, each after the final norm, as timm's `forward_intermediates(norm=True)` gives them),
+`dinov2_linear` (DINOv2's linear-evaluation input), and the token sequences the blocks
+hand on: `embed` (block 0's input) and `tokensN` (block N's output, prefix tokens
+included), from which finetune's fast path runs the blocks after N (`--unfreeze blocks:K`).
+Other models with `forward_intermediates` offer `stageN` (entry N
 of timm's feature_info, globally averaged). Preprocessing comes from timm's resolved data config (input
 size, interpolation, mean/std, crop_pct, crop mode); `--image-size` still overrides the
 size. Weights: `random`, a file (state dict as timm saves it), or `pretrained`, read from
@@ -64,51 +66,16 @@ class _VitEmbed(nn.Module):
         return net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(x))))
 
 
-class _VitBlocks(nn.Sequential):
-    """A ViT's blocks (the same children, so `blocks.N` paths and names are unchanged) whose
-    output is the last block's tokens followed by `rows` summary rows per block: its class
-    token (when the model has one) and the mean of its patch tokens, both after the final
-    norm, as `forward_intermediates(norm=True)` gives them. One pass yields every block tap;
-    the extra norm per block is small next to the block itself."""
-
-    def __init__(self, network: nn.Module, prefix_tokens: int, has_cls: bool) -> None:
-        super().__init__(*network.blocks)
-        object.__setattr__(self, "final_norm", network.norm)  # not a child: it is the `norm` stage's module
-        self.prefix_tokens, self.has_cls = prefix_tokens, has_cls
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = []
-        for block in self:
-            x = block(x)
-            normed = self.final_norm(x)
-            if self.has_cls:
-                rows.append(normed[:, 0])
-            rows.append(normed[:, self.prefix_tokens:].mean(dim=1))
-        return torch.cat([x, torch.stack(rows, dim=1)], dim=1)
-
-
-class _VitNorm(nn.Module):
-    """The final norm on the tokens; the summary rows (already normed) pass through."""
-
-    def __init__(self, norm: nn.Module, extra: int) -> None:
-        super().__init__()
-        self.norm, self.extra = norm, extra
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.norm(x[:, :-self.extra]), x[:, -self.extra:]], dim=1)
-
-
 class _Tokens(nn.Module):
-    """A readout of the tokens (summary rows dropped): the class token, the patch mean or timm's head."""
+    """A readout of the final tokens: the class token, the patch mean or timm's head."""
 
-    def __init__(self, extra: int, kind: str, prefix_tokens: int = 1, network: nn.Module | None = None) -> None:
+    def __init__(self, kind: str, prefix_tokens: int = 1, network: nn.Module | None = None) -> None:
         super().__init__()
-        self.extra, self.kind, self.prefix_tokens = extra, kind, prefix_tokens
+        self.kind, self.prefix_tokens = kind, prefix_tokens
         if network is not None:
             self.head = _Method(network, "forward_head", pre_logits=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :-self.extra]
         if self.kind == "cls":
             return x[:, 0]
         if self.kind == "patch_mean":
@@ -117,15 +84,18 @@ class _Tokens(nn.Module):
 
 
 class _Summary(nn.Module):
-    """Summary rows as one vector: `blocks` (indices) x `rows`, flattened block by block."""
+    """Block outputs summarised after the final norm, as `forward_intermediates(norm=True)`
+    gives them: for each (input, kind) of `take`, the class token ("cls") or the mean of the
+    patch tokens ("mean") of that input (the stages the tap reads, then its own), concatenated."""
 
-    def __init__(self, blocks: int, rows: int, take: list[tuple[int, int]]) -> None:
+    def __init__(self, norm: nn.Module, prefix_tokens: int, take: list[tuple[int, str]]) -> None:
         super().__init__()
-        self.blocks, self.rows, self.take = blocks, rows, take
+        self.norm, self.prefix_tokens, self.take = norm, prefix_tokens, take
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x[:, -self.blocks * self.rows:].unflatten(1, (self.blocks, self.rows))
-        return torch.cat([rows[:, block, row] for block, row in self.take], dim=1)
+    def forward(self, *outputs: torch.Tensor) -> torch.Tensor:
+        normed = [self.norm(x) for x in outputs]
+        return torch.cat([normed[i][:, 0] if kind == "cls" else normed[i][:, self.prefix_tokens:].mean(dim=1)
+                          for i, kind in self.take], dim=1)
 
 
 def _is_vit(network: nn.Module) -> bool:
@@ -156,25 +126,31 @@ class TimmDescription(FeatureDescription):
             self.default_unfreeze = _last_stage(self.block_paths)
 
     def _vit_taps(self, network: nn.Module, width: int) -> list[Tap]:
-        """block0..blockN-1 and dinov2_linear read the blocks' summary rows; pool, cls, patch_mean the tokens."""
-        prefix = self.prefix_tokens = int(getattr(network, "num_prefix_tokens", 1))
-        self.has_cls = prefix >= 1 and getattr(network, "cls_token", None) is not None
-        count, rows = len(network.blocks), 2 if self.has_cls else 1
-        self.extra = count * rows
-        taps = [Tap(name=f"block{i}", stage="blocks", channels=rows * width,
-                    readout=lambda net, i=i: _Summary(count, rows, [(i, r) for r in range(rows)]))
-                for i in range(count)]
-        if self.has_cls and count >= 4:  # DINOv2's create_linear_input(n=4, avgpool=True)
-            take = [(i, 0) for i in range(count - 4, count)] + [(count - 1, 1)]
-            taps.append(Tap(name="dinov2_linear", stage="blocks", channels=5 * width,
-                            readout=lambda net: _Summary(count, rows, take)))
-        extra = self.extra
+        """embed and tokens0..tokensN-1 are the token sequences each stage hands on (resumable);
+        block0..blockN-1 and dinov2_linear summarise blocks; pool, cls, patch_mean the final tokens."""
+        prefix = int(getattr(network, "num_prefix_tokens", 1))
+        has_cls = prefix >= 1 and getattr(network, "cls_token", None) is not None
+        count, kinds = len(network.blocks), ["cls", "mean"] if has_cls else ["mean"]
+        shape = functools.partial(_token_shape, network, width)
+
+        def summary(take: list[tuple[int, str]]):
+            return lambda net: _Summary(net.norm, prefix, take)
+
+        taps = [Tap(name="embed", stage="embed", channels=width, shape=shape)]
+        for i in range(count):
+            taps += [Tap(name=f"block{i}", stage=f"blocks.{i}", channels=len(kinds) * width,
+                         readout=summary([(0, kind) for kind in kinds])),
+                     Tap(name=f"tokens{i}", stage=f"blocks.{i}", channels=width, shape=shape)]
+        if has_cls and count >= 4:  # DINOv2's create_linear_input(n=4, avgpool=True)
+            taps.append(Tap(name="dinov2_linear", stage=f"blocks.{count - 1}", channels=5 * width,
+                            reads=tuple(f"blocks.{i}" for i in range(count - 4, count - 1)),
+                            readout=summary([(0, "cls"), (1, "cls"), (2, "cls"), (3, "cls"), (3, "mean")])))
         taps.append(Tap(name="pool", stage="norm", channels=self._head_width(network, width),
-                        readout=lambda net: _Tokens(extra, "pool", network=net)))
-        if self.has_cls:
-            taps.append(Tap(name="cls", stage="norm", channels=width, readout=lambda net: _Tokens(extra, "cls")))
+                        readout=lambda net: _Tokens("pool", network=net)))
+        if has_cls:
+            taps.append(Tap(name="cls", stage="norm", channels=width, readout=lambda net: _Tokens("cls")))
         taps.append(Tap(name="patch_mean", stage="norm", channels=width,
-                        readout=lambda net: _Tokens(extra, "patch_mean", prefix)))
+                        readout=lambda net: _Tokens("patch_mean", prefix)))
         return taps
 
     @staticmethod
@@ -182,9 +158,9 @@ class TimmDescription(FeatureDescription):
         return int(getattr(network, "head_hidden_size", None) or width)
 
     def stages(self, network: nn.Module) -> list[tuple[str, nn.Module]]:
-        if self.vit:
-            return [("embed", _VitEmbed(network)), ("blocks", _VitBlocks(network, self.prefix_tokens, self.has_cls)),
-                    ("norm", _VitNorm(network.norm, self.extra))]
+        if self.vit:  # one stage per block: each block's output is a tap the rest can run from
+            return [("embed", _VitEmbed(network)), *((f"blocks.{i}", b) for i, b in enumerate(network.blocks)),
+                    ("norm", network.norm)]
         return [("input", nn.Identity()), ("features", _Method(network, "forward_features"))]
 
     def blocks(self, staged: StagedBackbone) -> list[str]:
@@ -197,9 +173,17 @@ class TimmDescription(FeatureDescription):
             network.reset_classifier(0)
         return network
 
-    def tap_shape(self, name: str, crop_size: int) -> tuple[int, ...]:
-        self.tap(name)
-        return (self.tap(name).channels,)
+
+
+def _token_shape(network: nn.Module, width: int, crop_size: int) -> tuple[int, int]:
+    """(tokens, width) of a ViT's token sequence at a square input: its prefix tokens (class,
+    registers) and one token per patch, as its patch embedding grids the input."""
+    embed = network.patch_embed
+    if getattr(network, "dynamic_img_size", False) and hasattr(embed, "dynamic_feat_size"):
+        rows, columns = embed.dynamic_feat_size((crop_size, crop_size))
+    else:
+        rows, columns = embed.grid_size
+    return int(getattr(network, "num_prefix_tokens", 1)) + int(rows) * int(columns), width
 
 
 class _StageMean(nn.Module):
