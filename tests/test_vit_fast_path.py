@@ -193,18 +193,22 @@ def test_only_the_unfrozen_blocks_change(caches):
     assert {k for k in before if not torch.equal(before[k], after[k])} == unfrozen
 
 
+def _cli(*args: str, root) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "featurecache", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "FEATURECACHE_ROOT": str(root)})
+
+
 def test_a_missing_token_tap_is_named_with_the_command_that_adds_it(folder, tmp_path):
     cache = _cache(folder, tmp_path / "c", ("pool",))
-    with pytest.raises(UsageError) as refused:
-        finetune(cache, _spec(from_cache=True, unfreeze="2"))
-    message = str(refused.value)
-    assert "\n" not in message and "tap tokens9" in message and "drop --from-cache" in message, message
-    command = message.split("run: ", 1)[1].split(", then", 1)[0]
+    done = _cli("finetune", str(cache.path), "--from-cache", "--unfreeze", "2", "--epochs", "1", root=tmp_path / "c")
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stdout + done.stderr
+    assert "tap tokens9" in lines[0] and "drop --from-cache" in lines[0], lines[0]
+    command = lines[0].split("run: ", 1)[1].split(", then", 1)[0]
     assert command.endswith("--tap pool --tap tokens9"), command
+    assert not (cache.path / "finetune").exists()  # refused before anything was written
     # The command it names extracts the same features plus the tap.
-    done = subprocess.run([sys.executable, "-m", "featurecache", *shlex.split(command)[1:], "--workers", "0"],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "FEATURECACHE_ROOT": str(tmp_path / "c")})
+    done = _cli(*shlex.split(command)[1:], "--workers", "0", root=tmp_path / "c")
     assert done.returncode == 0, done.stderr
     (entry,) = [p for p in (tmp_path / "c").iterdir() if p.is_dir() and p != cache.path and not p.name.startswith("_")]
     added = open_cache(entry)
@@ -212,6 +216,18 @@ def test_a_missing_token_tap_is_named_with_the_command_that_adds_it(folder, tmp_
     assert added.manifest["config"]["weights_sha256"] == cache.manifest["config"]["weights_sha256"]
     # Its own batch size and --optimize (not in the key): the same numbers up to summation order (2.4e-6).
     np.testing.assert_allclose(added.features("val", "pool"), cache.features("val", "pool"), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_convnets_have_no_fast_path_and_say_why(folder, tmp_path):
+    cache = open_cache(extract(ExtractSpec(source=str(folder), model="timm:convnext_atto", weights="random",
+                                           image_size=32, precision="fp32", dtype="float32", batch_size=4, workers=0,
+                                           root=str(tmp_path / "c"), optimize="eager")).path)
+    fit_head(cache, FitSpec(head="logistic", name="logistic"))
+    with pytest.raises(UsageError) as refused:
+        finetune(cache, _spec(from_cache=True, unfreeze="stages.3"))
+    message = str(refused.value)
+    assert "\n" not in message and "timm:convnext_atto" in message and "timm ConvNet runs its features as one stage" \
+        in message and "drop --from-cache" in message, message
 
 
 def test_the_pipeline_names_the_token_tap_a_vit_fast_path_needs():
