@@ -46,7 +46,7 @@ class Mutation:
 
 KEY = "tests/test_cache_key.py"
 CROSS = "tests/test_cross_ensemble.py"
-VIT = "tests/test_vit_fast_path.py"
+VIT = "tests/test_timm_fast_path.py"
 MUTATIONS = [
     # The cache key: each field that changes the numbers, dropped from the entry's config.
     Mutation("key-weights", "extract/stage.py", '"weights_sha256": weights.sha256,', "",
@@ -174,6 +174,15 @@ MUTATIONS = [
              "self.keep = [staged.stage_index(s) for s in staged.description.tap(tap).reads]",
              "self.keep = [staged.stage_index(s) + 1 for s in staged.description.tap(tap).reads]",
              ("tests/test_timm_taps.py", "-k", "register"), "export's dinov2_linear reads the last four blocks"),
+    Mutation("timm-units-skip-first", "backbones/timm_family.py",
+             'units += [f"{name}.{i}" for i in range(len(getattr(network, name)))]',
+             'units += [f"{name}.{i}" for i in range(1, len(getattr(network, name)))]',
+             (VIT, "-k", "convnets and convnext"),
+             "a timm ConvNet cut into units runs every unit of forward_features"),
+    Mutation("timm-map-tap-next-unit", "backbones/timm_family.py",
+             'maps = [Tap(name=u.replace(".", "_"), stage=f"{FEATURES}.{u}",',
+             'maps = [Tap(name=u.replace(".", "_"), stage=f"{FEATURES}.{self.units[self.units.index(u) + 1]}",',
+             (VIT, "-k", "convnets"), "a ConvNet's map tap is its own unit's output"),
     Mutation("finetune-image-path-short", "finetune/stage.py", "x = self.backbone.run(x, 0, self.start)",
              "x = self.backbone.run(x, 0, self.start - 1)", (VIT, "-k", "first_steps"),
              "the image path runs every frozen block (as the cached tap did)"),
@@ -190,7 +199,7 @@ MUTATIONS = [
              "a missing tap is one error line naming it and the command that adds it"),
     Mutation("finetune-no-input-tap-unexplained", "finetune/stage.py",
              '    if tap is None:\n        return (f"--from-cache cannot unfreeze',
-             '    if False:\n        return (f"--from-cache cannot unfreeze', (VIT, "-k", "convnets"),
+             '    if False:\n        return (f"--from-cache cannot unfreeze', (VIT, "-k", "other_timm"),
              "a backbone without a tap at the blocks' input is refused, saying why"),
     Mutation("pipeline-fast-path-last-block", "pipeline/runner.py", "staged.input_tap(staged.block_stage(blocks[0]))",
              "staged.input_tap(staged.block_stage(blocks[-1]))", (VIT, "-k", "pipeline"),

@@ -160,7 +160,9 @@ def test_convnet_stage_taps_equal_timms_forward_intermediates(image_folder, tmp_
     entry = get_backbone(f"timm:{model}")
     channels = [e["num_chs"] for e in timm.create_model(model, pretrained=False).feature_info]
     stages = tuple(f"stage{i}" for i in range(len(channels)))
-    assert entry.description.tap_names == (*stages, "pool")
+    maps = {"convnext_atto": ("stem", "stages_0", "stages_1", "stages_2", "stages_3"),  # each unit's feature map
+            "resnet18": ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3")}[model]
+    assert entry.description.tap_names == (*stages, *maps, "pool")
     taps = (stages[1], stages[-1], "pool")
     cache = _extract(image_folder, tmp_path / "c", model, taps, optimize)
     assert {t: tuple(i["shape"]) for t, i in cache.manifest["taps"].items()} == {

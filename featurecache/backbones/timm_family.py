@@ -9,10 +9,12 @@ mean, each after the final norm, as timm's `forward_intermediates(norm=True)` gi
 `dinov2_linear` (DINOv2's linear-evaluation input), and the token sequences the blocks
 hand on: `embed` (block 0's input) and `tokensN` (block N's output, prefix tokens
 included), from which finetune's fast path runs the blocks after N (`--unfreeze blocks:K`).
-Other models with `forward_intermediates` offer `stageN` (entry N
-of timm's feature_info, globally averaged). Preprocessing comes from timm's resolved data config (input
-size, interpolation, mean/std, crop_pct, crop mode); `--image-size` still overrides the
-size. Weights: `random`, a file (state dict as timm saves it), or `pretrained`, read from
+Other models with `forward_intermediates` offer `stageN` (entry N of timm's feature_info,
+globally averaged). ConvNeXts, EfficientNets and ResNets, whose forward_features runs their
+children in order, are cut into those units, so each unit's output is a feature-map tap
+(`stages_2`, `blocks_5`, `layer3`) the fast path can start from. Preprocessing comes from
+timm's resolved data config (input size, interpolation, mean/std, crop_pct, crop mode);
+`--image-size` still overrides the size. Weights: `random`, a file (state dict as timm saves it), or `pretrained`, read from
 the local Hugging Face hub cache or timm's torch-hub cache, never downloaded.
 """
 
@@ -98,6 +100,31 @@ class _Summary(nn.Module):
                           for i, kind in self.take], dim=1)
 
 
+#: The stage paths of a ConvNet cut into units: under the `features.net.` its block paths have.
+FEATURES = "features.net"
+#: timm classes whose forward_features runs these children in order (read in timm's source);
+#: a child marked * is an nn.Sequential whose items each are a unit (a stage or block group).
+_SEQUENTIAL_FEATURES = {
+    "timm.models.convnext.ConvNeXt": ("stem", "stages*", "norm_pre"),
+    "timm.models.efficientnet.EfficientNet": ("conv_stem", "bn1", "blocks*", "conv_head", "bn2"),
+    "timm.models.resnet.ResNet": ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4"),
+}
+
+
+def _feature_units(network: nn.Module) -> list[str] | None:
+    """forward_features as module paths run in order, for the classes known to be built so
+    (None otherwise: the model runs forward_features as one stage and has no fast path)."""
+    kind = type(network)
+    children = _SEQUENTIAL_FEATURES.get(f"{kind.__module__}.{kind.__qualname__}")
+    if children is None:
+        return None
+    units = []
+    for child in children:
+        name = child.rstrip("*")
+        units += [f"{name}.{i}" for i in range(len(getattr(network, name)))] if child.endswith("*") else [name]
+    return units
+
+
 def _is_vit(network: nn.Module) -> bool:
     return all(hasattr(network, a) for a in ("patch_embed", "_pos_embed", "blocks", "norm", "forward_head")) \
         and isinstance(network.blocks, nn.Sequential)
@@ -114,11 +141,18 @@ class TimmDescription(FeatureDescription):
         self.classifier_prefixes = tuple(f"{n}." for n in names if n)
         self.classifier_names = tuple(names)
         width = int(network.num_features)
+        self.units = None if self.vit else _feature_units(network)
         if self.vit:
             taps = self._vit_taps(network, width)
         else:
-            taps = [*_stage_taps(network),
-                    Tap(name="pool", stage="features", channels=self._head_width(network, width),
+            maps = []
+            if self.units:  # each unit's output but the last: a feature map the rest can run from (stages_2)
+                shapes = self._unit_shapes(network, 64)
+                maps = [Tap(name=u.replace(".", "_"), stage=f"{FEATURES}.{u}", channels=shapes[u][0],
+                            shape=functools.partial(self._unit_shape, u)) for u in self.units[:-1]]
+            taps = [*_stage_taps(network), *maps,
+                    Tap(name="pool", stage=f"{FEATURES}.{self.units[-1]}" if self.units else "features",
+                        channels=self._head_width(network, width),
                         readout=lambda net: _Method(net, "forward_head", pre_logits=True))]
         self.taps = tuple(taps)
         self.block_paths = [] if self.vit else _grouped_blocks(network)
@@ -161,7 +195,27 @@ class TimmDescription(FeatureDescription):
         if self.vit:  # one stage per block: each block's output is a tap the rest can run from
             return [("embed", _VitEmbed(network)), *((f"blocks.{i}", b) for i, b in enumerate(network.blocks)),
                     ("norm", network.norm)]
+        if self.units:  # forward_features, unit by unit, under the paths its blocks already have
+            return [("input", nn.Identity()), *((f"{FEATURES}.{u}", network.get_submodule(u)) for u in self.units)]
         return [("input", nn.Identity()), ("features", _Method(network, "forward_features"))]
+
+    def _unit_shape(self, unit: str, crop_size: int) -> tuple[int, ...]:
+        return self._unit_shapes_at(crop_size)[unit]
+
+    @functools.lru_cache(maxsize=64)
+    def _unit_shapes_at(self, crop_size: int) -> dict[str, tuple[int, ...]]:
+        with torch.device("meta"):
+            return self._unit_shapes(self.build(), crop_size)
+
+    def _unit_shapes(self, network: nn.Module, crop_size: int) -> dict[str, tuple[int, ...]]:
+        """Each unit's per-image output shape, run on the meta device (no computation)."""
+        x, shapes = torch.empty(1, 3, crop_size, crop_size, device="meta"), {}
+        network.eval()  # batch statistics of one row are refused in training mode
+        with torch.no_grad():
+            for unit in self.units:
+                x = network.get_submodule(unit)(x)
+                shapes[unit] = tuple(x.shape[1:])
+        return shapes
 
     def blocks(self, staged: StagedBackbone) -> list[str]:
         if self.vit:

@@ -205,9 +205,9 @@ def _rows(cache: Cache, split_rows: dict[str, tuple[str, np.ndarray | None]], sp
 def _missing_tap_message(cache: Cache, spec: FinetuneSpec, tap: str | None) -> str:
     if tap is None:
         return (f"--from-cache cannot unfreeze these blocks (--unfreeze {spec.unfreeze}): their input is not a tap "
-                f"{cache.manifest['config']['arch']} can store (a ResNet's stem output is not; a timm ConvNet runs "
-                "its features as one stage, so no tap holds a block's input); unfreeze fewer blocks of a ResNet, "
-                "or drop --from-cache")
+                f"{cache.manifest['config']['arch']} can store (a ResNet's stem output is not; a timm model other "
+                "than a ViT, ConvNeXt, EfficientNet or ResNet runs its features as one stage, so no tap holds a "
+                "block's input); unfreeze fewer blocks, or drop --from-cache")
     made = cache.manifest["spec"]
     command = f"featurecache extract {made['source']} --model {made['model']} --weights {made['weights']}"
     if made.get("seed"):

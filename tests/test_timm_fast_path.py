@@ -1,10 +1,13 @@
-"""finetune --from-cache for timm ViTs (issue 16): the token-sequence taps (`embed`, `tokensK`)
-equal timm's own tokens, the fast path from `tokensK` equals the image path without
-augmentation, a missing tap is named with the command that adds it, and only the unfrozen
-blocks change. Tiny ViTs, random weights, 32 px inputs (4 patches)."""
+"""finetune --from-cache for timm models (issue 16): a ViT's token-sequence taps (`embed`,
+`tokensK`) equal timm's own tokens, the fast path from `tokensK` equals the image path
+without augmentation, a missing tap is named with the command that adds it, and only the
+unfrozen blocks change; ConvNeXt, EfficientNet and ResNet (timm's) train from their
+feature maps the same way; other timm models are refused, saying why. Tiny models, random
+weights, 32 px inputs (a ViT's 4 patches)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import subprocess
@@ -127,18 +130,15 @@ def test_token_taps_keep_register_tokens_and_norm_pre(model, size):
         torch.testing.assert_close(ours[tap], expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_first_steps_from_cache_equal_the_image_path(caches, dtype):
-    """The same rows, no augmentation: the cached tokens9 are the frozen part's output (as
-    stored), and the logits, gradients and (float32) the weights after three AdamW steps from
-    the cache equal the image path's."""
-    vit_cache, half = caches(dtype), dtype == "float16"
+def _both_paths(cache, spec: FinetuneSpec, trainable: list[str], tap: str):
+    """(the frozen part's output on the images, {from_cache: (input, first logits, gradients,
+    trained state after three AdamW steps)}) over all training rows in one batch."""
     runs = {}
     for from_cache in (False, True):
-        spec = _spec(from_cache=from_cache)
-        model, _, record = build_model(vit_cache, spec)
-        assert model.trainable == ["blocks.10", "blocks.11"] and model.input_tap == "tokens9"
-        rows = _rows(vit_cache, _split_rows(vit_cache, record), spec, model)["train"]
+        spec = dataclasses.replace(spec, from_cache=from_cache)
+        model, _, record = build_model(cache, spec)
+        assert model.trainable == trainable and model.input_tap == tap
+        rows = _rows(cache, _split_rows(cache, record), spec, model)["train"]
         ((x, y),) = rows.batches([list(range(len(rows)))], CPU)
         if not from_cache:
             with torch.no_grad():
@@ -152,6 +152,16 @@ def test_first_steps_from_cache_equal_the_image_path(caches, dtype):
                     step=0, total_steps=3, batch_size=4, generator=torch.Generator().manual_seed(0),
                     augmentation=None, device=CPU, precision="fp32", seed=0, progress=None, epoch=1)
         runs[from_cache] = (x, logits.detach(), gradients, model.trainable_state())
+    return frozen, runs
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_first_steps_from_cache_equal_the_image_path(caches, dtype):
+    """The same rows, no augmentation: the cached tokens9 are the frozen part's output (as
+    stored), and the logits, gradients and (float32) the weights after three AdamW steps from
+    the cache equal the image path's."""
+    vit_cache, half = caches(dtype), dtype == "float16"
+    frozen, runs = _both_paths(vit_cache, _spec(), ["blocks.10", "blocks.11"], "tokens9")
     cached = runs[True][0]
     assert cached.shape == frozen.shape == (len(cached), 5, 192)
     # Extract's batches of 4 against one batch of 10: summation order only; float16 storage
@@ -218,15 +228,62 @@ def test_a_missing_token_tap_is_named_with_the_command_that_adds_it(folder, tmp_
     np.testing.assert_allclose(added.features("val", "pool"), cache.features("val", "pool"), rtol=1e-5, atol=1e-5)
 
 
-def test_timm_convnets_have_no_fast_path_and_say_why(folder, tmp_path):
-    cache = open_cache(extract(ExtractSpec(source=str(folder), model="timm:convnext_atto", weights="random",
+CONVNETS = {  # model: (--unfreeze, the tap it trains from, that tap's index in timm's feature_info)
+    "convnext_atto": ("stages.3", "stages_2", 2),
+    "efficientnet_b0": ("blocks.5+", "blocks_4", 3),
+    "resnet18": ("layer4", "layer3", 3),
+}
+
+
+@pytest.mark.parametrize("model", list(CONVNETS))
+def test_timm_convnets_train_from_a_cached_feature_map(folder, tmp_path, model):
+    """The stage output is timm's own (forward_intermediates), and the fast path from it
+    equals the image path (float32 cache, no augmentation)."""
+    unfreeze, tap, index = CONVNETS[model]
+    weights = "random"
+    if model == "convnext_atto":  # timm starts layer scale at 1e-6: blocks would be near-identities
+        from safetensors.torch import save_file
+
+        torch.manual_seed(0)
+        state = timm.create_model(model, pretrained=False).state_dict()
+        weights = str(tmp_path / "convnext.safetensors")
+        save_file({k: torch.ones_like(v) if k.endswith(".gamma") else v for k, v in state.items()}, weights)
+    cache = open_cache(extract(ExtractSpec(source=str(folder), model=f"timm:{model}", weights=weights, image_size=32,
+                                           precision="fp32", dtype="float32", batch_size=4, workers=0,
+                                           root=str(tmp_path / "c"), taps=("pool", tap), optimize="eager")).path)
+    fit_head(cache, FitSpec(head="logistic", name="logistic"))
+    staged, x = _staged_and_input(cache, folder)
+    with torch.inference_mode():
+        (expected,) = staged.network.forward_intermediates(x, indices=[index], intermediates_only=True)
+    assert tuple(cache.manifest["taps"][tap]["shape"]) == tuple(expected.shape[1:])
+    np.testing.assert_allclose(cache.features("val", tap), expected.numpy(), rtol=1e-5, atol=1e-5)
+    trainable = staged.description.parse_unfreeze(staged, unfreeze)
+    assert trainable[0].startswith(f"features.net.{unfreeze.rstrip('+')}.")
+    frozen, runs = _both_paths(cache, _spec(unfreeze=unfreeze), trainable, tap)
+    cached = runs[True][0]
+    torch.testing.assert_close(cached, frozen, rtol=1e-5, atol=1e-5)
+    # Measured: ConvNeXt and ResNet bit-identical; EfficientNet (extract's batches of 4 against
+    # one of 10) logits 6e-7, each gradient within 5.4e-4 of its largest value (BatchNorm over
+    # small variances amplifies the summation order), weights after three steps 2.3e-5.
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-5, atol=1e-6)
+    for name, gradient in runs[False][2].items():
+        worst = float((runs[True][2][name] - gradient).abs().max() / gradient.abs().max().clamp_min(1e-12))
+        if os.environ.get("SHOW"):
+            print(name, worst)
+        assert worst < 2e-3, (name, worst)
+    for name, value in runs[False][3].items():
+        torch.testing.assert_close(runs[True][3][name], value, rtol=0, atol=5e-5, msg=name)
+
+
+def test_other_timm_models_have_no_fast_path_and_say_why(folder, tmp_path):
+    cache = open_cache(extract(ExtractSpec(source=str(folder), model="timm:regnetx_002", weights="random",
                                            image_size=32, precision="fp32", dtype="float32", batch_size=4, workers=0,
                                            root=str(tmp_path / "c"), optimize="eager")).path)
     fit_head(cache, FitSpec(head="logistic", name="logistic"))
     with pytest.raises(UsageError) as refused:
-        finetune(cache, _spec(from_cache=True, unfreeze="stages.3"))
+        finetune(cache, _spec(from_cache=True, unfreeze="1"))
     message = str(refused.value)
-    assert "\n" not in message and "timm:convnext_atto" in message and "timm ConvNet runs its features as one stage" \
+    assert "\n" not in message and "timm:regnetx_002" in message and "runs its features as one stage" \
         in message and "drop --from-cache" in message, message
 
 
@@ -235,4 +292,6 @@ def test_the_pipeline_names_the_token_tap_a_vit_fast_path_needs():
     assert _fast_path_tap(f"timm:{VIT}", "blocks:1") == "tokens10"
     assert _fast_path_tap(f"timm:{VIT}", "blocks") == "embed"  # every block: from the embedding's output
     assert _fast_path_tap("resnet18", "1") == "layer3"
-    assert _fast_path_tap("timm:convnext_atto", "stages.3") is None  # refused at run time, saying why
+    assert _fast_path_tap("timm:convnext_atto", "stages.3") == "stages_2"
+    assert _fast_path_tap("timm:efficientnet_b0", "blocks.6+") == "blocks_5"
+    assert _fast_path_tap("timm:regnetx_002", "1") is None  # refused at run time, saying why
