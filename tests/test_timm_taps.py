@@ -22,8 +22,6 @@ from featurecache.backbones.tensor_decode import resize_crop  # noqa: E402
 from featurecache.data.images import load_rgb  # noqa: E402
 from featurecache.errors import UsageError  # noqa: E402
 from featurecache.extract.stage import ExtractSpec  # noqa: E402
-from featurecache.finetune.stage import FinetuneSpec, finetune  # noqa: E402
-from featurecache.fit.stage import FitSpec, fit_head  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera"
@@ -78,7 +76,8 @@ def test_vit_block_taps_and_dinov2_linear_equal_timms_forward_intermediates(imag
 
 
 def test_dinov2_linear_with_register_tokens_skips_them():
-    """DINOv2 with 4 registers: the patch mean leaves out the class token and the registers."""
+    """DINOv2 with 4 registers: the patch mean leaves out the class token and the registers;
+    `up_to` (what export traces) gives the same as the forward pass."""
     model = "vit_small_patch14_reg4_dinov2"
     entry = get_backbone(f"timm:{model}")
     torch.manual_seed(0)
@@ -92,17 +91,9 @@ def test_dinov2_linear_with_register_tokens_skips_them():
     assert entry.description.tap_shape("dinov2_linear", 28) == (5 * 384,)
     torch.testing.assert_close(ours["dinov2_linear"], expected["dinov2_linear"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours["block3"], expected["block3"], rtol=1e-5, atol=1e-5)
-
-
-def test_finetune_from_cache_refuses_vit_block_taps(image_folder, tmp_path):
-    """Block taps are summaries, not the token sequence: the network cannot run on from them."""
-    cache = _extract(image_folder, tmp_path / "c", VIT, ("pool", "block10"))
-    fit_head(cache, FitSpec(head="logistic", name="logistic"))
-    spec = FinetuneSpec(head="logistic", unfreeze="blocks:1", epochs=1, batch_size=4, workers=0, precision="fp32",
-                        device="cpu", hflip=False, from_cache=True)
-    with pytest.raises(UsageError, match="--from-cache") as refused:
-        finetune(cache, spec)
-    assert "\n" not in str(refused.value) and "drop --from-cache" in str(refused.value), refused.value
+    with torch.inference_mode():  # export's module up to the tap reads the same four blocks
+        exported = staged.up_to("dinov2_linear")(x)
+    torch.testing.assert_close(exported, expected["dinov2_linear"], rtol=1e-5, atol=1e-5)
 
 
 def _test_images(tmp_path: Path) -> list[Path]:
@@ -169,7 +160,9 @@ def test_convnet_stage_taps_equal_timms_forward_intermediates(image_folder, tmp_
     entry = get_backbone(f"timm:{model}")
     channels = [e["num_chs"] for e in timm.create_model(model, pretrained=False).feature_info]
     stages = tuple(f"stage{i}" for i in range(len(channels)))
-    assert entry.description.tap_names == (*stages, "pool")
+    maps = {"convnext_atto": ("stem", "stages_0", "stages_1", "stages_2", "stages_3"),  # each unit's feature map
+            "resnet18": ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3")}[model]
+    assert entry.description.tap_names == (*stages, *maps, "pool")
     taps = (stages[1], stages[-1], "pool")
     cache = _extract(image_folder, tmp_path / "c", model, taps, optimize)
     assert {t: tuple(i["shape"]) for t, i in cache.manifest["taps"].items()} == {

@@ -3,7 +3,8 @@
 
 A description cuts a network into **stages** run one after the other (their composition is
 the feature extractor), names the **taps** it offers in forward order (each reads one
-stage's output, either as is or through a small readout such as "the CLS token"), gives
+stage's output, either as is or through a small readout such as "the CLS token", which may
+also read earlier stages' outputs), gives
 their shapes for an input size, lists the **blocks** that can be unfrozen (submodule paths,
 in forward order), and says which state-dict entries are the classifier (ignored).
 
@@ -36,6 +37,9 @@ class Tap:
     stride: int | None = None  # None: a vector (channels,); else (channels, ceil(S/stride), ceil(S/stride))
     readout: Callable[[nn.Module], nn.Module] | None = None  # network -> module applied to the stage output
     shape: Callable[[int], tuple[int, ...]] | None = None  # crop size -> per-image shape (overrides stride)
+    #: Earlier stages (in forward order) whose outputs the readout also takes, before `stage`'s
+    #: (e.g. the class tokens of a ViT's last four blocks).
+    reads: tuple[str, ...] = ()
 
     @property
     def resumable(self) -> bool:
@@ -62,8 +66,8 @@ class FeatureDescription:
         raise NotImplementedError
 
     def blocks(self, staged: "StagedBackbone") -> list[str]:
-        """Submodule paths of `staged` that can be unfrozen, in forward order; the first
-        component of each is its stage's name."""
+        """Submodule paths of `staged` that can be unfrozen, in forward order; each lies in
+        one stage (`StagedBackbone.block_stage`)."""
         return []
 
     def strip_classifier(self, network: nn.Module) -> nn.Module:
@@ -144,7 +148,9 @@ class StagedBackbone(nn.Module):
     `forward_from(tap, activations)` runs the stages after `tap`, which is how the finetune
     fast path trains from cached activations. `network` (the whole network, classifier
     stripped when built by `build_network`) and `description` are plain attributes: the
-    stages share its modules, so its state dict has the checkpoint's own names.
+    stages share its modules, so its state dict has the checkpoint's own names. A dotted
+    stage name ("blocks.3") is registered under its path (`blocks` holds `3`), so a stage
+    may be one item of a container and still be a block path of its own.
     """
 
     def __init__(self, network: nn.Module, description: FeatureDescription | None = None) -> None:
@@ -157,29 +163,49 @@ class StagedBackbone(nn.Module):
         object.__setattr__(self, "network", network)
         names = []
         for name, module in description.stages(network):
-            self.add_module(name, module)
+            parent, _, leaf = name.rpartition(".")
+            holder = self
+            for part in parent.split(".") if parent else ():
+                if not hasattr(holder, part):
+                    holder.add_module(part, nn.Sequential())
+                holder = getattr(holder, part)
+            holder.add_module(leaf, module)
             names.append(name)
         self.stage_names = tuple(names)
         self._stage_of = {t.name: t.stage for t in description.taps}
+        self._reads = {t.name: t.reads for t in description.taps}
         readouts = {t.name: t.readout(network) for t in description.taps if t.readout is not None}
         if readouts:
             self.readouts = nn.ModuleDict(readouts)
         self._taps_at = {name: [t.name for t in description.taps if t.stage == name] for name in names}
 
+    def stage(self, name: str) -> nn.Module:
+        return self.get_submodule(name)
+
     def stages(self) -> list[tuple[str, nn.Module]]:
-        return [(name, getattr(self, name)) for name in self.stage_names]
+        return [(name, self.stage(name)) for name in self.stage_names]
 
     def stage_index(self, name: str) -> int:
         return self.stage_names.index(name)
+
+    def block_stage(self, block: str) -> int:
+        """Index of the stage holding a block path: the stage named by the path or by its
+        longest leading part ("layer4.1" -> layer4, "blocks.3" -> blocks.3 where each ViT block
+        is a stage, "features.net.stages.3.blocks.1" -> features)."""
+        parts = block.split(".")
+        for end in range(len(parts), 0, -1):
+            if ".".join(parts[:end]) in self.stage_names:
+                return self.stage_index(".".join(parts[:end]))
+        raise BackboneError(f"block {block!r} is in no stage of this backbone ({', '.join(self.stage_names)})")
 
     def tap_index(self, tap: str) -> int:
         """Index of the stage a tap reads."""
         return self.stage_names.index(self._stage_of[tap])
 
-    def read(self, tap: str, x: torch.Tensor) -> torch.Tensor:
-        """A tap's value from its stage's output."""
+    def read(self, tap: str, x: torch.Tensor, kept: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """A tap's value from its stage's output (and `kept`: the outputs of the stages it `reads`)."""
         if tap in self._readout_names():
-            return self.readouts[tap](x)
+            return self.readouts[tap](*(kept[s] for s in self._reads[tap]), x)
         return x
 
     def _readout_names(self) -> tuple[str, ...]:
@@ -188,18 +214,22 @@ class StagedBackbone(nn.Module):
     def run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Stages start..stop-1 (indices into `stage_names`)."""
         for name in self.stage_names[start:stop]:
-            x = getattr(self, name)(x)
+            x = self.stage(name)(x)
         return x
 
     def forward(self, x: torch.Tensor, taps: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         wanted = set(self.description.default_taps if taps is None else taps)
         deepest = max(self.tap_index(t) for t in wanted)
+        keep = {s for t in wanted for s in self._reads[t]}
         out: dict[str, torch.Tensor] = {}
+        kept: dict[str, torch.Tensor] = {}
         for name in self.stage_names[: deepest + 1]:
-            x = getattr(self, name)(x)
+            x = self.stage(name)(x)
+            if name in keep:
+                kept[name] = x
             for tap in self._taps_at[name]:
                 if tap in wanted:
-                    out[tap] = self.read(tap, x)
+                    out[tap] = self.read(tap, x, kept)
         return out
 
     def input_tap(self, stage: int) -> str | None:
@@ -226,11 +256,17 @@ class _UpTo(nn.Module):
     def __init__(self, staged: StagedBackbone, tap: str) -> None:
         super().__init__()
         stop = staged.tap_index(tap) + 1
-        self.stages = nn.Sequential(*[getattr(staged, name) for name in staged.stage_names[:stop]])
+        self.stages = nn.Sequential(*[staged.stage(name) for name in staged.stage_names[:stop]])
+        self.keep = [staged.stage_index(s) for s in staged.description.tap(tap).reads]
         self.readout = staged.readouts[tap] if tap in staged._readout_names() else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.readout(self.stages(x))
+        kept = []
+        for index, stage in enumerate(self.stages):
+            x = stage(x)
+            if index in self.keep:
+                kept.append(x)
+        return self.readout(*kept, x)
 
 
 class ChildrenDescription(FeatureDescription):

@@ -3,14 +3,18 @@
 timm is imported only when a `timm:` model is asked for. The description reads the
 network through timm's own API: the features are `forward_features` then
 `forward_head(pre_logits=True)` (tap `pool`); vision transformers are cut into their
-embedding, blocks and final norm, so they also offer `cls` (the class token),
+embedding, each block and the final norm, so they also offer `cls` (the class token),
 `patch_mean` (the mean of the patch tokens), `blockN` (block N's class token and patch
-mean, each after the final norm, as timm's `forward_intermediates(norm=True)` gives them)
-and `dinov2_linear` (DINOv2's linear-evaluation input), and their blocks can be unfrozen
-(`--unfreeze blocks:N`). Other models with `forward_intermediates` offer `stageN` (entry N
-of timm's feature_info, globally averaged). Preprocessing comes from timm's resolved data config (input
-size, interpolation, mean/std, crop_pct, crop mode); `--image-size` still overrides the
-size. Weights: `random`, a file (state dict as timm saves it), or `pretrained`, read from
+mean, each after the final norm, as timm's `forward_intermediates(norm=True)` gives them),
+`dinov2_linear` (DINOv2's linear-evaluation input), and the token sequences the blocks
+hand on: `embed` (block 0's input) and `tokensN` (block N's output, prefix tokens
+included), from which finetune's fast path runs the blocks after N (`--unfreeze blocks:K`).
+Other models with `forward_intermediates` offer `stageN` (entry N of timm's feature_info,
+globally averaged). ConvNeXts, EfficientNets and ResNets, whose forward_features runs their
+children in order, are cut into those units, so each unit's output is a feature-map tap
+(`stages_2`, `blocks_5`, `layer3`) the fast path can start from. Preprocessing comes from
+timm's resolved data config (input size, interpolation, mean/std, crop_pct, crop mode);
+`--image-size` still overrides the size. Weights: `random`, a file (state dict as timm saves it), or `pretrained`, read from
 the local Hugging Face hub cache or timm's torch-hub cache, never downloaded.
 """
 
@@ -64,51 +68,16 @@ class _VitEmbed(nn.Module):
         return net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(x))))
 
 
-class _VitBlocks(nn.Sequential):
-    """A ViT's blocks (the same children, so `blocks.N` paths and names are unchanged) whose
-    output is the last block's tokens followed by `rows` summary rows per block: its class
-    token (when the model has one) and the mean of its patch tokens, both after the final
-    norm, as `forward_intermediates(norm=True)` gives them. One pass yields every block tap;
-    the extra norm per block is small next to the block itself."""
-
-    def __init__(self, network: nn.Module, prefix_tokens: int, has_cls: bool) -> None:
-        super().__init__(*network.blocks)
-        object.__setattr__(self, "final_norm", network.norm)  # not a child: it is the `norm` stage's module
-        self.prefix_tokens, self.has_cls = prefix_tokens, has_cls
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = []
-        for block in self:
-            x = block(x)
-            normed = self.final_norm(x)
-            if self.has_cls:
-                rows.append(normed[:, 0])
-            rows.append(normed[:, self.prefix_tokens:].mean(dim=1))
-        return torch.cat([x, torch.stack(rows, dim=1)], dim=1)
-
-
-class _VitNorm(nn.Module):
-    """The final norm on the tokens; the summary rows (already normed) pass through."""
-
-    def __init__(self, norm: nn.Module, extra: int) -> None:
-        super().__init__()
-        self.norm, self.extra = norm, extra
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.norm(x[:, :-self.extra]), x[:, -self.extra:]], dim=1)
-
-
 class _Tokens(nn.Module):
-    """A readout of the tokens (summary rows dropped): the class token, the patch mean or timm's head."""
+    """A readout of the final tokens: the class token, the patch mean or timm's head."""
 
-    def __init__(self, extra: int, kind: str, prefix_tokens: int = 1, network: nn.Module | None = None) -> None:
+    def __init__(self, kind: str, prefix_tokens: int = 1, network: nn.Module | None = None) -> None:
         super().__init__()
-        self.extra, self.kind, self.prefix_tokens = extra, kind, prefix_tokens
+        self.kind, self.prefix_tokens = kind, prefix_tokens
         if network is not None:
             self.head = _Method(network, "forward_head", pre_logits=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :-self.extra]
         if self.kind == "cls":
             return x[:, 0]
         if self.kind == "patch_mean":
@@ -117,15 +86,43 @@ class _Tokens(nn.Module):
 
 
 class _Summary(nn.Module):
-    """Summary rows as one vector: `blocks` (indices) x `rows`, flattened block by block."""
+    """Block outputs summarised after the final norm, as `forward_intermediates(norm=True)`
+    gives them: for each (input, kind) of `take`, the class token ("cls") or the mean of the
+    patch tokens ("mean") of that input (the stages the tap reads, then its own), concatenated."""
 
-    def __init__(self, blocks: int, rows: int, take: list[tuple[int, int]]) -> None:
+    def __init__(self, norm: nn.Module, prefix_tokens: int, take: list[tuple[int, str]]) -> None:
         super().__init__()
-        self.blocks, self.rows, self.take = blocks, rows, take
+        self.norm, self.prefix_tokens, self.take = norm, prefix_tokens, take
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x[:, -self.blocks * self.rows:].unflatten(1, (self.blocks, self.rows))
-        return torch.cat([rows[:, block, row] for block, row in self.take], dim=1)
+    def forward(self, *outputs: torch.Tensor) -> torch.Tensor:
+        normed = [self.norm(x) for x in outputs]
+        return torch.cat([normed[i][:, 0] if kind == "cls" else normed[i][:, self.prefix_tokens:].mean(dim=1)
+                          for i, kind in self.take], dim=1)
+
+
+#: The stage paths of a ConvNet cut into units: under the `features.net.` its block paths have.
+FEATURES = "features.net"
+#: timm classes whose forward_features runs these children in order (read in timm's source);
+#: a child marked * is an nn.Sequential whose items each are a unit (a stage or block group).
+_SEQUENTIAL_FEATURES = {
+    "timm.models.convnext.ConvNeXt": ("stem", "stages*", "norm_pre"),
+    "timm.models.efficientnet.EfficientNet": ("conv_stem", "bn1", "blocks*", "conv_head", "bn2"),
+    "timm.models.resnet.ResNet": ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4"),
+}
+
+
+def _feature_units(network: nn.Module) -> list[str] | None:
+    """forward_features as module paths run in order, for the classes known to be built so
+    (None otherwise: the model runs forward_features as one stage and has no fast path)."""
+    kind = type(network)
+    children = _SEQUENTIAL_FEATURES.get(f"{kind.__module__}.{kind.__qualname__}")
+    if children is None:
+        return None
+    units = []
+    for child in children:
+        name = child.rstrip("*")
+        units += [f"{name}.{i}" for i in range(len(getattr(network, name)))] if child.endswith("*") else [name]
+    return units
 
 
 def _is_vit(network: nn.Module) -> bool:
@@ -144,11 +141,18 @@ class TimmDescription(FeatureDescription):
         self.classifier_prefixes = tuple(f"{n}." for n in names if n)
         self.classifier_names = tuple(names)
         width = int(network.num_features)
+        self.units = None if self.vit else _feature_units(network)
         if self.vit:
             taps = self._vit_taps(network, width)
         else:
-            taps = [*_stage_taps(network),
-                    Tap(name="pool", stage="features", channels=self._head_width(network, width),
+            maps = []
+            if self.units:  # each unit's output but the last: a feature map the rest can run from (stages_2)
+                shapes = self._unit_shapes(network, 64)
+                maps = [Tap(name=u.replace(".", "_"), stage=f"{FEATURES}.{u}", channels=shapes[u][0],
+                            shape=functools.partial(self._unit_shape, u)) for u in self.units[:-1]]
+            taps = [*_stage_taps(network), *maps,
+                    Tap(name="pool", stage=f"{FEATURES}.{self.units[-1]}" if self.units else "features",
+                        channels=self._head_width(network, width),
                         readout=lambda net: _Method(net, "forward_head", pre_logits=True))]
         self.taps = tuple(taps)
         self.block_paths = [] if self.vit else _grouped_blocks(network)
@@ -156,25 +160,31 @@ class TimmDescription(FeatureDescription):
             self.default_unfreeze = _last_stage(self.block_paths)
 
     def _vit_taps(self, network: nn.Module, width: int) -> list[Tap]:
-        """block0..blockN-1 and dinov2_linear read the blocks' summary rows; pool, cls, patch_mean the tokens."""
-        prefix = self.prefix_tokens = int(getattr(network, "num_prefix_tokens", 1))
-        self.has_cls = prefix >= 1 and getattr(network, "cls_token", None) is not None
-        count, rows = len(network.blocks), 2 if self.has_cls else 1
-        self.extra = count * rows
-        taps = [Tap(name=f"block{i}", stage="blocks", channels=rows * width,
-                    readout=lambda net, i=i: _Summary(count, rows, [(i, r) for r in range(rows)]))
-                for i in range(count)]
-        if self.has_cls and count >= 4:  # DINOv2's create_linear_input(n=4, avgpool=True)
-            take = [(i, 0) for i in range(count - 4, count)] + [(count - 1, 1)]
-            taps.append(Tap(name="dinov2_linear", stage="blocks", channels=5 * width,
-                            readout=lambda net: _Summary(count, rows, take)))
-        extra = self.extra
+        """embed and tokens0..tokensN-1 are the token sequences each stage hands on (resumable);
+        block0..blockN-1 and dinov2_linear summarise blocks; pool, cls, patch_mean the final tokens."""
+        prefix = int(getattr(network, "num_prefix_tokens", 1))
+        has_cls = prefix >= 1 and getattr(network, "cls_token", None) is not None
+        count, kinds = len(network.blocks), ["cls", "mean"] if has_cls else ["mean"]
+        shape = functools.partial(_token_shape, network, width)
+
+        def summary(take: list[tuple[int, str]]):
+            return lambda net: _Summary(net.norm, prefix, take)
+
+        taps = [Tap(name="embed", stage="embed", channels=width, shape=shape)]
+        for i in range(count):
+            taps += [Tap(name=f"block{i}", stage=f"blocks.{i}", channels=len(kinds) * width,
+                         readout=summary([(0, kind) for kind in kinds])),
+                     Tap(name=f"tokens{i}", stage=f"blocks.{i}", channels=width, shape=shape)]
+        if has_cls and count >= 4:  # DINOv2's create_linear_input(n=4, avgpool=True)
+            taps.append(Tap(name="dinov2_linear", stage=f"blocks.{count - 1}", channels=5 * width,
+                            reads=tuple(f"blocks.{i}" for i in range(count - 4, count - 1)),
+                            readout=summary([(0, "cls"), (1, "cls"), (2, "cls"), (3, "cls"), (3, "mean")])))
         taps.append(Tap(name="pool", stage="norm", channels=self._head_width(network, width),
-                        readout=lambda net: _Tokens(extra, "pool", network=net)))
-        if self.has_cls:
-            taps.append(Tap(name="cls", stage="norm", channels=width, readout=lambda net: _Tokens(extra, "cls")))
+                        readout=lambda net: _Tokens("pool", network=net)))
+        if has_cls:
+            taps.append(Tap(name="cls", stage="norm", channels=width, readout=lambda net: _Tokens("cls")))
         taps.append(Tap(name="patch_mean", stage="norm", channels=width,
-                        readout=lambda net: _Tokens(extra, "patch_mean", prefix)))
+                        readout=lambda net: _Tokens("patch_mean", prefix)))
         return taps
 
     @staticmethod
@@ -182,10 +192,30 @@ class TimmDescription(FeatureDescription):
         return int(getattr(network, "head_hidden_size", None) or width)
 
     def stages(self, network: nn.Module) -> list[tuple[str, nn.Module]]:
-        if self.vit:
-            return [("embed", _VitEmbed(network)), ("blocks", _VitBlocks(network, self.prefix_tokens, self.has_cls)),
-                    ("norm", _VitNorm(network.norm, self.extra))]
+        if self.vit:  # one stage per block: each block's output is a tap the rest can run from
+            return [("embed", _VitEmbed(network)), *((f"blocks.{i}", b) for i, b in enumerate(network.blocks)),
+                    ("norm", network.norm)]
+        if self.units:  # forward_features, unit by unit, under the paths its blocks already have
+            return [("input", nn.Identity()), *((f"{FEATURES}.{u}", network.get_submodule(u)) for u in self.units)]
         return [("input", nn.Identity()), ("features", _Method(network, "forward_features"))]
+
+    def _unit_shape(self, unit: str, crop_size: int) -> tuple[int, ...]:
+        return self._unit_shapes_at(crop_size)[unit]
+
+    @functools.lru_cache(maxsize=64)
+    def _unit_shapes_at(self, crop_size: int) -> dict[str, tuple[int, ...]]:
+        with torch.device("meta"):
+            return self._unit_shapes(self.build(), crop_size)
+
+    def _unit_shapes(self, network: nn.Module, crop_size: int) -> dict[str, tuple[int, ...]]:
+        """Each unit's per-image output shape, run on the meta device (no computation)."""
+        x, shapes = torch.empty(1, 3, crop_size, crop_size, device="meta"), {}
+        network.eval()  # batch statistics of one row are refused in training mode
+        with torch.no_grad():
+            for unit in self.units:
+                x = network.get_submodule(unit)(x)
+                shapes[unit] = tuple(x.shape[1:])
+        return shapes
 
     def blocks(self, staged: StagedBackbone) -> list[str]:
         if self.vit:
@@ -197,9 +227,17 @@ class TimmDescription(FeatureDescription):
             network.reset_classifier(0)
         return network
 
-    def tap_shape(self, name: str, crop_size: int) -> tuple[int, ...]:
-        self.tap(name)
-        return (self.tap(name).channels,)
+
+
+def _token_shape(network: nn.Module, width: int, crop_size: int) -> tuple[int, int]:
+    """(tokens, width) of a ViT's token sequence at a square input: its prefix tokens (class,
+    registers) and one token per patch, as its patch embedding grids the input."""
+    embed = network.patch_embed
+    if getattr(network, "dynamic_img_size", False) and hasattr(embed, "dynamic_feat_size"):
+        rows, columns = embed.dynamic_feat_size((crop_size, crop_size))
+    else:
+        rows, columns = embed.grid_size
+    return int(getattr(network, "num_prefix_tokens", 1)) + int(rows) * int(columns), width
 
 
 class _StageMean(nn.Module):

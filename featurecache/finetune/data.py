@@ -109,7 +109,9 @@ class TapRows:
                 augmentation: Augmentation | None = None, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for rows in order:
             x = torch.from_numpy(self.reader.read(self.rows[np.asarray(rows)])).to(device).float()
-            yield x.contiguous(memory_format=torch.channels_last), self.labels[rows].to(device)
+            if x.ndim == 4:  # feature maps; a ViT's token sequences are (rows, tokens, width)
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[rows].to(device)
 
 
 def epoch_order(n: int, batch_size: int, generator: torch.Generator | None) -> list[list[int]]:

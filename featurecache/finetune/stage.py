@@ -115,7 +115,7 @@ class FinetuneModel(nn.Module):
         backbone.requires_grad_(False)
         for name in trainable:
             backbone.get_submodule(name).requires_grad_(True)
-        self.start = backbone.stage_index(trainable[0].split(".")[0])  # first stage with a trainable block
+        self.start = backbone.block_stage(trainable[0])  # first stage with a trainable block
         self.stop = backbone.tap_index(backbone.description.final_tap) + 1
         self.input_tap = backbone.input_tap(self.start)  # the cached tap the fast path starts from
         self.train()
@@ -205,8 +205,9 @@ def _rows(cache: Cache, split_rows: dict[str, tuple[str, np.ndarray | None]], sp
 def _missing_tap_message(cache: Cache, spec: FinetuneSpec, tap: str | None) -> str:
     if tap is None:
         return (f"--from-cache cannot unfreeze these blocks (--unfreeze {spec.unfreeze}): their input is not a tap "
-                "the backbone can store (a ResNet's stem output is not; a ViT's taps are summaries, not the token "
-                "sequence its blocks take); unfreeze fewer blocks of a ResNet, or drop --from-cache")
+                f"{cache.manifest['config']['arch']} can store (a ResNet's stem output is not; a timm model other "
+                "than a ViT, ConvNeXt, EfficientNet or ResNet runs its features as one stage, so no tap holds a "
+                "block's input); unfreeze fewer blocks, or drop --from-cache")
     made = cache.manifest["spec"]
     command = f"featurecache extract {made['source']} --model {made['model']} --weights {made['weights']}"
     if made.get("seed"):

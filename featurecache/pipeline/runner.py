@@ -274,15 +274,13 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
 
 
 def _fast_path_tap(model: str, unfreeze: str) -> str | None:
-    """The cached tap finetune --from-cache would start from for a stage name in --unfreeze
-    (None when it is a number of blocks, or cannot be told before the run)."""
+    """The cached tap finetune --from-cache would start from (None when it cannot be told
+    before the run, or no tap can hold it: the run refuses then, saying why)."""
     import torch
 
     from ..backbones.registry import get_backbone, staged_backbone
     from ..finetune.stage import parse_unfreeze
 
-    if re.fullmatch(r"(?:blocks:)?\d+", unfreeze.strip().lower()):
-        return None
     try:
         entry = get_backbone(model)
         with torch.device("meta"):
@@ -290,7 +288,7 @@ def _fast_path_tap(model: str, unfreeze: str) -> str | None:
         blocks = parse_unfreeze(staged, unfreeze)
     except Exception:  # an unknown model or --unfreeze value is reported where it is checked
         return None
-    return staged.input_tap(staged.stage_index(blocks[0].split(".")[0]))
+    return staged.input_tap(staged.block_stage(blocks[0]))
 
 
 def _check_backbone(source: _Source, spec: ExtractSpec) -> None:
