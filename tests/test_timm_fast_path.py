@@ -264,13 +264,17 @@ def test_timm_convnets_train_from_a_cached_feature_map(folder, tmp_path, model):
     torch.testing.assert_close(cached, frozen, rtol=1e-5, atol=1e-5)
     # Measured: ConvNeXt and ResNet bit-identical; EfficientNet (extract's batches of 4 against
     # one of 10) logits 6e-7, each gradient within 5.4e-4 of its largest value (BatchNorm over
-    # small variances amplifies the summation order), weights after three steps 2.3e-5.
+    # small variances amplifies the summation order), weights after three steps 2.3e-5. With
+    # the starting logistic head from the solver that solves the bias inside (a different
+    # point within the same tol) the worst is 1.1e-2 of its largest value (blocks.5.0.bn3.bias,
+    # every run; weights after three steps still within 5e-5): EfficientNet's bound is 5e-2. The
+    # logits above and the weights below are the tight checks; a wrong block or tap is O(1).
     torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-5, atol=1e-6)
     for name, gradient in runs[False][2].items():
         worst = float((runs[True][2][name] - gradient).abs().max() / gradient.abs().max().clamp_min(1e-12))
         if os.environ.get("SHOW"):
             print(name, worst)
-        assert worst < 2e-3, (name, worst)
+        assert worst < (5e-2 if model == "efficientnet_b0" else 2e-3), (name, worst)
     for name, value in runs[False][3].items():
         torch.testing.assert_close(runs[True][3][name], value, rtol=0, atol=5e-5, msg=name)
 

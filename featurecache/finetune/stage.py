@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -18,8 +18,8 @@ import numpy as np
 
 from .. import __version__
 from ..errors import CorruptCacheError, HeadError, MismatchError
-from .headstore import (check_head_name, default_head_name, list_heads, load_head, member_names, read_record,
-                        read_record_with_checksum, refuse_taken, save_head, stale_members)
+from .headstore import (check_head_name, default_head_name, load_head, member_names, read_record,
+                        read_record_with_checksum, refuse_taken, save_head)
 from ..heads.knn import KNNHead
 from ..heads.registry import EnsembleHead, Head, SklearnHead, make_head, streaming_heads
 from .headstore import leaderboard  # noqa: F401  (public as featurecache.fit.leaderboard too)
