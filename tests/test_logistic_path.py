@@ -147,3 +147,23 @@ def test_solution_meets_the_tolerance_in_weights_and_bias(C):
     loss.backward()
     assert weight.grad.abs().max() <= 1.05 * tol  # float32 products in the solver
     assert bias.grad.abs().max() <= 0.1 * tol  # solved to a tenth of tol
+
+
+@pytest.mark.parametrize("newton_steps", [1, 50])
+def test_the_value_returned_is_the_objective_at_the_bias_kept(monkeypatch, newton_steps):
+    """Also when the bias solve stops at its step limit: the value and gradient describe
+    (W, the bias the objective keeps), which is the bias the path returns."""
+    from featurecache.heads.logistic_path import SoftmaxObjective
+
+    monkeypatch.setattr(SoftmaxObjective, "NEWTON_STEPS", newton_steps)
+    X, y = STANDARDIZED[:600], LABELS[:600]
+    objective = SoftmaxObjective(X, y, 10)
+    objective.strength, objective.bias_tol = 1e-3, 1e-12
+    point = np.random.default_rng(0).normal(0, 0.1, X.shape[1] * 10)
+    value, gradient = objective(point)
+    weight = torch.from_numpy(point.reshape(X.shape[1], 10)).requires_grad_()
+    logits = torch.from_numpy(X).double() @ weight + torch.from_numpy(objective.bias)
+    loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)) + 0.5e-3 * weight.square().sum()
+    loss.backward()
+    assert value == pytest.approx(loss.item(), rel=1e-6)
+    np.testing.assert_allclose(gradient, weight.grad.numpy().ravel(), atol=1e-6)

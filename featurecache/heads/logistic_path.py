@@ -238,7 +238,7 @@ class SoftmaxObjective:
     def _solve_bias(self, scores: np.ndarray) -> tuple[np.ndarray, float]:
         """Probabilities (N, C) and mean cross-entropy at the bias solved for these scores."""
         n = len(self.labels)
-        for _ in range(self.NEWTON_STEPS):
+        for steps in range(self.NEWTON_STEPS + 1):  # the last pass only evaluates the last step's bias
             logits = scores + self.bias.astype(np.float32)
             logits -= logits.max(axis=1, keepdims=True)
             probabilities = np.exp(logits)
@@ -246,7 +246,7 @@ class SoftmaxObjective:
             probabilities /= norm[:, None]
             mean = probabilities.mean(axis=0, dtype=np.float64)
             residual = self.frequencies - mean  # minus the bias gradient
-            if np.max(np.abs(residual)) <= self.bias_tol:
+            if np.max(np.abs(residual)) <= self.bias_tol or steps == self.NEWTON_STEPS:
                 break
             self.bias_steps += 1
             # Hessian diag(mean p) - P'P / N; its null direction (all biases up by one) is
