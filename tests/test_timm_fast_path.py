@@ -299,3 +299,16 @@ def test_the_pipeline_names_the_token_tap_a_vit_fast_path_needs():
     assert _fast_path_tap("timm:convnext_atto", "stages.3") == "stages_2"
     assert _fast_path_tap("timm:efficientnet_b0", "blocks.6+") == "blocks_5"
     assert _fast_path_tap("timm:regnetx_002", "1") is None  # refused at run time, saying why
+
+
+def test_a_run_from_a_token_tap_cannot_end_at_a_tap_that_reads_earlier_blocks():
+    """dinov2_linear reads the last four blocks; a run from tokens10 has only blocks 11 on."""
+    from featurecache.errors import BackboneError
+
+    entry = get_backbone("timm:vit_tiny_patch16_224")
+    with torch.device("meta"):
+        staged = staged_backbone(entry, timm.create_model("vit_tiny_patch16_224", pretrained=False))
+    tokens = torch.zeros(1, 5, 192, device="meta")
+    with pytest.raises(BackboneError, match="reads earlier stages"):
+        staged.forward_from("tokens10", tokens, until="dinov2_linear")
+    assert staged.forward_from("tokens10", tokens).shape == (1, 192)  # pool, as before

@@ -244,6 +244,8 @@ class StagedBackbone(nn.Module):
         until = until or self.description.final_tap
         if not self.description.tap(tap).resumable:
             raise BackboneError(f"the network cannot run on from tap {tap!r} (it is a readout, not a stage output)")
+        if self._reads[until]:  # it also reads stages before `tap`, which this run does not have
+            raise BackboneError(f"tap {until!r} reads earlier stages' outputs; it cannot end a run from tap {tap!r}")
         x = self.run(x, self.tap_index(tap) + 1, self.tap_index(until) + 1)
         return self.read(until, x)
 

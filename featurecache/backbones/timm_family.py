@@ -228,7 +228,6 @@ class TimmDescription(FeatureDescription):
         return network
 
 
-
 def _token_shape(network: nn.Module, width: int, crop_size: int) -> tuple[int, int]:
     """(tokens, width) of a ViT's token sequence at a square input: its prefix tokens (class,
     registers) and one token per patch, as its patch embedding grids the input."""
