@@ -15,7 +15,8 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
 from featurecache.heads.registry import make_head
-from featurecache.heads.logistic_path import fit_logistic_path, fit_logistic_path_cpu, lbfgs
+from featurecache.heads.lbfgs import lbfgs
+from featurecache.heads.logistic_path import fit_logistic_path, fit_logistic_path_cpu
 
 FEATURES, LABELS = load_digits(return_X_y=True)
 MEAN, STD = FEATURES[:1200].mean(axis=0), np.maximum(FEATURES[:1200].std(axis=0), 1e-6)
@@ -167,3 +168,123 @@ def test_the_value_returned_is_the_objective_at_the_bias_kept(monkeypatch, newto
     loss.backward()
     assert value == pytest.approx(loss.item(), rel=1e-6)
     np.testing.assert_allclose(gradient, weight.grad.numpy().ravel(), atol=1e-6)
+
+
+class _Parabola:
+    """A line whose value is (t - minimum)^2: the search must find its minimum."""
+
+    def __init__(self, minimum: float) -> None:
+        self.minimum, self.priced = minimum, []
+
+    def __call__(self, step: float) -> tuple[float, float]:
+        self.priced.append(step)
+        return (step - self.minimum) ** 2, 2.0 * (step - self.minimum)
+
+    def gradient(self, step: float) -> np.ndarray:
+        raise AssertionError("search_step only prices steps")
+
+
+@pytest.mark.parametrize("minimum, steps", [(0.6, [1.0, 0.6]), (0.9, [1.0]), (3.0, [1.0, 3.0])])
+def test_the_step_search_refines_a_unit_step_far_from_the_lines_minimum(minimum, steps):
+    """A unit step whose slope is still over half the starting slope (either sign) is
+    refined by a secant step on the slope, exact on a parabola; one near the minimum is
+    taken as it is, costing one pricing."""
+    from featurecache.heads.lbfgs import search_step
+
+    line = _Parabola(minimum)
+    step, value = search_step(line, minimum**2, -2.0 * minimum)
+    assert line.priced == pytest.approx(steps)
+    assert step == pytest.approx(steps[-1]) and value == pytest.approx((steps[-1] - minimum) ** 2)
+
+
+def _objectives(newton_steps: int = 50):
+    """The same objective on standardised features and on raw ones with the standardisation folded in."""
+    from featurecache.heads.logistic_path import SoftmaxObjective, Standardization
+
+    noise = np.random.default_rng(2).normal(0, 0.5, (600, 64))  # no constant column: its mean / scale is 3e6
+    raw = (FEATURES[:600] + noise + 3.0).astype(np.float32)
+    mean, std = raw.mean(axis=0, dtype=np.float64), np.maximum(raw.std(axis=0, dtype=np.float64), 1e-6)
+    standardized = ((raw - mean) / std).astype(np.float32)
+    objectives = (SoftmaxObjective(standardized, LABELS[:600], 10),
+                  SoftmaxObjective(raw, LABELS[:600], 10, Standardization(mean, 1.0 / std)))
+    for objective in objectives:
+        objective.strength, objective.bias_tol, objective.NEWTON_STEPS = 1e-3, 1e-12, newton_steps
+    return objectives
+
+
+def test_folded_standardisation_gives_the_objective_of_the_standardised_features():
+    """Value, gradient, bias and curvature estimate, also when the bias solve stops early
+    (one Newton step), where the residuals' column sums enter the folded gradient."""
+    point = np.random.default_rng(0).normal(0, 0.1, 64 * 10)
+    for newton_steps in (1, 50):
+        copy, folded = _objectives(newton_steps)
+        (value, gradient), (folded_value, folded_gradient) = copy(point), folded(point)
+        assert folded_value == pytest.approx(value, rel=1e-6)
+        np.testing.assert_allclose(folded_gradient, gradient, atol=1e-6)
+        # the biases up to a common shift, to which the softmax is blind
+        np.testing.assert_allclose(folded.bias - folded.bias.mean(), copy.bias - copy.bias.mean(), atol=1e-5)
+        np.testing.assert_allclose(folded.diagonal(), copy.diagonal(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["standardised", "folded"])
+def test_a_line_prices_steps_as_the_objective_evaluates_their_points(which):
+    """Value and slope at point + t d from the line (one product for d) equal the objective
+    evaluated there; the gradient of the step taken, and the bias kept, too."""
+    rng = np.random.default_rng(1)
+    point, direction = rng.normal(0, 0.1, 640), rng.normal(0, 0.05, 640)
+    for step in (0.3, 1.7):
+        objective, fresh = _objectives()[which], _objectives()[which]
+        objective(point)
+        line = objective.line(point, direction)
+        value, slope = line(step)
+        fresh_value, fresh_gradient = fresh(point + step * direction)
+        assert value == pytest.approx(fresh_value, rel=1e-6)
+        assert slope == pytest.approx(float(fresh_gradient @ direction), rel=1e-4, abs=1e-7)
+        np.testing.assert_allclose(line.gradient(step), fresh_gradient, atol=1e-6)
+        np.testing.assert_allclose(objective.bias - objective.bias.mean(), fresh.bias - fresh.bias.mean(), atol=1e-5)
+        np.testing.assert_allclose(objective.scores, fresh.scores, atol=1e-5)
+
+
+def test_features_far_from_zero_are_standardised_before_the_products():
+    """Folding the standardisation into raw float32 products loses digits to the mean: with
+    features 10,000 away from zero (mean 3,000 times their spread) the head still meets
+    scikit-learn's float64 optimum, because it standardises a copy first."""
+    noisy = FEATURES + np.random.default_rng(0).normal(0, 0.5, FEATURES.shape)
+    raw = (noisy + 1e4).astype(np.float32)
+    mean, std = raw[:1200].astype(np.float64).mean(axis=0), raw[:1200].astype(np.float64).std(axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000).fit((raw[:1200] - mean) / std, LABELS[:1200])
+    head = make_head("logistic", C=1.0, device="cpu", tol=1e-6, max_iter=2000).fit(raw[:1200], LABELS[:1200])
+    expected = reference.predict_proba((raw[1200:] - mean) / std)
+    assert np.abs(head.predict_proba(raw[1200:]) - expected).max() < 1e-3
+
+
+def test_the_sweep_scores_each_model_once_and_records_its_score(monkeypatch):
+    """A C where the path does not move (already within sweep_tol) keeps the previous model;
+    its validation score is that model's, reused, not computed again."""
+    from featurecache.heads import logistic
+
+    models, calls = [], []
+    solve, validate = logistic.LogisticHead._solve, logistic.validate_linear
+
+    def watched_solve(self, *args, stop=None, **options):
+        def watched_stop(index, weight, bias):
+            models.append((index, weight.clone(), bias.clone()))
+            return stop(index, weight, bias)
+        return solve(self, *args, stop=None if stop is None else watched_stop, **options)
+
+    def counted_validate(*args):
+        calls.append(args)
+        return validate(*args)
+
+    monkeypatch.setattr(logistic.LogisticHead, "_solve", watched_solve)
+    monkeypatch.setattr(logistic, "validate_linear", counted_validate)
+    raw = FEATURES.astype(np.float32)
+    head = make_head("logistic", device="cpu", Cs=[1e-4, 1e-3, 1e-2, 1e4, 1e5], sweep_tol=5e-3, patience=None,
+                     sweep_rows=None).fit(raw[:1000], LABELS[:1000], raw[1000:1400], LABELS[1000:1400])
+    distinct = 1 + sum(not (torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])) for a, b in zip(models, models[1:]))
+    assert len(models) == 5 and 1 < distinct < 5 and len(calls) == distinct
+    for index, weight, bias in models:
+        top1, loss = validate(*calls[0][:2], weight[None], bias[None], calls[0][4])[0]
+        assert (head.sweep_[index]["val_top1"], head.sweep_[index]["val_log_loss"]) == (top1, loss)

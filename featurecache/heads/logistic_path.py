@@ -12,15 +12,32 @@ import functools
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .lbfgs import dot, lbfgs, shift_penalty
+
 logger = logging.getLogger("featurecache")
 
 BLOCK_ELEMENTS = 2**24  # largest (rows x columns) intermediate computed at once
+
+
+class Standardization(NamedTuple):
+    """(x - mean) * inverse_scale, folded into a linear model's products on raw features:
+    X_std @ W = X @ (inverse_scale * W) - mean . (inverse_scale * W), per class."""
+
+    mean: np.ndarray  # float64 (D,)
+    inverse_scale: np.ndarray  # float64 (D,)
+
+    def weights(self, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(D, C) weights on standardised features as weights on raw ones, and the offset
+        (C,) the scores take."""
+        raw = weight * self.inverse_scale[:, None]
+        return raw, -(self.mean @ raw)
 
 
 def fit_logistic_path(features: Tensor, labels: Tensor, n_classes: int, Cs: Sequence[float], *,
@@ -82,91 +99,6 @@ def fit_logistic_path(features: Tensor, labels: Tensor, n_classes: int, Cs: Sequ
     return weights, biases
 
 
-def lbfgs(function: Callable[[np.ndarray], tuple[float, np.ndarray]], point: np.ndarray, *, max_iter: int,
-          gtol: float, memory: int = 10, history: deque | None = None,
-          diagonal: Callable[[], np.ndarray] | None = None,
-          known: tuple[float, np.ndarray] | None = None) -> tuple[np.ndarray, float, np.ndarray, deque, int]:
-    """Minimise a smooth convex `function` (returning value and gradient) by L-BFGS.
-
-    Stops when the largest gradient entry is at most `gtol` (scipy's and scikit-learn's
-    criterion for lbfgs) or after `max_iter` iterations. Backtracking Armijo line search
-    with safeguarded quadratic interpolation: on these objectives the unit step is taken
-    almost always, so an iteration costs one evaluation. `history` (pairs s, y, 1/s'y)
-    may be given to start from curvature learned elsewhere; it is updated in place and
-    returned. `diagonal()`, if given, returns an estimate of the Hessian's diagonal at the
-    point last evaluated; its inverse gives the first step, taken before any curvature pair
-    is known (then the usual scalar s'y / y'y: scaling the diagonal by the pairs instead
-    stopped further from the optimum at weak penalties, in tests/test_heads.py). `known`: the
-    value and gradient at `point`, when the caller has them (saves an evaluation).
-    Returns (point, value, gradient, history, iterations).
-
-    Why not scipy's L-BFGS-B: its bookkeeping, for bounds this problem does not have,
-    cost 40 ms a call at 20,000 variables and grows with them (a sixth of the sweep at
-    10 classes, measured); the two-loop recursion here costs 4 x memory x n flops.
-    """
-    history = history if history is not None else deque(maxlen=memory)
-    value, gradient = function(point) if known is None else known
-    iterations = 0
-    while iterations < max_iter and np.max(np.abs(gradient), initial=0.0) > gtol:
-        iterations += 1
-        inverse = 1.0 / diagonal() if diagonal is not None and not history else None
-        direction = -_two_loop(gradient, history, inverse)
-        slope = _dot(direction, gradient)
-        if slope >= 0:  # not a descent direction (stale curvature): restart as steepest descent
-            history.clear()
-            direction = -_two_loop(gradient, history, None if diagonal is None else 1.0 / diagonal())
-            slope = _dot(direction, gradient)
-        step = 1.0
-        for _ in range(30):
-            trial = point + step * direction
-            trial_value, trial_gradient = function(trial)
-            if trial_value <= value + 1e-4 * step * slope:
-                break
-            # Near the optimum, decreases fall below the float32 rounding of the value
-            # (~1e-7 relative): accept a step that the slope shows to be good (Hager and
-            # Zhang's approximate Wolfe conditions) if the value did not rise beyond that.
-            trial_slope = _dot(direction, trial_gradient)
-            if (trial_value <= value + 1e-6 * abs(value) and 0.9 * slope <= trial_slope <= -0.8 * slope):
-                break
-            curvature = trial_value - value - slope * step
-            step = min(0.5 * step, max(0.1 * step, -slope * step * step / (2.0 * curvature)))
-        else:  # no decrease found: at the precision of float32 products, as scipy stops too
-            break
-        s, y = trial - point, trial_gradient - gradient
-        sy = _dot(s, y)
-        if sy > 1e-10 * _dot(y, y):
-            history.append((s, y, 1.0 / sy))
-        point, value, gradient = trial, trial_value, trial_gradient
-    return point, value, gradient, history, iterations
-
-
-def _dot(a: np.ndarray, b: np.ndarray) -> float:
-    """a . b without BLAS: OpenBLAS threads a vector dot above 10,000 entries, and on a
-    busy 2-core machine waking its threads cost 8 ms a call at 200,000 (einsum: 0.3 ms)."""
-    return float(np.einsum("i,i->", a, b))
-
-
-def _two_loop(gradient: np.ndarray, history: deque, inverse: np.ndarray | None = None) -> np.ndarray:
-    """The L-BFGS inverse-Hessian approximation applied to `gradient`; `inverse`, used only
-    without history, is a diagonal inverse Hessian for the first step (None: a cautious one)."""
-    q = gradient.copy()
-    alphas = []
-    for s, y, rho in reversed(history):
-        alpha = rho * _dot(s, q)
-        q -= alpha * y
-        alphas.append(alpha)
-    if history:
-        s, y, _ = history[-1]
-        q *= _dot(s, y) / _dot(y, y)
-    elif inverse is not None:
-        q *= inverse
-    else:
-        q /= max(1.0, _dot(gradient, gradient) ** 0.5)  # a cautious first step, as scipy takes
-    for (s, y, rho), alpha in zip(history, reversed(alphas)):
-        q += (alpha - rho * _dot(y, q)) * s
-    return q
-
-
 @functools.cache
 def _blas_threads():
     from threadpoolctl import ThreadpoolController
@@ -188,31 +120,43 @@ class SoftmaxObjective:
     on its C variables, from the last b) until its gradient is at most `bias_tol`.
 
     X is float32 (N, D), standardised; the point is float64 W (D x C, row-major); `bias`
-    holds the bias of the point last evaluated. Products run in float32 with NumPy
-    (OpenBLAS): two per evaluation, X @ W and X.T @ R; each Newton step on the bias costs
-    a softmax of the (N, C) logits already computed and one (C, N) x (N, C) product.
+    and `scores` (X W, float32) belong to the point last evaluated or stepped to. Products
+    run in float32 with NumPy (OpenBLAS); elementwise passes (softmax) in torch, which
+    fuses and threads them (7 ms against NumPy's 26 ms for a (30,000, 100) softmax,
+    measured). An evaluation costs two products, X @ W and X.T @ R; a `line` costs one,
+    X @ direction, after which each step along it costs a softmax per bias Newton step,
+    and the step taken one more product for its gradient.
 
     Why the bias is solved inside: L-BFGS over W and b together spent its last iterations
     on the bias, whose curvature (no penalty, classes coupled) no diagonal or scalar scaling
     captures. On the benchmark's data (30,000 x 2048, benchmarks.logistic), solves of the
     chosen C from zero and from the subsample's solution took 6 and 11 evaluations at 100
     classes (5 and 5 with the bias inside), 13-14 at 10 classes (7-9 with it).
-    By the envelope theorem the gradient in W at the solved b is the joint gradient's W part.
+    By the envelope theorem the gradient in W at the solved b is the joint gradient's W part,
+    and the slope along a line the W part's slope.
     """
 
     NEWTON_STEPS = 50
     MAX_BIAS_STEP = 4.0  # a damped Newton step: no bias moves further than this at once
 
-    def __init__(self, features: np.ndarray, labels: np.ndarray, n_classes: int) -> None:
+    def __init__(self, features: np.ndarray, labels: np.ndarray, n_classes: int,
+                 standardization: Standardization | None = None) -> None:
         self.features, self.labels, self.n_classes = features, labels, n_classes
-        self.rows = np.arange(len(labels))
+        self.standardization = standardization
+        self.rows = torch.arange(len(labels))
+        self.targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
         self.size = features.shape[1] * n_classes
         self.strength = 0.0
         self.bias = np.zeros(n_classes)
         self.bias_tol = 1e-6
+        self.scores: np.ndarray | None = None
         self.frequencies = np.bincount(labels, minlength=n_classes) / max(1, len(labels))
-        self.evaluations = self.bias_steps = 0
+        self.evaluations = self.bias_steps = self.products = 0
         self.squares = np.einsum("nd,nd->d", features, features, dtype=np.float64) / max(1, len(labels))
+        if standardization is not None:  # the mean square of each standardised feature
+            mean, inverse_scale = standardization
+            self.squares = np.maximum(self.squares - 2 * mean * features.mean(axis=0, dtype=np.float64)
+                                      + mean * mean, 0.0) * inverse_scale**2
         self.class_curvature = np.full(n_classes, 1.0 / n_classes)
 
     def diagonal(self) -> np.ndarray:
@@ -224,27 +168,52 @@ class SoftmaxObjective:
 
     def __call__(self, point: np.ndarray) -> tuple[float, np.ndarray]:
         self.evaluations += 1
-        n, d = self.features.shape
-        weight = point.reshape(d, self.n_classes)
-        scores = self.features @ weight.astype(np.float32)
-        probabilities, loss = self._solve_bias(scores)
-        self.class_curvature = probabilities.mean(axis=0, dtype=np.float64) - np.einsum(
-            "nk,nk->k", probabilities, probabilities, dtype=np.float64) / n
-        probabilities[self.rows, self.labels] -= 1.0  # the residual P - Y, over N
-        probabilities /= n
-        gradient = (self.features.T @ probabilities).ravel() + self.strength * point
-        return loss + 0.5 * self.strength * _dot(point, point), gradient
+        self.scores = self._product(point)
+        probabilities, loss = self._solve_bias(self.scores)
+        return self._value_and_gradient(point, probabilities, loss)
 
-    def _solve_bias(self, scores: np.ndarray) -> tuple[np.ndarray, float]:
+    def line(self, point: np.ndarray, direction: np.ndarray) -> SoftmaxLine:
+        """The objective along point + t * direction, from the point last evaluated."""
+        return SoftmaxLine(self, point, direction, self._product(direction))
+
+    def _product(self, point: np.ndarray) -> np.ndarray:
+        """X_std @ W for W = point (D x C), in float32."""
+        weight = point.reshape(-1, self.n_classes)
+        if not weight.any():  # a path starts at zero: its scores are known
+            return np.zeros((len(self.labels), self.n_classes), np.float32)
+        self.products += 1
+        if self.standardization is None:
+            return self.features @ weight.astype(np.float32)
+        weight, offset = self.standardization.weights(weight)
+        scores = self.features @ weight.astype(np.float32)
+        scores += offset.astype(np.float32)
+        return scores
+
+    def _value_and_gradient(self, point: np.ndarray, probabilities: Tensor, loss: float) -> tuple[float, np.ndarray]:
+        """The value and gradient at `point` from its probabilities (made residuals in place)."""
+        n = len(self.labels)
+        self.class_curvature = (probabilities.sum(0, dtype=torch.float64)
+                                - probabilities.square().sum(0, dtype=torch.float64)).numpy() / n
+        probabilities[self.rows, self.targets] -= 1.0  # the residual P - Y, over N
+        probabilities /= n
+        self.products += 1
+        gradient = self.features.T @ probabilities.numpy()
+        if self.standardization is not None:  # X_std' R = (X' R - mean (1' R)) / scale
+            mean, inverse_scale = self.standardization
+            gradient = (gradient - np.outer(mean, probabilities.sum(0, dtype=torch.float64).numpy())) \
+                * inverse_scale[:, None]
+        gradient = gradient.ravel() + self.strength * point
+        return loss + 0.5 * self.strength * dot(point, point), gradient
+
+    def _solve_bias(self, scores: np.ndarray) -> tuple[Tensor, float]:
         """Probabilities (N, C) and mean cross-entropy at the bias solved for these scores."""
         n = len(self.labels)
+        scores = torch.from_numpy(scores)
         for steps in range(self.NEWTON_STEPS + 1):  # the last pass only evaluates the last step's bias
-            logits = scores + self.bias.astype(np.float32)
-            logits -= logits.max(axis=1, keepdims=True)
-            probabilities = np.exp(logits)
-            norm = probabilities.sum(axis=1)
-            probabilities /= norm[:, None]
-            mean = probabilities.mean(axis=0, dtype=np.float64)
+            log_probabilities = torch.log_softmax(scores + torch.from_numpy(self.bias.astype(np.float32)), dim=1)
+            true_class = log_probabilities[self.rows, self.targets]
+            probabilities = log_probabilities.exp_()
+            mean = probabilities.sum(0, dtype=torch.float64).numpy() / n
             residual = self.frequencies - mean  # minus the bias gradient
             if np.max(np.abs(residual)) <= self.bias_tol or steps == self.NEWTON_STEPS:
                 break
@@ -252,19 +221,59 @@ class SoftmaxObjective:
             # Hessian diag(mean p) - P'P / N; its null direction (all biases up by one) is
             # not in the residual, which sums to zero, so a tiny ridge makes it solvable.
             with _one_blas_thread():
-                hessian = np.diag(mean) - (probabilities.T @ probabilities).astype(np.float64) / n
+                products = probabilities.numpy()
+                hessian = np.diag(mean) - (products.T @ products).astype(np.float64) / n
                 hessian[np.diag_indices_from(hessian)] += 1e-9 * max(float(np.trace(hessian)), 1e-12)
                 step = np.linalg.solve(hessian, residual)
             self.bias += step * min(1.0, self.MAX_BIAS_STEP / max(float(np.max(np.abs(step))), 1e-300))
-        loss = float(np.log(norm, dtype=np.float64).mean() - logits[self.rows, self.labels].mean(dtype=np.float64))
-        return probabilities, loss
+        return probabilities, -float(true_class.sum(dtype=torch.float64)) / n
+
+
+class SoftmaxLine:
+    """`SoftmaxObjective` along point + t * direction: the scores of the direction are
+    computed once, so each step costs elementwise passes and bias Newton steps only.
+
+    Returns the value and the slope at a step (the bias solved there, from the last step's
+    bias); `gradient(t)` moves the objective to the step (its scores and bias) and costs the
+    one product X.T @ R. The scores are summed in float32, as X @ W would be computed."""
+
+    def __init__(self, objective: SoftmaxObjective, point: np.ndarray, direction: np.ndarray,
+                 along: np.ndarray) -> None:
+        self.objective, self.point, self.direction, self.along = objective, point, direction, along
+        self.bias = objective.bias.copy()
+        self.squares = (dot(point, point), dot(point, direction), dot(direction, direction))
+        self.along_true = float(torch.from_numpy(along)[objective.rows, objective.targets].sum(dtype=torch.float64))
+        self.priced: tuple | None = None
+
+    def __call__(self, step: float) -> tuple[float, float]:
+        objective, n = self.objective, len(self.objective.labels)
+        scores = objective.scores + np.float32(step) * self.along
+        base, objective.bias = objective.bias, self.bias.copy()  # from the last step's bias
+        probabilities, loss = objective._solve_bias(scores)
+        self.bias, objective.bias = objective.bias, base  # the objective moves only in gradient()
+        self.priced = (step, scores, probabilities, loss)
+        ww, wd, dd = self.squares
+        along = torch.from_numpy(self.along)
+        slope = (float((probabilities * along).sum(dtype=torch.float64)) - self.along_true) / n
+        value = loss + 0.5 * objective.strength * (ww + 2.0 * step * wd + step * step * dd)
+        return value, slope + objective.strength * (wd + step * dd)
+
+    def gradient(self, step: float) -> np.ndarray:
+        if self.priced is None or self.priced[0] != step:
+            self(step)
+        _, scores, probabilities, loss = self.priced
+        self.priced = None  # its probabilities become residuals below
+        objective = self.objective
+        objective.scores, objective.bias = scores, self.bias.copy()
+        return objective._value_and_gradient(self.point + step * self.direction, probabilities, loss)[1]
 
 
 def fit_logistic_path_cpu(features: np.ndarray, labels: np.ndarray, n_classes: int, Cs: Sequence[float], *,
                           max_iter: int, tol: float,
                           stop: Callable[[int, Tensor, Tensor], bool] | None = None,
                           start: tuple[Tensor, Tensor] | None = None,
-                          penalty_rows: int | None = None) -> tuple[Tensor, Tensor]:
+                          penalty_rows: int | None = None,
+                          standardization: Standardization | None = None) -> tuple[Tensor, Tensor]:
     """`fit_logistic_path` on the CPU: L-BFGS in NumPy, products in float32 (OpenBLAS).
 
     Why not torch here: the CPU torch wheels use MKL, which on AMD processors ran these
@@ -276,10 +285,12 @@ def fit_logistic_path_cpu(features: np.ndarray, labels: np.ndarray, n_classes: i
 
     `penalty_rows` (default: the rows given) is the N of the penalty 1 / (C N): rows of a
     subsample select C for the full data when it is the full data's row count, since a
-    subsample's mean loss estimates the full one.
+    subsample's mean loss estimates the full one. `standardization`: the features are raw
+    and the model is fitted on them standardised so (weights and biases for those).
     """
     n, d = features.shape
-    objective = SoftmaxObjective(np.ascontiguousarray(features, dtype=np.float32), labels, n_classes)
+    objective = SoftmaxObjective(np.ascontiguousarray(features, dtype=np.float32), labels, n_classes,
+                                 standardization)
     objective.bias_tol = 0.1 * tol  # the bias is solved well inside the tolerance the weights stop at
     weights = torch.full((len(Cs), n_classes, d), float("nan"))
     biases = torch.full((len(Cs), n_classes), float("nan"))
@@ -293,17 +304,17 @@ def fit_logistic_path_cpu(features: np.ndarray, labels: np.ndarray, n_classes: i
         strength = 1.0 / (Cs[index] * (penalty_rows or n))
         change = strength - objective.strength
         if history:
-            history = _shift_penalty(history, change)
+            history = shift_penalty(history, change)
         if known is not None:  # same W and bias: only the penalty term moves
-            known = (known[0] + 0.5 * change * _dot(point, point), known[1] + change * point)
+            known = (known[0] + 0.5 * change * dot(point, point), known[1] + change * point)
         objective.strength = strength
         point, value, gradient, history, iterations = lbfgs(objective, point, max_iter=max_iter, gtol=tol,
                                                             history=history, diagonal=objective.diagonal,
                                                             known=known)
         known = (value, gradient)
-        logger.debug("logistic C=%.3g: %d L-BFGS iterations, %d evaluations, %d bias Newton steps, "
-                     "max gradient %.2g", Cs[index], iterations, objective.evaluations, objective.bias_steps,
-                     np.max(np.abs(gradient)))
+        logger.debug("logistic C=%.3g: %d L-BFGS iterations; so far %d products on %d rows, %d bias Newton "
+                     "steps; max gradient %.2g", Cs[index], iterations, objective.products, n,
+                     objective.bias_steps, np.max(np.abs(gradient)))
         weights[index] = torch.from_numpy(point.reshape(d, n_classes).T.astype(np.float32))
         biases[index] = torch.from_numpy(objective.bias.astype(np.float32))
         if stop is not None and stop(index, weights[index], biases[index]):
@@ -311,24 +322,19 @@ def fit_logistic_path_cpu(features: np.ndarray, labels: np.ndarray, n_classes: i
     return weights, biases
 
 
-def _shift_penalty(history: deque, change: float) -> deque:
-    """Curvature pairs (in W) for a penalty `change` higher: y gains change * s."""
-    shifted = deque(maxlen=history.maxlen)
-    for s, y, _ in history:
-        y = y + change * s
-        sy = _dot(s, y)
-        if sy > 1e-10 * _dot(y, y):
-            shifted.append((s, y, 1.0 / sy))
-    return shifted
-
-
 def validate_linear(features: Tensor | np.ndarray, labels: Tensor | np.ndarray, weights: Tensor,
-                    biases: Tensor) -> list[tuple[float, float]]:
+                    biases: Tensor, standardization: Standardization | None = None) -> list[tuple[float, float]]:
     """(top-1, log-loss) of each of G linear models (weights (G, C, D)) on validation data.
 
-    NumPy features (the CPU path) are scored with NumPy products, tensors with torch."""
+    NumPy features (the CPU path) are scored with NumPy products, tensors with torch; raw
+    NumPy features with the models' `standardization` folded in."""
     if isinstance(features, np.ndarray):
-        return _validate_numpy(features, np.asarray(labels), weights.numpy(), biases.numpy())
+        weights, biases = weights.numpy(), biases.numpy()
+        if standardization is not None:
+            folded = [standardization.weights(weight.T.astype(np.float64)) for weight in weights]
+            weights = np.stack([weight.T for weight, _ in folded])
+            biases = np.stack([bias + offset for bias, (_, offset) in zip(biases, folded)]).astype(np.float32)
+        return _validate_numpy(features, np.asarray(labels), weights, biases)
     g, n_classes, _ = weights.shape
     weights, biases = weights.to(features.device), biases.to(features.device)
     correct = torch.zeros(g, device=features.device)
