@@ -138,6 +138,7 @@ class SoftmaxObjective:
 
     NEWTON_STEPS = 50
     MAX_BIAS_STEP = 4.0  # a damped Newton step: no bias moves further than this at once
+    SQUARES_ROWS = 4096
 
     def __init__(self, features: np.ndarray, labels: np.ndarray, n_classes: int,
                  standardization: Standardization | None = None) -> None:
@@ -152,11 +153,12 @@ class SoftmaxObjective:
         self.scores: np.ndarray | None = None
         self.frequencies = np.bincount(labels, minlength=n_classes) / max(1, len(labels))
         self.evaluations = self.bias_steps = self.products = 0
-        self.squares = np.einsum("nd,nd->d", features, features, dtype=np.float64) / max(1, len(labels))
-        if standardization is not None:  # the mean square of each standardised feature
-            mean, inverse_scale = standardization
-            self.squares = np.maximum(self.squares - 2 * mean * features.mean(axis=0, dtype=np.float64)
-                                      + mean * mean, 0.0) * inverse_scale**2
+        # The mean square of each (standardised) feature, for the diagonal estimate: over at
+        # most SQUARES_ROWS rows spread over X, since it only sizes a first step.
+        sample = features[:: max(1, len(features) // self.SQUARES_ROWS)]
+        if standardization is not None:
+            sample = (sample - standardization.mean) * standardization.inverse_scale
+        self.squares = np.einsum("nd,nd->d", sample, sample, dtype=np.float64) / max(1, len(sample))
         self.class_curvature = np.full(n_classes, 1.0 / n_classes)
 
     def diagonal(self) -> np.ndarray:
