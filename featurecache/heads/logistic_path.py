@@ -151,13 +151,14 @@ class SoftmaxObjective:
         self.bias = np.zeros(n_classes)
         self.bias_tol = 1e-6
         self.scores: np.ndarray | None = None
+        self.residual = np.zeros(n_classes)  # minus the bias gradient at the last bias solved
         self.frequencies = np.bincount(labels, minlength=n_classes) / max(1, len(labels))
         self.evaluations = self.bias_steps = self.products = 0
         # The mean square of each (standardised) feature, for the diagonal estimate: over at
         # most SQUARES_ROWS rows spread over X, since it only sizes a first step.
-        sample = features[:: max(1, len(features) // self.SQUARES_ROWS)]
+        sample = features[:: -(-len(features) // self.SQUARES_ROWS)]
         if standardization is not None:
-            sample = (sample - standardization.mean) * standardization.inverse_scale
+            sample = (sample - standardization.mean.astype(np.float32)) * standardization.inverse_scale.astype(np.float32)
         self.squares = np.einsum("nd,nd->d", sample, sample, dtype=np.float64) / max(1, len(sample))
         self.class_curvature = np.full(n_classes, 1.0 / n_classes)
 
@@ -172,6 +173,9 @@ class SoftmaxObjective:
         self.evaluations += 1
         self.scores = self._product(point)
         probabilities, loss = self._solve_bias(self.scores)
+        # mean p_k (1 - p_k), for `diagonal`: only a solve's first step uses it, and a solve
+        # starts with an evaluation (a later C on the path keeps its curvature pairs)
+        self.class_curvature = (probabilities.sum(0) - probabilities.square().sum(0)).double().numpy() / len(self.labels)
         return self._value_and_gradient(point, probabilities, loss)
 
     def line(self, point: np.ndarray, direction: np.ndarray) -> SoftmaxLine:
@@ -194,16 +198,13 @@ class SoftmaxObjective:
     def _value_and_gradient(self, point: np.ndarray, probabilities: Tensor, loss: float) -> tuple[float, np.ndarray]:
         """The value and gradient at `point` from its probabilities (made residuals in place)."""
         n = len(self.labels)
-        self.class_curvature = (probabilities.sum(0, dtype=torch.float64)
-                                - probabilities.square().sum(0, dtype=torch.float64)).numpy() / n
         probabilities[self.rows, self.targets] -= 1.0  # the residual P - Y, over N
         probabilities /= n
         self.products += 1
         gradient = self.features.T @ probabilities.numpy()
         if self.standardization is not None:  # X_std' R = (X' R - mean (1' R)) / scale
             mean, inverse_scale = self.standardization
-            gradient = (gradient - np.outer(mean, probabilities.sum(0, dtype=torch.float64).numpy())) \
-                * inverse_scale[:, None]
+            gradient = (gradient + np.outer(mean, self.residual)) * inverse_scale[:, None]  # 1'R / N = -residual
         gradient = gradient.ravel() + self.strength * point
         return loss + 0.5 * self.strength * dot(point, point), gradient
 
@@ -215,8 +216,8 @@ class SoftmaxObjective:
             log_probabilities = torch.log_softmax(scores + torch.from_numpy(self.bias.astype(np.float32)), dim=1)
             true_class = log_probabilities[self.rows, self.targets]
             probabilities = log_probabilities.exp_()
-            mean = probabilities.sum(0, dtype=torch.float64).numpy() / n
-            residual = self.frequencies - mean  # minus the bias gradient
+            mean = probabilities.sum(0).double().numpy() / n  # torch sums float32 by cascade: 1e-7 relative
+            self.residual = residual = self.frequencies - mean  # minus the bias gradient
             if np.max(np.abs(residual)) <= self.bias_tol or steps == self.NEWTON_STEPS:
                 break
             self.bias_steps += 1
@@ -253,20 +254,20 @@ class SoftmaxLine:
         base, objective.bias = objective.bias, self.bias.copy()  # from the last step's bias
         probabilities, loss = objective._solve_bias(scores)
         self.bias, objective.bias = objective.bias, base  # the objective moves only in gradient()
-        self.priced = (step, scores, probabilities, loss)
+        self.priced = (step, scores, probabilities, loss, objective.residual)
         ww, wd, dd = self.squares
         along = torch.from_numpy(self.along)
-        slope = (float((probabilities * along).sum(dtype=torch.float64)) - self.along_true) / n
+        slope = (float((probabilities * along).sum(1).sum(dtype=torch.float64)) - self.along_true) / n
         value = loss + 0.5 * objective.strength * (ww + 2.0 * step * wd + step * step * dd)
         return value, slope + objective.strength * (wd + step * dd)
 
     def gradient(self, step: float) -> np.ndarray:
         if self.priced is None or self.priced[0] != step:
             self(step)
-        _, scores, probabilities, loss = self.priced
+        _, scores, probabilities, loss, residual = self.priced
         self.priced = None  # its probabilities become residuals below
         objective = self.objective
-        objective.scores, objective.bias = scores, self.bias.copy()
+        objective.scores, objective.bias, objective.residual = scores, self.bias.copy(), residual
         return objective._value_and_gradient(self.point + step * self.direction, probabilities, loss)[1]
 
 
