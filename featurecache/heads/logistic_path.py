@@ -2,8 +2,9 @@
 
 The objective is sklearn's: 0.5 * ||W||^2 + C * sum_i CE_i with the bias unpenalised,
 divided by C * N. `fit_logistic_path` runs torch L-BFGS (CUDA); `fit_logistic_path_cpu`
-runs an L-BFGS in NumPy with float32 products (CPU). `validate_linear` scores many linear
-models on validation data at once.
+runs an L-BFGS in NumPy with float32 products (CPU), on `SoftmaxObjective`, which prices
+steps along a line after one product. `validate_linear` scores many linear models on
+validation data at once.
 """
 
 from __future__ import annotations
