@@ -120,7 +120,8 @@ class SoftmaxObjective:
     alone, and its gradient: for each W the unpenalised bias b is solved exactly (Newton
     on its C variables, from the last b) until its gradient is at most `bias_tol`.
 
-    X is float32 (N, D), standardised; the point is float64 W (D x C, row-major); `bias`
+    X is float32 (N, D), standardised, or raw with its `standardization` folded into the
+    products (the model is the same); the point is float64 W (D x C, row-major); `bias`
     and `scores` (X W, float32) belong to the point last evaluated or stepped to. Products
     run in float32 with NumPy (OpenBLAS); elementwise passes (softmax) in torch, which
     fuses and threads them (7 ms against NumPy's 26 ms for a (30,000, 100) softmax,
