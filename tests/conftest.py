@@ -26,6 +26,20 @@ def _isolated(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's in-process work (`pytestmark = pytest.mark.usefixtures(...)`).
+    Its tensors are small, and on a shared 2-core machine two threads spin against other jobs:
+    measured 2026-12-02, tests/test_cache_key.py took 72-82 s with two threads and 32 s with one,
+    at a load average of 1.3-4.3. The numbers it checks are the same either way."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     """train/ and val/ splits, 2 classes, 5 + 3 small images per class."""

@@ -25,6 +25,7 @@ from featurecache.fit.stage import FitSpec, fit_head  # noqa: E402
 from featurecache.serve.export import export_model  # noqa: E402
 from featurecache.serve.predict import load_predictor, predict  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 KINDS = {  # model: (input size, the blocks its default --unfreeze trains)
     "timm:vit_small_patch14_reg4_dinov2": (28, ["blocks.11"]),  # with register tokens
     "timm:vit_xsmall_patch16_clip_224": (32, ["blocks.9"]),

@@ -21,6 +21,7 @@ from featurecache.backbones.weights import PREPROCESSING_METADATA
 
 from helpers import replace_spec, write_image
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 IMAGES = 16  # the image_folder fixture: 2 splits x 2 classes x (5 + 3)
 
 

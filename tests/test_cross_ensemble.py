@@ -29,6 +29,7 @@ from featurecache.heads.metrics import classification_metrics
 from featurecache.report.page import ReportSpec, build_report, report_inputs
 from featurecache.serve.predict import load_predictor, predict, predict_split
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 220)}
 WEIGHTS = (1.0, 3.0)  # normalised: 0.25, 0.75

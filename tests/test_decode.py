@@ -14,6 +14,8 @@ from featurecache.backbones.preprocess import prepare_image
 from featurecache.backbones.tensor_decode import decode_batch, decode_one, read_encoded, resize_crop
 from helpers import write_image
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # Features of the same images through the two decoders: 96 px ResNet18, random weights, fp32.
 FEATURE_TOLERANCE = 0.02  # relative L2 difference per image, measured ~0.002-0.01
 PIXEL_TOLERANCE = 3  # mean absolute difference of the uint8 crops, measured ~0.3-1

@@ -25,6 +25,9 @@ from featurecache.serve.export import export_model
 from featurecache.serve.predict import load_predictor, predict
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 class Block(nn.Module):
     """A residual block with its own names (no convN/bnN, no layerN)."""
 

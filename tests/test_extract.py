@@ -23,6 +23,9 @@ from featurecache.data.sources import open_source
 from helpers import flip_feature_byte, replace_spec, write_image
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 def _reference_features(result, source_path, model_name, split):
     """Plain torchvision forward (fc removed, NCHW, fp32) on our preprocessed tensors."""
     manifest = open_cache(result.path).manifest

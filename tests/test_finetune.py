@@ -23,6 +23,7 @@ from featurecache.data.sources import open_source
 
 from helpers import assert_features_of_the_same_images
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # Small, fast and deterministic: resnet18 with random weights, fp32 forward, float32 storage.
 TINY = dict(model="resnet18", weights="random", precision="fp32", dtype="float32", batch_size=32,
             workers=0, taps=("pool", "layer3"))

@@ -26,6 +26,7 @@ from featurecache.cache.shards import CHECKSUM_ATTR, features_checksum, features
 
 from helpers import assert_features_of_the_same_images, replace_spec
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 220)}
 

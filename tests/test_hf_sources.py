@@ -24,6 +24,7 @@ import replicas
 
 datasets = pytest.importorskip("datasets")
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
 SETTINGS = dict(model="resnet18", weights="random", image_size=32, precision="fp32", dtype="float32",
                 batch_size=4, workers=0, shard_size=4)

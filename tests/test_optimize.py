@@ -16,6 +16,9 @@ from featurecache.backbones.optimize import FREEZE_MIN_IMAGES, optimize_backbone
 from helpers import replace_spec
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 def _backbone() -> StagedBackbone:
     torch.manual_seed(0)
     return StagedBackbone(get_backbone("resnet18").build()).eval().to(memory_format=torch.channels_last)

@@ -16,6 +16,7 @@ from featurecache.serve.predict import predict_split
 
 import replicas
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SETTINGS = dict(model="resnet18", weights="random", image_size=32, precision="fp32", dtype="float32",
                 batch_size=8, workers=0, shard_size=16)
 

@@ -30,6 +30,7 @@ from featurecache.finetune.stage import FinetuneSpec, build_model, finetune  # n
 from featurecache.fit.stage import FitSpec, fit_head  # noqa: E402
 from featurecache.serve.predict import load_predictor, predict  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera"
 VIT, CONVNEXT, RESNET = "vit_tiny_patch16_224", "convnext_atto", "resnet18"
 TAPS = {VIT: ("pool", "cls", "patch_mean"), CONVNEXT: ("pool",), RESNET: ("pool",)}

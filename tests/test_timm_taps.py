@@ -24,6 +24,7 @@ from featurecache.errors import UsageError  # noqa: E402
 from featurecache.extract.stage import ExtractSpec  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 HYMENOPTERA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hymenoptera"
 VIT = "vit_tiny_patch16_224"
 

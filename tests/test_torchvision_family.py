@@ -17,6 +17,7 @@ from featurecache.extract.stage import ExtractSpec
 from featurecache.finetune.stage import FinetuneSpec, build_model, finetune
 from featurecache.fit.stage import FitSpec, fit_head
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MODEL = "mobilenet_v3_small"
 
 

@@ -18,6 +18,7 @@ from featurecache.data.sources import open_source
 
 import replicas
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
 
 

@@ -19,6 +19,7 @@ from featurecache.extract.views import augmented_view, view_generator
 from helpers import flip_feature_byte, write_image
 from processes import run_cli, tiny_backbone
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TRAIN = 10  # the image_folder fixture: train 2 x 5, val 2 x 3
 
 
