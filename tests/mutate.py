@@ -322,6 +322,8 @@ def run(copy: Path, mutation: Mutation, timeout: float) -> tuple[str, float]:
                               cwd=copy, env=environment, capture_output=True, text=True, timeout=timeout)
         # 1: tests failed (caught); 0: passed (survived); 5: no test selected, 2-4: a broken run.
         outcome = {0: "SURVIVED", 1: "caught"}.get(done.returncode, f"error (pytest exit {done.returncode})")
+        if done.returncode == 0 and " passed" not in (done.stdout.strip().splitlines() or [""])[-1]:
+            outcome = "error (every test skipped)"  # nothing was checked: neither caught nor survived
         if done.returncode not in (0, 1):
             print(done.stdout[-2000:], done.stderr[-2000:], file=sys.stderr)
     except subprocess.TimeoutExpired:
@@ -349,6 +351,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="featurecache-mutate-") as scratch:
         copy = Path(scratch) / "repository"
         shutil.copytree(REPOSITORY, copy, ignore=IGNORED)
+        if (REPOSITORY.parent / "shared").is_dir():  # ../shared beside the copy too: tests that use its photos run
+            (Path(scratch) / "shared").symlink_to(REPOSITORY.parent / "shared")
         for m in selected:  # check every snippet before spending minutes on the first
             apply(copy, m)
             shutil.copy2(REPOSITORY / "featurecache" / m.module, copy / "featurecache" / m.module)
