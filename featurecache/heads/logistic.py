@@ -32,8 +32,8 @@ def _solver_features(network: nn.Sequential, X: np.ndarray,
     features given are standardised already).
 
     On the CPU the solver reads the raw float32 features and folds (x - mean) / scale into
-    the weights: no standardised copy of X (120 ms and 245 MB on 30,000 x 2048, a twentieth
-    of the whole sweep at 100 classes). Not when a feature's mean exceeds FOLD_LIMIT times its
+    the weights: no standardised copy of X (120 ms and 245 MB on 30,000 x 2048, measured).
+    Not when a feature's mean exceeds FOLD_LIMIT times its
     scale, where float32 products of raw values would lose that many times more digits to
     the mean: then a float32 NumPy copy, standardised (4x faster than torch's elementwise
     ops on the CPU, measured). Elsewhere a standardised tensor on `device`."""
