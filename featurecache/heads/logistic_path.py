@@ -148,14 +148,13 @@ class SoftmaxObjective:
         self.standardization = standardization
         self.rows = torch.arange(len(labels))
         self.targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-        self.size = features.shape[1] * n_classes
         self.strength = 0.0
         self.bias = np.zeros(n_classes)
         self.bias_tol = 1e-6
         self.scores: np.ndarray | None = None
         self.residual = np.zeros(n_classes)  # minus the bias gradient at the last bias solved
         self.frequencies = np.bincount(labels, minlength=n_classes) / max(1, len(labels))
-        self.evaluations = self.bias_steps = self.products = 0
+        self.bias_steps = self.products = 0
         # The mean square of each (standardised) feature, for the diagonal estimate: over at
         # most SQUARES_ROWS rows spread over X, since it only sizes a first step.
         sample = features[:: -(-len(features) // self.SQUARES_ROWS)]
@@ -172,12 +171,12 @@ class SoftmaxObjective:
         return (self.strength + np.outer(self.squares, np.maximum(self.class_curvature, 1e-12))).ravel()
 
     def __call__(self, point: np.ndarray) -> tuple[float, np.ndarray]:
-        self.evaluations += 1
         self.scores = self._product(point)
         probabilities, loss = self._solve_bias(self.scores)
         # mean p_k (1 - p_k), for `diagonal`: only a solve's first step uses it, and a solve
         # starts with an evaluation (a later C on the path keeps its curvature pairs)
-        self.class_curvature = (probabilities.sum(0) - probabilities.square().sum(0)).double().numpy() / len(self.labels)
+        mean = self.frequencies - self.residual  # mean p_k, summed by the bias solve
+        self.class_curvature = mean - probabilities.square().sum(0).double().numpy() / len(self.labels)
         return self._value_and_gradient(point, probabilities, loss)
 
     def line(self, point: np.ndarray, direction: np.ndarray) -> SoftmaxLine:
@@ -246,7 +245,7 @@ class SoftmaxLine:
                  along: np.ndarray) -> None:
         self.objective, self.point, self.direction, self.along = objective, point, direction, along
         self.bias = objective.bias.copy()
-        self.squares = (dot(point, point), dot(point, direction), dot(direction, direction))
+        self.norms = (dot(point, point), dot(point, direction), dot(direction, direction))  # for the penalty
         self.along_true = float(torch.from_numpy(along)[objective.rows, objective.targets].sum(dtype=torch.float64))
         self.priced: tuple | None = None
 
@@ -257,7 +256,7 @@ class SoftmaxLine:
         probabilities, loss = objective._solve_bias(scores)
         self.bias, objective.bias = objective.bias, base  # the objective moves only in gradient()
         self.priced = (step, scores, probabilities, loss, objective.residual)
-        ww, wd, dd = self.squares
+        ww, wd, dd = self.norms
         along = torch.from_numpy(self.along)
         slope = (float((probabilities * along).sum(1).sum(dtype=torch.float64)) - self.along_true) / n
         value = loss + 0.5 * objective.strength * (ww + 2.0 * step * wd + step * step * dd)
