@@ -298,6 +298,15 @@ MUTATIONS = [
              "            pass\n", (CROSS, "-k", "report"), "the report is rebuilt when a vote turns stale through another entry"),
     Mutation("cross-entry-dots", "cache/schema.py", 'if self.entry in (".", ".."):', "if False:", (CROSS, "-k", "schema"),
              "a recorded member entry cannot name the parent folder"),
+    # Heads through the library: features with NaN or inf are refused, not fitted or scored as class 0.
+    Mutation("head-non-finite-accepted", "heads/base.py", "    check_finite(X, name)\n", "",
+             ("tests/test_heads.py", "-k", "non_finite"), "heads refuse NaN or inf features, naming the rows"),
+    Mutation("head-finite-before-float32", "heads/base.py",
+             "    X = np.ascontiguousarray(X, dtype=np.float32)\n    check_finite(X, name)\n",
+             "    check_finite(np.asarray(X), name)\n    X = np.ascontiguousarray(X, dtype=np.float32)\n",
+             ("tests/test_heads.py", "-k", "non_finite"), "values that overflow float32 are refused as inf"),
+    Mutation("predict-nan-ranked", "serve/predict.py", "if np.isfinite(row).all() else", "if True else",
+             ("tests/test_fit.py", "-k", "predict_reports"), "predict gives no class for an image scored NaN"),
 ]
 
 

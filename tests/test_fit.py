@@ -119,6 +119,36 @@ def test_predict_matches_the_head_on_cached_features(colour_cache):
     np.testing.assert_allclose([r.top[0][1] for r in results], cached.max(axis=1), atol=2e-3)
 
 
+class NaNForSecondImage(torch.nn.Module):
+    """A head whose probabilities for the second image of a batch are NaN."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        probabilities = self.head(features).clone()
+        probabilities[1] = float("nan")
+        return probabilities
+
+
+def test_predict_reports_an_image_it_cannot_score_and_an_unreadable_one(colour_cache, tmp_path):
+    """NaN probabilities are an error for that image, not a class (argsort would rank NaN
+    first): the other images keep their predictions, and the error says which case it is."""
+    cache, folder = colour_cache
+    fit_head(cache, FitSpec(head="logistic"))
+    predictor = load_predictor(cache, "logistic")
+    files = [folder / p for p in cache.paths("test")[:3]]
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    expected = predict(predictor, files, top_k=2)
+    predictor.head = NaNForSecondImage(predictor.head)
+    results = predict(predictor, [files[0], tmp_path / "broken.jpg", files[1], files[2]], top_k=2)
+    assert results[1].top == [] and results[1].error.startswith("unreadable: ")
+    assert results[2].top == [] and results[2].error == "no prediction: the model gave NaN or inf for this image"
+    assert [r.top for r in (results[0], results[3])] == [expected[0].top, expected[2].top]
+    assert not results[0].error and not results[3].error
+
+
 def _test_images(cache, folder, preprocessing) -> torch.Tensor:
     return torch.stack([prepare_image(load_rgb(folder / p), preprocessing) for p in cache.paths("test")])
 

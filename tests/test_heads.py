@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 from sklearn.exceptions import NotFittedError
 from sklearn.linear_model import LogisticRegression
 
-from featurecache.errors import HeadError, MismatchError
+from featurecache.errors import HeadError, MismatchError, UsageError
 from featurecache.heads.registry import (
     EnsembleHead,
     Head,
@@ -353,3 +353,29 @@ def test_predict_before_fit_raises(key):
         head.predict(TEST[0])
     with pytest.raises((NotFittedError, HeadError)):
         head.to_tensors()
+
+
+@pytest.mark.parametrize("key", list(FAST) + ["ensemble"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, 1e39])  # 1e39: inf once made float32
+def test_non_finite_features_are_refused_not_predicted_as_class_0(key, value):
+    """Fitted on, or scoring, NaN features a head returns NaN probabilities, and predict's
+    argmax calls them class 0: both ways are refused, naming the rows."""
+    head = EnsembleHead([fitted("logistic"), fitted("knn")]).fit() if key == "ensemble" else fitted(key)
+    bad = TEST[0].astype(np.float64)
+    bad[[3, 17], 5] = value
+    with pytest.raises(UsageError, match=r"^features hold NaN or inf in 2 of 200 rows \(first: row 3\)"):
+        head.predict_proba(bad)
+    with pytest.raises(UsageError, match="NaN or inf in 2 of 200 rows"):
+        head.predict(bad)
+    assert np.isfinite(head.predict_proba(TEST[0])).all()  # the check itself passes finite rows
+    if key == "ensemble":
+        return
+    name, params = FAST[key]
+    train = TRAIN[0].astype(np.float64)
+    train[250, 0] = value
+    with pytest.raises(UsageError, match=r"^features hold NaN or inf in 1 of 400 rows \(first: row 250\)"):
+        make_head(name, **params).fit(train, TRAIN[1], *VAL)
+    val = VAL[0].astype(np.float64)
+    val[99, 63] = value
+    with pytest.raises(UsageError, match=r"^validation features hold NaN or inf in 1 of 100 rows"):
+        make_head(name, **params).fit(*TRAIN, val, VAL[1])

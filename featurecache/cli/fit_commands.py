@@ -226,7 +226,7 @@ def predict_command(
     table = Table("path", "prediction", "probability", "runners-up")
     for r in results:
         if r.error:
-            table.add_row(r.path, "-", "-", f"unreadable: {r.error}")
+            table.add_row(r.path, "-", "-", r.error)
         else:
             rest = ", ".join(f"{c} {p:.3f}" for c, p in r.top[1:])
             table.add_row(r.path, r.top[0][0], f"{r.top[0][1]:.3f}", rest)

@@ -120,8 +120,8 @@ def image_files(paths: list[str | Path]) -> list[Path]:
 @dataclass
 class Prediction:
     path: str
-    top: list[tuple[str, float]]  # (class, probability), best first; empty when unreadable
-    error: str = ""
+    top: list[tuple[str, float]]  # (class, probability), best first; empty when there is an error
+    error: str = ""  # why there is no prediction (an unreadable image, ...)
 
 
 def _top(path: str, row: np.ndarray, classes: list[str], k: int) -> Prediction:
@@ -143,11 +143,12 @@ def predict(predictor: Predictor | CrossPredictor, paths: list[str | Path], *, t
                 tensors.append(predictor.prepare(load_rgb(file)))
                 good.append((position, shown))
             except ImageDecodeError as error:
-                results.append((position, Prediction(shown, [], error.reason)))
+                results.append((position, Prediction(shown, [], f"unreadable: {error.reason}")))
         if tensors:
             probabilities = predictor.predict_prepared(tensors)
             for (position, shown), row in zip(good, probabilities):
-                results.append((position, _top(shown, row, predictor.classes, k)))
+                results.append((position, _top(shown, row, predictor.classes, k) if np.isfinite(row).all() else
+                                Prediction(shown, [], "no prediction: the model gave NaN or inf for this image")))
     return [prediction for _, prediction in sorted(results, key=lambda item: item[0])]
 
 
