@@ -305,6 +305,13 @@ MUTATIONS = [
              "    X = np.ascontiguousarray(X, dtype=np.float32)\n    check_finite(X, name)\n",
              "    check_finite(np.asarray(X), name)\n    X = np.ascontiguousarray(X, dtype=np.float32)\n",
              ("tests/test_heads.py", "-k", "non_finite"), "values that overflow float32 are refused as inf"),
+    Mutation("bias-drift", "heads/logistic_path.py", "            self.bias -= self.bias.max()\n", "",
+             ("tests/test_logistic_path.py", "-k", "drift"), "the biases cannot drift together at a tight tol"),
+    Mutation("unconverged-silent", "heads/logistic_path.py", "    if largest <= tol:\n        return\n",
+             "    return\n", ("tests/test_logistic_path.py", "-k", "says_so"), "a solve stopped above tol is a warning"),
+    Mutation("standardise-float32-overflow", "heads/base.py", "        moments = _moments(X, np.float64)\n",
+             "        pass\n", ("tests/test_logistic_path.py", "-k", "overflow"),
+             "features whose squares overflow float32 are standardised in float64"),
     Mutation("predict-nan-ranked", "serve/predict.py", "if np.isfinite(row).all() else", "if True else",
              ("tests/test_fit.py", "-k", "predict_reports"), "predict gives no class for an image scored NaN"),
 ]

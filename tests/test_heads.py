@@ -379,3 +379,13 @@ def test_non_finite_features_are_refused_not_predicted_as_class_0(key, value):
     val[99, 63] = value
     with pytest.raises(UsageError, match=r"^validation features hold NaN or inf in 1 of 100 rows"):
         make_head(name, **params).fit(*TRAIN, val, VAL[1])
+
+
+@pytest.mark.parametrize("n_classes", [2.5, 0, -3, "4", True])
+def test_n_classes_must_be_a_positive_integer(n_classes):
+    """Not a torch TypeError from deep inside, and 0 is not read as 'from the labels'."""
+    with pytest.raises(HeadError, match=f"n_classes must be a positive integer, got {n_classes!r}"):
+        make_head("logistic", C=1.0).fit(*TRAIN, n_classes=n_classes)
+    with pytest.raises(HeadError, match="n_classes must be a positive integer"):
+        make_head("logistic", C=1.0, n_classes=n_classes).fit(*TRAIN)
+    assert len(make_head("logistic", C=1.0).fit(*TRAIN, n_classes=np.int64(6)).classes_) == 6

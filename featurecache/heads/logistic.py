@@ -64,7 +64,8 @@ class LogisticHead(NetworkHead):
     estimates the full one), validated on the whole validation split; only the chosen C
     is then solved on every row, warm-started from its subsample solution. Selection
     costs a fraction of one full fit, and the chosen C's solution is the exact optimum
-    on all rows, to `tol`, as with a single C.
+    on all rows, to `tol`, as with a single C (a warning says when `max_iter` stops a
+    solve first).
 
     `sweep_tol` is the gradient tolerance of the selection path (default None: 10 x
     `tol`). Selection only ranks Cs by validation accuracy, which settles well before the

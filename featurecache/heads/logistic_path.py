@@ -60,7 +60,8 @@ def fit_logistic_path(features: Tensor, labels: Tensor, n_classes: int, Cs: Sequ
     regularisation, each solve starts near its optimum and needs few iterations.
 
     `stop(index, weight (C, D), bias)` is called after each C in path order; returning
-    True ends the path (the rows of Cs not reached stay NaN). `start` warm-starts the
+    True ends the path (the rows of Cs not reached stay NaN). Without `stop`, a C whose
+    solve ends with its gradient above `tol` is logged as a warning. `start` warm-starts the
     first solve from a (weight (C, D), bias) pair. `penalty_rows`: as in
     `fit_logistic_path_cpu`.
     """
@@ -92,12 +93,27 @@ def fit_logistic_path(features: Tensor, labels: Tensor, n_classes: int, Cs: Sequ
             return total
 
         optimizer.step(closure)
-        logger.debug("logistic C=%.3g: %d L-BFGS iterations",
-                     Cs[index], optimizer.state[weight].get("n_iter", 0))
+        iterations = optimizer.state[weight].get("n_iter", 0)
+        logger.debug("logistic C=%.3g: %d L-BFGS iterations", Cs[index], iterations)
+        if stop is None:  # the gradient of the last evaluation, as torch's stopping test reads it
+            largest = max(float(weight.grad.abs().max()), float(bias.grad.abs().max()))
+            _warn_above_tol(Cs[index], iterations, max_iter, largest, tol)
         weights[index], biases[index] = weight.detach().T.cpu(), bias.detach().cpu()
         if stop is not None and stop(index, weights[index], biases[index]):
             break
     return weights, biases
+
+
+def _warn_above_tol(C: float, iterations: int, max_iter: int, largest: float, tol: float) -> None:
+    """A solve that ended with its gradient above `tol` is not the optimum it promises: say so
+    (scikit-learn raises a ConvergenceWarning there). Not along a selection path, whose
+    `sweep_max_iter` bounds each C on purpose."""
+    if largest <= tol:
+        return
+    why = f"max_iter={max_iter} reached" if iterations >= max_iter else "no step lowered the loss any further"
+    logger.warning("logistic C=%.3g: stopped after %d iterations (%s) with a gradient of %.2g, above tol %.2g: "
+                   "the head is not the optimum to tol; raise max_iter (--param max_iter=N) or tol",
+                   C, iterations, why, largest, tol)
 
 
 @functools.cache
@@ -230,6 +246,11 @@ class SoftmaxObjective:
                 hessian[np.diag_indices_from(hessian)] += 1e-9 * max(float(np.trace(hessian)), 1e-12)
                 step = np.linalg.solve(hessian, residual)
             self.bias += step * min(1.0, self.MAX_BIAS_STEP / max(float(np.max(np.abs(step))), 1e-300))
+            # Raising every bias alike changes no probability, so the Hessian is singular that
+            # way and float32 rounding in the residual steps along it: biases drifted together
+            # by thousands at tol 1e-6 until float32 scores + bias lost the digits the solve
+            # needs. The largest bias is kept at 0 instead.
+            self.bias -= self.bias.max()
         return probabilities, -float(true_class.sum(dtype=torch.float64)) / n
 
 
@@ -316,6 +337,8 @@ def fit_logistic_path_cpu(features: np.ndarray, labels: np.ndarray, n_classes: i
                                                             history=history, diagonal=objective.diagonal,
                                                             known=known)
         known = (value, gradient)
+        if stop is None:
+            _warn_above_tol(Cs[index], iterations, max_iter, float(np.max(np.abs(gradient), initial=0.0)), tol)
         logger.debug("logistic C=%.3g: %d L-BFGS iterations; so far %d products on %d rows, %d bias Newton "
                      "steps; max gradient %.2g", Cs[index], iterations, objective.products, n,
                      objective.bias_steps, np.max(np.abs(gradient)))
