@@ -312,6 +312,12 @@ MUTATIONS = [
     Mutation("standardise-float32-overflow", "heads/base.py", "        moments = _moments(X, np.float64)\n",
              "        pass\n", ("tests/test_logistic_path.py", "-k", "overflow"),
              "features whose squares overflow float32 are standardised in float64"),
+    Mutation("knn-search-k-alone", "heads/knn.py",
+             '        return max(self.best_params_["k"], getattr(self, "search_k_", None) or 0)\n',
+             '        return self.best_params_["k"]\n', ("tests/test_heads.py", "-k", "neighbours_tie"),
+             "a knn head predicts what its k was chosen by, also when neighbours tie"),
+    Mutation("knn-zero-rows", "heads/knn.py", "    if len(short):\n", "    if False:\n",
+             ("tests/test_heads.py", "-k", "without_a_direction"), "knn refuses all-zero rows (no cosine)"),
     Mutation("predict-nan-ranked", "serve/predict.py", "if np.isfinite(row).all() else", "if True else",
              ("tests/test_fit.py", "-k", "predict_reports"), "predict gives no class for an image scored NaN"),
 ]

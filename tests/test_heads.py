@@ -389,3 +389,60 @@ def test_n_classes_must_be_a_positive_integer(n_classes):
     with pytest.raises(HeadError, match="n_classes must be a positive integer"):
         make_head("logistic", C=1.0, n_classes=n_classes).fit(*TRAIN)
     assert len(make_head("logistic", C=1.0).fit(*TRAIN, n_classes=np.int64(6)).classes_) == 6
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "similarity"])
+def test_knn_predicts_what_its_k_was_chosen_by_when_neighbours_tie(weighting, tmp_path):
+    """Duplicate training rows tie in similarity; topk(k) and the first k of topk(max k)
+    cut the tie differently, so the head must search as its grid did: its validation
+    probabilities (in memory, saved and loaded, as a module) are the sweep's, to the bit."""
+    rng = np.random.default_rng(2)
+    prototypes = rng.standard_normal((4, 16)).astype(np.float32)
+    X, X_val = np.repeat(prototypes, 40, axis=0), np.repeat(prototypes, 25, axis=0)
+    y, y_val = rng.integers(0, 3, len(X)), rng.integers(0, 3, len(X_val))
+    head = make_head("knn", k=[1, 3, 5, 20], weighting=weighting).fit(X, y, X_val, y_val)
+    chosen = next(entry for entry in head.sweep_ if entry["k"] == head.best_params_["k"])
+    for model in (head, roundtrip(head, tmp_path)):
+        probabilities = model.predict_proba(X_val)
+        assert (probabilities.argmax(axis=1) == y_val).mean() == chosen["val_top1"]
+        assert -np.log(probabilities[np.arange(len(y_val)), y_val]).mean() == pytest.approx(chosen["val_log_loss"],
+                                                                                          rel=1e-6)
+        with torch.no_grad():
+            np.testing.assert_array_equal(model.as_module()(torch.from_numpy(X_val)).numpy(), probabilities)
+    assert chosen == max(head.sweep_, key=lambda entry: (entry["val_top1"], -entry["val_log_loss"]))
+
+
+def test_knn_refuses_rows_without_a_direction():
+    """An all-zero row has cosine 0 to every row: as a query it got a confident class, as a
+    training row it outvoted real neighbours of negative similarity."""
+    zero_train = TRAIN[0].copy()
+    zero_train[[7, 9]] = 0
+    with pytest.raises(UsageError, match=r"2 training row\(s\) have none: their features are all zero \(first: row 7\)"):
+        make_head("knn", k=3).fit(zero_train, TRAIN[1])
+    queries = TEST[0].copy()
+    queries[4] = 0
+    with pytest.raises(UsageError, match=r"1 query row\(s\) have none.*\(first: row 4\)"):
+        fitted("knn").predict_proba(queries)
+
+
+def test_a_saved_knn_head_with_k_beyond_its_bank_is_refused(tmp_path):
+    head = make_head("knn", k=3).fit(TRAIN[0][:5], TRAIN[1][:5])
+    save_file(head.to_tensors(), tmp_path / "head.safetensors")
+    for field, value, message in (("best_params_", {"k": 9}, "exceeds its bank of 5 rows"),
+                                  ("search_k_", 2, "search_k_ 2 is not an integer of at least k"),
+                                  ("search_k_", 6, "exceeds its bank of 5 rows")):
+        config = {**head.to_config(), field: value}
+        if field == "best_params_":
+            config["search_k_"] = None
+        with pytest.raises(MismatchError, match=message):
+            head_from_saved(config, load_file(tmp_path / "head.safetensors"))
+
+
+def test_an_estimator_whose_state_does_not_survive_saving_is_an_error_not_a_traceback(tmp_path):
+    """QuadraticDiscriminantAnalysis keeps lists of arrays, which come back as nested lists:
+    a loaded one that cannot predict says so in a HeadError, not numpy's TypeError."""
+    name = "sklearn:discriminant_analysis.QuadraticDiscriminantAnalysis"
+    head = make_head(name, reg_param=0.1).fit(*TRAIN)
+    assert np.isfinite(head.predict_proba(TEST[0])).all()
+    with pytest.raises(HeadError, match="cannot predict .*TypeError.*fit it again"):
+        roundtrip(head, tmp_path).predict_proba(TEST[0])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from sklearn.utils.validation import check_is_fitted
 from torch import Tensor, nn
 
-from ..errors import HeadError, MismatchError
+from ..errors import HeadError, MismatchError, UsageError
 from ..device import resolve_device
 from .base import BLOCK_ELEMENTS, Head, as_features
 
@@ -64,21 +64,35 @@ def nearest_neighbours(queries: Tensor, bank_chunks: Iterable[tuple[Tensor, Tens
     return similarities, labels
 
 
+def directions(features: Tensor, kind: str, in_place: bool = False) -> Tensor:
+    """Rows scaled to unit length, as F.normalize does, refusing rows with no direction: an
+    all-zero row (norm under 1e-12) has cosine 0 to every row, so it beat real neighbours
+    with negative similarity, and as a query got a confident class (measured 0.9999)."""
+    norms = features.norm(dim=1, keepdim=True)
+    short = (norms[:, 0] < 1e-12).nonzero()
+    if len(short):
+        raise UsageError(f"knn compares directions (cosine similarity), and {len(short)} {kind} row(s) have none: "
+                         f"their features are all zero (first: row {int(short[0])}); drop them or use another head")
+    return features.div_(norms) if in_place else features / norms
+
+
 class KNNModule(nn.Module):
     """Cosine k-NN classifier with its L2-normalised training bank as buffers."""
 
     def __init__(self, bank: Tensor, bank_labels: Tensor, k: int, n_classes: int,
-                 temperature: float, uniform: bool) -> None:
+                 temperature: float, uniform: bool, search_k: int) -> None:
         super().__init__()
         self.register_buffer("bank", bank)
         self.register_buffer("bank_labels", bank_labels)
         self.k = k
+        self.search_k = search_k
         self.n_classes = n_classes
         self.temperature = temperature
         self.uniform = uniform
 
     def forward(self, x: Tensor) -> Tensor:
-        similarities, indices = (F.normalize(x, dim=1) @ self.bank.T).topk(self.k, dim=1)
+        similarities, indices = (F.normalize(x, dim=1) @ self.bank.T).topk(self.search_k, dim=1)
+        similarities, indices = similarities[:, : self.k], indices[:, : self.k]
         return knn_vote(similarities, self.bank_labels[indices], self.n_classes,
                         self.temperature, self.uniform)
 
@@ -112,7 +126,7 @@ class KNNHead(Head):
     by `featurecache.load_head`)."""
 
     name = "knn"
-    _saved_attributes = ("best_params_", "sweep_", "bank_source_")
+    _saved_attributes = ("best_params_", "sweep_", "bank_source_", "search_k_")
 
     def __init__(self, *, k: int | Sequence[int] = (1, 3, 5, 10, 20, 50),
                  weighting: str = "similarity", temperature: float = 0.07,
@@ -142,13 +156,22 @@ class KNNHead(Head):
 
     def _module(self, k: int, n_classes: int, device: torch.device | str = "cpu") -> KNNModule:
         return KNNModule(self.bank_.to(device), self.bank_labels_.to(device), k, n_classes,
-                         float(self.temperature), self.weighting == "uniform")
+                         float(self.temperature), self.weighting == "uniform", max(k, self._search_k()))
+
+    def _search_k(self) -> int:
+        """How many neighbours a search finds, of which the first k vote: the largest k of
+        the grid it was chosen from. Why: rows tied in similarity at the k-th place (duplicate
+        training rows) are cut where topk happens to cut them, and topk(k) and the first k of
+        topk(K) cut differently; searching as the grid did makes the head predict exactly
+        what its validation score measured (12 of 40 random grids with ties chose another k,
+        or reported another top-1, when predict searched for k alone)."""
+        return max(self.best_params_["k"], getattr(self, "search_k_", None) or 0)
 
     def _fit(self, X, y, X_val, y_val, n_classes: int) -> None:
         ks = sorted({min(k, len(X)) for k in self._ks()})
         if len(ks) > 1 and X_val is None:
             raise HeadError("knn needs validation data to choose k from a grid (or pass one k)")
-        self.bank_ = F.normalize(torch.from_numpy(X), dim=1)
+        self.bank_ = directions(torch.from_numpy(X), "training")
         self.bank_labels_ = torch.from_numpy(y)
         self.bank_source_ = None
         self.choose_k(ks, [] if X_val is None else [(X_val, y_val)], n_classes)
@@ -172,7 +195,7 @@ class KNNHead(Head):
                        for k, c, total in zip(ks, correct, loss)] if n else []
         best = max(self.sweep_, key=lambda entry: (entry["val_top1"], -entry["val_log_loss"]),
                    default={"k": ks[0]})
-        self.best_params_ = {"k": best["k"]}
+        self.best_params_, self.search_k_ = {"k": best["k"]}, ks[-1]
         logger.info("knn: chose k=%d", best["k"])
 
     def _bank_chunks(self, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
@@ -185,10 +208,10 @@ class KNNHead(Head):
                             "featurecache.load_head(cache, name), which attaches them")
         for features, labels in reader():  # normalised in place, as F.normalize would: one copy of a shard
             features = features.to(device)
-            yield features.div_(features.norm(dim=1, keepdim=True).clamp_min(1e-12)), labels.to(device)
+            yield directions(features, "training", in_place=True), labels.to(device)
 
     def _neighbours(self, X: np.ndarray, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        queries = F.normalize(torch.from_numpy(as_features(X)).to(device), dim=1)
+        queries = directions(torch.from_numpy(as_features(X)).to(device), "query")
         streamed = getattr(self, "bank_source_", None)  # out of core: smaller products too
         return nearest_neighbours(queries, self._bank_chunks(device), k,
                                   STREAMED_BLOCK_ELEMENTS if streamed else BLOCK_ELEMENTS)
@@ -196,8 +219,9 @@ class KNNHead(Head):
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         device = resolve_device(self.device)
         with torch.no_grad():
-            similarities, labels = self._neighbours(X, self.best_params_["k"], device)
-            return knn_vote(similarities, labels, len(self.classes_), float(self.temperature),
+            k = self.best_params_["k"]
+            similarities, labels = self._neighbours(X, self._search_k(), device)
+            return knn_vote(similarities[:, :k], labels[:, :k], len(self.classes_), float(self.temperature),
                             self.weighting == "uniform").cpu().numpy()
 
     def export_refusal(self) -> str:
@@ -220,6 +244,12 @@ class KNNHead(Head):
         return {"bank": self.bank_.contiguous(), "bank_labels": self.bank_labels_.contiguous()}
 
     def _load_tensors(self, tensors: dict[str, Tensor], config: dict) -> None:
+        if not isinstance(self.best_params_, dict) or not isinstance(self.best_params_.get("k"), int) \
+                or self.best_params_["k"] < 1:
+            raise MismatchError(f"saved knn best_params_ {self.best_params_!r} has no valid k")
+        search_k = self.search_k_
+        if search_k is not None and not (isinstance(search_k, int) and self.best_params_["k"] <= search_k):
+            raise MismatchError(f"saved knn search_k_ {search_k!r} is not an integer of at least k")
         if self.bank_source_:
             return
         self.bank_ = tensors["bank"].float()
@@ -231,6 +261,6 @@ class KNNHead(Head):
                 self.bank_labels_.min() < 0 or self.bank_labels_.max() >= len(self.classes_))):
             raise MismatchError(f"saved knn labels (shape {tuple(self.bank_labels_.shape)}) do not match its bank "
                                 f"of {len(self.bank_)} rows and {len(self.classes_)} classes")
-        if not isinstance(self.best_params_, dict) or not isinstance(self.best_params_.get("k"), int) \
-                or self.best_params_["k"] < 1:
-            raise MismatchError(f"saved knn best_params_ {self.best_params_!r} has no valid k")
+        if max(self.best_params_["k"], search_k or 0) > len(self.bank_):
+            raise MismatchError(f"saved knn k={self.best_params_['k']} (search {search_k}) exceeds its bank of "
+                                f"{len(self.bank_)} rows")

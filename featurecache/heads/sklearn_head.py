@@ -197,7 +197,14 @@ class SklearnHead(Head):
         self.exportable_ = self._is_linear_softmax(standardized[:256])
 
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return self._probabilities((X - self.mean_) / self.scale_, len(self.classes_))
+        try:
+            return self._probabilities((X - self.mean_) / self.scale_, len(self.classes_))
+        except (TypeError, ValueError, AttributeError, IndexError) as error:
+            # e.g. QuadraticDiscriminantAnalysis saved through the library (fit-head's
+            # check_saveable refuses it): its lists of arrays come back as nested lists
+            raise HeadError(f"{self.name} cannot predict ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                            "if it was saved and loaded, its state does not survive featurecache's pickle-free "
+                            "format: fit it again, or use a linear estimator or the logistic, mlp or knn heads") from None
 
     def to_config(self) -> dict:
         check_is_fitted(self)
