@@ -446,3 +446,14 @@ def test_an_estimator_whose_state_does_not_survive_saving_is_an_error_not_a_trac
     assert np.isfinite(head.predict_proba(TEST[0])).all()
     with pytest.raises(HeadError, match="cannot predict .*TypeError.*fit it again"):
         roundtrip(head, tmp_path).predict_proba(TEST[0])
+
+
+@pytest.mark.parametrize("weights", [{"a": 1}, [True, False], [1, "2"], [1.0, -1.0], [0, 0], [1.0, float("nan")], [1.0]])
+def test_ensemble_weights_must_be_non_negative_numbers(weights):
+    """A dict gave numpy's TypeError, and booleans passed as 1 and 0."""
+    with pytest.raises(HeadError, match="ensemble weights must be 2 non-negative numbers, not all zero; got"):
+        EnsembleHead([fitted("logistic"), fitted("knn")], weights).fit()
+    np.testing.assert_allclose(EnsembleHead([fitted("logistic"), fitted("knn")], [3, np.float32(1.0)]).fit()
+                               .predict_proba(TEST[0]),
+                               0.75 * fitted("logistic").predict_proba(TEST[0]) + 0.25 * fitted("knn").predict_proba(TEST[0]),
+                               atol=1e-7)
