@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +44,7 @@ class Config:
     scaling_factors: tuple[int, ...] = (1, 2, 4)
     forward_mode: str = ""  # how breakdown/optimisations build our forward pass; "" = extract's CPU default
     precision: str = ""  # our forward's precision; "" = extract's CPU default (bf16 with native support)
+    in_process: bool = False  # run child scripts in this process (see run_child); set by `tiny`
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -52,6 +58,7 @@ class Config:
             config.read_rows, config.scaling_images, config.hymenoptera = 64, 2, None
             config.scaling_factors = (1,)
             config.forward_mode = "eager"  # tracing costs seconds; optimisations still exercises freeze
+            config.in_process = True  # a child's interpreter and imports cost 4-5 s; its figures go unread
             config.generated_sizes = ((48, 40), (200, 150))
         for key, value in overrides.items():
             setattr(config, key, value)
@@ -113,6 +120,29 @@ def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmu
             run()
             times[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def run_child(script: str, argument: str, *, in_process: bool = False, what: str = "child") -> dict:
+    """Run `python -c SCRIPT ARGUMENT` in a fresh process; the JSON its last line of output prints.
+
+    A fresh process is what makes a child's memory figures its own. `in_process` (the
+    smoke test) runs the same script in this process instead: the same code end to end,
+    without the interpreter's and imports' start-up, and with figures that mean nothing."""
+    if in_process:
+        output, argv = io.StringIO(), sys.argv
+        sys.argv = ["-c", argument]
+        try:
+            with contextlib.redirect_stdout(output):
+                exec(compile(script, f"<{what}>", "exec"), {"__name__": "__main__"})
+        finally:
+            sys.argv = argv
+        text = output.getvalue()
+    else:
+        done = subprocess.run([sys.executable, "-c", script, argument], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"{what} failed: {done.stderr[-2000:]}")
+        text = done.stdout
+    return json.loads(text.strip().splitlines()[-1])
 
 
 def machine() -> str:

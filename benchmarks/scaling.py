@@ -8,10 +8,8 @@ reported separately.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
-from .common import Config, Row, generated_jpegs
+from .common import Config, Row, generated_jpegs, run_child
 from .extraction import fresh_root
 
 _CHILD = """
@@ -31,10 +29,7 @@ def extract_in_subprocess(config: Config, folder, **overrides) -> dict:
     if config.tiny:
         spec.update(workers=0, batch_size=4)
     spec.update(overrides)
-    done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec)], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"scaling child failed: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(_CHILD, json.dumps(spec), in_process=config.in_process, what="scaling child")
 
 
 def run(config: Config) -> list[Row]:

@@ -48,9 +48,10 @@ def commands(root: Path, entry: Path) -> dict[str, list[str]]:
             "bad option": ["extract", "--no-such-option"]}
 
 
-def time_commands(cases: dict[str, list[str]], repeats: int,
-                  source: Path | None = None) -> dict[str, tuple[float, float]]:
-    """Median (wall, CPU) seconds of each command (and of a bare interpreter), interleaved.
+def time_commands(cases: dict[str, list[str]], repeats: int, source: Path | None = None, *,
+                  warm: bool = True) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds of each command (and of a bare interpreter), interleaved,
+    after an untimed round that warms the page cache (`warm=False`: none; the smoke test).
 
     CPU time (user + system of the child) is what a loaded machine does not inflate
     much; on an idle machine the two are close."""
@@ -62,7 +63,7 @@ def time_commands(cases: dict[str, list[str]], repeats: int,
     runs = {"python -c pass": [sys.executable, "-c", "pass"],
             **{name: [sys.executable, "-c", _MAIN, *arguments] for name, arguments in cases.items()}}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
-    for round_ in range(repeats + 1):  # round 0 warms the page cache
+    for round_ in range(0 if warm else 1, repeats + 1):  # round 0 warms the page cache
         for name, command in runs.items():
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             started = time.perf_counter()
@@ -80,7 +81,7 @@ def time_commands(cases: dict[str, list[str]], repeats: int,
 def run(config: Config) -> list[Row]:
     root, entry = make_entry(config.workdir)
     repeats = 1 if config.tiny else config.repeats
-    medians = time_commands(commands(root, entry), repeats)
+    medians = time_commands(commands(root, entry), repeats, warm=not config.tiny)
     floor = medians.pop("python -c pass")[0]
     return [Row("S", f"start-up: featurecache {name}", wall, unit="s", higher_is_better=False, target="< 1 s",
                 note=f"CPU {cpu:.2f} s; bare python {floor:.2f} s") for name, (wall, cpu) in medians.items()]

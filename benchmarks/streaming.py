@@ -12,12 +12,10 @@ machine load; seconds do.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 
-from .common import Config, Row
+from .common import Config, Row, run_child
 from .logistic import synthetic
 from .read import write_splits
 
@@ -75,15 +73,13 @@ def build_cache(config: Config, rows: tuple[int, int, int], dim: int, classes: i
     return write_splits(config.workdir / f"streaming-{sum(rows)}x{dim}", splits, [str(c) for c in range(classes)])
 
 
-def fit_in_subprocess(cache, warmup, head: str, name: str, params: dict, max_memory: int) -> dict:
-    """Fit one head in a fresh process, after the same fit on the `warmup` cache; its figures."""
+def fit_in_subprocess(cache, warmup, head: str, name: str, params: dict, max_memory: int, *,
+                      in_process: bool = False) -> dict:
+    """Fit one head in a fresh process, after the same fit on the `warmup` cache; its figures
+    (`in_process`: in this process, for the smoke test; see common.run_child)."""
     arguments = {"cache": str(cache), "warmup": str(warmup), "head": head, "name": name, "params": params,
                  "max_memory": max_memory}
-    done = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(arguments)], capture_output=True, text=True,
-                          check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"streaming benchmark child failed: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_child(_CHILD, json.dumps(arguments), in_process=in_process, what="streaming benchmark child")
 
 
 def run(config: Config) -> list[Row]:
@@ -94,8 +90,10 @@ def run(config: Config) -> list[Row]:
     budget_mib = size["budget"] / 2**20
     rows = []
     for head, params in size["heads"].items():
-        memory = fit_in_subprocess(cache, warmup, head, f"{head}-memory", params, 1 << 50)
-        streamed = fit_in_subprocess(cache, warmup, head, f"{head}-streamed", params, size["budget"])
+        memory = fit_in_subprocess(cache, warmup, head, f"{head}-memory", params, 1 << 50,
+                                   in_process=config.in_process)
+        streamed = fit_in_subprocess(cache, warmup, head, f"{head}-streamed", params, size["budget"],
+                                     in_process=config.in_process)
         if not streamed["streamed"] or memory["streamed"]:
             raise RuntimeError(f"{head}: the budget did not separate the streaming and in-memory paths")
         rows.append(Row("7", f"{head}: peak RSS rise, streaming vs in memory", streamed["peak_mib"],

@@ -23,7 +23,15 @@ from torch import nn
 from featurecache.backbones.registry import BackboneEntry, available_backbones, register_backbone, unregister_backbone
 
 _context = multiprocessing.get_context("forkserver")
-_context.set_forkserver_preload(["featurecache.cli", "featurecache.extract.stage"])
+# Everything a child's `extract` imports lazily, imported once in the server instead of in
+# every child: these cost a child about 0.4 s, and the crash tests start about a hundred
+# (tests/test_crash.py took 152 s with the first two names only, 85 s with all, load ~2).
+# A name that cannot be imported is skipped by multiprocessing, never an error.
+_PRELOAD = ["featurecache.cli", "featurecache.extract.stage", "featurecache.cache.schema", "featurecache.data.named",
+            "featurecache.data.torchvision_datasets", "featurecache.data.layout_checks", "typer._adapters",
+            "filelock", "safetensors.torch", "PIL.BmpImagePlugin", "PIL.GifImagePlugin", "PIL.JpegImagePlugin",
+            "PIL.PngImagePlugin", "PIL.PpmImagePlugin", "processes"]
+_context.set_forkserver_preload(_PRELOAD)
 
 
 def _stage(channels_in: int, channels_out: int, stride: int) -> nn.Sequential:

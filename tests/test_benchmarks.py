@@ -1,6 +1,9 @@
 """Smoke test of the benchmarks: the smallest piece of each runs (resnet18, 32 px, a few images).
 
-No timing is asserted; this only keeps `python -m benchmarks` from rotting.
+No timing is asserted; this only keeps `python -m benchmarks` from rotting. At this size the
+child scripts that give scaling and streaming their own memory figures run in this process
+(`Config.in_process`): the same code, without 4-5 s of interpreter start-up each;
+tests/test_streaming.py runs the streaming child as a real process.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ i
 
 from benchmarks.__main__ import MODULES, run_all  # noqa: E402
 from benchmarks.common import Config, Row, format_table  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
@@ -35,19 +40,20 @@ def test_ratio_direction():
     assert Row("x", "pending", None).ratio is None
 
 
-def test_gpu_check_says_no_gpu_and_exits_cleanly_without_cuda():
-    import subprocess
-
+def test_gpu_check_says_no_gpu_and_exits_cleanly_without_cuda(monkeypatch, capsys):
     import torch
+
+    from benchmarks.__main__ import main
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the check would run for minutes")
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-m", "benchmarks", "--gpu"], cwd=root, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("no GPU:") and "CUDA is not available" in done.stdout
-    assert "Traceback" not in done.stderr
+    monkeypatch.setattr(sys, "argv", ["python -m benchmarks", "--gpu"])  # what `python -m benchmarks --gpu` runs
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 0, err
+    assert out.startswith("no GPU:") and "CUDA is not available" in out
+    assert "Traceback" not in err
 
 
 def test_timm_extraction_benchmark_runs_at_the_smallest_size(image_folder, tmp_path):

@@ -7,6 +7,8 @@ from typer.testing import CliRunner
 
 from featurecache.cli import app
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 runner = CliRunner()
 
 

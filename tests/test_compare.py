@@ -23,6 +23,8 @@ from helpers import write_photo_folder
 
 pytest.importorskip("timm")
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MODELS = ["resnet18", "timm:convnext_atto"]
 HEADS = ["logistic", "knn"]
 # The CLI's defaults but workers (in-process) and precision (fp32 everywhere): the CLI reuses these entries.

@@ -12,6 +12,8 @@ import featurecache
 from featurecache import open_cache
 from featurecache.cli import app
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SETTINGS = dict(model="resnet18", weights="random", image_size=32, precision="fp32", dtype="float16",
                 batch_size=8, workers=0, shard_size=4, taps=("pool", "layer4"))
 

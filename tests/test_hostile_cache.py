@@ -35,6 +35,8 @@ from featurecache.maintain.verify import verify_entry
 from helpers import write_image
 from processes import run_cli, tiny_backbone
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 runner = CliRunner()
 FAST = ["--param", "C=1.0"]
 

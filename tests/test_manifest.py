@@ -18,6 +18,8 @@ from featurecache.errors import InvalidRecordError
 
 from helpers import write_image
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 PACKAGE = Path(featurecache.__file__).parent
 MUTATORS = {"append", "extend", "update", "pop", "clear", "insert", "setdefault", "remove", "sort"}
 

@@ -16,6 +16,8 @@ from featurecache.data.sources import UNLABELED, open_source
 
 import replicas
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 runner = CliRunner()
 
 

@@ -12,6 +12,8 @@ import torch
 
 import featurecache as fc
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def test_every_public_name_is_the_object_its_stage_defines():
     definitions = {

@@ -16,6 +16,8 @@ from featurecache.cli import app
 from featurecache.fit.stage import FitSpec, fit_head, make_ensemble
 from featurecache.report.page import ReportSpec, build_report
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 runner = CliRunner()
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (40, 50, 220)}
 

@@ -20,6 +20,8 @@ from featurecache.maintain.verify import repair_entry, verify_entry
 from helpers import write_image
 from processes import run_cli, tiny_backbone
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _cli(folder: Path, root: Path, *extra: str) -> list[str]:
     return ["extract", str(folder), "--model", "tiny", "--weights", "random", "--image-size", "32", "--precision",
