@@ -200,8 +200,8 @@ class SklearnHead(Head):
         try:
             return self._probabilities((X - self.mean_) / self.scale_, len(self.classes_))
         except (TypeError, ValueError, AttributeError, IndexError) as error:
-            # e.g. QuadraticDiscriminantAnalysis saved through the library (fit-head's
-            # check_saveable refuses it): its lists of arrays come back as nested lists
+            # e.g. QuadraticDiscriminantAnalysis saved and loaded: its lists of arrays come
+            # back as nested lists (fit-head's check_saveable refuses it only when its probe fits)
             raise HeadError(f"{self.name} cannot predict ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
                             "if it was saved and loaded, its state does not survive featurecache's pickle-free "
                             "format: fit it again, or use a linear estimator or the logistic, mlp or knn heads") from None
