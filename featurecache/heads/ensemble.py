@@ -19,11 +19,10 @@ logger = logging.getLogger("featurecache")
 
 def normalized_weights(weights: Sequence[float] | None, count: int) -> np.ndarray:
     """Soft-voting weights (equal when None) scaled to sum to one; refused unless `count` non-negative numbers."""
-    numbers = weights is None or (isinstance(weights, (list, tuple, np.ndarray)) and all(
-        isinstance(w, (int, float, np.integer, np.floating)) and not isinstance(w, (bool, np.bool_)) for w in weights))
-    values = np.ones(count) if weights is None else np.asarray(weights, np.float64) if numbers else None
-    if values is None or values.shape != (count,) or not np.isfinite(values).all() or (values < 0).any() \
-            or values.sum() <= 0:
+    numbers = weights is None or isinstance(weights, (list, tuple, np.ndarray)) and all(
+        isinstance(w, (int, float, np.integer, np.floating)) and not isinstance(w, (bool, np.bool_)) for w in weights)
+    values = np.empty(0) if not numbers else np.ones(count) if weights is None else np.asarray(weights, np.float64)
+    if values.shape != (count,) or not np.isfinite(values).all() or (values < 0).any() or values.sum() <= 0:
         raise HeadError(f"ensemble weights must be {count} non-negative numbers, not all zero; got {weights!r}")
     return values / values.sum()
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..errors import HeadError, MismatchError, UsageError
 from ..device import resolve_device
-from .base import BLOCK_ELEMENTS, Head, as_features
+from .base import BLOCK_ELEMENTS, Head
 
 
 logger = logging.getLogger("featurecache")
@@ -211,7 +211,8 @@ class KNNHead(Head):
             yield directions(features, "training", in_place=True), labels.to(device)
 
     def _neighbours(self, X: np.ndarray, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        queries = directions(torch.from_numpy(as_features(X)).to(device), "query")
+        # X was checked where it came in (fit, predict_proba; a streamed split by the fit stage)
+        queries = directions(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)).to(device), "query")
         streamed = getattr(self, "bank_source_", None)  # out of core: smaller products too
         return nearest_neighbours(queries, self._bank_chunks(device), k,
                                   STREAMED_BLOCK_ELEMENTS if streamed else BLOCK_ELEMENTS)
