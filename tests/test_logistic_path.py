@@ -358,3 +358,17 @@ def test_features_whose_squares_overflow_float32_are_standardised_in_float64(sca
     big = make_head("logistic", C=0.1, device="cpu").fit(X * np.float32(scale), LABELS[:600])
     np.testing.assert_allclose(big.predict_proba(STANDARDIZED[600:700] * np.float32(2 * scale) + np.float32(scale)),
                                head.predict_proba(STANDARDIZED[600:700] * np.float32(2.0) + np.float32(1.0)), atol=1e-4)
+
+
+def test_the_loss_counts_true_classes_whose_probability_float32_cannot_hold():
+    """The bias solve's softmax gives probabilities in float32, where p below about 1e-38
+    rounds to 0 (log: -inf) or loses digits; those rows' losses come from log_softmax."""
+    from featurecache.heads.logistic_path import SoftmaxObjective
+
+    scores = np.array([[0.0, 1.0, 2.0], [0.0, -120.0, 0.0], [0.0, 30.0, -80.0], [5.0, 0.0, 0.0]], np.float32)
+    labels = np.array([2, 1, 2, 0])
+    objective = SoftmaxObjective(np.zeros((4, 1), np.float32), labels, 3)
+    objective.NEWTON_STEPS = 0  # the loss at bias 0, as given
+    _, loss = objective._solve_bias(scores)
+    expected = torch.nn.functional.cross_entropy(torch.from_numpy(scores).double(), torch.from_numpy(labels))
+    assert loss == pytest.approx(expected.item(), rel=1e-6)  # 57.8 rather than inf

@@ -25,6 +25,7 @@ from .lbfgs import dot, lbfgs, shift_penalty
 logger = logging.getLogger("featurecache")
 
 BLOCK_ELEMENTS = 2**24  # largest (rows x columns) intermediate computed at once
+TINY_PROBABILITY = 1e-30  # below it, float32 probabilities lose digits (normal floats end at 1.2e-38)
 
 
 class Standardization(NamedTuple):
@@ -171,12 +172,14 @@ class SoftmaxObjective:
         self.residual = np.zeros(n_classes)  # minus the bias gradient at the last bias solved
         self.frequencies = np.bincount(labels, minlength=n_classes) / max(1, len(labels))
         self.bias_steps = self.products = 0
-        # The mean square of each (standardised) feature, for the diagonal estimate: over at
-        # most SQUARES_ROWS rows spread over X, since it only sizes a first step.
-        sample = features[:: -(-len(features) // self.SQUARES_ROWS)]
+        # The mean square of each (standardised) feature, for the diagonal estimate: 1 where
+        # the standardisation's statistics came from these rows (near 1 on a subsample of
+        # them), else over at most SQUARES_ROWS rows spread over X; it only sizes a first step.
         if standardization is not None:
-            sample = (sample - standardization.mean.astype(np.float32)) * standardization.inverse_scale.astype(np.float32)
-        self.squares = np.einsum("nd,nd->d", sample, sample, dtype=np.float64) / max(1, len(sample))
+            self.squares = np.ones(features.shape[1])
+        else:
+            sample = features[:: -(-len(features) // self.SQUARES_ROWS)]
+            self.squares = np.einsum("nd,nd->d", sample, sample, dtype=np.float64) / max(1, len(sample))
         self.class_curvature = np.full(n_classes, 1.0 / n_classes)
 
     def diagonal(self) -> np.ndarray:
@@ -230,9 +233,11 @@ class SoftmaxObjective:
         n = len(self.labels)
         scores = torch.from_numpy(scores)
         for steps in range(self.NEWTON_STEPS + 1):  # the last pass only evaluates the last step's bias
-            log_probabilities = torch.log_softmax(scores + torch.from_numpy(self.bias.astype(np.float32)), dim=1)
-            true_class = log_probabilities[self.rows, self.targets]
-            probabilities = log_probabilities.exp_()
+            shifted = scores + torch.from_numpy(self.bias.astype(np.float32))
+            # softmax, not log_softmax: 4.8 ms against 14 ms on 30,000 x 100 here (torch 2.14,
+            # two threads), three or more passes per evaluation; the loss needs the true
+            # class's log-probability only, once, below
+            probabilities = torch.softmax(shifted, dim=1)
             mean = probabilities.sum(0).double().numpy() / n  # torch sums float32 by cascade: 1e-7 relative
             self.residual = residual = self.frequencies - mean  # minus the bias gradient
             if np.max(np.abs(residual)) <= self.bias_tol or steps == self.NEWTON_STEPS:
@@ -251,7 +256,20 @@ class SoftmaxObjective:
             # by thousands at tol 1e-6 until float32 scores + bias lost the digits the solve
             # needs. The largest bias is kept at 0 instead.
             self.bias -= self.bias.max()
-        return probabilities, -float(true_class.sum(dtype=torch.float64)) / n
+        return probabilities, _cross_entropy(shifted, probabilities, self.rows, self.targets) / n
+
+
+def _cross_entropy(scores: Tensor, probabilities: Tensor, rows: Tensor, targets: Tensor) -> float:
+    """The summed cross-entropy of softmax(scores) at `targets`, from its `probabilities`:
+    log p of the true class, exact by log_softmax on the rows where p is too small for
+    float32 to carry its digits."""
+    true_class = probabilities[rows, targets]
+    small = true_class < TINY_PROBABILITY
+    log_true = true_class.log()
+    if bool(small.any()):
+        exact = torch.log_softmax(scores[small], dim=1)
+        log_true[small] = exact.gather(1, targets[small, None])[:, 0]
+    return -float(log_true.sum(dtype=torch.float64))
 
 
 class SoftmaxLine:
