@@ -6,6 +6,7 @@ was done to choose C; speed comes from choosing C cheaply, never from stopping e
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import numpy as np
@@ -260,9 +261,10 @@ def test_features_far_from_zero_are_standardised_before_the_products():
     assert np.abs(head.predict_proba(raw[1200:]) - expected).max() < 1e-3
 
 
-def test_the_sweep_scores_each_model_once_and_records_its_score(monkeypatch):
+def test_the_sweep_scores_each_model_once_and_records_its_score(monkeypatch, caplog):
     """A C where the path does not move (already within sweep_tol) keeps the previous model;
-    its validation score is that model's, reused, not computed again."""
+    its validation score is that model's, reused, not computed again, and the sweep's
+    record and log say whose model it is rather than passing it off as its own fit."""
     from featurecache.heads import logistic
 
     models, calls = [], []
@@ -281,13 +283,19 @@ def test_the_sweep_scores_each_model_once_and_records_its_score(monkeypatch):
     monkeypatch.setattr(logistic.LogisticHead, "_solve", watched_solve)
     monkeypatch.setattr(logistic, "validate_linear", counted_validate)
     raw = FEATURES.astype(np.float32)
-    head = make_head("logistic", device="cpu", Cs=[1e-4, 1e-3, 1e-2, 1e4, 1e5], sweep_tol=5e-3, patience=None,
-                     sweep_rows=None).fit(raw[:1000], LABELS[:1000], raw[1000:1400], LABELS[1000:1400])
-    distinct = 1 + sum(not (torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])) for a, b in zip(models, models[1:]))
-    assert len(models) == 5 and 1 < distinct < 5 and len(calls) == distinct
+    Cs = [1e-4, 1e-3, 1e-2, 1e4, 1e5]
+    with caplog.at_level(logging.INFO, logger="featurecache"):
+        head = make_head("logistic", device="cpu", Cs=Cs, sweep_tol=5e-3, patience=None,
+                         sweep_rows=None).fit(raw[:1000], LABELS[:1000], raw[1000:1400], LABELS[1000:1400])
+    moved = [0] + [i for i in range(1, 5) if not (torch.equal(models[i - 1][1], models[i][1])
+                                                  and torch.equal(models[i - 1][2], models[i][2]))]
+    assert len(models) == 5 and 1 < len(moved) < 5 and len(calls) == len(moved)
     for index, weight, bias in models:
         top1, loss = validate(*calls[0][:2], weight[None], bias[None], calls[0][4])[0]
         assert (head.sweep_[index]["val_top1"], head.sweep_[index]["val_log_loss"]) == (top1, loss)
+        owner = max(i for i in moved if i <= index)  # the C whose model this one kept
+        assert head.sweep_[index]["same_model_as"] == (None if owner == index else Cs[owner])
+    assert f"{5 - len(moved)} kept the previous C's model" in caplog.text
 
 
 def _objective_gradient(weight: torch.Tensor, bias: torch.Tensor, X: np.ndarray, y: np.ndarray, C: float) -> float:

@@ -72,6 +72,8 @@ class LogisticHead(NetworkHead):
     gradient reaches `tol`: on 50,000 x 2048 features it cut the path's evaluations 3x
     (50 to 16 at 100 classes) and chose the same C; the chosen C's final solve still
     runs to `tol`.
+    `sweep_` records each C's validation scores; a weaker C whose path was already within
+    `sweep_tol` keeps the previous C's model, which its `same_model_as` names.
 
     Streamed from disk (features over the memory budget), the same `C` or `Cs` are
     trained together by minibatch Adam, `stream_epochs` passes of `stream_batch_size`
@@ -159,14 +161,15 @@ class LogisticHead(NetworkHead):
         """Fit the path with validation watching it; return the best index and the path."""
         val_labels = y_val if isinstance(val_features, np.ndarray) else torch.from_numpy(y_val).to(device)
         scores: dict[int, tuple[float, float]] = {}
-        scored: list = []  # the last model scored, and its score
+        same: dict[int, int] = {}  # a C where the path did not move -> the C whose model it kept
+        scored: list = []  # the last model scored, its score and its index
 
         def stop(index: int, weight: Tensor, bias: Tensor) -> bool:
             if scored and torch.equal(scored[0], weight) and torch.equal(scored[1], bias):
-                scores[index] = scored[2]  # the path did not move at this C (within sweep_tol): same model
+                scores[index], same[index] = scored[2], scored[3]  # within sweep_tol already: same model
             else:
                 scores[index] = validate_linear(val_features, val_labels, weight[None], bias[None], fold)[0]
-                scored[:] = [weight, bias, scores[index]]
+                scored[:] = [weight, bias, scores[index], index]
             best_so_far = max(scores, key=lambda i: (scores[i][0], -scores[i][1]))
             since_best = sum(1 for i in scores if Cs[i] > Cs[best_so_far])
             return self.patience is not None and since_best >= self.patience
@@ -176,10 +179,12 @@ class LogisticHead(NetworkHead):
                                       stop=stop, penalty_rows=penalty_rows)
         self.sweep_ = [{"C": C, "val_top1": scores[i][0] if i in scores else None,
                         "val_log_loss": scores[i][1] if i in scores else None,
-                        "fitted": i in scores} for i, C in enumerate(Cs)]
+                        "fitted": i in scores, "same_model_as": Cs[same[i]] if i in same else None}
+                       for i, C in enumerate(Cs)]
         best = max(scores, key=lambda i: (scores[i][0], -scores[i][1]))
-        logger.info("logistic: chose C=%.3g (val top-1 %.4f); %d of %d Cs fitted on %d rows",
-                    Cs[best], scores[best][0], len(scores), len(Cs), len(y))
+        unmoved = f" ({len(same)} kept the previous C's model: already within sweep_tol {sweep_tol:.2g})" if same else ""
+        logger.info("logistic: chose C=%.3g (val top-1 %.4f); %d of %d Cs fitted on %d rows%s",
+                    Cs[best], scores[best][0], len(scores), len(Cs), len(y), unmoved)
         return best, weights, biases
 
     def _fit(self, X, y, X_val, y_val, n_classes: int) -> None:
