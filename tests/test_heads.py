@@ -421,8 +421,20 @@ def test_knn_refuses_rows_without_a_direction():
         make_head("knn", k=3).fit(zero_train, TRAIN[1])
     queries = TEST[0].copy()
     queries[4] = 0
+    head = fitted("knn")
     with pytest.raises(UsageError, match=r"1 query row\(s\) have none.*\(first: row 4\)"):
-        fitted("knn").predict_proba(queries)
+        head.predict_proba(queries)
+    # a module (what export traces and predict runs) cannot raise per row: NaN marks the row
+    module = head.as_module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace's deprecation notice
+        traced = torch.jit.trace(module, torch.from_numpy(queries[:6]))
+    kept = np.delete(queries, 4, axis=0)
+    with torch.no_grad():
+        for run in (module, traced):
+            out = run(torch.from_numpy(queries)).numpy()
+            assert np.isnan(out[4]).all() and not np.isnan(np.delete(out, 4, axis=0)).any()
+            np.testing.assert_allclose(np.delete(out, 4, axis=0), head.predict_proba(kept), atol=1e-6)
 
 
 def test_a_saved_knn_head_with_k_beyond_its_bank_is_refused(tmp_path):

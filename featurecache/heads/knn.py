@@ -91,10 +91,15 @@ class KNNModule(nn.Module):
         self.uniform = uniform
 
     def forward(self, x: Tensor) -> Tensor:
+        """Probabilities (N, classes); NaN for a row with no direction (all zero), which the
+        library refuses (`directions`) and a module, traced without data-dependent errors,
+        marks instead: predict reports such an image as having no prediction."""
         similarities, indices = (F.normalize(x, dim=1) @ self.bank.T).topk(self.search_k, dim=1)
         similarities, indices = similarities[:, : self.k], indices[:, : self.k]
-        return knn_vote(similarities, self.bank_labels[indices], self.n_classes,
-                        self.temperature, self.uniform)
+        probabilities = knn_vote(similarities, self.bank_labels[indices], self.n_classes,
+                                 self.temperature, self.uniform)
+        no_direction = x.norm(dim=1, keepdim=True) < 1e-12
+        return torch.where(no_direction, torch.full_like(probabilities, float("nan")), probabilities)
 
 
 class StreamedKNNModule(nn.Module):
