@@ -135,6 +135,7 @@ class TimmDescription(FeatureDescription):
 
     def __init__(self, network: nn.Module, build) -> None:
         self.build = build
+        self._shapes_by_size: dict[int, dict[str, tuple[int, ...]]] = {}  # crop size -> each unit's shape
         self.vit = _is_vit(network)
         classifier = network.pretrained_cfg.get("classifier") if hasattr(network, "pretrained_cfg") else None
         names = [classifier] if isinstance(classifier, str) else list(classifier or [])
@@ -202,10 +203,13 @@ class TimmDescription(FeatureDescription):
     def _unit_shape(self, unit: str, crop_size: int) -> tuple[int, ...]:
         return self._unit_shapes_at(crop_size)[unit]
 
-    @functools.lru_cache(maxsize=64)
     def _unit_shapes_at(self, crop_size: int) -> dict[str, tuple[int, ...]]:
-        with torch.device("meta"):
-            return self._unit_shapes(self.build(), crop_size)
+        """`_unit_shapes` at a crop size, computed once per size on this description (a
+        per-instance dict, not functools.lru_cache, which would keep every description alive)."""
+        if crop_size not in self._shapes_by_size:
+            with torch.device("meta"):
+                self._shapes_by_size[crop_size] = self._unit_shapes(self.build(), crop_size)
+        return self._shapes_by_size[crop_size]
 
     def _unit_shapes(self, network: nn.Module, crop_size: int) -> dict[str, tuple[int, ...]]:
         """Each unit's per-image output shape, run on the meta device (no computation)."""
