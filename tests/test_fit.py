@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import h5py
@@ -208,6 +209,23 @@ def test_head_refuses_another_caches_features(colour_cache, tiny_spec):
     assert leaderboard(other)[0]["stale"]
 
 
+def test_a_head_refuses_a_cache_whose_class_names_changed(colour_cache):
+    """A class list edited in the manifest and sealed again (verify --repair seals what it
+    finds) kept its count: the heads predicted with swapped names at their old accuracy."""
+    cache, _ = colour_cache
+    fit_head(cache, FitSpec(head="logistic"))
+    manifest = json.loads((cache.path / "manifest.json").read_text())
+    classes = manifest["classes"]
+    classes[0], classes[1] = classes[1], classes[0]
+    (cache.path / "manifest.json").write_text(json.dumps(seal_json(manifest)))
+    edited = open_cache(cache.path)
+    with pytest.raises(MismatchError, match=f"class 0 is '{classes[1]}' in the head, '{classes[0]}' in the cache"):
+        load_head(edited, "logistic")
+    assert leaderboard(edited)[0]["stale"]
+    result = runner.invoke(app, ["predict", str(cache.path), "--split", "test", "--head", "logistic"])
+    assert result.exit_code == 2 and "named wrongly" in result.stderr
+
+
 def test_nan_features_are_refused_at_fit_time(colour_cache):
     cache, _ = colour_cache
     shard = cache.path / cache.manifest["shards"][0]["file"]
@@ -239,6 +257,36 @@ def test_cli_fit_heads_ensemble_predict_export(colour_cache, tmp_path):
     assert lines[0].startswith("path,class1,prob1") and len(lines) == 13
     result = runner.invoke(app, ["export", path, "--head", "vote", "-o", str(tmp_path / "m.pt")])
     assert result.exit_code == 0 and (tmp_path / "m.pt").exists()
+    # the files are readable by others as any new file is (safetensors writes 0600)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (cache.path / "heads" / "vote").iterdir()}
+    modes["m.pt"] = (tmp_path / "m.pt").stat().st_mode & 0o777
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_predict_and_export_refuse_an_output_path_they_would_break(colour_cache, tmp_path):
+    """-o is checked before any work: an existing file is replaced only with --overwrite (a
+    typo replaced an image or the cache's own manifest), a path under a file is refused."""
+    cache, folder = colour_cache
+    path = str(cache.path)
+    assert runner.invoke(app, ["fit-head", path, "--head", "logistic"]).exit_code == 0
+    manifest = cache.path / "manifest.json"
+    before = manifest.read_bytes()
+    image = next((folder / "test").rglob("*.png"))
+    for command in (["predict", path, str(image), "--head", "logistic"], ["export", path, "--head", "logistic"]):
+        result = runner.invoke(app, [*command, "-o", str(manifest)])
+        assert result.exit_code == 2 and "exists; pass --overwrite" in result.stderr, result.output
+        assert manifest.read_bytes() == before
+        result = runner.invoke(app, [*command, "-o", str(image / "out.csv")])
+        assert result.exit_code == 2 and f"{image} is a file, not a folder" in result.stderr, result.output
+    target = tmp_path / "old.csv"
+    target.write_text("old")
+    result = runner.invoke(app, ["predict", path, str(image), "--head", "logistic", "-o", str(target), "--overwrite",
+                                 "--top-k", "50"])
+    assert result.exit_code == 0, result.output
+    header = target.read_text().splitlines()[0].split(",")
+    assert header[-3:] == [f"class{len(cache.classes)}", f"prob{len(cache.classes)}", "error"]  # not 50 columns
 
 
 @pytest.mark.parametrize("arguments, fragment", [

@@ -16,6 +16,7 @@ A failed write (full disk, read-only file system, permission) becomes one
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import time
@@ -131,11 +132,30 @@ def publish(tmp: Path, path: Path, fault: str | None = None) -> None:
     fsync_directory(path.parent)
 
 
+@functools.cache
+def _file_mode() -> int:
+    """The mode a new file gets here (0o666 less the umask), read once: from Linux's
+    /proc/self/status, else by setting the umask and setting it back at once (os.umask
+    can only be read so, which races with threads creating files)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        umask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(path: Path, write: Callable[[Path], None], what: str = "", fault: str | None = None) -> None:
-    """Call `write(tmp)`, fsync, rename to `path`; StorageError on a failed write, no temp file left."""
+    """Call `write(tmp)`, fsync, rename to `path`; StorageError on a failed write, no temp file left.
+
+    The file gets the mode a plain new file would (writers such as safetensors' create
+    theirs 0600, which other users of a shared cache root could not read)."""
     tmp = temporary_path(path)
     try:
         write(tmp)
+        if tmp.stat().st_mode & 0o777 != _file_mode():
+            os.chmod(tmp, _file_mode())
         fsync_file(tmp)
         publish(tmp, path, fault)
     except OSError as error:

@@ -32,14 +32,23 @@ TENSORS_KEY = "featurecache.tensors"
 CHECKSUM_KEY = "featurecache.checksum"
 
 
-def prepare_output_file(output: Path, what: str, example: str) -> None:
-    """Refuse a folder where a file is wanted and make the file's folder, or say why it cannot be made."""
+def prepare_output_file(output: Path, what: str, example: str, *, overwrite: bool = True) -> None:
+    """Check `-o` before any work: refuse a folder where a file is wanted, an existing file
+    unless `overwrite` (one typo could replace an image or a cache's manifest), a path under
+    a file, and a folder that cannot be written; make the file's folder."""
     if output.is_dir():
         raise UsageError(f"-o {output} is a folder; give a file name such as {example}")
+    if output.exists() and not overwrite:
+        raise UsageError(f"-o {output} exists; pass --overwrite to replace it, or choose another name")
+    blocking = next((parent for parent in output.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"-o {output}: {blocking} is a file, not a folder; choose another path")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise storage_error(error, output.parent, what) from None
+    if not os.access(output.parent, os.W_OK | os.X_OK):
+        raise storage_error(OSError(errno.EACCES, "permission denied"), output.parent, what)
 
 
 def tensors_digest(tensors: dict) -> str:

@@ -186,6 +186,7 @@ def predict_command(
     split: Annotated[Optional[str], typer.Option(help="Predict a split the cache holds (e.g. an unlabelled test) from its cached features, without decoding images.")] = None,
     top_k: Annotated[int, typer.Option(min=1)] = 3,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Write CSV here instead of a table.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing -o file.")] = False,
     root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
 ) -> None:
     """Classify new images with the cache's own backbone checkpoint and a head, or a cached split.
@@ -193,6 +194,10 @@ def predict_command(
     Example: featurecache predict cache/hymenoptera-resnet50-0123456789ab photo.jpg more/ --head logistic
     Example: featurecache predict cache/tinyimagenet-resnet50-0123456789ab --split test --head logistic -o test.csv
     """
+    if output is not None:  # before any work: a typo must not replace a file, nor fail after the predictions
+        from ..cache.integrity import prepare_output_file
+
+        prepare_output_file(Path(output), "the predictions' folder", "predictions.csv", overwrite=overwrite)
     if split is not None:
         if paths:
             raise UsageError("give image paths or --split, not both")
@@ -211,14 +216,16 @@ def predict_command(
     if output is not None:
         from ..cache.atomic import write_atomic
 
+        columns = max((len(r.top) for r in results), default=0)  # top_k, or fewer where there are fewer classes
+
         def write_csv(tmp: Path) -> None:
             with open(tmp, "w", newline="", encoding="utf-8") as handle:
                 writer = csv.writer(handle)
-                writer.writerow(["path"] + [f"{kind}{i + 1}" for i in range(top_k) for kind in ("class", "prob")]
+                writer.writerow(["path"] + [f"{kind}{i + 1}" for i in range(columns) for kind in ("class", "prob")]
                                 + ["error"])
                 for r in results:
                     cells = [c for cls, p in r.top for c in (cls, f"{p:.6f}")]
-                    writer.writerow([r.path] + cells + [""] * (2 * top_k - len(cells)) + [r.error])
+                    writer.writerow([r.path] + cells + [""] * (2 * columns - len(cells)) + [r.error])
 
         write_atomic(Path(output), write_csv, "the predictions")
         console.print(f"wrote {len(results)} predictions to {output}", markup=False, highlight=False)
@@ -240,16 +247,20 @@ def export_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output file, e.g. model.pt.")],
     head: Annotated[Optional[str], typer.Option(help="A fitted head on the cache.")] = None,
     finetune: Annotated[Optional[str], typer.Option(help="A finetune run on the cache, instead of --head.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing -o file.")] = False,
     root: Annotated[Optional[Path], typer.Option(help="Cache root.")] = None,
 ) -> None:
     """Write backbone + head + class names + preprocessing as one TorchScript file.
 
     Example: featurecache export cache/digits-resnet50-0123456789ab --head logistic -o model.pt
     """
+    from ..cache.integrity import prepare_output_file
     from ..serve.export import export_model
 
+    prepare_output_file(Path(output), "the export folder", "model.pt", overwrite=overwrite)  # before loading anything
     predictor = _predictor(cache, head, finetune, root)
-    path = export_model(predictor, output, provenance={"cache": str(cache), "head": head, "finetune": finetune})
+    path = export_model(predictor, output, provenance={"cache": str(cache), "head": head, "finetune": finetune},
+                        overwrite=overwrite)
     console.print(f"wrote {path} ({len(predictor.classes)} classes, input {predictor.preprocessing.crop_size}px)",
                   markup=False, highlight=False)
     print("load it with: torch.jit.load(path, _extra_files={'featurecache.json': ''})", file=sys.stderr)

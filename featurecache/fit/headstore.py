@@ -253,6 +253,11 @@ def load_head(cache: Cache, name: str, _seen: tuple[str, ...] = ()) -> tuple[Hea
     if record["config"]["n_classes"] != len(cache.classes):
         raise MismatchError(f"head {name!r} has {record['config']['n_classes']} classes, this cache "
                             f"{len(cache.classes)}; fit it again with featurecache fit-head --overwrite")
+    if list(record["classes"]) != list(cache.classes):  # same count, other names or order: every label would be wrong
+        raise MismatchError(f"head {name!r} was fitted with the classes in another order or with other names "
+                            f"({_first_difference(record['classes'], cache.classes)}), so its predictions would be "
+                            "named wrongly; if the cache's class list was edited, extract the entry again, else fit "
+                            "the head again with featurecache fit-head --overwrite")
     members = None
     if record["head"] == "ensemble":
         changed = stale_members(cache, record)
@@ -305,6 +310,11 @@ def views_label(views: object) -> str:
     return f"{views['views']} {views.get('augment', '')} ({how})"
 
 
+def _first_difference(recorded: list[str], current: list[str]) -> str:
+    index = next(i for i, (a, b) in enumerate(zip(recorded, current)) if a != b)
+    return f"class {index} is {recorded[index]!r} in the head, {current[index]!r} in the cache"
+
+
 def leaderboard(cache: Cache | str | Path) -> list[dict]:
     """Every head on the cache with its headline figure, best first; stale ones last (reads records only)."""
     from ..cache.store import open_cache
@@ -316,7 +326,8 @@ def leaderboard(cache: Cache | str | Path) -> list[dict]:
         split = record["headline"]["split"]
         metrics = record["metrics"].get(split)
         metrics = metrics if isinstance(metrics, dict) else {}
-        stale = record["cache_key"] != cache.key or bool(stale_members(cache, record))
+        stale = (record["cache_key"] != cache.key or list(record["classes"]) != list(cache.classes)
+                 or bool(stale_members(cache, record)))
         rows.append({
             "name": name, "head": record["head"], "tap": record["tap"], "split": split,
             "top1": metrics.get("top1"), "top5": metrics.get("top5"),

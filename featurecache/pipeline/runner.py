@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import time
 import tomllib
@@ -330,9 +331,15 @@ def _check_ensemble(step: EnsembleStep) -> None:
     check_head_name(step.name, "ensemble")
     if step.name in step.members:
         raise UsageError(f"name: an ensemble cannot take the name of its member {step.name!r}")
-    if step.weights is not None and (len(step.weights) != len(step.members) or any(w < 0 for w in step.weights)
+    if not step.members:
+        raise UsageError("members: name at least one head to ensemble")
+    repeated = sorted({m for m in step.members if step.members.count(m) > 1})
+    if repeated:
+        raise UsageError(f"members: a head is named twice ({', '.join(repeated)})")
+    if step.weights is not None and (len(step.weights) != len(step.members)
+                                     or not all(math.isfinite(w) and w >= 0 for w in step.weights)
                                      or sum(step.weights) <= 0):
-        raise UsageError("weights: one non-negative weight per member, not all zero")
+        raise UsageError("weights: one finite, non-negative weight per member, not all zero")
 
 
 def _checked(source: _Source, check: Callable[[], None], table: str, index: int, values: dict,

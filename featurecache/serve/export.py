@@ -56,7 +56,8 @@ class _Classifier(nn.Module):
         return self.head(features)
 
 
-def export_model(predictor: Predictor, output: str | Path, *, provenance: dict | None = None) -> Path:
+def export_model(predictor: Predictor, output: str | Path, *, provenance: dict | None = None,
+                 overwrite: bool = False) -> Path:
     """Write a TorchScript file (atomically) and return its path.
 
     An ensemble across cache entries is refused: it runs several backbones, each with its
@@ -68,7 +69,7 @@ def export_model(predictor: Predictor, output: str | Path, *, provenance: dict |
             f"--head HEAD -o FILE) and average their probabilities with weights "
             f"{', '.join(f'{w:.4g}' for w in predictor.weights)}, or classify with featurecache predict")
     output = Path(output)
-    prepare_output_file(output, "the export folder", "model.pt")
+    prepare_output_file(output, "the export folder", "model.pt", overwrite=overwrite)
     size = predictor.preprocessing.crop_size
     # TorchScript still loads everywhere with plain PyTorch; torch >= 2.10 only warns that
     # it is in maintenance mode, which is noise for our users.
