@@ -315,6 +315,23 @@ def test_hostile_shard_is_refused_on_read_and_reported_by_verify(attack, entry, 
     assert verify_entry(entry).ok
 
 
+def test_a_flipped_byte_in_a_shards_paths_is_refused_on_read(entry, tmp_path):
+    """`paths` (variable-length strings) cannot carry fletcher32: one flipped byte renamed a
+    row and export-features wrote the wrong path, exit 0. It has its own checksum now."""
+    shard = entry / "shards/train-00001.h5"
+    data = bytearray(shard.read_bytes())
+    with h5py.File(shard, "r") as handle:
+        first = handle["paths"][0]
+    at = data.find(first)
+    assert at > 0
+    data[at + len(first) - 5] ^= 0x01  # the image name's last character before ".png"
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptCacheError, match="paths fails its checksum"):
+        open_cache(entry).paths("train")
+    assert_error(cli("export-features", entry, "-o", tmp_path / "out"), 1, "paths fails its checksum")
+    assert_error(cli("predict", entry, "--head", "logistic", "--split", "train"), 1, "paths fails its checksum")
+
+
 # ------------------------------------------------------------------ 3. the backbone checkpoint
 
 def _flip_checkpoint(path):
@@ -427,6 +444,13 @@ def test_damaged_head_is_refused_and_reported(attack, entry, tmp_path, image):
     how(head_path(entry))
     assert_error(cli("predict", entry, image, "--head", "logistic"), code, fragment)
     assert_error(cli("export", entry, "--head", "logistic", "-o", tmp_path / "m.pt"), code, fragment)
+    # through an ensemble: a damaged member is named as damaged, not as changed since (which advised remaking
+    # the ensemble); a member resealed with other tensors is a changed member, and stale is right
+    through_vote = cli("predict", entry, image, "--head", "vote")
+    if attack in ("nan-tensor", "wrong-shape-tensor"):
+        assert_error(through_vote, 2, "ensemble 'vote' is stale: its member 'logistic' changed")
+    else:
+        assert "stale" not in assert_error(through_vote, code, fragment)
     report = verify_entry(entry)
     assert any(p.file == "heads/logistic/head.safetensors" for p in report.problems), report.problems
     assert cli("verify", entry).exit_code == (2 if code == 2 else 1)

@@ -10,8 +10,8 @@ Features are stored contiguous and uncompressed, the layout HDF5 reads fastest (
 `np.load` speed; chunking alone halves it, fletcher32 quarters it), and each features
 dataset carries an XXH3 checksum of its bytes (`checksum` attribute), checked on every
 whole read at ~20 GB/s. The small columns are chunked with fletcher32 checksums
-(`paths`, a variable-length string, cannot carry a filter; the shard's SHA-256 in the
-manifest covers it). With `--compression` the features are chunked and carry fletcher32
+(`paths`, a variable-length string, cannot carry a filter: it carries an XXH3 checksum
+attribute of its own, checked on every read). With `--compression` the features are chunked and carry fletcher32
 too. Either way, flipped bytes fail on read.
 """
 
@@ -105,6 +105,7 @@ class ShardWriter:
         for key, value in attrs.items():
             self.file.attrs[key] = value
         self._hashers: dict[str, xxhash.xxh3_64] = {}  # taps stored contiguous, and their running checksum
+        self._paths_hasher = xxhash.xxh3_64()  # `paths` cannot carry fletcher32: its own checksum
         for tap, shape in tap_shapes.items():
             if compression is None:
                 self.file.create_dataset(f"features/{tap}", shape=(capacity, *shape), dtype=dtype)
@@ -116,7 +117,7 @@ class ShardWriter:
                                          compression=compression)
         for name, dt in (("labels", "int64"), ("index", "int64"), ("paths", h5py.string_dtype()),
                          ("fingerprints", FINGERPRINT_DTYPE)):
-            # HDF5 filters cannot apply to variable-length strings, so `paths` has no checksum.
+            # HDF5 filters cannot apply to variable-length strings: `paths` gets a checksum attribute.
             self.file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(4096,),
                                      fletcher32=name != "paths")
         fault_point("shard_open")
@@ -136,6 +137,7 @@ class ShardWriter:
             else:
                 dataset.resize(stop, axis=0)
             dataset[start:stop] = stored
+        self._paths_hasher.update(_paths_bytes(rows.paths))
         for name, values in (("labels", rows.labels), ("index", rows.index), ("paths", rows.paths),
                              ("fingerprints", [f.encode("ascii") for f in rows.fingerprints])):
             self.file[name].resize(stop, axis=0)
@@ -150,6 +152,7 @@ class ShardWriter:
             if self.rows < self.capacity:  # images failed: keep exactly the rows written
                 self._shrink(name)
             self.file[name].attrs[CHECKSUM_ATTR] = "xxh3_64:" + hasher.hexdigest()
+        self.file["paths"].attrs[CHECKSUM_ATTR] = "xxh3_64:" + self._paths_hasher.hexdigest()
         self.file.attrs["rows"] = self.rows
         self.file.close()
         fsync_file(self.tmp_path)
@@ -238,6 +241,20 @@ def open_shard(path: Path, rows: int, tap_shapes: dict[str, tuple[int, ...]], sp
         handle.close()
         raise
     return handle
+
+
+def _paths_bytes(paths: Sequence[str | bytes]) -> bytes:
+    return b"".join((p if isinstance(p, bytes) else p.encode()) + b"\0" for p in paths)
+
+
+def read_paths(dataset: h5py.Dataset, path: Path) -> list[str]:
+    """All paths of a shard, checked against its `paths` checksum (shards written before it
+    had one are covered only by the manifest's SHA-256, which verify checks)."""
+    values = dataset[:]
+    expected = dataset.attrs.get(CHECKSUM_ATTR)
+    if expected is not None and "xxh3_64:" + xxhash.xxh3_64(_paths_bytes(values)).hexdigest() != expected:
+        raise CorruptCacheError(f"shard {path} is damaged (paths fails its checksum); run featurecache verify")
+    return [p.decode() if isinstance(p, bytes) else p for p in values]
 
 
 def check_features(dataset: h5py.Dataset, values: np.ndarray, path: Path) -> None:
@@ -393,7 +410,7 @@ def read_rows(path: Path, rows: int, tap_shapes: dict[str, tuple[int, ...]],
             return ShardRows(
                 features={tap: read_features(handle[f"features/{tap}"], path)[pick] for tap in tap_shapes},
                 labels=handle["labels"][pick], index=handle["index"][pick],
-                paths=[p.decode() if isinstance(p, bytes) else p for p in handle["paths"][pick]],
+                paths=np.asarray(read_paths(handle["paths"], path), dtype=object)[pick].tolist(),
                 fingerprints=[f.decode("ascii") for f in handle["fingerprints"][pick]],
             )
     except OSError as error:  # a fletcher32 mismatch or truncated data surfaces here

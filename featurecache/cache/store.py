@@ -25,7 +25,7 @@ from ..errors import CacheIncompleteError, CacheLockedError, CacheNotFoundError,
 from .manifest import (FORMAT_VERSION, fingerprint_kind, listed_rows,  # noqa: F401 (also imported here)
                        manifest_seal_problem, read_manifest, shard_records, tap_shapes, write_manifest)
 from .layout import LOCK, MANIFEST, WEIGHTS_DIR  # noqa: F401 (MANIFEST, WEIGHTS_DIR: also imported from here)
-from .shards import RowReader, ShardRows, empty_like_file, open_shard, read_rows, read_split_features
+from .shards import RowReader, ShardRows, empty_like_file, open_shard, read_paths, read_rows, read_split_features
 
 np = lazy_module("numpy", globals(), "np")  # imported on first use: `ls`, `info` and `heads` never need it
 
@@ -204,7 +204,7 @@ class Cache:
             path = self.path / shard["file"]
             try:
                 with open_shard(path, shard["rows"], {}, shard["split"]) as handle:
-                    values.extend(handle[name][:])
+                    values.extend(read_paths(handle[name], path) if name == "paths" else handle[name][:])
             except OSError as error:  # a fletcher32 mismatch
                 raise CorruptCacheError(f"shard {path} is damaged ({error}); run featurecache verify") from None
         return values
@@ -224,7 +224,7 @@ class Cache:
         return np.asarray(self._column(split, "index"), dtype=np.int64)
 
     def paths(self, split: str) -> list[str]:
-        return [p.decode() if isinstance(p, bytes) else p for p in self._column(split, "paths")]
+        return self._column(split, "paths")
 
     def fingerprints(self, split: str) -> list[str]:
         """Each row's file fingerprint (see `fingerprint_kind`): equal fingerprints, the same file."""

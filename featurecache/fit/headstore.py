@@ -260,6 +260,13 @@ def load_head(cache: Cache, name: str, _seen: tuple[str, ...] = ()) -> tuple[Hea
                             "the head again with featurecache fit-head --overwrite")
     members = None
     if record["head"] == "ensemble":
+        for member in record["members"]:  # a damaged member is named as damaged (refit it), not as changed
+            try:
+                read_record_with_checksum(cache, member)
+            except (CorruptCacheError, InvalidRecordError):
+                raise
+            except FeatureCacheError:
+                pass  # vanished or otherwise unreadable: stale_members says so
         changed = stale_members(cache, record)
         if changed:
             raise stale_error(cache, name, record, repr(changed[0]))
