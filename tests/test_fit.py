@@ -21,7 +21,7 @@ from featurecache.fit.stage import FitSpec, fit_head, leaderboard, make_ensemble
 from featurecache.fit.headstore import load_head
 from featurecache.data.images import load_rgb
 from featurecache.cache.integrity import seal_json
-from featurecache.serve.predict import load_predictor, predict
+from featurecache.serve.predict import load_predictor, predict, predict_split
 from featurecache.backbones.preprocess import prepare_image
 from featurecache.cache.shards import CHECKSUM_ATTR, features_checksum, features_layout, file_sha256
 
@@ -207,6 +207,24 @@ def test_head_refuses_another_caches_features(colour_cache, tiny_spec):
     with pytest.raises(MismatchError, match="other features"):
         load_head(other, "knn")
     assert leaderboard(other)[0]["stale"]
+
+
+def test_a_head_without_a_torch_module_predicts_images_as_it_predicts_cached_features(colour_cache, tmp_path):
+    """GaussianNB is no softmax of a linear map (no module, so no export), but predict on
+    images was refused too: it now runs the head's predict_proba on the images' features."""
+    cache, folder = colour_cache
+    fit_head(cache, FitSpec(head="sklearn:naive_bayes.GaussianNB", name="nb"))
+    on_images = predict(load_predictor(cache, "nb"), [folder / "test"], top_k=len(cache.classes))
+    on_features = {r.path: dict(r.top) for r in predict_split(cache, "nb", "test", top_k=len(cache.classes))}
+    assert len(on_images) == len(on_features) > 0
+    for result in on_images:
+        match = next(p for p in on_features if result.path.endswith(p) or p.endswith(result.path))
+        expected = on_features[match]
+        assert set(dict(result.top)) == set(expected)
+        assert all(abs(p - expected[c]) < 1e-4 for c, p in result.top), (result.top, expected)
+    refused = runner.invoke(app, ["export", str(cache.path), "--head", "nb", "-o", str(tmp_path / "nb.pt")])
+    assert refused.exit_code == 2 and "not a softmax of a linear map" in refused.stderr
+    assert not (tmp_path / "nb.pt").exists()
 
 
 def test_a_head_refuses_a_cache_whose_class_names_changed(colour_cache):
