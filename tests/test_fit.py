@@ -18,7 +18,7 @@ from featurecache.cli import app
 from featurecache.errors import CorruptCacheError, MismatchError
 from featurecache.serve.export import METADATA_FILE, export_model
 from featurecache.fit.stage import FitSpec, fit_head, leaderboard, make_ensemble
-from featurecache.fit.headstore import load_head
+from featurecache.fit.headstore import load_head, read_record_with_checksum
 from featurecache.data.images import load_rgb
 from featurecache.cache.integrity import seal_json
 from featurecache.serve.predict import load_predictor, predict, predict_split
@@ -275,6 +275,11 @@ def test_cli_fit_heads_ensemble_predict_export(colour_cache, tmp_path):
     assert lines[0].startswith("path,class1,prob1") and len(lines) == 13
     result = runner.invoke(app, ["export", path, "--head", "vote", "-o", str(tmp_path / "m.pt")])
     assert result.exit_code == 0 and (tmp_path / "m.pt").exists()
+    extra = {METADATA_FILE: ""}  # provenance: the entry, its key and which fit of the head, not what was typed
+    torch.jit.load(str(tmp_path / "m.pt"), _extra_files=extra)
+    meta = json.loads(extra[METADATA_FILE])
+    assert (meta["cache"], meta["cache_key"], meta["head"]) == (cache.path.name, cache.key, "vote")
+    assert meta["head_checksum"] == read_record_with_checksum(cache, "vote")[1]
     # the files are readable by others as any new file is (safetensors writes 0600)
     modes = {p.name: p.stat().st_mode & 0o777 for p in (cache.path / "heads" / "vote").iterdir()}
     modes["m.pt"] = (tmp_path / "m.pt").stat().st_mode & 0o777

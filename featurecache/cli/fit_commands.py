@@ -259,8 +259,13 @@ def export_command(
 
     prepare_output_file(Path(output), "the export folder", "model.pt", overwrite=overwrite)  # before loading anything
     predictor = _predictor(cache, head, finetune, root)
-    path = export_model(predictor, output, provenance={"cache": str(cache), "head": head, "finetune": finetune},
-                        overwrite=overwrite)
+    entry = _open(cache, root)
+    provenance = {"cache": entry.path.name, "cache_key": entry.key, "head": head, "finetune": finetune}
+    if head is not None:  # which fit of the head: its record's checksum (a refit changes it)
+        from ..fit.headstore import read_record_with_checksum
+
+        provenance["head_checksum"] = read_record_with_checksum(entry, head)[1]
+    path = export_model(predictor, output, provenance=provenance, overwrite=overwrite)
     console.print(f"wrote {path} ({len(predictor.classes)} classes, input {predictor.preprocessing.crop_size}px)",
                   markup=False, highlight=False)
     print("load it with: torch.jit.load(path, _extra_files={'featurecache.json': ''})", file=sys.stderr)
