@@ -216,8 +216,20 @@ def test_manifest_edited_with_valid_values_is_detected_by_its_checksum(attack, e
         assert_error(cli(*COMMANDS[command](entry, tmp_path, image)), 1, "manifest.json", fragment)
     listing = cli("verify", entry)
     assert listing.exit_code == 1 and fragment in listing.stdout
+    if attack == "classes-renamed":  # sealing it made every head name its predictions wrongly
+        assert_error(cli("verify", entry, "--repair"), 1, "its classes differ from those head 'knn' was fitted with")
+        assert not verify_entry(entry).ok
+        return
     assert cli("verify", entry, "--repair").exit_code == 0  # every shard checked, then sealed as found
     assert verify_entry(entry).ok
+
+
+def test_repair_does_not_seal_a_manifest_whose_settings_no_longer_give_its_id(entry):
+    """An edited config (here the crop size) was sealed, and a later repair re-extracted with
+    it into another entry, leaving this one incomplete."""
+    edit_json(entry / "manifest.json", lambda m: m["config"]["preprocessing"].update(crop_size=40))
+    assert_error(cli("verify", entry, "--repair"), 1, "no longer give the entry's id")
+    assert not verify_entry(entry).ok
 
 
 @pytest.mark.parametrize("dtype", ["int8", "complex64", ">f4", "float64"])
@@ -455,6 +467,24 @@ def test_damaged_head_is_refused_and_reported(attack, entry, tmp_path, image):
     assert any(p.file == "heads/logistic/head.safetensors" for p in report.problems), report.problems
     assert cli("verify", entry).exit_code == (2 if code == 2 else 1)
     assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("damage", ["edited", "garbage"])
+def test_an_edited_head_json_is_reported_and_written_again(damage, entry):
+    """head.json is the record's copy for people and tools; the sealed record decides, and
+    an edited copy passed verify as ok while telling tools another C or other classes."""
+    copy = entry / "heads" / "logistic" / "head.json"
+    sealed = json.loads(copy.read_text())
+    if damage == "edited":
+        edit_json(copy, lambda r: r["config"]["params"].update(C=123.0))
+    else:
+        copy.write_text("garbage")
+    report = verify_entry(entry)
+    assert [p.file for p in report.problems] == ["heads/logistic/head.json"], report.problems
+    assert "differs from the head's sealed record" in report.problems[0].what
+    assert cli("verify", entry).exit_code == 1
+    assert cli("verify", entry, "--repair").exit_code == 0
+    assert json.loads(copy.read_text()) == sealed and verify_entry(entry).ok
 
 
 def test_a_diverged_head_is_not_saved(entry, monkeypatch):

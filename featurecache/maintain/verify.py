@@ -23,15 +23,16 @@ recomputed without refitting it; the report says so.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CorruptCacheError, FeatureCacheError, InvalidRecordError, MismatchError
-from ..cache.atomic import is_temporary
-from ..cache.layout import (FINETUNE_DIR, FINETUNE_RECORD, FOLDERS_WITH_TEMPORARIES, HEAD_FILE, HEADS_DIR, MANIFEST,
-                            SHARDS_DIR, WEIGHTS_DIR, shard_file, weights_file)
-from ..cache.integrity import read_safetensors, read_sealed_json
+from ..cache.atomic import is_temporary, write_json_atomic
+from ..cache.layout import (FINETUNE_DIR, FINETUNE_RECORD, FOLDERS_WITH_TEMPORARIES, HEAD_FILE, HEAD_JSON, HEADS_DIR,
+                            MANIFEST, SHARDS_DIR, WEIGHTS_DIR, shard_file, weights_file)
+from ..cache.integrity import read_metadata, read_safetensors, read_sealed_json
 from ..cache.shards import features_layout, file_sha256, open_h5, read_rows
 from ..cache.manifest import (drop_shards, listed_rows, manifest_seal_problem, read_manifest, tap_shapes,
                               write_manifest)
@@ -62,6 +63,7 @@ class VerifyReport:
     bad_view_shards: list[str] = field(default_factory=list)  # listed view shards to drop and recompute
     bad_view_sets: list[str] = field(default_factory=list)  # view set folders whose manifest is unreadable
     manifest_unsealed: bool = False  # the manifest's checksum is missing or wrong
+    head_copies: dict[str, dict] = field(default_factory=dict)  # head.json files that differ: path -> sealed record
     shards_checked: int = 0
     rows_checked: int = 0
     artifacts_checked: int = 0  # checkpoint, heads, finetune outputs
@@ -134,7 +136,8 @@ def _check_heads(report: VerifyReport, cache: Cache) -> None:
             continue
         report.artifacts_checked += 1
         try:
-            read_record_with_checksum(cache, directory.name)
+            record = read_record_with_checksum(cache, directory.name)[0]
+            _check_head_copy(report, directory, record)
             metadata = read_metadata(file, "head file", "")
             read_tensors(file, metadata, "head file", "")
             load_head(cache, directory.name)  # shapes and values of the rebuilt head
@@ -145,6 +148,21 @@ def _check_heads(report: VerifyReport, cache: Cache) -> None:
             report.invalid_records.append(str(error))
         except FeatureCacheError as error:
             report.problems.append(Problem(relative, str(error).split(";")[0] + "; fit it again with --overwrite"))
+
+
+def _check_head_copy(report: VerifyReport, directory: Path, record: dict) -> None:
+    """head.json is a copy of the sealed record for people and tools: an edited or damaged
+    copy is reported (and rewritten by --repair), since tools reading it would be misled."""
+    copy = directory / HEAD_JSON
+    try:
+        same = json.dumps(json.loads(copy.read_text(encoding="utf-8")), sort_keys=True) == json.dumps(record, sort_keys=True)
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        relative = f"{HEADS_DIR}/{directory.name}/{HEAD_JSON}"
+        report.problems.append(Problem(relative, "differs from the head's sealed record (edited or damaged); "
+                                                 "verify --repair writes it again"))
+        report.head_copies[relative] = record
 
 
 def _check_finetune_runs(report: VerifyReport) -> None:
@@ -284,6 +302,34 @@ def restore_checkpoint(path: Path, manifest: dict) -> Path:
     return store_weights(path.parent / WEIGHTS_DIR, manifest["config"]["arch"], resolved)
 
 
+def _refuse_edited_settings(path: Path, manifest: dict) -> None:
+    """An unsealed manifest is sealed again only where what it says can be checked: its
+    config must still give the entry's id (its folder name), and its class list must be
+    the one its heads were fitted with. Sealing an edited class list made every head
+    predict swapped names; an edited config, a repair that re-extracted another entry."""
+    from ..cache.store import entry_id
+
+    if not path.name.endswith(entry_id(manifest["config"])[:12]):
+        raise CorruptCacheError(
+            f"the manifest of {path} was edited: its settings (config) no longer give the entry's id "
+            f"{path.name[-12:]}, so --repair will not seal them; restore the manifest, or delete {path} and run "
+            "featurecache extract again")
+    from ..fit.headstore import RECORD_METADATA
+
+    for file in sorted((path / HEADS_DIR).glob(f"*/{HEAD_FILE}")):
+        try:
+            record = json.loads(read_metadata(file, "head file", "")[RECORD_METADATA])
+        except (FeatureCacheError, KeyError, ValueError, OSError):
+            continue  # a damaged head is reported on its own
+        classes = record.get("classes") if isinstance(record, dict) else None
+        if isinstance(classes, list) and len(classes) == len(manifest["classes"]) and classes != manifest["classes"]:
+            raise CorruptCacheError(
+                f"the manifest of {path} was edited: its classes differ from those head "
+                f"{file.parent.name!r} was fitted with, so --repair will not seal them; restore the manifest "
+                f"(the head records classes {classes[:5]}{'...' if len(classes) > 5 else ''}), or delete {path} "
+                "and run featurecache extract again")
+
+
 def repair_entry(name: str | Path, *, root: Path | None = None, progress=None) -> tuple[VerifyReport, VerifyReport]:
     """Restore what can be recomputed; returns the reports before and after."""
     from ..extract.stage import extract
@@ -300,6 +346,7 @@ def repair_entry(name: str | Path, *, root: Path | None = None, progress=None) -
             f"recompute; delete {path} and run featurecache extract again")
     manifest = read_manifest(path, check_seal=False)
     if before.manifest_unsealed:  # every shard was checked against it above; seal what is there again
+        _refuse_edited_settings(path, manifest)
         with entry_lock(path, 10.0):
             write_manifest(path, manifest)
         log.warning("sealed %s again; its classes and settings are as found", path / MANIFEST)
@@ -316,6 +363,9 @@ def repair_entry(name: str | Path, *, root: Path | None = None, progress=None) -
         for relative in before.stray_files:
             (path / relative).unlink(missing_ok=True)
             log.info("removed %s", relative)
+        for relative, record in before.head_copies.items():
+            write_json_atomic(path / relative, record, "the head's copy")
+            log.info("wrote %s again from the head's sealed record", relative)
         if shards_bad:
             manifest = read_manifest(path)
             bad = set(before.bad_shards)
