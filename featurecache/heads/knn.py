@@ -98,7 +98,7 @@ class KNNModule(nn.Module):
         similarities, indices = similarities[:, : self.k], indices[:, : self.k]
         probabilities = knn_vote(similarities, self.bank_labels[indices], self.n_classes,
                                  self.temperature, self.uniform)
-        no_direction = x.norm(dim=1, keepdim=True) < 1e-12
+        no_direction = torch.linalg.vector_norm(x, 2.0, dim=1, keepdim=True) < 1e-12
         return torch.where(no_direction, torch.full_like(probabilities, float("nan")), probabilities)
 
 

@@ -36,7 +36,7 @@ from ..cache.integrity import read_metadata, read_safetensors, read_sealed_json
 from ..cache.shards import features_layout, file_sha256, open_h5, read_rows
 from ..cache.manifest import (drop_shards, listed_rows, manifest_seal_problem, read_manifest, tap_shapes,
                               write_manifest)
-from ..cache.store import Cache, entry_lock, resolve_entry
+from ..cache.store import Cache, entry_id, entry_lock, resolve_entry
 
 log = logging.getLogger("featurecache")
 
@@ -155,9 +155,10 @@ def _check_head_copy(report: VerifyReport, directory: Path, record: dict) -> Non
     copy is reported (and rewritten by --repair), since tools reading it would be misled."""
     copy = directory / HEAD_JSON
     try:
-        same = json.dumps(json.loads(copy.read_text(encoding="utf-8")), sort_keys=True) == json.dumps(record, sort_keys=True)
+        text = json.dumps(json.loads(copy.read_text(encoding="utf-8")), sort_keys=True)
     except (OSError, ValueError):
-        same = False
+        text = None
+    same = text == json.dumps(record, sort_keys=True)
     if not same:
         relative = f"{HEADS_DIR}/{directory.name}/{HEAD_JSON}"
         report.problems.append(Problem(relative, "differs from the head's sealed record (edited or damaged); "
@@ -307,15 +308,13 @@ def _refuse_edited_settings(path: Path, manifest: dict) -> None:
     config must still give the entry's id (its folder name), and its class list must be
     the one its heads were fitted with. Sealing an edited class list made every head
     predict swapped names; an edited config, a repair that re-extracted another entry."""
-    from ..cache.store import entry_id
+    from ..fit.headstore import RECORD_METADATA
 
     if not path.name.endswith(entry_id(manifest["config"])[:12]):
         raise CorruptCacheError(
             f"the manifest of {path} was edited: its settings (config) no longer give the entry's id "
             f"{path.name[-12:]}, so --repair will not seal them; restore the manifest, or delete {path} and run "
             "featurecache extract again")
-    from ..fit.headstore import RECORD_METADATA
-
     for file in sorted((path / HEADS_DIR).glob(f"*/{HEAD_FILE}")):
         try:
             record = json.loads(read_metadata(file, "head file", "")[RECORD_METADATA])
