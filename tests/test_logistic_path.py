@@ -326,6 +326,7 @@ def test_biases_do_not_drift_together_at_a_tight_tolerance():
         reference = LogisticRegression(C=C, tol=1e-10, max_iter=10_000).fit(X.astype(np.float64), y)
     ours = _probabilities(weights[0], biases[0], X)[:, present]
     assert np.abs(ours - reference.predict_proba(X)).max() < 1e-3  # measured 1.9e-5
+    assert float(biases[0].max()) == 0.0  # kept there: no drift (it reached +16 and -84 without)
 
 
 def test_a_solve_stopped_above_tol_says_so(caplog):
@@ -380,3 +381,101 @@ def test_the_loss_counts_true_classes_whose_probability_float32_cannot_hold():
     _, loss = objective._solve_bias(scores)
     expected = torch.nn.functional.cross_entropy(torch.from_numpy(scores).double(), torch.from_numpy(labels))
     assert loss == pytest.approx(expected.item(), rel=1e-6)  # 57.8 rather than inf
+
+
+@pytest.mark.parametrize("favoured", [0.0, 120.0])
+def test_the_bias_solve_gives_softmax_at_the_bias_it_keeps(favoured):
+    """The Newton steps price a bias change d through P e^d / (P e^d) rather than a softmax
+    pass; what they return must still be softmax(scores + bias) at the bias kept, solved to
+    bias_tol, with its cross-entropy. With every row's scores favouring class 0 by 120, its
+    bias must fall by about that much, beyond what float32 e^d can carry (e^-88 underflows):
+    the probabilities are recomputed before d spreads that far."""
+    from featurecache.heads.logistic_path import SoftmaxObjective
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 7, 900)
+    scores = rng.normal(0, 2, (900, 7)).astype(np.float32)
+    scores[:, 0] += np.float32(favoured)
+    objective = SoftmaxObjective(np.zeros((900, 1), np.float32), labels, 7)
+    objective.bias_tol = 1e-6
+    probabilities, loss = objective._solve_bias(scores.copy())
+    shifted = torch.from_numpy(scores).double() + torch.from_numpy(objective.bias)
+    exact = torch.softmax(shifted, dim=1)
+    np.testing.assert_allclose(probabilities.numpy(), exact.numpy(), atol=2e-6)
+    frequencies = np.bincount(labels, minlength=7) / len(labels)
+    assert np.abs(frequencies - exact.mean(0).numpy()).max() <= 1.5e-6  # the bias gradient, to bias_tol
+    np.testing.assert_allclose(objective.residual, frequencies - exact.mean(0).numpy(), atol=1e-6)
+    expected = torch.nn.functional.cross_entropy(shifted, torch.from_numpy(labels))
+    assert loss == pytest.approx(expected.item(), rel=1e-6)
+    assert objective.bias.max() == 0.0 and objective.bias[0] < -favoured + 10
+
+
+def test_the_cpu_solver_runs_torch_on_one_thread_on_two_cores_and_gives_them_back():
+    """On two cores torch's second thread waits on OpenBLAS's spinning worker; the solver
+    runs torch on one thread and restores the count, also when it raises."""
+    X, y = STANDARDIZED[:300], LABELS[:300]
+    before = torch.get_num_threads()
+    seen = []
+
+    def stop(index, weight, bias):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("stopped")
+
+    try:
+        for threads, inside in [(2, 1), (3, 3)]:
+            torch.set_num_threads(threads)
+            seen.clear()
+            with pytest.raises(RuntimeError, match="stopped"):
+                fit_logistic_path_cpu(X, y, 10, [1.0], max_iter=5, tol=1e-4, stop=stop)
+            assert seen == [inside] and torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "numpy-folded", "tensor"])
+def test_validation_scores_match_a_float64_reference(kind):
+    """Top-1 and mean log-loss of each model, from NumPy products (raw features with the
+    standardisation folded in, or standardised ones) or torch, against float64."""
+    from featurecache.heads.logistic_path import Standardization, validate_linear
+
+    rng = np.random.default_rng(1)
+    weights = torch.from_numpy(rng.normal(0, 0.3, (3, 10, 64)).astype(np.float32))
+    biases = torch.from_numpy(rng.normal(0, 1, (3, 10)).astype(np.float32))
+    X, y = STANDARDIZED[1200:], LABELS[1200:]
+    if kind == "numpy-folded":
+        fold = Standardization(MEAN, 1.0 / STD)
+        scored = validate_linear(FEATURES[1200:].astype(np.float32), y, weights, biases, fold)
+    elif kind == "numpy":
+        scored = validate_linear(X, y, weights, biases)
+    else:
+        scored = validate_linear(torch.from_numpy(X), torch.from_numpy(y), weights, biases)
+    for (top1, loss), weight, bias in zip(scored, weights.double(), biases.double()):
+        logits = torch.from_numpy(X).double() @ weight.T + bias
+        assert top1 == pytest.approx(float((logits.argmax(1).numpy() == y).mean()), abs=1e-12)
+        reference = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)).item()
+        assert loss == pytest.approx(reference, rel=1e-5)
+
+
+@pytest.mark.parametrize("rebase", [None, 0.01])
+def test_near_its_solution_the_bias_solve_steps_without_softmax_passes(monkeypatch, rebase):
+    """From the last bias, for scores moved a little (a line's next step), the Newton steps
+    cost matrix-vector products only: one softmax pass in all, whatever the steps. A bias
+    change spread beyond REBASE (made tiny here) is priced by a pass of its own instead."""
+    from featurecache.heads.logistic_path import SoftmaxObjective
+
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 7, 900)
+    scores = rng.normal(0, 2, (900, 7)).astype(np.float32)
+    objective = SoftmaxObjective(np.zeros((900, 1), np.float32), labels, 7)
+    objective.bias_tol = 1e-6
+    objective._solve_bias(scores.copy())
+    if rebase is not None:
+        monkeypatch.setattr(SoftmaxObjective, "REBASE", rebase)
+    moved = scores + rng.normal(0, 1.0, scores.shape).astype(np.float32)
+    passes, steps = objective.softmax_passes, objective.bias_steps
+    probabilities, _ = objective._solve_bias(moved)
+    passes, steps = objective.softmax_passes - passes, objective.bias_steps - steps
+    assert steps >= 2 and (passes == 1 if rebase is None else passes > 1)
+    exact = torch.softmax(torch.from_numpy(moved).double() + torch.from_numpy(objective.bias), dim=1)
+    np.testing.assert_allclose(probabilities.numpy(), exact.numpy(), atol=2e-6)
+    assert np.abs(np.bincount(labels, minlength=7) / 900 - exact.mean(0).numpy()).max() <= 1.5e-6
