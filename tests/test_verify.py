@@ -209,3 +209,19 @@ def test_manifest_paths_outside_the_entry_are_refused(bad_path, damaged):
     assert not report.manifest_readable and "outside the entry" in str(report.problems[0])
     with pytest.raises(CorruptCacheError, match="unreadable"):
         repair_entry(entry)
+
+
+@pytest.mark.parametrize("text", ['{"broken', "", "\x00\xff"])
+def test_an_unreadable_manifest_tells_verify_users_to_extract_again(text, damaged):
+    """verify on a manifest that is not JSON advised running verify, then --repair, which
+    cannot rebuild it (nothing records what to recompute): it says what will help."""
+    _, entry = damaged(lambda entry: None)
+    (entry / "manifest.json").write_text(text, encoding="latin-1")
+    result = runner.invoke(app, ["verify", str(entry)])
+    assert result.exit_code == 1
+    assert f"problem manifest.json: manifest {entry / 'manifest.json'} is unreadable" in result.stdout
+    assert f"the manifest cannot be read; delete {entry} and run featurecache extract again" in result.stdout
+    assert "run featurecache verify" not in result.stdout
+    repaired = runner.invoke(app, ["verify", str(entry), "--repair"])
+    assert repaired.exit_code == 1 and "run featurecache verify" not in repaired.output
+    assert f"delete {entry} and run featurecache extract again" in repaired.output

@@ -44,7 +44,12 @@ def verify(
         err_console.print(f"error: {' '.join(report.invalid_records[0].split())}", markup=False, highlight=False,
                           soft_wrap=True)
         raise typer.Exit(2)
-    state = "ok" if report.ok else f"{len(report.problems)} problem(s); run featurecache verify --repair"
+    if report.ok:
+        state = "ok"
+    elif not report.manifest_readable:  # nothing records what to recompute: --repair cannot help
+        state = f"the manifest cannot be read; delete {report.path} and run featurecache extract again"
+    else:
+        state = f"{len(report.problems)} problem(s); run featurecache verify --repair"
     console.print(f"{report.path}: {report.shards_checked} shards, {report.rows_checked} rows, "
                   f"{report.artifacts_checked} other artifacts checked; {state}", markup=False, highlight=False,
                   soft_wrap=True)

@@ -212,8 +212,8 @@ def verify_entry(name: str | Path, *, root: Path | None = None, lock_timeout: fl
     with entry_lock(path, lock_timeout):  # a running extract's temp files are not damage
         try:
             manifest = read_manifest(path, check_seal=False)
-        except FeatureCacheError as error:
-            report.problems.append(Problem(MANIFEST, str(error)))
+        except FeatureCacheError as error:  # its advice to run verify is for the other commands
+            report.problems.append(Problem(MANIFEST, str(error).removesuffix("; run featurecache verify")))
             report.manifest_readable = False
             if isinstance(error, InvalidRecordError):
                 report.invalid_records.append(str(error))
