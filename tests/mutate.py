@@ -312,7 +312,7 @@ MUTATIONS = [
     Mutation("loss-underflow", "heads/logistic_path.py", "    if bool(small.any()):\n", "    if False:\n",
              ("tests/test_logistic_path.py", "-k", "float32_cannot"),
              "a true class whose float32 probability underflows still counts in the loss"),
-    Mutation("bias-chord-unscaled", "heads/logistic_path.py", "            mean = np.exp(change) * (probabilities /",
+    Mutation("bias-chord-unscaled", "heads/logistic_path.py", "            mean = growth * (probabilities /",
              "            mean = (probabilities /", ("tests/test_logistic_path.py", "-k", "without_softmax"),
              "the bias solve's Newton steps price a bias change without a softmax pass"),
     Mutation("bias-no-rebase", "heads/logistic_path.py", "            if np.ptp(change) > self.REBASE:",

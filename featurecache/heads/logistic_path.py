@@ -248,7 +248,7 @@ class SoftmaxObjective:
         it added cost what the Hessian did, measured.)"""
         n = len(self.labels)
         scores = torch.from_numpy(scores)
-        probabilities = hessian = None
+        probabilities = newton = None  # newton: LU factors of the chord's Newton matrix
         factors = normalisers = None  # e^d and P e^d, None while d = 0
         largest, steps = np.inf, 0
         while True:  # a pass after the last step evaluates its bias
@@ -264,13 +264,13 @@ class SoftmaxObjective:
             if largest <= self.bias_tol or steps == self.NEWTON_STEPS:
                 break
             if largest > 0.5 * previous and factors is not None:  # the chord stalls: start again here
-                probabilities = hessian = None
+                probabilities = newton = None
                 continue
             steps += 1
             self.bias_steps += 1
-            if hessian is None:
-                hessian = self._bias_hessian(probabilities, mean)
-            step = scipy.linalg.lu_solve(hessian, residual)
+            if newton is None:
+                newton = self._bias_hessian(probabilities, mean)
+            step = scipy.linalg.lu_solve(newton, residual)
             self.bias += step * min(1.0, self.MAX_BIAS_STEP / max(float(np.max(np.abs(step))), 1e-300))
             # Raising every bias alike changes no probability, so the Hessian is singular that
             # way and float32 rounding in the residual steps along it: biases drifted together
@@ -279,11 +279,12 @@ class SoftmaxObjective:
             self.bias -= self.bias.max()
             change = self.bias - base
             if np.ptp(change) > self.REBASE:  # e^change stays well inside float32 (e^-88 underflows)
-                probabilities = hessian = None
+                probabilities = newton = None
                 continue
-            factors = torch.from_numpy(np.exp(change).astype(np.float32))
+            growth = np.exp(change)
+            factors = torch.from_numpy(growth.astype(np.float32))
             normalisers = probabilities @ factors  # each row's 100 or so terms: 1e-6 relative at worst
-            mean = np.exp(change) * (probabilities / normalisers[:, None]).sum(0).double().numpy() / n
+            mean = growth * (probabilities / normalisers[:, None]).sum(0).double().numpy() / n
         if factors is not None:
             probabilities.mul_(factors).div_(normalisers[:, None])
         return probabilities, _cross_entropy(scores, self.bias, probabilities, self.true_entries, self.targets) / n
