@@ -312,6 +312,30 @@ def test_predict_and_export_refuse_an_output_path_they_would_break(colour_cache,
     assert header[-3:] == [f"class{len(cache.classes)}", f"prob{len(cache.classes)}", "error"]  # not 50 columns
 
 
+def test_cli_predict_exits_1_when_an_image_has_no_prediction(colour_cache, tmp_path):
+    """The table and the CSV keep every row, but a script must not take a run with missing
+    predictions for a complete one: a warning counts them and the exit code is 1."""
+    cache, folder = colour_cache
+    path = str(cache.path)
+    assert runner.invoke(app, ["fit-head", path, "--head", "logistic"]).exit_code == 0
+    good = sorted((folder / "test").rglob("*.png"))[:2]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    result = runner.invoke(app, ["predict", path, *map(str, good), "--head", "logistic"])
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.output
+    out = tmp_path / "predictions.csv"
+    result = runner.invoke(app, ["predict", path, str(good[0]), str(broken), str(good[1]), "--head", "logistic",
+                                 "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == "warning: 1 of 3 have no prediction (their error column says why)"
+    rows = out.read_text().splitlines()[1:]
+    assert len(rows) == 3 and rows[1].split(",")[-1].startswith("unreadable: ")
+    assert [row.split(",")[-1] for row in (rows[0], rows[2])] == ["", ""]
+    result = runner.invoke(app, ["predict", path, str(broken), "--head", "logistic"])
+    assert result.exit_code == 1 and "unreadable: " in result.stdout
+    assert result.stderr.strip() == "warning: 1 of 1 have no prediction (the table says why)"
+
+
 @pytest.mark.parametrize("arguments, fragment", [
     (["fit-head", "{cache}", "--head", "bogus"], "unknown head"),
     (["fit-head", "/no/such/cache"], "no cache entry"),

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app, console, handle_errors
+from .app import app, console, err_console, handle_errors
 from ..errors import UsageError
 
 
@@ -229,15 +229,21 @@ def predict_command(
 
         write_atomic(Path(output), write_csv, "the predictions")
         console.print(f"wrote {len(results)} predictions to {output}", markup=False, highlight=False)
-        return
-    table = Table("path", "prediction", "probability", "runners-up")
-    for r in results:
-        if r.error:
-            table.add_row(r.path, "-", "-", r.error)
-        else:
-            rest = ", ".join(f"{c} {p:.3f}" for c, p in r.top[1:])
-            table.add_row(r.path, r.top[0][0], f"{r.top[0][1]:.3f}", rest)
-    console.print(table)
+    else:
+        table = Table("path", "prediction", "probability", "runners-up")
+        for r in results:
+            if r.error:
+                table.add_row(r.path, "-", "-", r.error)
+            else:
+                rest = ", ".join(f"{c} {p:.3f}" for c, p in r.top[1:])
+                table.add_row(r.path, r.top[0][0], f"{r.top[0][1]:.3f}", rest)
+        console.print(table)
+    failed = sum(1 for r in results if r.error)
+    if failed:  # a script must not mistake a run with missing predictions for a complete one
+        where = "their error column" if output is not None else "the table"
+        err_console.print(f"warning: {failed} of {len(results)} have no prediction ({where} says why)",
+                          markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @app.command("export")
