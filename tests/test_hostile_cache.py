@@ -467,6 +467,28 @@ def test_damaged_head_is_refused_and_reported(attack, entry, tmp_path, image):
     assert any(p.file == "heads/logistic/head.safetensors" for p in report.problems), report.problems
     assert cli("verify", entry).exit_code == (2 if code == 2 else 1)
     assert not (tmp_path / "m.pt").exists()
+    # the leaderboard (records only: `verify` checks tensors) still shows the other heads, marks this one and
+    # says why; it stopped at the first damaged record
+    board = cli("heads", entry)
+    if attack in ("flipped-tensor-byte", "nan-tensor", "wrong-shape-tensor"):
+        assert board.exit_code == 0 and "damaged" not in board.output
+        return
+    assert board.exit_code == 1, board.output
+    assert "logistic (damaged)" in board.stdout and "knn" in board.stdout and "vote" in board.stdout
+    assert board.stderr.startswith("warning: head logistic is damaged: ") and fragment in board.stderr
+    assert len(board.stderr.strip().splitlines()) == 1 and "Traceback" not in board.output
+
+
+def test_the_report_marks_a_damaged_head_and_shows_the_others(entry, tmp_path):
+    HEAD_ATTACKS["record-edited-checksum-kept"][0](head_path(entry))
+    result = cli("report", entry, "-o", tmp_path / "page.html")
+    assert result.exit_code == 1, result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("warning: head logistic is damaged and left out of the page: ")
+    assert "fails the checksum" in result.stderr
+    page = (tmp_path / "page.html").read_text()
+    assert "logistic (damaged)" in page and "logistic is damaged and left out" in page
+    assert "knn" in page and "vote" in page
 
 
 @pytest.mark.parametrize("damage", ["edited", "garbage"])

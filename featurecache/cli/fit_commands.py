@@ -124,11 +124,20 @@ def heads_command(
     for column in ("head", "top-1 %", "top-5 %", "val top-1 %", "fit s", "views"):
         table.add_column(column, overflow="fold")
     for row in rows:
+        if row["damaged"]:
+            table.add_row(f"{row['name']} (damaged)", "-", "-", "-", "-", "-")
+            continue
         label = row["name"] + ("" if row["head"] in (row["name"], f"sklearn:{row['name'][8:]}") else f" ({row['head']})")
         label += ("" if row["tap"] == "pool" else f" [{row['tap']}]") + (" (stale)" if row["stale"] else "")
         table.add_row(label, f"{_percent(row['top1'])} {row['split']}", _percent(row["top5"]),
                       _percent(row["val_top1"]), f"{row['fit_seconds']:.1f}", row["views"])
     console.print(table)
+    damaged = [row for row in rows if row["damaged"]]
+    for row in damaged:
+        err_console.print(f"warning: head {row['name']} is damaged: {row['damaged']}", markup=False, highlight=False,
+                          soft_wrap=True)
+    if damaged:
+        raise typer.Exit(1)
 
 
 @app.command("ensemble")

@@ -33,6 +33,10 @@ def report_command(
     console.print(f"report: {result.path}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"  {len(result.figures)} figures: {', '.join(p.name for p in result.figures)}",
                   markup=False, highlight=False, soft_wrap=True)
+    for note in result.notes:
+        err_console.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)
+    if result.notes:
+        raise typer.Exit(1)
 
 
 def _run(pipeline, quiet: bool):

@@ -323,13 +323,21 @@ def _first_difference(recorded: list[str], current: list[str]) -> str:
 
 
 def leaderboard(cache: Cache | str | Path) -> list[dict]:
-    """Every head on the cache with its headline figure, best first; stale ones last (reads records only)."""
+    """Every head on the cache with its headline figure, best first; stale ones, then damaged ones last
+    (reads records only). A head whose record cannot be read is a row with `damaged` saying why, so one
+    damaged head does not hide the others."""
     from ..cache.store import open_cache
 
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     rows = []
     for name in list_heads(cache):
-        record = read_record(cache, name)
+        try:
+            record = read_record(cache, name)
+        except CorruptCacheError as error:
+            rows.append({"name": name, "head": "", "tap": "", "split": "", "top1": None, "top5": None,
+                         "val_top1": None, "chosen": None, "fit_seconds": None, "stale": True, "note": "",
+                         "views": "", "entries": [], "left_out": {}, "damaged": str(error)})
+            continue
         split = record["headline"]["split"]
         metrics = record["metrics"].get(split)
         metrics = metrics if isinstance(metrics, dict) else {}
@@ -344,5 +352,6 @@ def leaderboard(cache: Cache | str | Path) -> list[dict]:
             "entries": [f"{m['entry']}:{m['head']}" for m in record.get("cross_members") or []],
             "left_out": {split: part["left_out"] for split, part in (record.get("alignment") or {}).items()
                          if part["left_out"]},
+            "damaged": "",
         })
-    return sorted(rows, key=lambda r: (r["stale"], -(r["top1"] or 0.0)))
+    return sorted(rows, key=lambda r: (bool(r["damaged"]), r["stale"], -(r["top1"] or 0.0)))

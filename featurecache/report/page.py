@@ -24,7 +24,7 @@ import numpy as np
 from .. import __version__
 
 from . import plots
-from ..errors import FeatureCacheError, UsageError
+from ..errors import CorruptCacheError, FeatureCacheError, UsageError
 from ..fit.stage import leaderboard
 from ..cache.schema import CROSS_ENSEMBLE
 from ..fit.cross_ensemble import cross_split_probabilities
@@ -81,7 +81,10 @@ def report_inputs(cache: Cache, spec: ReportSpec) -> str:
             stat = path.stat()
             parts.append(f"{path.relative_to(cache.path)}:{stat.st_size}:{stat.st_mtime_ns}")
     for name in list_heads(cache):  # an ensemble across entries turns stale through the other entries
-        record = read_record(cache, name)
+        try:
+            record = read_record(cache, name)
+        except CorruptCacheError:  # the leaderboard marks it damaged; its file's stat above is its input
+            continue
         if record["head"] == CROSS_ENSEMBLE:
             parts.append(f"{name}:{cross_member_changes(cache, record)}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -248,6 +251,7 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
     manifest, config = cache.manifest, cache.manifest["config"]
     board, runs = leaderboard(cache), finetune_records(cache)
     result.head = _chosen_head(cache, board, spec.head)
+    result.notes += [f"head {r['name']} is damaged and left out of the page: {r['damaged']}" for r in board if r["damaged"]]
     figures: dict[str, bytes] = {}
     sections: list[str] = []
 
@@ -284,9 +288,10 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
     # The leaderboard
     sections.append("<h2 id=leaderboard>Leaderboard</h2>")
     if board:
-        rows = [[r["name"] + (" (stale)" if r["stale"] else ""), r["head"], r["tap"], r["split"], _pct(r["top1"]),
-                 _pct(r["top5"]), _pct(r["val_top1"]), f"{r['fit_seconds']:.1f}",
-                 _compact(r["chosen"]), r["views"]] for r in board]
+        rows = [[r["name"] + (" (damaged)" if r["damaged"] else " (stale)" if r["stale"] else ""), r["head"], r["tap"],
+                 r["split"], _pct(r["top1"]), _pct(r["top5"]), _pct(r["val_top1"]),
+                 "–" if r["fit_seconds"] is None else f"{r['fit_seconds']:.1f}", _compact(r["chosen"]), r["views"]]
+                for r in board]
         best = next((i for i, r in enumerate(board) if r["name"] == result.head), None)
         sections.append(_table(["head", "type", "tap", "reported on", "top-1 %", "top-5 %", "val top-1 %", "fit s",
                                 "chosen on validation", "trained on views"], rows, {4, 5, 6, 7}, best))
@@ -295,6 +300,8 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
         sections += [f"<p class=note>{_e(r['name'])} votes across entries: {_e(', '.join(r['entries']))}"
                      + "".join(f"; {n} {_e(split)} row(s) not in every entry were left out"
                                for split, n in r["left_out"].items()) + ".</p>" for r in board if r["entries"]]
+        sections += [f"<p class=warn>{_e(r['name'])} is damaged and left out: {_e(r['damaged'])}</p>"
+                     for r in board if r["damaged"]]
     else:
         sections.append(f"<p>No head fitted yet. Fit one with <code>featurecache fit-head {_e(cache.path.name)} "
                         "--head logistic</code> and build the report again.</p>")
