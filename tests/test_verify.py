@@ -148,6 +148,15 @@ def test_damage_is_reported_refused_on_open_and_repaired(damage, damaged, pristi
 
     listing = runner.invoke(app, ["verify", str(entry)])
     assert listing.exit_code == 1 and f"problem {TARGET}" in listing.stdout
+    # info and ls stat the shards (no read): a missing or resized one is damage, not "complete"
+    info = " ".join(runner.invoke(app, ["info", str(entry)]).stdout.split())  # unwrapped
+    table = runner.invoke(app, ["ls", str(entry.parent)]).stdout
+    if damage in (zero_length, truncated, listed_but_missing):
+        what = "is missing" if damage is listed_but_missing else "has the wrong size"
+        assert f"state: damaged: shard {TARGET} {what} (run featurecache verify --repair)" in info
+        assert "damaged" in table and "complete" not in table
+    else:  # flipped bytes and an unlisted shard take a checksum or a listing: verify's job
+        assert "state: complete" in info and "complete" in table
 
     computed = _computed_by(monkeypatch)
     repaired = runner.invoke(app, ["verify", str(entry), "--repair"])

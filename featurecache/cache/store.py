@@ -238,18 +238,27 @@ class Cache:
         return f"Cache({self.path}, splits={self.splits}, taps={self.taps})"
 
 
+def shard_size_problem(entry_path: Path, manifest: dict) -> tuple[str, str] | None:
+    """The first listed shard that is missing or not its recorded size, and what is wrong with it; None
+    when every shard is there. One stat per shard (checksums are `verify`'s job)."""
+    for shard in manifest["shards"]:
+        file = entry_path / shard["file"]
+        if not file.is_file():
+            return shard["file"], "is missing"
+        if file.stat().st_size != shard["bytes"]:
+            return shard["file"], "has the wrong size"
+    return None
+
+
 def open_cache(path: str | Path, *, root: Path | None = None) -> Cache:
     """Open a finished entry; damage (missing or resized shards) is reported, not hidden."""
     entry_path = resolve_entry(path, root)
     manifest = read_manifest(entry_path)
     if not manifest.get("complete"):
         raise CacheIncompleteError(f"extraction of {entry_path} has not finished; rerun the same featurecache extract to resume")
-    for shard in manifest["shards"]:
-        file = entry_path / shard["file"]
-        if not file.exists():
-            raise CorruptCacheError(f"shard {shard['file']} of {entry_path} is missing; run featurecache verify --repair")
-        if file.stat().st_size != shard["bytes"]:
-            raise CorruptCacheError(f"shard {shard['file']} of {entry_path} has the wrong size; run featurecache verify --repair")
+    problem = shard_size_problem(entry_path, manifest)
+    if problem:
+        raise CorruptCacheError(f"shard {problem[0]} of {entry_path} {problem[1]}; run featurecache verify --repair")
     for split, count in manifest["splits"].items():
         if listed_rows(manifest, split) != count:
             raise CorruptCacheError(f"the shards of {entry_path} do not add up to its {count} {split} rows; "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import FeatureCacheError
 from .manifest import fingerprint_kind, read_manifest
-from .store import entry_size_bytes, list_entries, resolve_entry
+from .store import entry_size_bytes, list_entries, resolve_entry, shard_size_problem
 
 #: How each crop mode resizes (timm's modes; none or center: the shorter side).
 _RESIZE = {"squash": "both sides to ", "border": "longer side to "}
@@ -40,8 +40,18 @@ def entry_rows(root: Path) -> list[tuple[str, ...]]:
         model = f"{config['arch']}\n{config['preprocessing'].get('crop_size', '?')} px\n{', '.join(manifest.get('taps', {}))}"
         rows.append((path.name, config["source"]["name"], model, manifest["weights"]["description"],
                      _rows(manifest), human_bytes(entry_size_bytes(path)),
-                     "complete" if manifest.get("complete") else "incomplete (rerun extract to resume)"))
+                     _state(path, manifest)))
     return rows
+
+
+def _state(path: Path, manifest: dict) -> str:
+    """complete, incomplete, or damaged when a listed shard is missing or resized (a stat per shard)."""
+    if not manifest.get("complete"):
+        return "incomplete (rerun extract to resume)"
+    problem = shard_size_problem(path, manifest)
+    if problem:
+        return f"damaged: shard {problem[0]} {problem[1]} (run featurecache verify --repair)"
+    return "complete"
 
 
 def _fingerprints(manifest: dict) -> str:
@@ -67,7 +77,7 @@ def describe_entry(name: str, root: Path | None = None) -> list[tuple[str, str]]
     lines = [
         ("entry", str(path)),
         ("key", manifest["key"]),
-        ("state", "complete" if manifest.get("complete") else "incomplete (rerun extract to resume)"),
+        ("state", _state(path, manifest)),
         ("source", f"{config['source']['kind']} {config['source']['root']}"),
         ("fingerprints", _fingerprints(manifest)),
         ("model", config["arch"]),

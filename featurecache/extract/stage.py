@@ -35,7 +35,7 @@ from ..cache.layout import MANIFEST, SHARDS_DIR, WEIGHTS_DIR, weights_file
 from ..cache.manifest import new_manifest
 from ..cache.views import check_view_count, parse_policy
 from ..cache.store import (content_key, default_root, entry_dir_name, entry_id, entry_lock,
-                    read_manifest)
+                    read_manifest, shard_size_problem)
 from ..backbones.weights import read_checkpoint, resolve_weights, store_weights
 
 log = logging.getLogger("featurecache")
@@ -311,8 +311,7 @@ def _checkpoint_intact(root: Path, manifest: dict) -> bool:
 
 
 def _shards_present(path: Path, manifest: dict) -> bool:
-    return all((path / s["file"]).is_file() and (path / s["file"]).stat().st_size == s["bytes"]
-               for s in manifest["shards"])
+    return shard_size_problem(path, manifest) is None
 
 
 def _compute(model: StagedBackbone, source, plan: Plan, pipeline: ShardPipeline, spec: ExtractSpec,
