@@ -123,10 +123,13 @@ def test_a_good_file_loads_into_specs(pipeline_file):
     ('name = "tiny"', 'name = "tiny"\ncolour = 1', "bad.toml:4: pipeline.colour: unknown field"),
     ('worst = 4', 'worst = [4', "bad.toml:35: not valid TOML: Unclosed array"),
     ('name = "vote"', 'name = vote', "bad.toml:23: not valid TOML"),
+    ('weights = "random"', 'weights = "mine/resnet18.pth"', "bad.toml:8: extract.weights: no such weights file "),
+    ('name = "tiny"', 'name = "tiny"\nroot = "colours/train/red/0.png"',
+     "bad.toml:4: pipeline.root: {tmp}/colours/train/red/0.png is a file, not a folder"),
 ])
 def test_errors_name_the_file_the_line_and_the_field(tmp_path, old, new, expected):
     _colour_folder(tmp_path / "colours")
-    assert expected in _error(tmp_path, _edit(old, new))
+    assert expected.format(tmp=tmp_path) in _error(tmp_path, _edit(old, new))
 
 
 def test_missing_extract_and_missing_file(tmp_path):
@@ -140,6 +143,9 @@ def test_run_check_validates_only(pipeline_file):
     assert result.exit_code == 0, result.output
     assert "valid (2 heads, an ensemble, a finetune)" in result.stdout
     assert not (pipeline_file.parent / "cache").exists()
+    image = pipeline_file.parent / "colours" / "train" / "red" / "0.png"
+    result = runner.invoke(app, ["run", str(pipeline_file), "--check", "--root", str(image)])
+    assert result.exit_code == 2 and result.stderr == f"error: --root: {image} is a file, not a folder; give a cache folder\n"
 
 
 def test_run_twice_does_no_work_the_second_time(pipeline_file, tmp_path):

@@ -213,7 +213,11 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
     for key in ("name", "root"):
         if key in settings and not isinstance(settings[key], str):
             raise source.error("must be a string (in quotes)", "pipeline", 0, key, f"pipeline.{key}")
-    root = str(root) if root is not None else (_resolve_path(settings["root"], base) if "root" in settings else None)
+    root_given = root is not None
+    root = str(root) if root_given else (_resolve_path(settings["root"], base) if "root" in settings else None)
+    if root is not None and Path(root).exists() and not Path(root).is_dir():
+        message = f"{root} is a file, not a folder; give a cache folder"
+        raise UsageError(f"--root: {message}") if root_given else source.error(message, "pipeline", 0, "root")
     if "extract" not in data:
         raise source.error("missing the [extract] table (at least: source = \"digits\" or a folder)")
     extract_spec = _spec(source, ExtractSpec, data["extract"], "extract", exclude=("root",), fixed={"root": root})
@@ -221,6 +225,9 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
     weights = extract_spec.weights
     if Path(weights).suffix.lower() in (".pt", ".pth", ".bin", ".safetensors"):
         extract_spec = dataclasses.replace(extract_spec, weights=_resolve_path(weights, base))
+        if not Path(extract_spec.weights).is_file():
+            raise source.error(f"no such weights file {extract_spec.weights} (relative paths are relative to {base})",
+                               "extract", 0, "weights")
     _check_backbone(source, extract_spec)
     _checked(source, lambda: _check_extract_spec(extract_spec), "extract", 0, data["extract"])
 
