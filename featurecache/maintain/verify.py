@@ -32,7 +32,7 @@ from ..errors import CorruptCacheError, FeatureCacheError, InvalidRecordError, M
 from ..cache.atomic import is_temporary, write_json_atomic
 from ..cache.layout import (FINETUNE_DIR, FINETUNE_RECORD, FOLDERS_WITH_TEMPORARIES, HEAD_FILE, HEAD_JSON, HEADS_DIR,
                             MANIFEST, SHARDS_DIR, WEIGHTS_DIR, shard_file, weights_file)
-from ..cache.integrity import read_metadata, read_safetensors, read_sealed_json
+from ..cache.integrity import read_safetensors, read_sealed_json
 from ..cache.shards import features_layout, file_sha256, open_h5, read_rows
 from ..cache.manifest import (drop_shards, listed_rows, manifest_seal_problem, read_manifest, tap_shapes,
                               write_manifest)
@@ -308,23 +308,23 @@ def _refuse_edited_settings(path: Path, manifest: dict) -> None:
     config must still give the entry's id (its folder name), and its class list must be
     the one its heads were fitted with. Sealing an edited class list made every head
     predict swapped names; an edited config, a repair that re-extracted another entry."""
-    from ..fit.headstore import RECORD_METADATA
+    from ..fit.headstore import list_heads, read_record
 
     if not path.name.endswith(entry_id(manifest["config"])[:12]):
         raise CorruptCacheError(
             f"the manifest of {path} was edited: its settings (config) no longer give the entry's id "
             f"{path.name[-12:]}, so --repair will not seal them; restore the manifest, or delete {path} and run "
             "featurecache extract again")
-    for file in sorted((path / HEADS_DIR).glob(f"*/{HEAD_FILE}")):
+    cache = Cache(path, manifest)
+    for name in list_heads(cache):
         try:
-            record = json.loads(read_metadata(file, "head file", "")[RECORD_METADATA])
-        except (FeatureCacheError, KeyError, ValueError, OSError):
+            classes = read_record(cache, name)["classes"]
+        except (FeatureCacheError, OSError):
             continue  # a damaged head is reported on its own
-        classes = record.get("classes") if isinstance(record, dict) else None
-        if isinstance(classes, list) and len(classes) == len(manifest["classes"]) and classes != manifest["classes"]:
+        if len(classes) == len(manifest["classes"]) and classes != manifest["classes"]:
             raise CorruptCacheError(
                 f"the manifest of {path} was edited: its classes differ from those head "
-                f"{file.parent.name!r} was fitted with, so --repair will not seal them; restore the manifest "
+                f"{name!r} was fitted with, so --repair will not seal them; restore the manifest "
                 f"(the head records classes {classes[:5]}{'...' if len(classes) > 5 else ''}), or delete {path} "
                 "and run featurecache extract again")
 
