@@ -312,6 +312,8 @@ def test_mismatches_raise():
         ("nope", {}, "unknown head 'nope'; available: ensemble, knn, logistic, mlp"),
         ("logistic", {"lambda_": 1}, "no parameter lambda_"),
         ("logistic", {"C": -1}, "C must be"),
+        ("logistic", {"C": 1e-320}, "C must be at least 1e-300, got 1e-320"),  # 1 / C overflowed: a NaN gradient
+        ("logistic", {"Cs": [1.0, 5e-324]}, "Cs must be at least 1e-300, got 5e-324"),
         ("mlp", {"hidden_sizes": (0,)}, "hidden_sizes"),
         ("sklearn:LinearSVC", {}, "sklearn:<module>.<Estimator>"),
         ("sklearn:nonexistent.Thing", {}, "no module 'nonexistent'"),

@@ -21,6 +21,7 @@ from .logistic_path import Standardization, fit_logistic_path, fit_logistic_path
 logger = logging.getLogger("featurecache")
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 4, 12))
+SMALLEST_C = 1e-300  # any smaller and the objective's 1 / C overflows float64
 
 
 FOLD_LIMIT = 30.0  # largest |mean| / scale of a feature for which the CPU solver reads raw features
@@ -110,10 +111,14 @@ class LogisticHead(NetworkHead):
 
     def _Cs(self) -> list[float]:
         if self.C is None:
-            return parameter_grid(DEFAULT_CS if self.Cs is None else self.Cs, "Cs")
-        if not np.isscalar(self.C) or isinstance(self.C, (str, bool)):
+            name, Cs = "Cs", parameter_grid(DEFAULT_CS if self.Cs is None else self.Cs, "Cs")
+        elif not np.isscalar(self.C) or isinstance(self.C, (str, bool)):
             raise HeadError(f"C must be one number (use Cs for a grid), got {self.C!r}")
-        return parameter_grid(self.C, "C")
+        else:
+            name, Cs = "C", parameter_grid(self.C, "C")
+        if min(Cs) < SMALLEST_C:  # the penalty 1/C overflows float64 (1e-320 gave a NaN gradient)
+            raise HeadError(f"{name} must be at least {SMALLEST_C:g}, got {min(Cs)!r}")
+        return Cs
 
     def _check_params(self) -> None:
         self._Cs()
