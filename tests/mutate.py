@@ -349,6 +349,8 @@ MUTATIONS = [
              "    if root is not None and Path(root).exists() and not Path(root).is_dir():", "    if False:",
              ("tests/test_pipeline.py", "-k", "errors_name or check_validates"),
              "run --check refuses a cache root that is a file"),
+    Mutation("cli-markup-on", "cli/app.py", "console = Console(markup=False, highlight=False)", "console = Console()",
+             ("tests/test_cli.py", "-k", "markup"), "class names, paths and tap labels print as they are, not as markup"),
     Mutation("sweep-same-model-unsaid", "heads/logistic.py",
              "scores[index], same[index] = scored[2], scored[3]", "scores[index] = scored[2]",
              ("tests/test_logistic_path.py", "-k", "scores_each_model"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -70,6 +72,31 @@ def test_extract_then_hit_then_ls_and_info(image_folder, tmp_path):
     assert "photos" in listing.stdout and "resnet18" in listing.stdout
     info = runner.invoke(app, ["info", "photos-resnet18", "--root", root])
     assert info.exit_code == 0 and "random(seed=0)" in info.stdout and "centre crop 32" in info.stdout
+
+
+def test_names_that_look_like_markup_print_as_they_are(tmp_path, monkeypatch):
+    """Class names, paths and tap labels are data: rich read them as markup, so "[bold]" or
+    " [layer3]" vanished from the tables (and a CSV label "cat[/b]" crashed predict with a
+    MarkupError traceback)."""
+    from helpers import write_photo_folder
+
+    folder = write_photo_folder(tmp_path / "photos", labels=("[bold]a", "[i]b"))
+    root = str(tmp_path / "c")
+    args = ["extract", str(folder), "--model", "resnet18", "--weights", "random", "--image-size", "32",
+            "--root", root, "--workers", "0", "--tap", "pool", "--tap", "layer3"]
+    assert runner.invoke(app, args).exit_code == 0
+    (entry,) = [p for p in Path(root).iterdir() if p.name.startswith("photos")]
+    fitted = runner.invoke(app, ["fit-head", str(entry), "--head", "logistic", "--tap", "layer3", "--name", "l3",
+                                 "--param", "C=1.0"])
+    assert fitted.exit_code == 0, fitted.output
+    board = runner.invoke(app, ["heads", str(entry)])
+    assert board.exit_code == 0 and "l3 (logistic) [layer3]" in board.stdout, board.output
+    monkeypatch.chdir(folder / "val" / "[i]b")  # a short path leaves the table room for whole names
+    result = runner.invoke(app, ["predict", str(entry), "[i]b_0.png", "--head", "l3", "--top-k", "2"])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    row = " ".join(result.stdout.split())
+    assert "│ [i]b_0.png │" in row and ("│ [i]b │" in row and "│ [bold]a 0." in row
+                                        or "│ [bold]a │" in row and "│ [i]b 0." in row), result.stdout
 
 
 def test_unsafe_pickle_checkpoint_is_refused(tmp_path):

@@ -27,8 +27,10 @@ from ..options import COMPARE_WEIGHTS, COMPRESSIONS, DECODES, DEVICES, DTYPES, O
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Run a frozen backbone over images once; fit many heads on the cached features.")
-console = Console()
-err_console = Console(stderr=True)
+# No markup or highlighting anywhere: class names, paths and tap labels are data, and text like
+# "[/b]" or " [layer3]" in them crashed a table or vanished from it.
+console = Console(markup=False, highlight=False)
+err_console = Console(stderr=True, markup=False, highlight=False)
 _state = {"debug": False}
 
 
