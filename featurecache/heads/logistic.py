@@ -21,7 +21,9 @@ from .logistic_path import Standardization, fit_logistic_path, fit_logistic_path
 logger = logging.getLogger("featurecache")
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 4, 12))
-SMALLEST_C = 1e-300  # any smaller and the objective's 1 / C overflows float64
+# C outside these overflowed: 1 / C in float64 below 1e-308 (a NaN gradient), the loss term's weight in the bias
+# solve above 5e307 (a traceback); near 1e-300 the streamed fit diverged. Both paths were tried at the bounds.
+C_RANGE = (1e-30, 1e30)
 
 
 FOLD_LIMIT = 30.0  # largest |mean| / scale of a feature for which the CPU solver reads raw features
@@ -116,8 +118,9 @@ class LogisticHead(NetworkHead):
             raise HeadError(f"C must be one number (use Cs for a grid), got {self.C!r}")
         else:
             name, Cs = "C", parameter_grid(self.C, "C")
-        if min(Cs) < SMALLEST_C:  # the penalty 1/C overflows float64 (1e-320 gave a NaN gradient)
-            raise HeadError(f"{name} must be at least {SMALLEST_C:g}, got {min(Cs)!r}")
+        outside = [c for c in Cs if not C_RANGE[0] <= c <= C_RANGE[1]]
+        if outside:
+            raise HeadError(f"{name} must be between {C_RANGE[0]:g} and {C_RANGE[1]:g}, got {outside[0]!r}")
         return Cs
 
     def _check_params(self) -> None:
