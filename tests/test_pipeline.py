@@ -123,13 +123,31 @@ def test_a_good_file_loads_into_specs(pipeline_file):
     ('name = "tiny"', 'name = "tiny"\ncolour = 1', "bad.toml:4: pipeline.colour: unknown field"),
     ('worst = 4', 'worst = [4', "bad.toml:35: not valid TOML: Unclosed array"),
     ('name = "vote"', 'name = vote', "bad.toml:23: not valid TOML"),
-    ('weights = "random"', 'weights = "mine/resnet18.pth"', "bad.toml:8: extract.weights: no such weights file "),
+    ('weights = "random"', 'weights = "mine/resnet18.pth"',
+     "bad.toml:8: extract.weights: weights file {tmp}/mine/resnet18.pth does not exist"),
+    ('weights = "random"', 'weights = "colours"', "bad.toml:8: extract.weights: weights file {tmp}/colours is a folder"),
     ('name = "tiny"', 'name = "tiny"\nroot = "colours/train/red/0.png"',
      "bad.toml:4: pipeline.root: {tmp}/colours/train/red/0.png is a file, not a folder"),
+    ('name = "tiny"', 'name = "tiny"\nroot = "colours/train/red/0.png/cache"',  # the run failed: Not a directory
+     "bad.toml:4: pipeline.root: {tmp}/colours/train/red/0.png/cache is under {tmp}/colours/train/red/0.png, a file"),
+    ('source = "colours"', 'source = "loop"', "bad.toml:6: extract.source: no such folder or CSV file {tmp}/loop"),
 ])
 def test_errors_name_the_file_the_line_and_the_field(tmp_path, old, new, expected):
     _colour_folder(tmp_path / "colours")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")  # Path.resolve raised RuntimeError: a traceback
     assert expected.format(tmp=tmp_path) in _error(tmp_path, _edit(old, new))
+
+
+def test_a_weights_file_without_a_suffix_is_found_beside_the_pipeline(pipeline_file, tmp_path, monkeypatch):
+    """Relative paths are relative to the file: a suffixless weights file was looked up in the
+    working directory (and then refused as an unknown weights name)."""
+    import torch
+    import torchvision
+
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "mine")
+    pipeline_file.write_text(_edit('weights = "random"', 'weights = "mine"'))
+    monkeypatch.chdir("/")
+    assert load_pipeline(pipeline_file).extract.weights == str(tmp_path / "mine")
 
 
 def test_missing_extract_and_missing_file(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import time
 import tomllib
@@ -166,7 +167,20 @@ def _spec(source: _Source, cls: type, values: Any, table: str, index: int = 0, l
 
 def _resolve_path(value: str, base: Path) -> str:
     path = Path(value).expanduser()
-    return str(path if path.is_absolute() else (base / path).resolve())
+    if path.is_absolute():
+        return str(path)
+    try:
+        return str((base / path).resolve())
+    except (RuntimeError, OSError):  # a symlink loop: left for the existence checks to report
+        return os.path.abspath(base / path)
+
+
+def _not_a_folder(path: Path) -> Path | None:
+    """The nearest existing ancestor of `path` (or itself) when it is not a folder, else None."""
+    for part in (path, *path.parents):
+        if part.exists():
+            return None if part.is_dir() else part
+    return None
 
 
 def _check_source(source: _Source, spec: ExtractSpec, base: Path) -> ExtractSpec:
@@ -215,18 +229,23 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
             raise source.error("must be a string (in quotes)", "pipeline", 0, key, f"pipeline.{key}")
     root_given = root is not None
     root = str(root) if root_given else (_resolve_path(settings["root"], base) if "root" in settings else None)
-    if root is not None and Path(root).exists() and not Path(root).is_dir():
-        message = f"{root} is a file, not a folder; give a cache folder"
+    blocker = _not_a_folder(Path(root)) if root is not None else None
+    if blocker is not None:
+        where = f"{root} is a file" if blocker == Path(root) else f"{root} is under {blocker}, a file"
+        message = f"{where}, not a folder; give a cache folder"
         raise UsageError(f"--root: {message}") if root_given else source.error(message, "pipeline", 0, "root")
     if "extract" not in data:
         raise source.error("missing the [extract] table (at least: source = \"digits\" or a folder)")
     extract_spec = _spec(source, ExtractSpec, data["extract"], "extract", exclude=("root",), fixed={"root": root})
     extract_spec = _check_source(source, extract_spec, base)
-    weights = extract_spec.weights
-    if Path(weights).suffix.lower() in (".pt", ".pth", ".bin", ".safetensors"):
-        extract_spec = dataclasses.replace(extract_spec, weights=_resolve_path(weights, base))
-        if not Path(extract_spec.weights).is_file():
-            raise source.error(f"no such weights file {extract_spec.weights} (relative paths are relative to {base})",
+    weights, named = extract_spec.weights, ("random", "imagenet", "pretrained", "default")
+    candidate = Path(_resolve_path(weights, base)) if weights.strip() else None
+    if candidate is not None and (Path(weights).suffix.lower() in (".pt", ".pth", ".bin", ".safetensors")
+                                  or weights.strip().lower() not in named and candidate.exists()):
+        extract_spec = dataclasses.replace(extract_spec, weights=str(candidate))  # relative to the file, as documented
+        if not candidate.is_file():
+            what = "is a folder, not a weights file" if candidate.exists() else "does not exist"
+            raise source.error(f"weights file {candidate} {what} (relative paths are relative to {base})",
                                "extract", 0, "weights")
     _check_backbone(source, extract_spec)
     _checked(source, lambda: _check_extract_spec(extract_spec), "extract", 0, data["extract"])
