@@ -439,6 +439,10 @@ HEAD_ATTACKS = {  # id: (how, exit code, fragment)
     "record-classes-type": (lambda p: reseal(p, change_record=lambda r: r["config"].update(n_classes="2")), 2,
                             "field config.n_classes"),
     "record-name-other": (lambda p: reseal(p, change_record=lambda r: r.update(name="knn")), 2, "field name"),
+    # resealed records that passed the schema and then crashed the report with a traceback
+    "record-metrics-empty": (lambda p: reseal(p, change_record=lambda r: r.update(metrics={})), 2,
+                             "headline.split 'test' has no metrics"),
+    "record-chosen-type": (lambda p: reseal(p, change_record=lambda r: r.update(chosen="x")), 2, "field chosen"),
     "truncated": (lambda p: p.write_bytes(p.read_bytes()[:40]), 1, "unreadable"),
 }
 

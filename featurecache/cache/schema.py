@@ -270,6 +270,7 @@ class HeadRecord(Record):
     headline: HeadlineRecord
     config: HeadConfigRecord
     fit_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    chosen: dict[str, Any] | None = None  # the hyper-parameters chosen on validation
     members: list[HeadName] | None = None
     weights: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
     member_checksums: dict[HeadName, Checksum] | None = None
@@ -283,7 +284,7 @@ class HeadRecord(Record):
             raise ValueError(f"config.head {self.config.head!r} differs from head {self.head!r}")
         if self.config.n_classes != len(self.classes):
             raise ValueError(f"config.n_classes {self.config.n_classes} differs from the {len(self.classes)} classes")
-        if self.metrics and self.headline.split not in self.metrics:
+        if self.headline.split not in self.metrics:  # every fit scores its headline split
             raise ValueError(f"headline.split {self.headline.split!r} has no metrics")
         for split, metrics in self.metrics.items():
             matrix = metrics.confusion_matrix
