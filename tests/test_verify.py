@@ -170,6 +170,24 @@ def test_damage_is_reported_refused_on_open_and_repaired(damage, damaged, pristi
         np.testing.assert_array_equal(features, clean_features)  # bitwise: same batches, same shapes
 
 
+@pytest.mark.parametrize("shards", ["file", "dangling-link"])
+def test_repair_refuses_a_shards_folder_that_is_not_one_and_writes_nothing(damaged, shards, tmp_path):
+    """It dropped the shards from the manifest, then failed on 'Not a directory': the entry was
+    left incomplete and extract then failed on 'File exists'."""
+    _, entry = damaged(lambda entry: None)
+    shutil.rmtree(entry / "shards")
+    if shards == "file":
+        (entry / "shards").write_bytes(b"")
+    else:
+        (entry / "shards").symlink_to(tmp_path / "nowhere")
+    before = (entry / "manifest.json").read_bytes()
+    result = runner.invoke(app, ["verify", str(entry), "--repair"])
+    assert result.exit_code == 1 and result.stderr.startswith("error: ") and "Traceback" not in result.output, result.stderr
+    assert f"{entry / 'shards'} is not a folder" in result.stderr and "move it away" in result.stderr
+    assert (entry / "manifest.json").read_bytes() == before
+    assert "state: complete" not in " ".join(runner.invoke(app, ["info", str(entry)]).stdout.split())
+
+
 def test_every_problem_is_reported_at_once(damaged):
     _, entry = damaged(flipped_bytes)
     (entry / "shards" / "val-00001.h5").unlink()

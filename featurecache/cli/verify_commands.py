@@ -33,7 +33,8 @@ def verify(
         try:
             before, report = repair_entry(cache, root=root, progress=update)
         finally:
-            bar.stop()
+            if bar.live.is_started:  # rich prints a blank line when stopping a bar that never showed
+                bar.stop()
         for problem in (p for p in before.problems if p not in report.problems):
             console.print(f"repaired {problem}", markup=False, highlight=False, soft_wrap=True)
     else:

@@ -343,6 +343,10 @@ def repair_entry(name: str | Path, *, root: Path | None = None, progress=None) -
         raise error(
             f"the manifest of {path} is unreadable or invalid ({first}), so there is no record of what to "
             f"recompute; delete {path} and run featurecache extract again")
+    shards = path / SHARDS_DIR
+    if (shards.exists() or shards.is_symlink()) and not shards.is_dir():  # before any write: nothing half-done
+        raise CorruptCacheError(f"{shards} is not a folder, so --repair cannot write the shards into it; move it "
+                                "away and run featurecache verify --repair again")
     manifest = read_manifest(path, check_seal=False)
     if before.manifest_unsealed:  # every shard was checked against it above; seal what is there again
         _refuse_edited_settings(path, manifest)
