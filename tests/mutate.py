@@ -382,8 +382,11 @@ MUTATIONS = [
              "a knn head predicts what its k was chosen by, also when neighbours tie"),
     Mutation("knn-zero-rows", "heads/knn.py", "    if len(short):\n", "    if False:\n",
              ("tests/test_heads.py", "-k", "without_a_direction"), "knn refuses all-zero rows (no cosine)"),
-    Mutation("predict-nan-ranked", "serve/predict.py", "if np.isfinite(row).all() else", "if True else",
+    Mutation("predict-nan-ranked", "serve/predict.py", "    if not np.isfinite(row).all():", "    if False:",
              ("tests/test_fit.py", "-k", "predict_reports"), "predict gives no class for an image scored NaN"),
+    Mutation("predict-any-row-ranked", "serve/predict.py", "    if row.min() < 0 or abs(total - 1.0) > DISTRIBUTION_TOL:",
+             "    if False:", ("tests/test_fit.py", "-k", "predict_reports"),
+             "predict gives no class for probabilities that are not a distribution"),
 ]
 
 

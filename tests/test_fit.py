@@ -121,7 +121,8 @@ def test_predict_matches_the_head_on_cached_features(colour_cache):
 
 
 class NaNForSecondImage(torch.nn.Module):
-    """A head whose probabilities for the second image of a batch are NaN."""
+    """A head whose probabilities for the second image of a batch are NaN, and for the fourth
+    twice what they should be (a sum of 2: two classes at 1.000 were shown as confident)."""
 
     def __init__(self, head: torch.nn.Module) -> None:
         super().__init__()
@@ -130,6 +131,8 @@ class NaNForSecondImage(torch.nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         probabilities = self.head(features).clone()
         probabilities[1] = float("nan")
+        if len(probabilities) > 3:
+            probabilities[3] *= 2
         return probabilities
 
 
@@ -143,11 +146,13 @@ def test_predict_reports_an_image_it_cannot_score_and_an_unreadable_one(colour_c
     (tmp_path / "broken.jpg").write_bytes(b"not an image")
     expected = predict(predictor, files, top_k=2)
     predictor.head = NaNForSecondImage(predictor.head)
-    results = predict(predictor, [files[0], tmp_path / "broken.jpg", files[1], files[2]], top_k=2)
+    results = predict(predictor, [files[0], tmp_path / "broken.jpg", files[1], files[2], files[1]], top_k=2)
     assert results[1].top == [] and results[1].error.startswith("unreadable: ")
     assert results[2].top == [] and results[2].error == "no prediction: the model gave NaN or inf for this image"
     assert [r.top for r in (results[0], results[3])] == [expected[0].top, expected[2].top]
     assert not results[0].error and not results[3].error
+    assert results[4].top == [] and results[4].error.startswith(
+        "no prediction: the model's probabilities are not a distribution (they sum to 2,")
 
 
 def _test_images(cache, folder, preprocessing) -> torch.Tensor:

@@ -151,6 +151,9 @@ def image_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
+DISTRIBUTION_TOL = 1e-3  # |sum - 1| allowed: float32 softmax over 1,000 classes sums within about 1e-5
+
+
 @dataclass
 class Prediction:
     path: str
@@ -159,7 +162,15 @@ class Prediction:
 
 
 def _top(path: str, row: np.ndarray, classes: list[str], k: int) -> Prediction:
-    """The `k` most probable classes of one row, best first (ties in class order)."""
+    """The `k` most probable classes of one row, best first (ties in class order); an error instead
+    when the row is not a probability distribution (NaN would rank first, and a row summing to 2
+    showed two classes at 1.000)."""
+    if not np.isfinite(row).all():
+        return Prediction(path, [], "no prediction: the model gave NaN or inf for this image")
+    total = float(row.sum(dtype=np.float64))
+    if row.min() < 0 or abs(total - 1.0) > DISTRIBUTION_TOL:
+        return Prediction(path, [], f"no prediction: the model's probabilities are not a distribution "
+                                    f"(they sum to {total:.4g}, the smallest is {float(row.min()):.3g})")
     order = np.argsort(-row, kind="stable")[:k]
     return Prediction(path, [(classes[i], float(row[i])) for i in order])
 
@@ -181,8 +192,7 @@ def predict(predictor: Predictor | CrossPredictor, paths: list[str | Path], *, t
         if tensors:
             probabilities = predictor.predict_prepared(tensors)
             for (position, shown), row in zip(good, probabilities):
-                results.append((position, _top(shown, row, predictor.classes, k) if np.isfinite(row).all() else
-                                Prediction(shown, [], "no prediction: the model gave NaN or inf for this image")))
+                results.append((position, _top(shown, row, predictor.classes, k)))
     return [prediction for _, prediction in sorted(results, key=lambda item: item[0])]
 
 
