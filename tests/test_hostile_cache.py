@@ -483,6 +483,18 @@ def test_damaged_head_is_refused_and_reported(attack, entry, tmp_path, image):
     assert len(board.stderr.strip().splitlines()) == 1 and "Traceback" not in board.output
 
 
+@pytest.mark.parametrize("how", ["deleted", "dangling-link"])
+def test_a_head_whose_file_is_gone_is_listed_as_damaged(entry, tmp_path, how):
+    """heads listed only folders with a head file: a deleted one vanished from the board, exit 0."""
+    head_path(entry, "knn").unlink()
+    if how == "dangling-link":
+        head_path(entry, "knn").symlink_to(tmp_path / "nowhere")
+    board = cli("heads", entry)
+    assert board.exit_code == 1 and "knn (damaged)" in board.stdout and "logistic" in board.stdout, board.output
+    assert board.stderr.startswith("warning: head knn is damaged: its head.safetensors is missing; fit head 'knn' "
+                                   "again"), board.stderr
+
+
 def test_the_report_marks_a_damaged_head_and_shows_the_others(entry, tmp_path):
     HEAD_ATTACKS["record-edited-checksum-kept"][0](head_path(entry))
     result = cli("report", entry, "-o", tmp_path / "page.html")

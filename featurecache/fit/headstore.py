@@ -309,6 +309,15 @@ def list_heads(cache: Cache) -> list[str]:
                   if re.fullmatch(HEAD_NAME_PATTERN, p.name) and (p / HEAD_FILE).exists())
 
 
+def _headless(cache: Cache) -> list[str]:
+    """Head folders that hold a head.json but no head file (or only a dangling link to one)."""
+    root = cache.path / HEADS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if re.fullmatch(HEAD_NAME_PATTERN, p.name)
+                  and (p / HEAD_JSON).exists() and not (p / HEAD_FILE).exists())
+
+
 def views_label(views: object) -> str:
     """What a head record says of augmented views: "-" for none, else how many and how used."""
     if not isinstance(views, dict) or not views.get("views"):
@@ -329,14 +338,19 @@ def leaderboard(cache: Cache | str | Path) -> list[dict]:
     from ..cache.store import open_cache
 
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
-    rows = []
+
+    def damaged(name: str, why: str) -> dict:
+        return {"name": name, "head": "", "tap": "", "split": "", "top1": None, "top5": None, "val_top1": None,
+                "chosen": None, "fit_seconds": None, "stale": True, "note": "", "views": "", "entries": [],
+                "left_out": {}, "damaged": why}
+
+    # head.json is written after the head file: a folder with it and without the file lost its head
+    rows = [damaged(name, f"its {HEAD_FILE} is missing; {_advice(name)}") for name in _headless(cache)]
     for name in list_heads(cache):
         try:
             record = read_record(cache, name)
         except CorruptCacheError as error:
-            rows.append({"name": name, "head": "", "tap": "", "split": "", "top1": None, "top5": None,
-                         "val_top1": None, "chosen": None, "fit_seconds": None, "stale": True, "note": "",
-                         "views": "", "entries": [], "left_out": {}, "damaged": str(error)})
+            rows.append(damaged(name, str(error)))
             continue
         split = record["headline"]["split"]
         metrics = record["metrics"].get(split)
