@@ -72,6 +72,12 @@ def test_extract_then_hit_then_ls_and_info(image_folder, tmp_path):
     assert "photos" in listing.stdout and "resnet18" in listing.stdout
     info = runner.invoke(app, ["info", "photos-resnet18", "--root", root])
     assert info.exit_code == 0 and "random(seed=0)" in info.stdout and "centre crop 32" in info.stdout
+    # a typo, a file or an entry given as the root is an error, not "no cache entries"
+    entry = next(p for p in (tmp_path / "c").iterdir() if p.name.startswith("photos"))
+    for given, fragment in ((tmp_path / "nothere", "does not exist"), (image_folder / "train" / "ants" / "ants_0.png",
+                            "is not a folder"), (entry, "is a cache entry, not a cache root; run featurecache info")):
+        result = runner.invoke(app, ["ls", str(given)])
+        assert result.exit_code == 2 and fragment in _one_line_error(result), result.output
 
 
 def test_names_that_look_like_markup_print_as_they_are(tmp_path, monkeypatch):

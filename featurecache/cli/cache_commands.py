@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from .app import app, console, handle_errors, progress_bar, Precision, Dtype, Device, OnError, Optimize, Decode, Compression
+from ..errors import UsageError
 
 
 @app.command()
@@ -107,9 +108,16 @@ def list_entries(
 
     Example: featurecache ls cache/
     """
+    from ..cache.layout import MANIFEST
     from ..cache.summary import entry_rows
     from ..cache.store import default_root
 
+    if root is not None:  # a typo must not read as an empty cache (the default root may not exist yet)
+        if (root / MANIFEST).exists():
+            raise UsageError(f"{root} is a cache entry, not a cache root; run featurecache info {root}")
+        if not root.is_dir():
+            what = "is not a folder" if root.exists() or root.is_symlink() else "does not exist"
+            raise UsageError(f"cache root {root} {what}; give the folder that holds the entries")
     rows = entry_rows(root or default_root())
     if not rows:
         console.print(f"no cache entries under {root or default_root()}", markup=False)
