@@ -336,6 +336,8 @@ def test_cli_predict_exits_1_when_an_image_has_no_prediction(colour_cache, tmp_p
     rows = out.read_text().splitlines()[1:]
     assert len(rows) == 3 and rows[1].split(",")[-1].startswith("unreadable: ")
     assert [row.split(",")[-1] for row in (rows[0], rows[2])] == ["", ""]
+    result = runner.invoke(app, ["predict", path, str(broken), "--head", "logistic", "-o", str(out), "--overwrite"])
+    assert result.exit_code == 1 and out.read_text().splitlines()[0] == "path,class1,prob1,class2,prob2,class3,prob3,error"
     result = runner.invoke(app, ["predict", path, str(broken), "--head", "logistic"])
     assert result.exit_code == 1 and "unreadable: " in result.stdout
     assert result.stderr.strip() == "warning: 1 of 1 have no prediction (the table says why)"

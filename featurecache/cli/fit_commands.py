@@ -215,17 +215,19 @@ def predict_command(
                              "(a finetune run changed the backbone: pass it image paths instead)")
         from ..serve.predict import predict_split
 
-        results = predict_split(_open(cache, root), head, split, top_k=top_k)
+        opened = _open(cache, root)
+        results, n_classes = predict_split(opened, head, split, top_k=top_k), len(opened.classes)
     else:
         if not paths:
             raise UsageError("give image files or folders to classify, or --split SPLIT to predict a cached split")
         from ..serve.predict import predict
 
-        results = predict(_predictor(cache, head, finetune, root), list(paths), top_k=top_k)
+        predictor = _predictor(cache, head, finetune, root)
+        results, n_classes = predict(predictor, list(paths), top_k=top_k), len(predictor.classes)
     if output is not None:
         from ..cache.atomic import write_atomic
 
-        columns = max((len(r.top) for r in results), default=0)  # top_k, or fewer where there are fewer classes
+        columns = min(top_k, n_classes)  # also when no image got a prediction: scripts expect the columns
 
         def write_csv(tmp: Path) -> None:
             with open(tmp, "w", newline="", encoding="utf-8") as handle:
