@@ -483,6 +483,19 @@ def test_damaged_head_is_refused_and_reported(attack, entry, tmp_path, image):
     assert len(board.stderr.strip().splitlines()) == 1 and "Traceback" not in board.output
 
 
+def test_the_report_of_a_head_with_damaged_tensors_is_written_without_its_mistakes(entry, tmp_path):
+    """Its record is sound (heads cannot tell), but its tensors fail their checksum: the page
+    was not written at all. Now everything but the mistakes is, with a warning and exit 1."""
+    flip_byte(head_path(entry), 50)
+    result = cli("report", entry, "--head", "logistic", "-o", tmp_path / "page.html")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.startswith("warning: the mistakes of head logistic are left out of the page: ")
+    assert "fail their checksum" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    page = (tmp_path / "page.html").read_text()
+    assert "Leaderboard" in page and "confusion matrix" in page and "left out of the page" in page
+    assert "No mistakes" not in page
+
+
 @pytest.mark.parametrize("how", ["deleted", "dangling-link"])
 def test_a_head_whose_file_is_gone_is_listed_as_damaged(entry, tmp_path, how):
     """heads listed only folders with a head file: a deleted one vanished from the board, exit 0."""

@@ -341,11 +341,15 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
                 ["true class", "predicted as", "images", "% of the true class"],
                 [[true, predicted, count, f"{100 * share:.1f}"] for true, predicted, count, share in pairs], {2, 3}))
         cache_split = split if split in cache.labeled_splits else _projection_split(cache)
-        mistakes, why = _mistakes(cache, result.head, cache_split, spec.worst) if spec.worst else ([], None)
+        try:
+            mistakes, why = _mistakes(cache, result.head, cache_split, spec.worst) if spec.worst else ([], None)
+        except CorruptCacheError as error:  # its tensors (the record above is sound): the rest of the page stands
+            result.notes.append(f"the mistakes of head {result.head} are left out of the page: {error}")
+            mistakes, why = None, result.notes[-1]
         if mistakes:
             sections.append(f"<h3>The {len(mistakes)} most confident mistakes ({_e(cache_split)})</h3><div class=thumbs>"
                             + "".join(_thumb(m) for m in mistakes) + "</div>")
-        elif spec.worst:
+        elif spec.worst and mistakes is not None:
             sections.append(f"<p class=note>No mistakes on {_e(cache_split)}.</p>")
         if why:
             sections.append(f"<p class=note>{_e(why)}</p>")
