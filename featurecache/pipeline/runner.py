@@ -17,14 +17,13 @@ import os
 import re
 import time
 import tomllib
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import FeatureCacheError, UsageError
+from .tables import PipelineText, spec_from_table
 from ..extract.stage import ExtractSpec, extract
 from ..fit.stage import FitSpec, fit_head, make_ensemble
 from ..fit.headstore import default_head_name, read_record, stale_members
@@ -34,7 +33,6 @@ from ..cache.store import Cache, open_cache
 
 #: FinetuneSpec fields that do not change the result (finetune.py ignores them on resume too).
 _FINETUNE_FREE = ("workers", "restart", "device")
-_HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.-]+)\s*\]\]?")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,95 +74,6 @@ class PipelineResult:
 
 # ---------------------------------------------------------------- loading and validation
 
-class _Source:
-    """The file's text, to point errors at a line."""
-
-    def __init__(self, path: Path, text: str) -> None:
-        self.path, self.lines = path, text.splitlines()
-
-    def line(self, table: str | None, index: int = 0, key: str | None = None) -> int:
-        current, counts, header = (None, 0), {}, None
-        for number, line in enumerate(self.lines, 1):
-            match = _HEADER.match(line)
-            if match:
-                name = match.group(2)
-                counts[name] = counts.get(name, -1) + 1 if match.group(1) == "[[" else 0
-                current = (name, counts[name])
-                if current == (table, index) and header is None:
-                    header = number
-                continue
-            if key and current == (table, index) and re.match(rf"\s*\"?{re.escape(key)}\"?\s*=", line):
-                return number
-        return header or 1
-
-    def error(self, message: str, table: str | None = None, index: int = 0, key: str | None = None,
-              label: str | None = None) -> UsageError:
-        where = label or ".".join(p for p in (table, key) if p)
-        return UsageError(f"{self.path}:{self.line(table, index, key)}: {where + ': ' if where else ''}{message}")
-
-
-def _convert(value: Any, kind: Any) -> Any:
-    """`value` as `kind` (a field's type), or raise TypeError with what was expected."""
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, types.UnionType):
-        return _convert(value, next(a for a in args if a is not type(None)))
-    if kind is Any:
-        return value
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError("true or false")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise TypeError("an integer")
-    if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise TypeError("a number")
-    if kind is str:
-        if isinstance(value, str):
-            return value
-        raise TypeError("a string (in quotes)")
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise TypeError("a list, e.g. [1, 2]")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0]) for v in value)
-        if len(value) != len(args):
-            raise TypeError(f"a list of {len(args)} values")
-        return tuple(_convert(v, a) for v, a in zip(value, args))
-    if origin is dict:
-        if isinstance(value, dict):
-            return value
-        raise TypeError("a table, e.g. { C = 0.1 }")
-    return value
-
-
-def _spec(source: _Source, cls: type, values: Any, table: str, index: int = 0, label: str | None = None,
-          exclude: tuple[str, ...] = (), fixed: dict | None = None):
-    """Build a frozen spec from one TOML table, naming the line of any bad field."""
-    label = label or table
-    if not isinstance(values, dict):
-        raise source.error(f"must be a table ([{table}])", table, index, label=label)
-    hints = typing.get_type_hints(cls)
-    allowed = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in exclude]
-    kwargs = dict(fixed or {})
-    for key, value in values.items():
-        if key not in allowed:
-            raise source.error(f"unknown field; expected one of: {', '.join(allowed)}", table, index, key,
-                               f"{label}.{key}")
-        try:
-            kwargs[key] = _convert(value, hints[key])
-        except TypeError as error:
-            raise source.error(f"must be {error}, got {value!r}", table, index, key, f"{label}.{key}") from None
-    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in kwargs
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise source.error(f"missing required field {missing[0]!r}", table, index, label=label)
-    return cls(**kwargs)
-
-
 def _resolve_path(value: str, base: Path) -> str:
     path = Path(value).expanduser()
     if path.is_absolute():
@@ -183,7 +92,7 @@ def _not_a_folder(path: Path) -> Path | None:
     return None
 
 
-def _check_source(source: _Source, spec: ExtractSpec, base: Path) -> ExtractSpec:
+def _check_source(source: PipelineText, spec: ExtractSpec, base: Path) -> ExtractSpec:
     value = spec.source
     prefix, _, rest = value.partition(":")
     if value.lower() == "digits":
@@ -215,7 +124,7 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
         match = re.search(r"line (\d+)", str(error))
         line = match.group(1) if match else max(len(text.splitlines()), 1)  # "at end of document"
         raise UsageError(f"{path}:{line}: not valid TOML: {error}") from None
-    source, base = _Source(path, text), path.resolve().parent
+    source, base = PipelineText(path, text), path.resolve().parent
     known = ("pipeline", "extract", "heads", "ensemble", "finetune", "report")
     for key in data:
         if key not in known:
@@ -236,7 +145,8 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
         raise UsageError(f"--root: {message}") if root_given else source.error(message, "pipeline", 0, "root")
     if "extract" not in data:
         raise source.error("missing the [extract] table (at least: source = \"digits\" or a folder)")
-    extract_spec = _spec(source, ExtractSpec, data["extract"], "extract", exclude=("root",), fixed={"root": root})
+    extract_spec = spec_from_table(source, ExtractSpec, data["extract"], "extract", exclude=("root",),
+                                   fixed={"root": root})
     extract_spec = _check_source(source, extract_spec, base)
     weights, named = extract_spec.weights, ("random", "imagenet", "pretrained", "default")
     candidate = Path(_resolve_path(weights, base)) if weights.strip() else None
@@ -253,7 +163,7 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
     tables = data.get("heads", [])
     if not isinstance(tables, list):
         raise source.error("must be an array of tables: write [[heads]] once per head", "heads", label="heads")
-    heads = tuple(_spec(source, FitSpec, table, "heads", i, f"heads[{i + 1}]", exclude=("overwrite",))
+    heads = tuple(spec_from_table(source, FitSpec, table, "heads", i, f"heads[{i + 1}]", exclude=("overwrite",))
                   for i, table in enumerate(tables))
     names: list[str] = []
     for i, head in enumerate(heads):
@@ -265,7 +175,7 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
         names.append(name)
     ensemble = None
     if "ensemble" in data:
-        ensemble = _spec(source, EnsembleStep, data["ensemble"], "ensemble")
+        ensemble = spec_from_table(source, EnsembleStep, data["ensemble"], "ensemble")
         _checked(source, lambda: _check_ensemble(ensemble), "ensemble", 0, data["ensemble"])
         unknown = [m for m in ensemble.members if m not in names]
         if unknown:
@@ -275,7 +185,7 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
     if "finetune" in data:
         from ..finetune.stage import FinetuneSpec
 
-        finetune = _spec(source, FinetuneSpec, data["finetune"], "finetune", exclude=("restart",))
+        finetune = spec_from_table(source, FinetuneSpec, data["finetune"], "finetune", exclude=("restart",))
         from ..finetune.stage import check_finetune_spec, with_default_unfreeze
 
         _checked(source, lambda: check_finetune_spec(finetune), "finetune", 0, data["finetune"])
@@ -290,7 +200,7 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
         if needed and needed not in extract_spec.taps:
             raise source.error(f"needs the activations of tap {needed}: add it to [extract] taps "
                                f"(e.g. taps = [\"pool\", \"{needed}\"])", "finetune", 0, "from_cache")
-    report = _spec(source, ReportSpec, data.get("report", {}), "report")
+    report = spec_from_table(source, ReportSpec, data.get("report", {}), "report")
     if report.max_points < 10 or report.worst < 0:
         key = "max_points" if report.max_points < 10 else "worst"
         raise source.error("max_points must be at least 10 and worst at least 0", "report", 0, key, f"report.{key}")
@@ -318,7 +228,7 @@ def _fast_path_tap(model: str, unfreeze: str) -> str | None:
     return staged.input_tap(staged.block_stage(blocks[0]))
 
 
-def _check_backbone(source: _Source, spec: ExtractSpec) -> None:
+def _check_backbone(source: PipelineText, spec: ExtractSpec) -> None:
     from ..backbones.registry import get_backbone, validate_taps
 
     try:
@@ -331,7 +241,7 @@ def _check_backbone(source: _Source, spec: ExtractSpec) -> None:
         raise source.error(str(error), "extract", 0, "taps") from None
 
 
-def _check_head(source: _Source, spec: FitSpec, index: int) -> None:
+def _check_head(source: PipelineText, spec: FitSpec, index: int) -> None:
     from ..fit.stage import check_fit_spec
     from ..heads.registry import SKLEARN_PREFIX, available_heads, make_head
 
@@ -368,7 +278,7 @@ def _check_ensemble(step: EnsembleStep) -> None:
         raise UsageError("weights: one finite, non-negative weight per member, not all zero")
 
 
-def _checked(source: _Source, check: Callable[[], None], table: str, index: int, values: dict,
+def _checked(source: PipelineText, check: Callable[[], None], table: str, index: int, values: dict,
              label: str | None = None) -> None:
     """Run a stage's own validation; its error as `file:line: table.field: message`."""
     try:
