@@ -12,6 +12,11 @@ from PIL import Image
 from featurecache.extract.stage import ExtractSpec
 
 
+def stderr_lines(result) -> list[str]:
+    """stderr's lines, blank ones kept: a stray blank line before `error:` breaks the one-line rule."""
+    return result.stderr.rstrip("\n").split("\n") if result.stderr else []
+
+
 def write_image(path: Path, seed: int, size: int = 40, fmt: str | None = None) -> Path:
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)

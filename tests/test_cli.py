@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from featurecache.cli import app
+from helpers import stderr_lines
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,7 +29,7 @@ def test_every_command_has_help_with_an_example(command):
 
 
 def _one_line_error(result):
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = stderr_lines(result)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.output
     return lines[0]
@@ -49,6 +50,32 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(arguments, fragment, tm
     assert result.exit_code == 2, result.output
     assert fragment in _one_line_error(result)
     assert not root.exists() or not any(p.name != "_weights" for p in root.iterdir())
+
+
+@pytest.mark.parametrize("arguments, fragment", [
+    (["extract", "digits", "--image-size", "abc"], "Invalid value for '--image-size'"),
+    (["extract", "digits", "--batch-size", "0"], "Invalid value for '--batch-size'"),
+    (["extract", "digits", "--shard-size", "0"], "Invalid value for '--shard-size'"),
+    (["extract", "digits", "--precision", "fp64"], "Invalid value for '--precision'"),
+    (["extract", "--bogus"], "No such option: --bogus"),
+    (["fit-head"], "Missing argument"),
+    (["no-such-command"], "No such command"),
+    (["fit-head", "x", "--max-memory", "inf"], "is not a size"),
+    (["fit-head", "x", "--max-memory", "-inf"], "is not a size"),
+    (["fit-head", "x", "--max-memory", "1e400"], "is not a size"),
+    (["fit-head", "x", "--max-memory", "nan"], "is not a size"),
+])
+def test_argument_errors_are_one_line_exit_2(arguments, fragment):
+    """Click's own errors (types, ranges, unknown options) obey the same one-line rule."""
+    result = runner.invoke(app, arguments)
+    assert result.exit_code == 2, result.output
+    assert fragment in _one_line_error(result)
+    assert "Usage:" not in result.output
+
+
+def test_bare_command_still_shows_the_help():
+    result = runner.invoke(app, [])
+    assert "Usage: " in result.output and "fit-head" in result.output
 
 
 def test_empty_dataset(tmp_path):

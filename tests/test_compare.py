@@ -19,7 +19,7 @@ from featurecache.cli import app
 from featurecache.errors import BackboneError, HeadError, UsageError
 from featurecache.fit.stage import FitSpec, fit_head
 from featurecache.report.comparison import build_comparison_page, plotted_points
-from helpers import write_photo_folder
+from helpers import write_photo_folder, stderr_lines
 
 pytest.importorskip("timm")
 
@@ -153,7 +153,7 @@ def test_cli_prints_the_table_writes_the_report_and_reports_a_head_that_fails_on
     result = runner.invoke(app, ["compare", str(photos), "--model", MODELS[0], "--model", MODELS[1], "--head",
                                  "logistic", "--head", "knn", "--root", str(root), "-q", "-o", str(output), *CLI])
     assert result.exit_code == 1, result.output
-    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = stderr_lines(result)
     assert errors == ["error: head compare-knn failed on timm:convnext_atto: k-NN could not be fitted here "
                       "(made to fail by the test)"], result.stderr
     assert "Traceback" not in result.output
@@ -190,7 +190,7 @@ def test_bad_input_is_one_line_exit_2_before_any_extraction(models, heads, fragm
     result = runner.invoke(app, ["compare", "/no/such/photos" if not heads else str(tmp_path), *arguments,
                                  "--root", str(root), *CLI, "-o", output])
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = stderr_lines(result)
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
     assert not root.exists() and not (tmp_path / "c.html").exists()
 
@@ -202,7 +202,7 @@ def test_missing_pretrained_weights_of_a_later_model_stop_the_run_before_the_fir
     result = runner.invoke(app, ["compare", str(image_folder), "--model", "resnet18", "--model", "timm:convnext_atto",
                                  "--root", str(root), "--workers", "0", "--image-size", "32"])
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = stderr_lines(result)
     assert len(lines) == 1 and "timm:convnext_atto pretrained weights are not on this machine" in lines[0]
     assert not root.exists()
 

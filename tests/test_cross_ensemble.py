@@ -28,6 +28,7 @@ from featurecache.fit.stage import FitSpec, fit_head, make_ensemble
 from featurecache.heads.metrics import classification_metrics
 from featurecache.report.page import ReportSpec, build_report, report_inputs
 from featurecache.serve.predict import load_predictor, predict, predict_split
+from helpers import stderr_lines
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
@@ -318,7 +319,7 @@ def test_record_schema_refuses_a_tampered_member_entry(entries):
 
 
 def _one_line_error(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = stderr_lines(result)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.output
     return lines[0]

@@ -464,7 +464,8 @@ def test_an_estimator_whose_state_does_not_survive_saving_is_an_error_not_a_trac
         roundtrip(head, tmp_path).predict_proba(TEST[0])
 
 
-@pytest.mark.parametrize("weights", [{"a": 1}, [True, False], [1, "2"], [1.0, -1.0], [0, 0], [1.0, float("nan")], [1.0]])
+@pytest.mark.parametrize("weights", [{"a": 1}, [True, False], [1, "2"], [1.0, -1.0], [0, 0], [1.0, float("nan")], [1.0],
+                                     [1e308, 1e308]])
 def test_ensemble_weights_must_be_non_negative_numbers(weights):
     """A dict gave numpy's TypeError, and booleans passed as 1 and 0."""
     with pytest.raises(HeadError, match="ensemble weights must be 2 non-negative numbers, not all zero; got"):

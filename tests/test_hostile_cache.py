@@ -32,7 +32,7 @@ from featurecache.cache.integrity import seal, seal_json
 from featurecache.cache.shards import file_sha256
 from featurecache.maintain.verify import verify_entry
 
-from helpers import write_image
+from helpers import write_image, stderr_lines
 from processes import run_cli, tiny_backbone
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -90,7 +90,7 @@ def cli(*args):
 def assert_error(result, code: int, *fragments: str) -> str:
     """One `error:` line on stderr, the exit code, no traceback; returns the line."""
     assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = stderr_lines(result)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.output
     for fragment in fragments:

@@ -16,7 +16,7 @@ from featurecache.cache.manifest import FORMAT_VERSION, read_manifest, write_man
 from featurecache.cli import app
 from featurecache.errors import InvalidRecordError
 
-from helpers import write_image
+from helpers import write_image, stderr_lines
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -85,7 +85,7 @@ def test_another_format_version_fails_in_one_line_naming_it(entry, version):
     path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": version}))
     result = CliRunner().invoke(app, ["info", str(entry)])
     assert result.exit_code == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = stderr_lines(result)
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output
     assert f"format_version: {version!r}" in lines[0] and f"format {FORMAT_VERSION}" in lines[0]
     assert "extract the dataset again" in lines[0]

@@ -16,7 +16,7 @@ from featurecache.cache.views import choose_view_set, load_views, parse_policy, 
 from featurecache.errors import UsageError
 from featurecache.extract.views import augmented_view, view_generator
 
-from helpers import flip_feature_byte, write_image
+from helpers import flip_feature_byte, write_image, stderr_lines
 from processes import run_cli, tiny_backbone
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -125,7 +125,7 @@ def _invoke(argv: list[str]) -> tuple[int, str]:
     from featurecache.cli import app
 
     result = CliRunner().invoke(app, argv)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = stderr_lines(result)
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
     return result.exit_code, lines[0]
 

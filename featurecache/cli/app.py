@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .. import __version__
@@ -25,7 +26,34 @@ from ..options import COMPARE_WEIGHTS, COMPRESSIONS, DECODES, DEVICES, DTYPES, O
 # commands that use them, never at module level here or in the cli_* modules: --help,
 # --version, ls, info, heads and argument errors answer at once (tests/test_startup.py).
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+class _OneLineErrors(typer.core.TyperGroup):
+    """Click's own errors (a bad value, a missing argument) as one `error:` line, exit 2.
+
+    Click prints a usage block, a hint and `Error: ...` over several lines; the CLI promises
+    one line for every bad input, whichever layer notices it.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as error:  # bare `featurecache`: the help, as click shows it
+            error.show()
+            sys.exit(error.exit_code)
+        except ClickException as error:
+            message = " ".join(error.format_message().split())
+            if isinstance(error, UsageError) and error.ctx is not None:
+                message += f" (see: {error.ctx.command_path} --help)"
+            typer.echo(f"error: {message}", err=True)
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)  # non-standalone click returns Exit's code
+
+
+app = typer.Typer(cls=_OneLineErrors, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Run a frozen backbone over images once; fit many heads on the cached features.")
 # No markup or highlighting anywhere: class names, paths and tap labels are data, and text like
 # "[/b]" or " [layer3]" in them crashed a table or vanished from it.
@@ -117,6 +145,13 @@ def progress_bar(description: str, quiet: bool):
         progress.refresh()
 
     return progress, update
+
+
+def stop_bar(progress) -> None:
+    """Stop a progress display if it ever showed: rich prints a blank line when stopping one that
+    did not, and that blank line came before `error: ...`, breaking the one-line rule."""
+    if progress.live.is_started:
+        progress.stop()
 
 
 def main() -> None:

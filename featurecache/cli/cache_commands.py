@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app, console, handle_errors, progress_bar, Precision, Dtype, Device, OnError, Optimize, Decode, Compression
+from .app import app, console, handle_errors, progress_bar, stop_bar, Precision, Dtype, Device, OnError, Optimize, Decode, Compression
 from ..errors import UsageError
 
 
@@ -71,7 +71,7 @@ def extract(
     try:
         result = run_extract(spec, progress=update)
     finally:
-        bar.stop()
+        stop_bar(bar)
     if follower:
         return
     if quiet:

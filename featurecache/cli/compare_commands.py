@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import CompareWeights, Device, Precision, app, console, err_console, handle_errors, progress_bar
+from .app import CompareWeights, Device, Precision, app, console, err_console, handle_errors, progress_bar, stop_bar
 
 
 @app.command("compare")
@@ -40,12 +40,12 @@ def compare_command(
     check_output(output)  # a folder given as -o is refused before the extractions, not after them
     bars = []
 
-    def stop_bar() -> None:
-        if bars and bars[-1][0].live.is_started:  # rich prints a blank line when stopping a bar never shown
-            bars[-1][0].stop()
+    def stop_last_bar() -> None:
+        if bars:
+            stop_bar(bars[-1][0])
 
     def on_backbone(name: str, number: int, total: int) -> None:
-        stop_bar()
+        stop_last_bar()
         if not quiet:
             err_console.print(f"[{number}/{total}] {name}", markup=False, highlight=False)
         bars.append(progress_bar("extract", quiet))
@@ -57,7 +57,7 @@ def compare_command(
             batch_size=batch_size, workers=workers, on_backbone=on_backbone,
             progress=lambda done, total: bars[-1][1](done, total))
     finally:
-        stop_bar()
+        stop_last_bar()
     for columns, rows in ((comparison.BACKBONE_COLUMNS, comparison.backbone_rows()),
                           (comparison.HEAD_COLUMNS, comparison.head_rows())):
         table = Table(*columns)

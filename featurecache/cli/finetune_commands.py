@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .app import Device, Precision, app, console, err_console, handle_errors
+from .app import Device, Precision, app, console, err_console, handle_errors, stop_bar
 
 
 @app.command("finetune")
@@ -74,8 +74,10 @@ def finetune_command(
                         stats=f"loss {event['loss']:.4f} acc {event['top1']:.2%}")
         progress.refresh()
 
-    with progress:
+    try:
         result = finetune(open_cache(cache, root=root), spec, progress=update)
+    finally:
+        stop_bar(progress)
     record = result.record
     start, best = record["history"][0]["val_top1"], result.best
     if result.resumed_from:

@@ -37,7 +37,7 @@ def _parse_bytes(text: str) -> int:
         number, unit = number[:-1], number[-1]
     try:
         value = int(float(number) * units[unit])
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: inf, 1e400
         raise UsageError(f"--max-memory {text!r} is not a size; use e.g. 8G, 512M or a number of bytes") from None
     if value <= 0:
         raise UsageError("--max-memory must be positive")

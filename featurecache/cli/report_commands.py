@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import app, console, err_console, handle_errors, progress_bar
+from .app import app, console, err_console, handle_errors, progress_bar, stop_bar
 
 
 @app.command("report")
@@ -45,12 +45,8 @@ def _run(pipeline, quiet: bool):
 
     bar, update = progress_bar("extract", quiet)
 
-    def stop_bar() -> None:
-        if bar.live.is_started:  # rich prints a blank line when stopping a bar that never showed
-            bar.stop()
-
     def on_step(outcome) -> None:
-        stop_bar()
+        stop_bar(bar)
         if not quiet:
             state = "cached" if outcome.cached else f"done in {outcome.seconds:.1f}s"
             console.print(f"{outcome.step:<24} {state:<16} {outcome.summary}", markup=False, highlight=False, soft_wrap=True)
@@ -63,7 +59,7 @@ def _run(pipeline, quiet: bool):
     try:
         return run_pipeline(pipeline, on_step=on_step, progress=update, finetune_progress=on_finetune)
     finally:
-        stop_bar()
+        stop_bar(bar)
 
 
 @app.command("run")

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import app, console, err_console, handle_errors, progress_bar
+from .app import app, console, err_console, handle_errors, progress_bar, stop_bar
 
 
 @app.command()
@@ -33,8 +33,7 @@ def verify(
         try:
             before, report = repair_entry(cache, root=root, progress=update)
         finally:
-            if bar.live.is_started:  # rich prints a blank line when stopping a bar that never showed
-                bar.stop()
+            stop_bar(bar)
         for problem in (p for p in before.problems if p not in report.problems):
             console.print(f"repaired {problem}", markup=False, highlight=False, soft_wrap=True)
     else:
