@@ -390,6 +390,22 @@ MUTATIONS = [
     Mutation("predict-any-row-ranked", "serve/predict.py", "    if row.min() < 0 or abs(total - 1.0) > DISTRIBUTION_TOL:",
              "    if False:", ("tests/test_fit.py", "-k", "predict_reports"),
              "predict gives no class for probabilities that are not a distribution"),
+    # Data read right: listings that contradict themselves are refused, classes left untaught are said.
+    Mutation("csv-repeated-file", "data/sources.py", "        _refuse_repeated_files(csv_path, base, rows)\n", "",
+             ("tests/test_layout.py", "-k", "twice"), "a CSV listing one image twice is refused"),
+    Mutation("csv-repeated-unnormalised", "data/sources.py",
+             "where = os.path.normpath(path if os.path.isabs(path) else base / path)",
+             "where = str(path if os.path.isabs(path) else base / path)",
+             ("tests/test_layout.py", "-k", "twice"), "./a.png and a.png are one file"),
+    Mutation("label-twins", "data/layout_checks.py", "        if twin != name:", "        if False:",
+             ("tests/test_layout.py", "-k", "two_ways"), "labels spelt two ways are refused"),
+    Mutation("twin-numbers", "data/layout_checks.py", "        value = float(name)", "        value = float('x' + name)",
+             ("tests/test_layout.py", "-k", "two_ways"), "1 and 1.0 are one label"),
+    Mutation("csv-unknown-split", "data/sources.py", "if label and split not in SPLIT_ORDER and not allow_layout:",
+             "if False:", ("tests/test_layout.py", "-k", "unknown_split"), "labelled rows in a misspelt split are refused"),
+    Mutation("untaught-classes", "cache/coverage.py", "    missing = np.flatnonzero(counts[\"train\"] == 0)",
+             "    missing = np.flatnonzero(counts[\"train\"] < 0)",
+             ("tests/test_layout.py", "-k", "all_skipped"), "a class with no train row is warned about"),
 ]
 
 

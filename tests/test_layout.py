@@ -101,3 +101,82 @@ def test_allow_layout_from_the_command_line(tmp_path):
     result = runner.invoke(app, ["extract", str(tmp_path / "d"), "--weights", "random", "--model", "resnet18",
                                  "--image-size", "32", "--allow-layout", "--root", str(tmp_path / "c"), "-q"])
     assert result.exit_code == 0, result.output
+
+
+def _csv(tmp_path, name: str, rows: str) -> str:
+    for i in range(4):
+        if not (tmp_path / f"a{i}.png").exists():
+            write_image(tmp_path / f"a{i}.png", i, size=16)
+    (tmp_path / name).write_text("path,label,split\n" + rows)
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("rows, fragment", [
+    ("a0.png,x,train\na1.png,y,train\na0.png,y,test\n", "csv:4: a0.png is listed again (first on line 2)"),
+    ("a0.png,x,train\n./a0.png,y,train\na1.png,y,train\n", "csv:3: ./a0.png is listed again (first on line 2)"),
+    ("a0.png,x,train\na1.png,y,train\nsub/../a1.png,y,val\n", "csv:4: sub/../a1.png is listed again"),
+])
+def test_csv_listing_a_file_twice_is_refused(tmp_path, rows, fragment):
+    """Two labels for one image, or one image in train and test: accepted silently before."""
+    _refused(_csv(tmp_path, "dup.csv", rows), fragment, "list each image once", extra=["--allow-layout"])
+
+
+@pytest.mark.parametrize("labels, twins, allowed", [
+    (("1", "1.0", "2"), "'1' and '1.0'", ["1", "1.0", "2"]),
+    (("2", "02", "3"), "'02' and '2'", ["02", "2", "3"]),
+    (("Dog", "dog", "cat"), "'Dog' and 'dog'", ["Dog", "cat", "dog"]),
+])
+def test_labels_spelt_two_ways_are_refused(tmp_path, labels, twins, allowed):
+    """`1` and `1.0`, or `Dog` and `dog`, silently became two classes splitting one class's images."""
+    rows = "".join(f"a{i}.png,{label},train\n" for i, label in enumerate(labels))
+    _refused(_csv(tmp_path, "twins.csv", rows), f"labels {twins} differ only in case or number format")
+    assert open_source(str(tmp_path / "twins.csv"), allow_layout=True).classes == allowed
+    assert open_source(_csv(tmp_path, "fine.csv", "a0.png,1,train\na1.png,10,train\na2.png,2,train\n")).classes == \
+        ["1", "2", "10"]
+
+
+def test_class_folders_spelt_two_ways_are_refused(tmp_path):
+    _folder(tmp_path / "d", {"train/Dog": 1, "train/dog": 1, "train/cat": 1})
+    _refused(str(tmp_path / "d"), "class folders 'Dog' and 'dog' differ only in case")
+
+
+def test_csv_labelled_rows_in_an_unknown_split_are_refused(tmp_path):
+    """A misspelt split became a split of its own that nothing ever scored."""
+    source = _csv(tmp_path, "split.csv", "a0.png,x,train\na1.png,y,train\na2.png,x,tset\n")
+    _refused(source, "split.csv:4: split 'tset' is not train, val or test", "never be scored")
+    assert open_source(source, allow_layout=True).split_counts() == {"train": 2, "tset": 1}
+    aliases = open_source(_csv(tmp_path, "aliases.csv", "a0.png,x,Training\na1.png,y,train\na2.png,x,VALID\n"
+                                                          "a3.png,y,testing\n"))
+    assert aliases.split_counts() == {"train": 2, "val": 1, "test": 1}
+    unlabelled = open_source(_csv(tmp_path, "pool.csv", "a0.png,x,train\na1.png,y,train\na2.png,,pool\n"))
+    assert unlabelled.split_counts() == {"train": 2, "pool": 1} and unlabelled.unlabeled_splits == ["pool"]
+
+
+def test_a_class_whose_train_images_were_all_skipped_is_warned_about(tmp_path):
+    """The 'only in val/test' refusal runs before extraction; a class whose every train image
+    is unreadable got past it and was scored as errors with no word said."""
+    root = _folder(tmp_path / "d", {"train/cat": 2, "train/dog": 2, "train/cow": 0, "test/cat": 1, "test/dog": 1,
+                                    "test/cow": 2})
+    for i in range(2):
+        (root / "train" / "cow" / f"{i}.png").write_text("not an image")
+    cache_root = tmp_path / "cache"
+    result = runner.invoke(app, ["extract", str(root), "--weights", "random", "--model", "resnet18", "--image-size",
+                                 "32", "--workers", "0", "--root", str(cache_root)])
+    assert result.exit_code == 0, result.output
+    warning = ("warning: 1 class(es) have no train row ('cow'): no head can learn them, yet 2 test row(s) of theirs "
+               "are scored as errors")
+    assert [line for line in result.stderr.splitlines() if line.startswith("warning:")] == [
+        warning + "; check the skipped files (featurecache info) and the labels"]
+    entry = next(p for p in cache_root.iterdir() if p.name != "_weights")
+    fitted = runner.invoke(app, ["fit-head", str(entry), "--head", "knn"])
+    assert fitted.exit_code == 0, fitted.output
+    assert warning in fitted.stderr
+    from featurecache.fit.headstore import read_record
+    from featurecache import open_cache
+
+    record = read_record(open_cache(entry), "knn")
+    assert any("no train row ('cow')" in note for note in record["notes"])
+    assert record["metrics"]["test"]["top1"] <= 2 / 4  # the two cow rows cannot be right
+    again = runner.invoke(app, ["extract", str(root), "--weights", "random", "--model", "resnet18", "--image-size",
+                                "32", "--workers", "0", "--root", str(cache_root)])
+    assert "cache hit" in again.stdout and warning in again.stderr  # said again on a hit

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from .app import app, console, handle_errors, progress_bar, stop_bar, Precision, Dtype, Device, OnError, Optimize, Decode, Compression
+from .app import app, console, err_console, handle_errors, progress_bar, stop_bar, Precision, Dtype, Device, OnError, Optimize, Decode, Compression
 from ..errors import UsageError
 
 
@@ -74,6 +74,8 @@ def extract(
         stop_bar(bar)
     if follower:
         return
+    for warning in result.warnings:
+        err_console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
     if quiet:
         console.print(str(result.path), markup=False, highlight=False)
         return

@@ -89,6 +89,8 @@ def fit_head_command(
                   markup=False, highlight=False)
     console.print(f"  {headline['note']}; fitted in {record['fit_seconds']:.1f}s; saved to {result.path}",
                   markup=False, highlight=False)
+    for note in record.get("notes") or []:
+        err_console.print(f"warning: {note}", markup=False, highlight=False, soft_wrap=True)
     if record.get("views"):
         from ..fit.headstore import views_label
 

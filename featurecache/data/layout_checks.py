@@ -8,8 +8,8 @@ becomes two classes, `images` and `meta`). So before anything is listed or compu
 - a folder matching a known dataset's layout is refused with the named source to use
   (`tinyimagenet:`, `food101:`, `cifar10:`, `cifar100:`);
 - a class folder named `images`, a class folder holding no image, classes that appear
-  only in val/test, a single class, and images lying outside any class folder are
-  refused with the reason.
+  only in val/test, a single class, classes spelt two ways (`Dog`/`dog`, `1`/`1.0`) and
+  images lying outside any class folder are refused with the reason.
 
 `--allow-layout` (`ExtractSpec.allow_layout`) skips these checks for the rare folder
 that really is laid out that way.
@@ -27,6 +27,25 @@ OVERRIDE = "pass --allow-layout if this really is the layout you mean"
 def _first(names: list[str], count: int = 3) -> str:
     shown = ", ".join(names[:count])
     return shown + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
+def _spelling_key(name: str) -> str:
+    try:
+        value = float(name)
+    except ValueError:
+        return name.casefold()
+    return repr(value) if value == value else name.casefold()  # "1", "01", "1.0" -> 1.0
+
+
+def refuse_spelling_twins(where: str, names, *, what: str = "class") -> None:
+    """Names that differ only in case or number format (`Dog`/`dog`, `1`/`1.0`, `2`/`02`) would
+    be separate classes, each with part of the images: almost always one class typed two ways."""
+    seen: dict[str, str] = {}
+    for name in sorted(names):
+        twin = seen.setdefault(_spelling_key(name), name)
+        if twin != name:
+            raise SourceError(f"{where}: {what}s {twin!r} and {name!r} differ only in case or number format and "
+                              f"would be two classes; write them the same way, or {OVERRIDE}")
 
 
 def known_layout(root: Path) -> tuple[str, str] | None:
@@ -90,13 +109,16 @@ def check_image_folder(root: Path, counts: dict[str, dict[str, int]], loose: dic
             raise SourceError(f"{root}: class(es) {_first(extra)} appear in {split}/ but not in train/, so no head "
                               f"can learn them (check the folder names), or {OVERRIDE}")
     classes = sorted({name for split_classes in counts.values() for name in split_classes})
+    refuse_spelling_twins(str(root), classes, what="class folder")
     if len(classes) == 1:
         raise SourceError(f"{root}: only one class folder ({classes[0]!r}); a classifier needs two or more, so "
                           f"point at the folder that holds the class folders, or {OVERRIDE}")
 
 
 def check_classes(where: str, classes: list[str], samples: list, *, what: str = "class") -> None:
-    """The checks that apply to any labelled listing (a CSV): one class, classes only in val/test."""
+    """The checks that apply to any labelled listing (a CSV): one class, classes only in val/test,
+    classes spelt two ways."""
+    refuse_spelling_twins(where, classes, what=what)
     if len(classes) == 1:
         raise SourceError(f"{where}: every row has the same {what} ({classes[0]!r}); a classifier needs two or "
                           f"more classes, or {OVERRIDE}")

@@ -228,10 +228,17 @@ class CsvSource(FileSource):
 
     def __init__(self, csv_path: Path, *, content_hash: bool = False, allow_layout: bool = False) -> None:
         rows = _read_csv_rows(csv_path)
-        classes = sort_labels({label for _, label, _ in rows if label})
+        classes = sort_labels({label for _, _, label, _ in rows if label})
         base = csv_path.parent
+        _refuse_repeated_files(csv_path, base, rows)
         samples = []
-        for index, (path, label, split) in enumerate(rows):
+        for index, (line, path, label, split) in enumerate(rows):
+            if label and split not in SPLIT_ORDER and not allow_layout:
+                from .layout_checks import OVERRIDE
+
+                raise SourceError(f"{csv_path}:{line}: split {split!r} is not train, val or test (also read: "
+                                  f"{', '.join(a for a in SPLIT_ALIASES if a not in SPLIT_ORDER)}), so its labelled "
+                                  f"rows would never be scored; fix the name, or {OVERRIDE}")
             file = Path(path) if os.path.isabs(path) else base / path
             relpath = os.path.relpath(file, base) if not os.path.isabs(path) else path
             fingerprint = _file_fingerprint(file, relpath, label, split, content_hash)
@@ -264,7 +271,20 @@ def sort_labels(labels: set[str]) -> list[str]:
     return sorted(labels)
 
 
-def _read_csv_rows(csv_path: Path) -> list[tuple[str, str, str]]:
+def _refuse_repeated_files(csv_path: Path, base: Path, rows: list[tuple[int, str, str, str]]) -> None:
+    """A file listed twice (also as `./a.png` beside `a.png`) either contradicts itself, leaks
+    between splits or counts twice: refused, naming both lines."""
+    first: dict[str, int] = {}
+    for line, path, _, _ in rows:
+        where = os.path.normpath(path if os.path.isabs(path) else base / path)
+        if where in first:
+            raise SourceError(f"{csv_path}:{line}: {path} is listed again (first on line {first[where]}); "
+                              "list each image once")
+        first[where] = line
+
+
+def _read_csv_rows(csv_path: Path) -> list[tuple[int, str, str, str]]:
+    """(line number, path, label, split) of each row; the split with its alias resolved."""
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
@@ -285,7 +305,7 @@ def _read_csv_rows(csv_path: Path) -> list[tuple[str, str, str]]:
                 if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", split):
                     raise SourceError(f"{csv_path}:{line_number}: split {split!r} is not a plain name (letters, "
                                       "digits, '_' or '-'); shard files are named after it")
-                rows.append((path, label, split))
+                rows.append((line_number, path, label, split))
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise SourceError(f"cannot read CSV {csv_path}: {error}") from None
     return rows

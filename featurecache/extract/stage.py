@@ -34,7 +34,8 @@ from ..data.sources import FileSource, open_source
 from ..cache.layout import MANIFEST, SHARDS_DIR, WEIGHTS_DIR, weights_file
 from ..cache.manifest import new_manifest
 from ..cache.views import check_view_count, parse_policy
-from ..cache.store import (content_key, default_root, entry_dir_name, entry_id, entry_lock,
+from ..cache.coverage import untaught_classes_of
+from ..cache.store import (content_key, default_root, entry_dir_name, entry_id, entry_lock, open_cache,
                     read_manifest, shard_size_problem)
 from ..backbones.weights import read_checkpoint, resolve_weights, store_weights
 
@@ -87,6 +88,7 @@ class ExtractResult:
     seconds: float = 0.0
     unlabeled_splits: list[str] = field(default_factory=list)  # cached, never fitted or scored
     notes: list[str] = field(default_factory=list)  # what else was done, e.g. a damaged checkpoint restored
+    warnings: list[str] = field(default_factory=list)  # what the user must look at, e.g. classes left untaught
     views: object = None  # a ViewsResult when views were asked for (extract/views.py)
 
     @property
@@ -288,7 +290,8 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
 
 def _with_views(result: ExtractResult, manifest: dict, spec: ExtractSpec, source, model_factory, taps, device,
                 precision, preprocessing, workers, progress) -> ExtractResult:
-    """The plain entry is complete: add the views asked for (none: nothing to do)."""
+    """The plain entry is complete: say what it cannot teach, then add the views asked for."""
+    result.warnings = untaught_classes_of(open_cache(result.path))
     if not spec.views:
         return result
     from .views import extend_views

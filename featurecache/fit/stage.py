@@ -24,6 +24,7 @@ from ..heads.knn import KNNHead
 from ..heads.registry import EnsembleHead, Head, SklearnHead, make_head, streaming_heads
 from .headstore import leaderboard  # noqa: F401  (public as featurecache.fit.leaderboard too)
 from ..heads.metrics import classification_metrics
+from ..cache.coverage import untaught_classes_of
 from ..cache.store import Cache, open_cache
 from ..cache.streaming import available_memory, in_memory_bytes, streamed_probabilities
 from ..heads.streaming import StreamedData
@@ -228,7 +229,7 @@ def fit_head(cache: Cache | str | Path, spec: FitSpec) -> FitResult:
         raise HeadError(f"tap {spec.tap!r} is not in {cache.path.name} (it has {', '.join(cache.taps)})")
     started = time.perf_counter()
     streaming = _needs_streaming(cache, spec)
-    notes = []
+    notes = untaught_classes_of(cache)
     augmenting = spec.views is not None or any(spec.params.get(p) for p in ("feature_noise", "feature_mixup"))
     if streaming and augmenting:
         raise HeadError("views and feature-space augmentation need the features in memory; raise --max-memory")
