@@ -226,7 +226,8 @@ def fit_head(cache: Cache | str | Path, spec: FitSpec) -> FitResult:
     name = spec.name or default_head_name(spec.head)
     refuse_taken(cache, name, spec.overwrite)
     if spec.tap not in cache.tap_shapes:
-        raise HeadError(f"tap {spec.tap!r} is not in {cache.path.name} (it has {', '.join(cache.taps)})")
+        raise HeadError(f"tap {spec.tap!r} is not in {cache.path.name} (it has {', '.join(cache.taps)}); pass "
+                        f"--tap {cache.taps[0]}, or extract again with --tap {spec.tap}")
     started = time.perf_counter()
     streaming = _needs_streaming(cache, spec)
     notes = untaught_classes_of(cache)
