@@ -406,6 +406,8 @@ MUTATIONS = [
     Mutation("untaught-classes", "cache/coverage.py", "    missing = np.flatnonzero(counts[\"train\"] == 0)",
              "    missing = np.flatnonzero(counts[\"train\"] < 0)",
              ("tests/test_layout.py", "-k", "all_skipped"), "a class with no train row is warned about"),
+    Mutation("repair-seals-edited-spec", "maintain/verify.py", "    _refuse_edited_spec(path, manifest)\n", "",
+             ("tests/test_hostile_cache.py", "-k", "spec_that"), "repair does not seal a spec naming another source"),
 ]
 
 

@@ -224,6 +224,25 @@ def test_manifest_edited_with_valid_values_is_detected_by_its_checksum(attack, e
     assert verify_entry(entry).ok
 
 
+@pytest.mark.parametrize("edit, fragment", [
+    ("source-elsewhere", "the source its spec names"),
+    ("source-gone", "cannot be opened to check"),
+    ("name", "the name its spec names (renamed) is not this entry's"),
+])
+def test_repair_does_not_seal_a_spec_that_is_not_this_entrys(edit, fragment, entry, pristine, tmp_path):
+    """An edited spec was sealed as found: finetune's image path and the report then reopened
+    another dataset under this entry's labels, and a repair extracted into another entry."""
+    other = tmp_path / "other-photos"
+    shutil.copytree(pristine[0] / "photos", other)
+    change = {"source-elsewhere": {"source": str(other)}, "source-gone": {"source": str(tmp_path / "gone")},
+              "name": {"name": "renamed"}}[edit]
+    edit_json(entry / "manifest.json", lambda m: m["spec"].update(change))
+    before = (entry / "manifest.json").read_bytes()
+    assert_error(cli("verify", entry, "--repair"), 1, fragment, "so --repair will not seal it")
+    assert (entry / "manifest.json").read_bytes() == before and not verify_entry(entry).ok
+    assert sorted(p.name for p in entry.parent.iterdir()) == sorted([entry.name, "_weights"])
+
+
 def test_repair_does_not_seal_a_manifest_whose_settings_no_longer_give_its_id(entry):
     """An edited config (here the crop size) was sealed, and a later repair re-extracted with
     it into another entry, leaving this one incomplete."""

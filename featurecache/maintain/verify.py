@@ -36,7 +36,7 @@ from ..cache.integrity import read_safetensors, read_sealed_json
 from ..cache.shards import features_layout, file_sha256, open_h5, read_rows
 from ..cache.manifest import (drop_shards, listed_rows, manifest_seal_problem, read_manifest, tap_shapes,
                               write_manifest)
-from ..cache.store import Cache, entry_id, entry_lock, resolve_entry
+from ..cache.store import Cache, entry_dir_name, entry_id, entry_lock, resolve_entry
 
 log = logging.getLogger("featurecache")
 
@@ -315,6 +315,7 @@ def _refuse_edited_settings(path: Path, manifest: dict) -> None:
             f"the manifest of {path} was edited: its settings (config) no longer give the entry's id "
             f"{path.name[-12:]}, so --repair will not seal them; restore the manifest, or delete {path} and run "
             "featurecache extract again")
+    _refuse_edited_spec(path, manifest)
     cache = Cache(path, manifest)
     for name in list_heads(cache):
         try:
@@ -327,6 +328,29 @@ def _refuse_edited_settings(path: Path, manifest: dict) -> None:
                 f"{name!r} was fitted with, so --repair will not seal them; restore the manifest "
                 f"(the head records classes {classes[:5]}{'...' if len(classes) > 5 else ''}), or delete {path} "
                 "and run featurecache extract again")
+
+
+def _refuse_edited_spec(path: Path, manifest: dict) -> None:
+    """The stored `spec` is what finetune's image path, the report and a repair reopen: it must
+    still name this entry's source and folder. An edited source made them read another
+    dataset under this entry's labels; an edited name, a repair write another entry."""
+    from ..data.sources import reopen_source
+
+    made, config = manifest["spec"], manifest["config"]
+    advice = f"restore the manifest, or delete {path} and run featurecache extract again"
+    try:
+        identity = reopen_source(made).identity()
+    except FeatureCacheError as error:
+        raise CorruptCacheError(
+            f"the manifest of {path} was edited, and the source its spec names ({made.get('source')}) cannot be "
+            f"opened to check that it is this entry's ({' '.join(str(error).split())}), so --repair will not seal "
+            f"it; {advice}") from None
+    folder = entry_dir_name(made.get("name") or identity.get("name", ""), config["arch"], entry_id(config))
+    if identity != config["source"] or folder != path.name:
+        what = "source" if identity != config["source"] else "name"
+        raise CorruptCacheError(
+            f"the manifest of {path} was edited: the {what} its spec names ({made.get(what)}) is not this "
+            f"entry's, so --repair will not seal it; {advice}")
 
 
 def repair_entry(name: str | Path, *, root: Path | None = None, progress=None) -> tuple[VerifyReport, VerifyReport]:
