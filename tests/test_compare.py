@@ -150,8 +150,11 @@ def test_cli_prints_the_table_writes_the_report_and_reports_a_head_that_fails_on
     monkeypatch.setattr(stage, "fit_head", fit_failing_on_convnext)
     _, _, photos, root = compared
     output = tmp_path / "report" / "compare.html"
+    output.parent.mkdir()
+    output.write_text("an earlier page")  # replaced: --overwrite
     result = runner.invoke(app, ["compare", str(photos), "--model", MODELS[0], "--model", MODELS[1], "--head",
-                                 "logistic", "--head", "knn", "--root", str(root), "-q", "-o", str(output), *CLI])
+                                 "logistic", "--head", "knn", "--root", str(root), "-q", "-o", str(output),
+                                 "--overwrite", *CLI])
     assert result.exit_code == 1, result.output
     errors = stderr_lines(result)
     assert errors == ["error: head compare-knn failed on timm:convnext_atto: k-NN could not be fitted here "
@@ -193,6 +196,36 @@ def test_bad_input_is_one_line_exit_2_before_any_extraction(models, heads, fragm
     lines = stderr_lines(result)
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
     assert not root.exists() and not (tmp_path / "c.html").exists()
+
+
+def test_an_output_it_would_break_is_refused_before_any_extraction(compared, tmp_path, monkeypatch):
+    """-o (default compare.html) replaced an existing page or PNG silently (a reviewer's find); a
+    path in a cache entry (even with --overwrite), under a file, or '-' is refused too."""
+    entry = compared[0].backbones[0].entry
+    before = {p: p.read_bytes() for p in sorted(entry.rglob("*")) if p.is_file()}
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "compare.html").write_text("mine")
+    (tmp_path / "mine-cost.png").write_bytes(b"mine too")
+    root = tmp_path / "cache"
+    for arguments, expected in (
+            ([], "-o compare.html exists; pass --overwrite to replace it, or choose another name"),
+            (["-o", "mine.html"], "-o mine.html: mine-cost.png exists (the page's figures go next to it); pass "
+                                  "--overwrite to replace it, or choose another name"),
+            (["-o", str(entry / "compare.html"), "--overwrite"], f"{entry / 'compare.html'} lies inside the cache "
+                                                                f"entry {entry}, whose files featurecache manages; "
+                                                                "choose a path outside it"),
+            (["-o", "compare.html/page.html"], "-o compare.html/page.html: compare.html is a file, not a folder; "
+                                               "choose another path"),
+            (["-o", "-"], "-o - would write a file named '-': this command does not write to standard output; give "
+                          "a name such as compare.html")):
+        result = runner.invoke(app, ["compare", str(compared[2]), "--model", "resnet18", "--model", "resnet34",
+                                     "--root", str(root), *CLI, *arguments])
+        assert result.exit_code == 2, result.output
+        assert stderr_lines(result) == [f"error: {expected}"]
+    assert not root.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["compare.html", "mine-cost.png"]
+    assert (tmp_path / "compare.html").read_text() == "mine"
+    assert (tmp_path / "mine-cost.png").read_bytes() == b"mine too"
+    assert {p: p.read_bytes() for p in sorted(entry.rglob("*")) if p.is_file()} == before
 
 
 def test_missing_pretrained_weights_of_a_later_model_stop_the_run_before_the_first(image_folder, tmp_path,

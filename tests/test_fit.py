@@ -26,7 +26,7 @@ from featurecache.serve.predict import load_predictor, predict, predict_split
 from featurecache.backbones.preprocess import prepare_image
 from featurecache.cache.shards import CHECKSUM_ATTR, features_checksum, features_layout, file_sha256
 
-from helpers import assert_features_of_the_same_images, replace_spec
+from helpers import assert_features_of_the_same_images, replace_spec, stderr_lines
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
@@ -294,21 +294,43 @@ def test_cli_fit_heads_ensemble_predict_export(colour_cache, tmp_path):
     assert set(modes.values()) == {0o666 & ~umask}, modes
 
 
-def test_predict_and_export_refuse_an_output_path_they_would_break(colour_cache, tmp_path):
-    """-o is checked before any work: an existing file is replaced only with --overwrite (a
-    typo replaced an image or the cache's own manifest), a path under a file is refused."""
+def test_predict_and_export_refuse_an_output_path_they_would_break(colour_cache, tmp_path, monkeypatch):
+    """-o is checked before any work: an existing file is replaced only with --overwrite (a typo
+    replaced an image), and a path under a file, '-' (it wrote a file named '-') and a path in a
+    cache entry or its root's weights folder are refused even with --overwrite
+    (`export -o ENTRY/manifest.json --overwrite` destroyed the entry)."""
     cache, folder = colour_cache
     path = str(cache.path)
     assert runner.invoke(app, ["fit-head", path, "--head", "logistic"]).exit_code == 0
-    manifest = cache.path / "manifest.json"
-    before = manifest.read_bytes()
+    monkeypatch.chdir(tmp_path)
     image = next((folder / "test").rglob("*.png"))
-    for command in (["predict", path, str(image), "--head", "logistic"], ["export", path, "--head", "logistic"]):
-        result = runner.invoke(app, [*command, "-o", str(manifest)])
-        assert result.exit_code == 2 and "exists; pass --overwrite" in result.stderr, result.output
-        assert manifest.read_bytes() == before
-        result = runner.invoke(app, [*command, "-o", str(image / "out.csv")])
-        assert result.exit_code == 2 and f"{image} is a file, not a folder" in result.stderr, result.output
+    image_bytes = image.read_bytes()
+    weights = next((cache.path.parent / "_weights").iterdir())
+
+    def cache_files() -> dict:
+        return {p: p.read_bytes() for p in sorted(cache.path.parent.rglob("*")) if p.is_file()}
+
+    before = cache_files()
+    for command, example in ((["predict", path, str(image), "--head", "logistic"], "predictions.csv"),
+                             (["export", path, "--head", "logistic"], "model.pt")):
+        refusals = [([str(image)], f"-o {image} exists; pass --overwrite to replace it, or choose another name"),
+                    ([str(image / "out.csv")], f"-o {image / 'out.csv'}: {image} is a file, not a folder; choose "
+                                               "another path"),
+                    (["-"], "-o - would write a file named '-': this command does not write to standard output; "
+                            f"give a name such as {example}"),
+                    ([str(weights), "--overwrite"], f"{weights} lies inside the cache's weights folder "
+                                                    f"{weights.parent}, which every entry of the cache loads; choose "
+                                                    "a path outside it")]
+        refusals += [([str(target), "--overwrite"], f"{target} lies inside the cache entry {cache.path}, whose files "
+                                                    "featurecache manages; choose a path outside it")
+                     for target in (cache.path / "manifest.json", cache.path / "heads" / "logistic" / "head.json",
+                                    cache.path / "new" / "model.pt")]
+        for arguments, expected in refusals:
+            result = runner.invoke(app, [*command, "-o", *arguments])
+            assert result.exit_code == 2, result.output
+            assert stderr_lines(result) == [f"error: {expected}"]
+    assert image.read_bytes() == image_bytes and not (tmp_path / "-").exists()
+    assert cache_files() == before and not (cache.path / "new").exists()
     target = tmp_path / "old.csv"
     target.write_text("old")
     result = runner.invoke(app, ["predict", path, str(image), "--head", "logistic", "-o", str(target), "--overwrite",

@@ -13,6 +13,7 @@ from featurecache.cli import app
 from featurecache.errors import UsageError
 from featurecache.pipeline.demo import demo_pipeline, imagenet_weights_file
 from featurecache.pipeline.runner import load_pipeline, run_pipeline
+from helpers import stderr_lines
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 runner = CliRunner()
@@ -187,6 +188,33 @@ def test_run_twice_does_no_work_the_second_time(pipeline_file, tmp_path):
     assert {s.step: s.cached for s in third.steps} == {
         "extract": True, "head logistic": True, "head knn": False, "ensemble vote": False,
         "finetune logistic-layer4-cache": True, "report": False}
+
+
+def test_a_report_output_is_rewritten_only_when_it_is_the_pipelines_own_page(pipeline_file, tmp_path):
+    """[report] output: each run rewrites the page featurecache wrote there (a pipeline has no
+    --overwrite to give), but an existing file of another kind is refused before any step."""
+    text = PIPELINE.split("[ensemble]")[0] + '[report]\nworst = 0\noutput = "page.html"\n'
+    pipeline_file.write_text(text)
+    page = tmp_path / "page.html"
+    page.write_text("my notes")
+    result = runner.invoke(app, ["run", str(pipeline_file), "-q"])
+    assert result.exit_code == 2, result.output
+    assert stderr_lines(result) == [f"error: {pipeline_file}: [report] output {page} exists and is not a "
+                                    "featurecache report; delete it or choose another output"]
+    assert page.read_text() == "my notes" and not (tmp_path / "cache").exists()
+    page.unlink()
+    assert run_pipeline(load_pipeline(pipeline_file)).report_path == page
+    written = page.stat().st_mtime_ns
+    pipeline_file.write_text(text.replace("k = [1, 3]", "k = [1, 2]"))  # a head changes: the page is redone
+    again = run_pipeline(load_pipeline(pipeline_file))
+    assert {s.step: s.cached for s in again.steps}["report"] is False and page.stat().st_mtime_ns != written
+    unchanged = run_pipeline(load_pipeline(pipeline_file))
+    assert {s.step: s.cached for s in unchanged.steps}["report"] is True
+    inside, steps = unchanged.cache_path / "page.html", []
+    pipeline_file.write_text(text.replace('"page.html"', f'"{inside}"'))
+    with pytest.raises(UsageError, match=f"^{inside} lies inside the cache entry {unchanged.cache_path}, whose files"):
+        run_pipeline(load_pipeline(pipeline_file), on_step=steps.append)
+    assert steps == [] and not inside.exists()  # refused before the first step
 
 
 def test_demo_uses_imagenet_weights_only_when_on_disk(tmp_path):

@@ -15,6 +15,7 @@ from featurecache import ExtractSpec, extract, open_cache
 from featurecache.cli import app
 from featurecache.fit.stage import FitSpec, fit_head, make_ensemble
 from featurecache.report.page import ReportSpec, build_report
+from helpers import stderr_lines
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -100,6 +101,48 @@ def test_cli_report_command(cache, tmp_path):
     assert f"report: {page}" in result.stdout and page.exists()
     bad = runner.invoke(app, ["report", str(cache.path), "--head", "nope"])
     assert bad.exit_code == 2 and "error: no head 'nope'" in bad.stderr
+
+
+def test_report_o_replaces_a_file_only_with_overwrite(cache, tmp_path):
+    """-o replaced any existing file, and the PNGs written next to the page, silently (a reviewer's
+    find); the entry's own report (no -o) is still rewritten on each run."""
+    page, figure = tmp_path / "page.html", tmp_path / "old-pca.png"
+    page.write_text("mine")
+    figure.write_bytes(b"mine too")
+    for output, taken in ((page, page), (tmp_path / "old.html", figure)):
+        result = runner.invoke(app, ["report", str(cache.path), "-o", str(output), "--worst", "0"])
+        assert result.exit_code == 2, result.output
+        where = f"-o {output}" + ("" if taken == output else f": {taken}") + " exists"
+        where += "" if taken == output else " (the page's figures go next to it)"
+        assert stderr_lines(result) == [f"error: {where}; pass --overwrite to replace it, or choose another name"]
+    assert page.read_text() == "mine" and figure.read_bytes() == b"mine too" and not (tmp_path / "old.html").exists()
+    result = runner.invoke(app, ["report", str(cache.path), "-o", str(page), "--overwrite", "--worst", "0"])
+    assert result.exit_code == 0, result.output
+    assert page.read_text().startswith("<!doctype html>") and (tmp_path / "page-pca.png").exists()
+    for _ in range(2):
+        result = runner.invoke(app, ["report", str(cache.path), "--worst", "0"])
+        assert result.exit_code == 0 and result.stderr == "", result.output
+
+
+def test_report_o_refuses_a_path_it_would_break(cache, tmp_path, monkeypatch):
+    """Inside the cache entry (even with --overwrite: the page could replace its files), under a
+    file, and '-': one line, exit 2, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in sorted(cache.path.rglob("*")) if p.is_file()}
+    for arguments, expected in (
+            ([str(cache.path / "manifest.json"), "--overwrite"],
+             f"{cache.path / 'manifest.json'} lies inside the cache entry {cache.path}, whose files featurecache "
+             "manages; choose a path outside it"),
+            (["notes.txt/page.html"], "-o notes.txt/page.html: notes.txt is a file, not a folder; choose another path"),
+            (["-"], "-o - would write a file named '-': this command does not write to standard output; give a name "
+                    "such as report.html")):
+        result = runner.invoke(app, ["report", str(cache.path), "-o", *arguments])
+        assert result.exit_code == 2, result.output
+        assert stderr_lines(result) == [f"error: {expected}"]
+    assert {p: p.read_bytes() for p in sorted(cache.path.rglob("*")) if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def _chromium() -> str | None:

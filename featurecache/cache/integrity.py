@@ -21,34 +21,93 @@ import errno
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import xxhash
 
 from ..errors import CorruptCacheError, UsageError
 from .atomic import storage_error, write_atomic
+from .layout import LOCK, MANIFEST, SHARDS_DIR, WEIGHTS_DIR
 
 TENSORS_KEY = "featurecache.tensors"
 CHECKSUM_KEY = "featurecache.checksum"
+CHECKPOINT_NAME = re.compile(r"[0-9a-f]{64}\.safetensors")  # _weights/<sha256>.safetensors
 
 
-def prepare_output_file(output: Path, what: str, example: str, *, overwrite: bool = True) -> None:
-    """Check `-o` before any work: refuse a folder where a file is wanted, an existing file
-    unless `overwrite` (one typo could replace an image or a cache's manifest), a path under
-    a file, and a folder that cannot be written; make the file's folder."""
+def _weights_folder(folder: Path) -> bool:
+    """A cache root's `_weights/`: the backbone checkpoints every entry of the root loads."""
+    try:
+        return folder.name == WEIGHTS_DIR and any(CHECKPOINT_NAME.fullmatch(f.name) for f in folder.iterdir())
+    except OSError:
+        return False
+
+
+def _entry_folder(folder: Path) -> bool:
+    """A folder holding a featurecache manifest, or an entry's shards beside a manifest or lock
+    (a manifest damaged or not written yet)."""
+    manifest = folder / MANIFEST
+    try:
+        if (folder / SHARDS_DIR).is_dir() and (manifest.exists() or (folder / LOCK).exists()):
+            return True
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # no manifest, or not JSON: another tool's file
+        return False
+    return isinstance(data, dict) and "format_version" in data and "entry_id" in data
+
+
+def refuse_inside_cache(output: Path) -> None:
+    """UsageError when `output` lies in a cache entry or a root's `_weights/`: featurecache's own
+    files, which a write there could replace (`export -o ENTRY/manifest.json --overwrite`)."""
+    try:
+        where = output.parent.resolve() / output.name  # a link given as -o is replaced, not followed
+    except (OSError, RuntimeError):
+        where = Path(os.path.abspath(output))
+    for folder in (where, *where.parents):
+        if _entry_folder(folder):
+            raise UsageError(f"{output} lies inside the cache entry {folder}, whose files featurecache manages; "
+                             "choose a path outside it")
+        if _weights_folder(folder):
+            raise UsageError(f"{output} lies inside the cache's weights folder {folder}, which every entry of the "
+                             "cache loads; choose a path outside it")
+
+
+def _check_path(output: Path, example: str, entry_file: bool = False) -> None:
+    """What every -o refuses: `-` (no command writes its files to standard output), a path in
+    featurecache's own files (unless `entry_file`: an entry's default report), and a path under a file."""
+    if str(output) == "-":
+        raise UsageError(f"-o - would write a file named '-': this command does not write to standard output; "
+                         f"give a name such as {example}")
+    if not entry_file:
+        refuse_inside_cache(output)
+    blocking = next((parent for parent in output.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"-o {output}: {blocking} is a file, not a folder; choose another path")
+
+
+def prepare_output_file(output: Path, what: str, example: str, *, overwrite: bool = False,
+                        entry_file: bool = False) -> None:
+    """Check `-o` before any work: `_check_path`, then refuse a folder where a file is wanted, an
+    existing file unless `overwrite` (one typo could replace an image), and a folder that cannot
+    be written; make the file's folder."""
+    _check_path(output, example, entry_file)
     if output.is_dir():
         raise UsageError(f"-o {output} is a folder; give a file name such as {example}")
     if output.exists() and not overwrite:
         raise UsageError(f"-o {output} exists; pass --overwrite to replace it, or choose another name")
-    blocking = next((parent for parent in output.parents if parent.exists() and not parent.is_dir()), None)
-    if blocking is not None:
-        raise UsageError(f"-o {output}: {blocking} is a file, not a folder; choose another path")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise storage_error(error, output.parent, what) from None
     if not os.access(output.parent, os.W_OK | os.X_OK):
         raise storage_error(OSError(errno.EACCES, "permission denied"), output.parent, what)
+
+
+def prepare_output_folder(output: Path, example: str) -> None:
+    """Check a folder `-o` before any work: `_check_path`, then refuse a file or a folder that is not empty."""
+    _check_path(output, example)
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UsageError(f"{output} exists and is not an empty folder; choose a new one")
 
 
 def tensors_digest(tensors: dict) -> str:

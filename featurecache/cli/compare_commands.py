@@ -28,6 +28,7 @@ def compare_command(
     seed: Annotated[int, typer.Option(help="Seed of --weights random and of the heads.")] = 0,
     root: Annotated[Optional[Path], typer.Option(help="Cache root (default $FEATURECACHE_ROOT or ./cache).")] = None,
     output: Annotated[Path, typer.Option("-o", "--output", help="The HTML report; its plot goes next to it as a PNG.")] = Path("compare.html"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing -o file and its PNG.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """Extract each backbone (reusing cached entries), fit the same heads on each, compare accuracy and cost.
@@ -37,7 +38,7 @@ def compare_command(
     from ..pipeline.compare import compare_backbones
     from ..report.comparison import build_comparison_page, check_output
 
-    check_output(output)  # a folder given as -o is refused before the extractions, not after them
+    check_output(output, overwrite=overwrite)  # a bad -o is refused before the extractions, not after them
     bars = []
 
     def stop_last_bar() -> None:
@@ -70,7 +71,7 @@ def compare_command(
     if comparison.random_weights:
         console.print("random weights: these accuracies say nothing about the backbones' real quality",
                       markup=False, highlight=False)
-    page = build_comparison_page(comparison, output)
+    page = build_comparison_page(comparison, output, overwrite=overwrite)
     console.print(f"report: {page.path}", markup=False, highlight=False, soft_wrap=True)
     for model_name, score in comparison.failures:
         err_console.print(f"error: head {score.name} failed on {model_name}: {score.error}", markup=False,

@@ -14,7 +14,8 @@ from .app import app, console, err_console, handle_errors, progress_bar, stop_ba
 @handle_errors
 def report_command(
     cache: Annotated[str, typer.Argument(help="Cache entry (path, folder name or key prefix).")],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="HTML file to write (default: <entry>/report/report.html); PNGs go next to it.")] = None,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="HTML file to write, outside the cache (default: <entry>/report/report.html, rewritten each time); PNGs go next to it.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing -o file and its PNGs.")] = False,
     head: Annotated[Optional[str], typer.Option(help="Head to detail (confusion matrix, mistakes); default: the best.")] = None,
     worst: Annotated[int, typer.Option(min=0, help="How many of the most confident mistakes to show.")] = 16,
     max_points: Annotated[int, typer.Option(min=10, help="Images sampled for the 2-D projection.")] = 2000,
@@ -28,7 +29,8 @@ def report_command(
     from ..report.page import ReportSpec, build_report
     from ..cache.store import open_cache
 
-    spec = ReportSpec(output=str(output) if output else None, head=head, worst=worst, max_points=max_points, tsne=tsne)
+    spec = ReportSpec(output=str(output) if output else None, head=head, worst=worst, max_points=max_points, tsne=tsne,
+                      overwrite=overwrite)
     result = build_report(open_cache(cache, root=root), spec)
     console.print(f"report: {result.path}", markup=False, highlight=False, soft_wrap=True)
     console.print(f"  {len(result.figures)} figures: {', '.join(p.name for p in result.figures)}",

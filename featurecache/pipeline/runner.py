@@ -27,7 +27,8 @@ from .tables import PipelineText, spec_from_table
 from ..extract.stage import ExtractSpec, extract
 from ..fit.stage import FitSpec, fit_head, make_ensemble
 from ..fit.headstore import default_head_name, read_record, stale_members
-from ..report.page import ReportSpec, build_report, default_output, is_current, report_inputs
+from ..report.page import ReportSpec, build_report, default_output, is_current, is_report_page, report_inputs
+from ..cache.integrity import refuse_inside_cache
 from ..cache.layout import FINETUNE_DIR, FINETUNE_RECORD, finetune_run_name
 from ..cache.store import Cache, open_cache
 
@@ -200,7 +201,7 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
         if needed and needed not in extract_spec.taps:
             raise source.error(f"needs the activations of tap {needed}: add it to [extract] taps "
                                f"(e.g. taps = [\"pool\", \"{needed}\"])", "finetune", 0, "from_cache")
-    report = spec_from_table(source, ReportSpec, data.get("report", {}), "report")
+    report = spec_from_table(source, ReportSpec, data.get("report", {}), "report", exclude=("overwrite",))
     if report.max_points < 10 or report.worst < 0:
         key = "max_points" if report.max_points < 10 else "worst"
         raise source.error("max_points must be at least 10 and worst at least 0", "report", 0, key, f"report.{key}")
@@ -364,11 +365,25 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def _report_spec(pipeline: Pipeline) -> ReportSpec:
+    """The report step's spec, checked before any step: the pipeline rewrites its own page at
+    `[report] output` on each run, never another file (a typo must not replace one)."""
+    output = pipeline.report.output
+    if not output:
+        return pipeline.report  # the entry's own report
+    if Path(output).is_file() and not is_report_page(Path(output)):
+        raise UsageError(f"{pipeline.path}: [report] output {output} exists and is not a featurecache report; "
+                         "delete it or choose another output")
+    refuse_inside_cache(Path(output))
+    return dataclasses.replace(pipeline.report, overwrite=True)
+
+
 def run_pipeline(pipeline: Pipeline, *, on_step: Callable[[StepOutcome], None] | None = None,
                  progress: Callable[[int, int], None] | None = None,
                  finetune_progress: Callable[[dict], None] | None = None) -> PipelineResult:
     """Run every step, skipping those whose result is already cached; report each as it ends."""
     steps: list[StepOutcome] = []
+    report_spec = _report_spec(pipeline)
 
     def done(step: str, cached: bool, summary: str, started: float) -> None:
         steps.append(StepOutcome(step, cached, summary, time.perf_counter() - started))
@@ -416,6 +431,6 @@ def run_pipeline(pipeline: Pipeline, *, on_step: Callable[[StepOutcome], None] |
     report_path = Path(pipeline.report.output) if pipeline.report.output else default_output(cache)
     cached = is_current(report_path, report_inputs(cache, pipeline.report))
     if not cached:
-        report_path = build_report(cache, pipeline.report).path
+        report_path = build_report(cache, report_spec).path
     done("report", cached, str(report_path), started)
     return PipelineResult(cache.path, report_path, steps)

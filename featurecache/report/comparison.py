@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..cache.integrity import prepare_output_file
-from .page import _e, _figure, _table, write_page
+from .page import _e, _figure, _table, prepare_page_output, write_page
+
+#: The page's one figure: `<stem>-cost.png` next to it.
+FIGURES = ("cost",)
 
 @dataclass
 class ComparisonPage:
@@ -44,18 +46,19 @@ def _table_of(comparison, columns: tuple[str, ...], rows: list[list[str]]) -> st
     return _table(list(columns), rows, {i for i, name in enumerate(columns) if name in comparison.NUMERIC})
 
 
-def check_output(output: str | Path) -> Path:
-    """Refuse a folder where the page should go, and make the page's folder: call it before the comparison runs."""
+def check_output(output: str | Path, *, overwrite: bool = False) -> Path:
+    """Check the page's path (an existing page or PNG is replaced only with `overwrite`) and make
+    its folder: call it before the comparison runs."""
     output = Path(output)
-    prepare_output_file(output, "the comparison report's folder", "compare.html")
+    prepare_page_output(output, "the comparison report's folder", "compare.html", FIGURES, overwrite=overwrite)
     return output
 
 
-def build_comparison_page(comparison, output: str | Path) -> ComparisonPage:
+def build_comparison_page(comparison, output: str | Path, *, overwrite: bool = False) -> ComparisonPage:
     """Write the page (and its PNG) for `comparison`: its backbone and head tables and the cost plot."""
     from . import plots
 
-    output = check_output(output)
+    output = check_output(output, overwrite=overwrite)
     page = ComparisonPage(output)
     sections = []
     if comparison.random_weights:
@@ -94,7 +97,7 @@ def build_comparison_page(comparison, output: str | Path) -> ComparisonPage:
     title = f"{comparison.source} · {len(comparison.backbones)} backbones · weights {comparison.weights}"
     page.figures = write_page(
         output, heading="featurecache compare", title=title, what="comparison report", sections=sections,
-        figures=figures, figure_names=("cost",),
+        figures=figures, figure_names=FIGURES,
         subtitle=f"{_e(title)} · tap <code>{_e(comparison.tap)}</code> · featurecache {_e(__version__)} on "
                  f"{_e(time.strftime('%Y-%m-%d %H:%M'))}")
     return page

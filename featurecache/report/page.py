@@ -37,6 +37,8 @@ from ..cache.store import Cache, open_cache
 log = logging.getLogger("featurecache")
 
 INPUTS_META = "featurecache-report-inputs"
+#: Every figure a report can have: `<stem>-<name>.png` next to the page.
+REPORT_FIGURES = ("confusion", "per-class", "curves", "pca", "tsne")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +51,7 @@ class ReportSpec:
     worst: int = 16  # thumbnails of the most confident mistakes
     tsne: bool = False  # add a t-SNE projection next to the PCA (slower)
     seed: int = 0
+    overwrite: bool = False  # replace an existing `output` and its PNGs (the default output is always rewritten)
 
 
 @dataclass
@@ -75,7 +78,9 @@ def finetune_records(cache: Cache) -> list[dict]:
 
 def report_inputs(cache: Cache, spec: ReportSpec) -> str:
     """A hash of everything the page shows: same hash, same page (the pipeline skips the step)."""
-    parts = [cache.key, __version__, json.dumps({**asdict(spec), "output": None}, sort_keys=True)]
+    shown = {**asdict(spec), "output": None}
+    del shown["overwrite"]  # where the page goes, and whether it may replace a file, do not change it
+    parts = [cache.key, __version__, json.dumps(shown, sort_keys=True)]
     for pattern in (f"{HEADS_DIR}/*/{HEAD_FILE}", f"{FINETUNE_DIR}/*/{FINETUNE_RECORD}"):
         for path in sorted(cache.path.glob(pattern)):
             stat = path.stat()
@@ -90,13 +95,37 @@ def report_inputs(cache: Cache, spec: ReportSpec) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def is_current(path: Path, inputs: str) -> bool:
-    """True when the page at `path` was built from the same inputs."""
+def _page_start(path: Path) -> str:
     try:
         with open(path, encoding="utf-8") as handle:
-            return f'name="{INPUTS_META}" content="{inputs}"' in handle.read(4096)
-    except OSError:
-        return False
+            return handle.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def is_current(path: Path, inputs: str) -> bool:
+    """True when the page at `path` was built from the same inputs."""
+    return f'name="{INPUTS_META}" content="{inputs}"' in _page_start(path)
+
+
+def is_report_page(path: Path) -> bool:
+    """True when `path` is a report page featurecache wrote."""
+    return f'name="{INPUTS_META}" content="' in _page_start(path)
+
+
+def figure_path(output: Path, name: str) -> Path:
+    return output.with_name(f"{output.stem}-{name}.png")
+
+
+def prepare_page_output(output: Path, what: str, example: str, figure_names: tuple[str, ...], *,
+                        overwrite: bool, entry_file: bool = False) -> None:
+    """prepare_output_file's checks for a page, whose PNGs next to it are replaced only with `overwrite` too."""
+    prepare_output_file(output, what, example, overwrite=overwrite, entry_file=entry_file)
+    taken = None if overwrite else next((path for path in (figure_path(output, name) for name in figure_names)
+                                         if path.exists()), None)
+    if taken is not None:
+        raise UsageError(f"-o {output}: {taken} exists (the page's figures go next to it); pass --overwrite to "
+                         "replace it, or choose another name")
 
 
 # ---------------------------------------------------------------- data gathering
@@ -246,7 +275,9 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
     if spec.max_points < 10 or spec.worst < 0:
         raise UsageError("--max-points must be at least 10 and --worst at least 0")
     output = Path(spec.output) if spec.output else default_output(cache)
-    prepare_output_file(output, "the report folder", REPORT_FILE)
+    own = not spec.output  # the entry's own report, rewritten each time
+    prepare_page_output(output, "the report folder", REPORT_FILE, REPORT_FIGURES, overwrite=spec.overwrite or own,
+                        entry_file=own)
     result = ReportResult(output)
     manifest, config = cache.manifest, cache.manifest["config"]
     board, runs = leaderboard(cache), finetune_records(cache)
@@ -401,7 +432,7 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
     title = f"{config['source']['name']} · {config['arch']} · {manifest['weights']['description']}"
     result.figures = write_page(
         output, heading="featurecache report", title=title, what="report", sections=sections, figures=figures,
-        figure_names=("confusion", "per-class", "curves", "pca", "tsne"),
+        figure_names=REPORT_FIGURES,
         subtitle=f"{_e(title)} · entry <code>{_e(cache.path.name)}</code>",
         meta=f'<meta name="{INPUTS_META}" content="{report_inputs(cache, spec)}">')
     return result
@@ -413,10 +444,10 @@ def write_page(output: Path, *, heading: str, title: str, subtitle: str, section
 
     `subtitle`, `sections` and `meta` are HTML already; `figure_names`: every figure the page
     can have (temporaries a dead writer left of any of them are removed)."""
-    remove_stale_temporaries(output.parent, (output.name, *(f"{output.stem}-{name}.png" for name in figure_names)))
+    remove_stale_temporaries(output.parent, (output.name, *(figure_path(output, name).name for name in figure_names)))
     paths = []
     for name, png in figures.items():
-        path = output.with_name(f"{output.stem}-{name}.png")
+        path = figure_path(output, name)
         write_bytes_atomic(path, png, f"the {what} figure")
         paths.append(path)
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8>{meta}"
