@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 import featurecache
 from featurecache import open_cache
 from featurecache.cli import app
+from helpers import flip_feature_byte, stderr_lines
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -83,3 +84,52 @@ def test_hf_round_trips_bit_for_bit(cache, tmp_path, tap):
         assert values.shape == arrays["features"].shape and (values == arrays["features"]).all()
     assert list(loaded["test"]["label"][:]) == [-1, -1, -1]  # the unlabelled split
     assert json.loads((out / "dataset.json").read_text())["format"] == "hf"
+
+
+def _entry_files(cache) -> dict:
+    return {p: p.read_bytes() for p in sorted(cache.path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("format", ["npy", "parquet"])
+def test_a_repeated_split_is_refused_before_anything_is_written(cache, tmp_path, format):
+    """npy failed half-way (exit 1, a folder left behind); parquet wrote the split twice."""
+    if format == "parquet":
+        pytest.importorskip("pyarrow")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["export-features", str(cache.path), "-o", str(out), "--format", format,
+                                      "--split", "test", "--split", "test"])
+    assert result.exit_code == 2, result.output
+    assert stderr_lines(result) == ["error: --split test is given twice; name each split once"]
+    assert not out.exists()
+
+
+def test_output_paths_it_would_break_are_refused(cache, tmp_path, monkeypatch):
+    """-o under a file (it failed with exit 1), '-' (no standard output for a folder) and a folder
+    inside a cache entry: one line, exit 2, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    before = _entry_files(cache)
+    for output, expected in (("notes.txt/sub", "error: -o notes.txt/sub: notes.txt is a file, not a folder; "
+                                               "choose another path"),
+                             ("-", "error: -o - would write a file named '-': this command does not write to "
+                                   "standard output; give a name such as features/"),
+                             (str(cache.path / "heads"), f"error: {cache.path / 'heads'} lies inside the cache entry "
+                                                         f"{cache.path}, whose files featurecache manages; choose a "
+                                                         "path outside it")):
+        result = CliRunner().invoke(app, ["export-features", str(cache.path), "-o", output])
+        assert result.exit_code == 2, result.output
+        assert stderr_lines(result) == [expected]
+    assert not (tmp_path / "-").exists() and (tmp_path / "notes.txt").read_text() == "mine"
+    assert _entry_files(cache) == before
+
+
+def test_a_failed_export_leaves_nothing_behind(cache, tmp_path):
+    """A damaged shard of the second split fails the export after the first was written: the
+    folder it made is removed, and a given empty folder is left empty."""
+    flip_feature_byte(cache.path / "shards" / "test-00000.h5", "pool", 0)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for out in (tmp_path / "new", empty):
+        result = CliRunner().invoke(app, ["export-features", str(cache.path), "-o", str(out)])
+        assert result.exit_code == 1 and "fails its checksum" in result.stderr, result.output
+        assert not (tmp_path / "new").exists() and list(empty.iterdir()) == []

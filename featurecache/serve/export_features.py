@@ -17,12 +17,14 @@ Features are written in the cache's storage dtype, bit for bit.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UsageError
 from ..cache.atomic import write_atomic, write_json_atomic
+from ..cache.integrity import prepare_output_folder
 from ..cache.store import Cache
 
 FORMATS = ("npy", "parquet", "hf")
@@ -51,11 +53,12 @@ def export_features(cache: Cache | str | Path, output: str | Path, *, format: st
     if tap not in cache.tap_shapes:
         raise UsageError(f"tap {tap!r} is not in {cache.path.name} (it has {', '.join(cache.taps)})")
     chosen = splits or list(cache.splits)
-    for split in chosen:
+    for i, split in enumerate(chosen):
         if split not in cache.splits:
             raise UsageError(f"split {split!r} is not in {cache.path.name}; it has: {', '.join(cache.splits)}")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise UsageError(f"{output} exists and is not an empty folder; choose a new one")
+        if split in chosen[:i]:
+            raise UsageError(f"--split {split} is given twice; name each split once")
+    prepare_output_folder(output, "features/")
     if format == "parquet":
         try:
             import pyarrow as pa
@@ -67,29 +70,47 @@ def export_features(cache: Cache | str | Path, output: str | Path, *, format: st
             import datasets
         except ImportError:
             raise UsageError('--format hf needs datasets: pip install "featurecache[hf]"') from None
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
-    description = _describe(cache, tap)
-    if format == "hf":
-        _save_hf(datasets, cache, tap, chosen, output)
-    for split in chosen if format != "hf" else []:
-        arrays = cache.arrays(split, tap)
-        if format == "npy":
-            folder = output / split
-            folder.mkdir()
-            for name, values in arrays.items():
-                write_atomic(folder / f"{name}.npy", lambda tmp, values=values: _save_npy(tmp, values), "the export")
-        elif format == "parquet":
-            flat = arrays["features"].reshape(len(arrays["features"]), -1)
-            width = flat.shape[1]
-            features = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), width)
-            table = pa.table({"features": features, "label": arrays["labels"], "index": arrays["index"],
-                              "path": arrays["paths"].tolist()})
-            write_atomic(output / f"{split}.parquet", lambda tmp, table=table: pq.write_table(table, str(tmp)),
-                         "the export")
-    # (hf: beside dataset_dict.json, which is all load_from_disk reads)
-    write_json_atomic(output / "dataset.json", {**description, "format": format, "exported_splits": chosen},
-                      "the export's description")
+    try:
+        description = _describe(cache, tap)
+        if format == "hf":
+            _save_hf(datasets, cache, tap, chosen, output)
+        for split in chosen if format != "hf" else []:
+            arrays = cache.arrays(split, tap)
+            if format == "npy":
+                folder = output / split
+                folder.mkdir()
+                for name, values in arrays.items():
+                    write_atomic(folder / f"{name}.npy", lambda tmp, values=values: _save_npy(tmp, values),
+                                 "the export")
+            elif format == "parquet":
+                flat = arrays["features"].reshape(len(arrays["features"]), -1)
+                width = flat.shape[1]
+                features = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), width)
+                table = pa.table({"features": features, "label": arrays["labels"], "index": arrays["index"],
+                                  "path": arrays["paths"].tolist()})
+                write_atomic(output / f"{split}.parquet", lambda tmp, table=table: pq.write_table(table, str(tmp)),
+                             "the export")
+        # (hf: beside dataset_dict.json, which is all load_from_disk reads)
+        write_json_atomic(output / "dataset.json", {**description, "format": format, "exported_splits": chosen},
+                          "the export's description")
+    except BaseException:  # a damaged shard, a full disk, Ctrl-C: no half-written export is left behind
+        if created:
+            shutil.rmtree(output, ignore_errors=True)
+        else:
+            _empty(output)
+        raise
     return output
+
+
+def _empty(folder: Path) -> None:
+    """Remove what the export wrote into a folder that was empty before it."""
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 def _save_hf(datasets, cache: Cache, tap: str, splits: list[str], output: Path) -> None:
