@@ -108,6 +108,8 @@ def test_output_paths_it_would_break_are_refused(cache, tmp_path, monkeypatch):
     inside a cache entry: one line, exit 2, nothing written."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes.txt").write_text("mine")
+    (cache.path / "empty").mkdir()
+    (tmp_path / "linked").symlink_to(cache.path / "empty")  # an empty folder, but in the entry
     before = _entry_files(cache)
     for output, expected in (("notes.txt/sub", "error: -o notes.txt/sub: notes.txt is a file, not a folder; "
                                                "choose another path"),
@@ -115,12 +117,14 @@ def test_output_paths_it_would_break_are_refused(cache, tmp_path, monkeypatch):
                                    "standard output; give a name such as features/"),
                              (str(cache.path / "heads"), f"error: {cache.path / 'heads'} lies inside the cache entry "
                                                          f"{cache.path}, whose files featurecache manages; choose a "
-                                                         "path outside it")):
+                                                         "path outside it"),
+                             ("linked", f"error: linked lies inside the cache entry {cache.path}, whose files "
+                                        "featurecache manages; choose a path outside it")):
         result = CliRunner().invoke(app, ["export-features", str(cache.path), "-o", output])
         assert result.exit_code == 2, result.output
         assert stderr_lines(result) == [expected]
     assert not (tmp_path / "-").exists() and (tmp_path / "notes.txt").read_text() == "mine"
-    assert _entry_files(cache) == before
+    assert _entry_files(cache) == before and list((cache.path / "empty").iterdir()) == []
 
 
 def test_a_failed_export_leaves_nothing_behind(cache, tmp_path):

@@ -60,7 +60,8 @@ def refuse_inside_cache(output: Path) -> None:
     """UsageError when `output` lies in a cache entry or a root's `_weights/`: featurecache's own
     files, which a write there could replace (`export -o ENTRY/manifest.json --overwrite`)."""
     try:
-        where = output.parent.resolve() / output.name  # a link given as -o is replaced, not followed
+        # a link to a file given as -o is replaced, not followed; one to a folder is written into
+        where = output.resolve() if output.is_dir() else output.parent.resolve() / output.name
     except (OSError, RuntimeError):
         where = Path(os.path.abspath(output))
     for folder in (where, *where.parents):
