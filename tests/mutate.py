@@ -47,6 +47,7 @@ class Mutation:
 KEY = "tests/test_cache_key.py"
 CROSS = "tests/test_cross_ensemble.py"
 VIT = "tests/test_timm_fast_path.py"
+FINETUNE = "tests/test_finetune.py"
 MUTATIONS = [
     # The cache key: each field that changes the numbers, dropped from the entry's config.
     Mutation("key-weights", "extract/stage.py", '"weights_sha256": weights.sha256,', "",
@@ -408,6 +409,42 @@ MUTATIONS = [
              ("tests/test_layout.py", "-k", "all_skipped"), "a class with no train row is warned about"),
     Mutation("repair-seals-edited-spec", "maintain/verify.py", "    _refuse_edited_spec(path, manifest)\n", "",
              ("tests/test_hostile_cache.py", "-k", "spec_that"), "repair does not seal a spec naming another source"),
+    # A finetune run is used only as what it is: finished, or said to be unfinished; resumed only as started.
+    Mutation("finetune-unfinished-exported", "finetune/runs.py", "if warning and not unfinished_ok:", "if False:",
+             (FINETUNE, "-k", "unfinished_run"), "an unfinished run is refused (export, the library)"),
+    Mutation("finetune-unfinished-export-allowed", "cli/fit_commands.py", "unfinished_ok=warnings is not None",
+             "unfinished_ok=True", (FINETUNE, "-k", "unfinished_run"), "export refuses an unfinished run"),
+    Mutation("finetune-unfinished-predict-silent", "cli/fit_commands.py",
+             "        if warning and warnings is not None:\n            warnings.append(warning)", "        pass",
+             (FINETUNE, "-k", "unfinished_run"), "predict with an unfinished run warns and exits 1"),
+    Mutation("finetune-runs-listed-by-file", "finetune/runs.py", "sorted(p.parent.name for p", "sorted(p.name for p",
+             (FINETUNE, "-k", "missing_run"), "an unknown run's error lists the run names"),
+    Mutation("finetune-recordless-folder-unknown", "finetune/runs.py", "        if directory.is_dir():",
+             "        if False:", (FINETUNE, "-k", "missing_run"), "a run folder without a record is unfinished"),
+    Mutation("finetune-weights-epoch-unchecked", "finetune/runs.py",
+             'if set(epochs.values()) != {record.get("best_epoch")}:', "if False:", (FINETUNE, "-k", "another_epoch"),
+             "weights of another epoch than the record's best are refused"),
+    Mutation("finetune-restart-keeps-record", "finetune/stage.py",
+             "for old in (directory / FINETUNE_RECORD, checkpoint):", "for old in (checkpoint,):",
+             (FINETUNE, "-k", "restarted"), "a restart removes the old record before writing new weights"),
+    Mutation("finetune-restart-keeps-checkpoint", "finetune/stage.py",
+             "for old in (directory / FINETUNE_RECORD, checkpoint):", "for old in (directory / FINETUNE_RECORD,):",
+             (FINETUNE, "-k", "restarted"), "a restart removes the old checkpoint before writing new weights"),
+    Mutation("finetune-no-epoch-zero-record", "finetune/stage.py",
+             '{"epoch": 0, **_small(record)})\n        write_json_atomic(', '{"epoch": 0, **_small(record)})\n        (',
+             (FINETUNE, "-k", "restarted"), "a run's record follows its epoch-0 weights"),
+    Mutation("finetune-resume-name-compared", "finetune/spec.py", '"device", "name")', '"device")',
+             (FINETUNE, "-k", "resume_with_other"), "--name of the default folder resumes it"),
+    Mutation("finetune-resume-head-unresolved", "finetune/stage.py", '"head": head_name, HEAD_FIT', "HEAD_FIT",
+             (FINETUNE, "-k", "resume_with_other"), "--head naming the default head resumes the run"),
+    Mutation("finetune-resume-head-fit-ignored", "finetune/stage.py",
+             ", HEAD_FIT: read_record_with_checksum(cache, head_name)[1]}", "}", (FINETUNE, "-k", "resume_with_other"),
+             "a run does not resume from a starting head fitted again"),
+    Mutation("finetune-resume-older-checkpoint", "finetune/spec.py", "    if HEAD_FIT not in saved:", "    if False:",
+             (FINETUNE, "-k", "record_its_head_fit"), "a checkpoint without its head's fit asks for --restart only"),
+    Mutation("finetune-from-cache-augmentation-compared", "finetune/spec.py",
+             '(_AUGMENTATION if settings.get("from_cache") else ())', "()", (FINETUNE, "-k", "interrupted_run"),
+             "--from-cache resumes over augmentation settings it never uses"),
 ]
 
 

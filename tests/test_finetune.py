@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -185,23 +186,182 @@ def test_fast_path_names_the_missing_tap(tmp_path, image_folder, tiny_spec):
         finetune(cache, _spec(from_cache=True))
 
 
-def test_interrupted_run_resumes_from_its_saved_epoch(tiny_cache):
-    spec = _spec(epochs=2, from_cache=True, lr=1e-2, backbone_lr=1e-3)
-    reference = finetune(tiny_cache, dataclasses.replace(spec, name="straight"))
-
+def _interrupted(cache, spec: FinetuneSpec, epoch: int) -> None:
+    """Run `spec` and stop it (as Ctrl-C does) in the first training batch of `epoch`."""
     def interrupt(event):
-        if event["phase"] == "train" and event["epoch"] == 2:
+        if event["phase"] == "train" and event["epoch"] == epoch:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        finetune(tiny_cache, dataclasses.replace(spec, name="broken"), progress=interrupt)
-    resumed = finetune(tiny_cache, dataclasses.replace(spec, name="broken"))
+        finetune(cache, spec, progress=interrupt)
+
+
+def test_interrupted_run_resumes_from_its_saved_epoch(tiny_cache):
+    spec = _spec(epochs=2, from_cache=True, lr=1e-2, backbone_lr=1e-3)
+    reference = finetune(tiny_cache, dataclasses.replace(spec, name="straight"))
+    _interrupted(tiny_cache, dataclasses.replace(spec, name="broken"), 2)
+    # --from-cache uses no augmentation, so its settings cannot stop the resume.
+    resumed = finetune(tiny_cache, dataclasses.replace(spec, name="broken", augment=False, hflip=True,
+                                                       crop_scale=(0.5, 1.0)))
     assert resumed.resumed_from == 1 and resumed.record["complete"]
     assert [h["val_top1"] for h in resumed.record["history"]] == [h["val_top1"] for h in reference.record["history"]]
     for a, b in ((reference.path, resumed.path),):
         torch.testing.assert_close(load_file(str(a / "checkpoint.safetensors")), load_file(str(b / "checkpoint.safetensors")))
     with pytest.raises(UsageError, match="--restart"):
         finetune(tiny_cache, dataclasses.replace(spec, name="broken", lr=0.5))
+
+
+def test_a_resume_with_other_settings_names_each_one(tmp_path, image_folder, tiny_spec):
+    cache = open_cache(extract(tiny_spec(image_folder, taps=("pool", "layer3"))).path)
+    for head, kind in (("first", "logistic"), ("second", "mlp")):
+        fit_head(cache, FitSpec(head=kind, name=head))
+    spec = _spec(head="first", name="run", epochs=2, augment=False)
+    _interrupted(cache, spec, 2)
+    refusals = {  # other blocks or another head gave "the checkpoint is unreadable or damaged"
+        "--unfreeze layer4 (now --unfreeze 1)": dict(unfreeze="1"),
+        "--head first (now --head second)": dict(head="second"),
+        "--epochs 2 (now --epochs 3) and --lr 0.0003 (now --lr 0.01)": dict(epochs=3, lr=1e-2),
+        "--no-augment (now --augment)": dict(augment=True),
+        "no --from-cache (now --from-cache)": dict(from_cache=True, hflip=True),  # the path, not its augmentation
+    }
+    for said, changes in refusals.items():
+        with pytest.raises(UsageError) as refused:
+            finetune(cache, dataclasses.replace(spec, **changes))
+        assert str(refused.value) == (f"finetune run 'run' was started with {said}; pass the same values to resume "
+                                      "it, --restart to start over, or --name NEW to keep it and start another")
+    # The default folder named with --name, and the default head named with --head, are the same run.
+    _interrupted(cache, dataclasses.replace(spec, name=None, head=None), 2)
+    assert finetune(cache, dataclasses.replace(spec, name="first-layer4")).resumed_from == 1
+    # A starting head fitted again may carve other validation rows: not the run that was started.
+    fit_head(cache, FitSpec(head="logistic", name="first", params={"C": 0.01}, overwrite=True))
+    with pytest.raises(UsageError, match=r"started with another fit of head first \(it was fitted again since\)"):
+        finetune(cache, spec)
+    assert finetune(cache, dataclasses.replace(spec, restart=True)).record["complete"]
+
+
+def test_a_checkpoint_that_does_not_record_its_head_fit_is_not_resumed(tiny_cache):
+    from featurecache.cache.integrity import write_safetensors
+    from featurecache.finetune.runs import STATE_METADATA, read_checkpoint
+
+    spec = _spec(name="older", epochs=2, from_cache=True)
+    _interrupted(tiny_cache, spec, 2)
+    path = tiny_cache.path / "finetune" / "older" / "checkpoint.safetensors"
+    tensors, state = read_checkpoint(path)  # as an older featurecache wrote it: no fit of the head, head unresolved
+    state["settings"] = {k: v for k, v in state["settings"].items() if k != "starting_head_checksum"} | {"head": None}
+    write_safetensors(path, tensors, {STATE_METADATA: json.dumps(state)})
+    with pytest.raises(UsageError) as refused:
+        finetune(tiny_cache, spec)
+    assert str(refused.value) == ("finetune run 'older' was started by an older featurecache, whose checkpoint does "
+                                  "not record which fit of its starting head it began from; pass --restart to start "
+                                  "over, or --name NEW to keep it and start another")
+
+
+def test_an_unfinished_run_is_refused_by_export_and_used_by_predict_with_a_warning(tiny_cache, tmp_path):
+    import csv
+    import shlex
+
+    from typer.testing import CliRunner
+
+    from featurecache.cli import app
+    from featurecache.errors import CacheIncompleteError
+    from featurecache.finetune.runs import load_finetune_run, read_finetune_record
+    from helpers import stderr_lines
+
+    spec = _spec(epochs=2, from_cache=True, lr=1e-2, backbone_lr=1e-3)
+    reference = finetune(tiny_cache, dataclasses.replace(spec, name="finished"))
+    _interrupted(tiny_cache, dataclasses.replace(spec, name="unfinished"), 2)
+    command = (f"featurecache finetune {tiny_cache.path} --name unfinished --unfreeze layer4 --epochs 2 --lr 0.01 "
+               "--backbone-lr 0.001 --batch-size 8 --from-cache --precision fp32")
+    warning = f"finetune run 'unfinished' is unfinished (1 of 2 epochs); rerun the finetune command to finish it: {command}"
+    with pytest.raises(CacheIncompleteError) as refused:
+        load_finetuned_predictor(tiny_cache, "unfinished")
+    assert str(refused.value) == warning
+    runner, model = CliRunner(), tmp_path / "model.pt"
+    exported = runner.invoke(app, ["export", str(tiny_cache.path), "--finetune", "unfinished", "-o", str(model)])
+    assert (exported.exit_code, stderr_lines(exported), model.exists()) == (1, [f"error: {warning}"], False)
+
+    image, table = f"{tiny_cache.manifest['spec']['source']}/val/ants/ants_0.png", tmp_path / "p.csv"
+    predicted = runner.invoke(app, ["predict", str(tiny_cache.path), image, "--finetune", "unfinished", "-o", str(table)])
+    assert (predicted.exit_code, stderr_lines(predicted)) == (1, [f"warning: {warning}"])
+    row = next(csv.DictReader(table.open()))
+    predictor, said = load_finetune_run(tiny_cache, "unfinished", unfinished_ok=True)
+    assert said == warning and row["class1"] in predictor.classes and float(row["prob1"]) > 0
+
+    # The command the warning gives finishes the run, as if it had never stopped.
+    resumed = runner.invoke(app, shlex.split(command)[1:] + ["--quiet"])
+    assert resumed.exit_code == 0 and "resumed after epoch 1" in resumed.stdout, resumed.output
+    record = read_finetune_record(tiny_cache, "unfinished")
+    assert record["complete"] and record["history"][1:] == [
+        {**h, "seconds": r["seconds"]} for h, r in zip(reference.record["history"][1:], record["history"][1:])]
+    exported = runner.invoke(app, ["export", str(tiny_cache.path), "--finetune", "unfinished", "-o", str(model)])
+    assert exported.exit_code == 0 and model.exists()
+    predicted = runner.invoke(app, ["predict", str(tiny_cache.path), image, "--finetune", "unfinished"])
+    assert predicted.exit_code == 0 and not predicted.stderr
+
+
+def test_a_missing_run_lists_the_runs_and_a_folder_without_a_record_is_unfinished(tiny_cache):
+    from featurecache.errors import CacheIncompleteError
+    from featurecache.finetune.runs import load_finetune_run
+
+    finetune(tiny_cache, _spec(name="listed", from_cache=True))
+    with pytest.raises(HeadError) as missing:
+        load_finetuned_predictor(tiny_cache, "nope")
+    runs = sorted(p.parent.name for p in (tiny_cache.path / "finetune").glob("*/finetune.json"))
+    assert "listed" in runs and f"(runs: {', '.join(runs)});" in str(missing.value)  # it listed head.safetensors
+    (tiny_cache.path / "finetune" / "early").mkdir()  # stopped before its first record
+    with pytest.raises(CacheIncompleteError, match="'early' has no record yet.*rerun the finetune command"):
+        load_finetune_run(tiny_cache, "early", unfinished_ok=True)
+    (tiny_cache.path / "finetune" / "early").rmdir()
+
+
+def test_a_restarted_run_is_unfinished_until_its_record_is_its_own(tiny_cache, monkeypatch):
+    import importlib
+
+    from featurecache.errors import CacheIncompleteError
+    from featurecache.finetune.runs import load_finetune_run, read_finetune_record
+
+    spec = _spec(name="again", from_cache=True)
+    finetune(tiny_cache, spec)
+    # Stopped in its first epoch: the outputs are its epoch 0, and so is the record.
+    _interrupted(tiny_cache, dataclasses.replace(spec, lr=1e-2, restart=True), 1)
+    record = read_finetune_record(tiny_cache, "again")
+    assert (record["complete"], record["spec"]["lr"], len(record["history"])) == (False, 1e-2, 1)
+    assert load_finetune_run(tiny_cache, "again", unfinished_ok=True)[1].startswith(
+        "finetune run 'again' is unfinished (0 of 1 epochs)")
+    # Stopped before its first record: the old complete record and checkpoint must not describe the
+    # new outputs (another head's, say), nor be resumed over them.
+    assert finetune(tiny_cache, spec).record["complete"]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module("featurecache.finetune.stage"), "save_outputs", killed)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_cache, dataclasses.replace(spec, restart=True))
+    with pytest.raises(CacheIncompleteError, match="'again' has no record yet"):
+        load_finetune_run(tiny_cache, "again", unfinished_ok=True)
+    assert not (tiny_cache.path / "finetune" / "again" / "checkpoint.safetensors").exists()
+
+
+def test_weights_of_another_epoch_than_the_record_are_refused(tiny_cache):
+    from featurecache.cache.integrity import seal_json
+    from featurecache.errors import CacheIncompleteError, CorruptCacheError
+    from featurecache.finetune.runs import load_finetune_run
+
+    result = finetune(tiny_cache, _spec(name="mismatch", from_cache=True))
+    path, best = result.path / "finetune.json", result.record["best_epoch"]
+
+    def rewrite(**changes):
+        record = {k: v for k, v in json.loads(path.read_text()).items() if k != "checksum"}
+        path.write_text(json.dumps(seal_json({**record, **changes})))
+
+    rewrite(best_epoch=1 - best)
+    with pytest.raises(CorruptCacheError, match=f"holds a backbone of epoch {best}, head of epoch {best}, but its "
+                                                f"record's best epoch is {1 - best}; run it again with --restart"):
+        load_finetuned_predictor(tiny_cache, "mismatch")
+    rewrite(complete=False)  # stopped (or running) between writing the weights and the record
+    with pytest.raises(CacheIncompleteError, match="'mismatch' is being written.*rerun the finetune command"):
+        load_finetune_run(tiny_cache, "mismatch", unfinished_ok=True)
 
 
 def test_finetuning_raises_accuracy_and_its_checkpoint_makes_a_new_cache(digits_cache):

@@ -175,13 +175,19 @@ def ensemble_command(
                           f"left out; scored on the {part['rows']} rows all hold", markup=False, highlight=False)
 
 
-def _predictor(cache: str, head: Optional[str], finetune: Optional[str], root: Optional[Path]):
+def _predictor(cache: str, head: Optional[str], finetune: Optional[str], root: Optional[Path],
+               warnings: Optional[list[str]] = None):
+    """The predictor of a head or a finetune run. Given `warnings` (predict), an unfinished run is
+    used, its warning added; else (export) it is refused: an exported model must be final."""
     if (head is None) == (finetune is None):
         raise UsageError("give exactly one of --head NAME or --finetune NAME")
     if finetune is not None:
-        from ..finetune.stage import load_finetuned_predictor
+        from ..finetune.runs import load_finetune_run
 
-        return load_finetuned_predictor(_open(cache, root), finetune)
+        predictor, warning = load_finetune_run(_open(cache, root), finetune, unfinished_ok=warnings is not None)
+        if warning and warnings is not None:
+            warnings.append(warning)
+        return predictor
     from ..serve.predict import load_predictor
 
     return load_predictor(_open(cache, root), head)
@@ -209,6 +215,7 @@ def predict_command(
         from ..cache.integrity import prepare_output_file
 
         prepare_output_file(Path(output), "the predictions' folder", "predictions.csv", overwrite=overwrite)
+    warnings: list[str] = []
     if split is not None:
         if paths:
             raise UsageError("give image paths or --split, not both")
@@ -224,7 +231,7 @@ def predict_command(
             raise UsageError("give image files or folders to classify, or --split SPLIT to predict a cached split")
         from ..serve.predict import predict
 
-        predictor = _predictor(cache, head, finetune, root)
+        predictor = _predictor(cache, head, finetune, root, warnings)
         results, n_classes = predict(predictor, list(paths), top_k=top_k), len(predictor.classes)
     if output is not None:
         from ..cache.atomic import write_atomic
@@ -254,8 +261,10 @@ def predict_command(
     failed = sum(1 for r in results if r.error)
     if failed:  # a script must not mistake a run with missing predictions for a complete one
         where = "their error column" if output is not None else "the table"
-        err_console.print(f"warning: {failed} of {len(results)} have no prediction ({where} says why)",
-                          markup=False, highlight=False, soft_wrap=True)
+        warnings.append(f"{failed} of {len(results)} have no prediction ({where} says why)")
+    for warning in warnings:
+        err_console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
+    if warnings:
         raise typer.Exit(1)
 
 

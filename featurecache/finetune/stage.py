@@ -7,7 +7,8 @@ its validation accuracy equals the head's. Everything before the unfrozen blocks
 frozen and in eval mode (BatchNorm statistics untouched). Each epoch ends with a
 validation pass, an atomic resume checkpoint and, when it is the best so far, the
 outputs `finetune/<name>/backbone.safetensors` (accepted by `extract --weights`) and
-`head.safetensors`, described by `finetune.json`.
+`head.safetensors`, described by `finetune.json` (complete only once every epoch is done;
+see runs.py). A rerun resumes from the checkpoint when its settings are the run's (spec.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,49 +28,23 @@ from .. import __version__
 from ..backbones.registry import Preprocessing, StagedBackbone, get_backbone
 from ..device import resolve_device, resolve_precision
 from ..extract.engine import default_workers
-from ..errors import CacheNotFoundError, CorruptCacheError, HeadError, MismatchError, UsageError
+from ..errors import CacheNotFoundError, CorruptCacheError, HeadError, UsageError
 from .data import Augmentation, ImageRows, Progress, TapRows, epoch_order, evaluate, train_epoch
-from ..fit.headstore import check_head_name, load_head
+from ..fit.headstore import check_head_name, load_head, read_record_with_checksum
 from ..cache.atomic import remove_stale_temporaries, storage_error, write_json_atomic
-from ..cache.integrity import read_safetensors, read_sealed_json, seal_json, write_safetensors
-from ..heads.registry import head_from_saved
-from ..serve.predict import Predictor, cache_backbone
+from ..cache.integrity import seal_json
+from ..serve.predict import cache_backbone
 from ..data.sources import reopen_source
-from ..cache.layout import BACKBONE_FILE, CHECKPOINT_FILE, FINETUNE_DIR, FINETUNE_RECORD, HEAD_FILE, finetune_run_name
+from ..cache.layout import CHECKPOINT_FILE, FINETUNE_DIR, FINETUNE_RECORD, finetune_run_name
 from ..cache.store import Cache, open_cache
-from ..backbones.weights import ARCH_METADATA, PREPROCESSING_METADATA
+from .runs import (load_checkpoint, load_finetuned_predictor, load_outputs, read_checkpoint, read_finetune_record,
+                   save_checkpoint, save_outputs)
+from .spec import HEAD_FIT, FinetuneSpec, check_finetune_spec, resume_refusal, spec_dict
+
+__all__ = ["FinetuneSpec", "FinetuneResult", "check_finetune_spec", "finetune", "load_finetuned_predictor",
+           "read_finetune_record"]
 
 log = logging.getLogger("featurecache")
-
-STATE_METADATA = "featurecache.finetune"
-HEAD_METADATA = "featurecache.head"
-#: Spec fields that do not change the numbers; a resumed run may differ in them.
-_RESUME_FREE = ("workers", "restart", "device")
-
-
-@dataclass(frozen=True, kw_only=True)
-class FinetuneSpec:
-    """What `finetune` needs; stored in finetune.json and in every checkpoint."""
-
-    head: str | None = None  # starting head; None picks the cache's best logistic head
-    unfreeze: str | None = None  # STAGE | STAGE+ | N (the last N blocks); None: the backbone's default
-    epochs: int = 5
-    lr: float = 3e-4  # the head's learning rate (AdamW, cosine decay per step)
-    backbone_lr: float = 3e-5  # the unfrozen blocks' (lower: they start from good features)
-    weight_decay: float = 1e-4  # on weights only, not on biases or BatchNorm
-    batch_size: int = 32
-    from_cache: bool = False  # train from the cached activations (no augmentation possible)
-    augment: bool = True  # random resized crop + flip (image path only)
-    crop_scale: tuple[float, float] = (0.25, 1.0)  # area range of the random resized crop
-    hflip: bool = True
-    train_bn: bool = False  # update the unfrozen blocks' BatchNorm statistics (default: keep them)
-    name: str | None = None  # folder under finetune/; default "<head>-<unfreeze>[-cache]"
-    device: str = "auto"
-    precision: str = "auto"  # auto picks fp32 on CPUs without native bf16 (emulated bf16 is ~5x slower)
-    workers: int | None = None  # image-decoding workers; None picks from the machine
-    seed: int = 0
-    restart: bool = False  # ignore an existing checkpoint and start over
-
 
 @dataclass
 class FinetuneResult:
@@ -144,17 +118,6 @@ class FinetuneModel(nn.Module):
         """What training changes: the trainable blocks (with their BatchNorm buffers) and the head."""
         prefixes = tuple(f"backbone.{name}." for name in self.trainable) + ("head.",)
         return {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k.startswith(prefixes)}
-
-
-def network_state(backbone: StagedBackbone) -> dict[str, torch.Tensor]:
-    """The backbone's state under the network's own names (classifier excluded), as `extract
-    --weights` expects: the stages share the network's modules."""
-    state = backbone.description.backbone_state(backbone.network.state_dict())
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
-
-
-def load_network_state(backbone: StagedBackbone, state: dict[str, torch.Tensor]) -> None:
-    backbone.network.load_state_dict(backbone.description.backbone_state(state))
 
 
 def _starting_head(cache: Cache, name: str | None):
@@ -265,103 +228,6 @@ def _optimizer(model: FinetuneModel, spec: FinetuneSpec) -> torch.optim.Optimize
     return torch.optim.AdamW(groups)
 
 
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    write_safetensors(path, tensors, metadata, "the finetune output")
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A finetune output or checkpoint, every checksum checked."""
-    try:
-        return read_safetensors(path, "finetune output", "run featurecache finetune again with --restart")
-    except FileNotFoundError:
-        raise CacheNotFoundError(f"the finetune output {path} is missing; run featurecache finetune again "
-                                 "with --restart") from None
-
-
-def _save_checkpoint(path: Path, model: FinetuneModel, optimizer, scaler, state: dict) -> None:
-    """Model + optimizer tensors in safetensors; epoch, step, history, groups in its JSON metadata."""
-    tensors = {f"model.{k}": v for k, v in model.trainable_state().items()}
-    optimizer_state = optimizer.state_dict()
-    scalars = {}
-    for index, values in optimizer_state["state"].items():
-        for key, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{key}"] = value
-    state = {**state, "optimizer_groups": optimizer_state["param_groups"], "optimizer_scalars": scalars,
-             "scaler": scaler.state_dict()}
-    _write_safetensors(path, tensors, {STATE_METADATA: json.dumps(state)})
-
-
-def _load_checkpoint(path: Path, model: FinetuneModel, optimizer, scaler) -> dict:
-    tensors, metadata = _read_safetensors(path)
-    state = json.loads(metadata[STATE_METADATA])
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
-    optimizer_state: dict = {}
-    for key, value in [*((k[len("optimizer."):], v) for k, v in tensors.items() if k.startswith("optimizer.")),
-                       *state["optimizer_scalars"].items()]:
-        index, name = key.split(".", 1)
-        optimizer_state.setdefault(int(index), {})[name] = value
-    groups = [{**g, "betas": tuple(g["betas"])} for g in state["optimizer_groups"]]
-    optimizer.load_state_dict({"state": optimizer_state, "param_groups": groups})
-    scaler.load_state_dict(state["scaler"])
-    return state
-
-
-def _save_outputs(directory: Path, model: FinetuneModel, cache: Cache, head_config: dict, provenance: dict) -> None:
-    arch = cache.manifest["config"]["arch"]
-    _write_safetensors(directory / BACKBONE_FILE, network_state(model.backbone), {
-        ARCH_METADATA: arch, PREPROCESSING_METADATA: json.dumps(cache.manifest["config"]["preprocessing"]),
-        STATE_METADATA: json.dumps(provenance)})
-    head_state = {k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}
-    _write_safetensors(directory / HEAD_FILE, head_state,
-                       {HEAD_METADATA: json.dumps({"config": head_config, **provenance})})
-
-
-def _load_outputs(directory: Path, model: FinetuneModel) -> None:
-    load_network_state(model.backbone, _read_safetensors(directory / BACKBONE_FILE)[0])
-    model.head.load_state_dict(_read_safetensors(directory / HEAD_FILE)[0])
-
-
-def _spec_dict(spec: FinetuneSpec) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(spec)))
-
-
-def check_finetune_spec(spec: FinetuneSpec) -> None:
-    """Refuse bad settings before any work, one message per field."""
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-    def integer(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
-
-    if not integer(spec.epochs) or not 1 <= spec.epochs <= 100_000:
-        raise UsageError(f"--epochs must be an integer of at least 1, got {spec.epochs!r}")
-    if not integer(spec.batch_size) or not 2 <= spec.batch_size <= 1 << 20:
-        raise UsageError(f"--batch-size must be an integer of at least 2, got {spec.batch_size!r}")
-    for field_name in ("lr", "backbone_lr", "weight_decay"):
-        value = getattr(spec, field_name)
-        if not number(value) or value < 0 or (field_name == "lr" and value == 0):
-            raise UsageError(f"--{field_name.replace('_', '-')} must be a {'positive' if field_name == 'lr' else 'non-negative'}"
-                             f" number, got {value!r}")
-    scale = spec.crop_scale
-    if not (isinstance(scale, (tuple, list)) and len(scale) == 2 and all(number(v) for v in scale)
-            and 0 < scale[0] <= scale[1] <= 1):
-        raise UsageError(f"--crop-min must be in (0, 1] (crop_scale {scale!r})")
-    if not integer(spec.seed) or not 0 <= spec.seed < 2**32:
-        raise UsageError(f"--seed must be an integer from 0 to 2**32 - 1, got {spec.seed!r}")
-    if spec.workers is not None and (not integer(spec.workers) or spec.workers < 0):
-        raise UsageError(f"--workers must be a non-negative integer, got {spec.workers!r}")
-    if spec.unfreeze is not None and (not isinstance(spec.unfreeze, str) or not spec.unfreeze.strip()):
-        raise UsageError(f"--unfreeze must name the blocks to train (a stage such as layer4, STAGE+ or a number of "
-                         f"trailing blocks), got {spec.unfreeze!r}")
-    if spec.name is not None:
-        check_head_name(spec.name, "finetune run")
-    if spec.head is not None:
-        check_head_name(spec.head)
-
-
 def finetune(cache: Cache | str | Path, spec: FinetuneSpec, progress: Progress | None = None) -> FinetuneResult:
     """Fine-tune the cache's backbone and a fitted head; resumes an interrupted run of the same spec."""
     check_finetune_spec(spec)
@@ -384,12 +250,13 @@ def finetune(cache: Cache | str | Path, spec: FinetuneSpec, progress: Progress |
         raise storage_error(error, directory, "the finetune folder") from None
     remove_stale_temporaries(directory)  # of a killed earlier write
     checkpoint = directory / CHECKPOINT_FILE
-    settings = {k: v for k, v in _spec_dict(spec).items() if k not in _RESUME_FREE}
+    # The resolved starting head and which fit of it: a head fitted again may carve other validation rows.
+    settings = {**spec_dict(spec), "head": head_name, HEAD_FIT: read_record_with_checksum(cache, head_name)[1]}
     record = {
         "name": name, "parent_cache": cache.path.name, "parent_key": cache.key,
         "arch": cache.manifest["config"]["arch"], "starting_head": head_name,
         "starting_head_metrics": {s: {"top1": m.get("top1")} for s, m in head_record["metrics"].items()},
-        "trainable_blocks": model.trainable, "input_tap": model.input_tap, "spec": _spec_dict(spec),
+        "trainable_blocks": model.trainable, "input_tap": model.input_tap, "spec": spec_dict(spec),
         "path": "cached activations" if spec.from_cache else "images", "augmentation":
         dataclasses.asdict(augmentation) if augmentation else None, "device": str(device), "precision": precision,
         "rows": {role: len(r) for role, r in rows.items()}, "tool_version": __version__,
@@ -399,23 +266,20 @@ def finetune(cache: Cache | str | Path, spec: FinetuneSpec, progress: Progress |
     state = {"epoch": 0, "step": 0, "best_epoch": 0, "history": [], "settings": settings}
     resumed_from = 0
     if checkpoint.exists() and not spec.restart:
-        try:
-            saved = _load_checkpoint(checkpoint, model, optimizer, scaler)
-        except (CorruptCacheError, CacheNotFoundError, OSError, KeyError, ValueError, TypeError, RuntimeError,
-                json.JSONDecodeError) as error:
-            raise UsageError(f"the checkpoint {checkpoint} is unreadable or damaged ({str(error)[:200]}); "
-                             "pass --restart to start over") from None
-        if saved["settings"] != settings:
-            changed = sorted(k for k in settings if saved["settings"].get(k) != settings[k])
-            raise UsageError(f"{directory} was started with other settings ({', '.join(changed)}); "
-                             "pass --restart to start over, or --name to write elsewhere")
-        state, resumed_from = {k: saved[k] for k in state}, saved["epoch"]
+        state = _resume(checkpoint, name, settings, model, optimizer, scaler, state)
+        resumed_from = state["epoch"]
         log.info("resuming %s after epoch %d", name, resumed_from)
     if state["epoch"] == 0:  # epoch 0: the starting head on the unchanged backbone
+        try:  # an earlier run's record and checkpoint go first: they must never describe the new outputs
+            for old in (directory / FINETUNE_RECORD, checkpoint):
+                old.unlink(missing_ok=True)
+        except OSError as error:
+            raise storage_error(error, directory, "the finetune folder") from None
         metrics = evaluate(model, rows["val"], cache.classes, batch_size=spec.batch_size, device=device,
                            precision=precision)
         state["history"] = [{"epoch": 0, "val_top1": metrics["top1"], "val_loss": metrics["log_loss"], "seconds": 0.0}]
-        _save_outputs(directory, model, cache, head_record["config"], {"epoch": 0, **_small(record)})
+        save_outputs(directory, model, cache, head_record["config"], {"epoch": 0, **_small(record)})
+        write_json_atomic(directory / FINETUNE_RECORD, seal_json({**record, **_summary(state), "complete": False}))
     for epoch in range(state["epoch"] + 1, spec.epochs + 1):
         started = time.perf_counter()
         torch.manual_seed(spec.seed + epoch)
@@ -433,12 +297,12 @@ def finetune(cache: Cache | str | Path, spec: FinetuneSpec, progress: Progress |
             progress({"phase": "val", **state["history"][-1], "epochs": spec.epochs})
         if metrics["top1"] > state["history"][state["best_epoch"]]["val_top1"]:
             state["best_epoch"] = epoch
-            _save_outputs(directory, model, cache, head_record["config"], {"epoch": epoch, **_small(record)})
+            save_outputs(directory, model, cache, head_record["config"], {"epoch": epoch, **_small(record)})
         state["epoch"] = epoch
-        _save_checkpoint(checkpoint, model, optimizer, scaler, state)
+        save_checkpoint(checkpoint, model, optimizer, scaler, state)
         write_json_atomic(directory / FINETUNE_RECORD, seal_json({**record, **_summary(state), "complete": False}))
     if state["best_epoch"] != state["epoch"]:
-        _load_outputs(directory, model)
+        load_outputs(directory, model)
         model.to(device, memory_format=torch.channels_last)
     final = {**record, **_summary(state), "complete": True}
     if "test" in rows:
@@ -450,6 +314,25 @@ def finetune(cache: Cache | str | Path, spec: FinetuneSpec, progress: Progress |
     return FinetuneResult(name, directory, final, resumed_from)
 
 
+def _resume(checkpoint: Path, name: str, settings: dict, model: FinetuneModel, optimizer, scaler, state: dict) -> dict:
+    """The state of the checkpoint, loaded into model, optimizer and scaler once its settings are
+    known to be these (other blocks or another head would not even load)."""
+    advice = f"the checkpoint {checkpoint} is unreadable or damaged ({{}}); pass --restart to start over"
+    try:
+        tensors, saved = read_checkpoint(checkpoint)
+        refusal = resume_refusal(name, dict(saved["settings"]), settings)
+    except (CorruptCacheError, CacheNotFoundError, OSError, KeyError, ValueError, TypeError, AttributeError,
+            json.JSONDecodeError) as error:
+        raise UsageError(advice.format(str(error)[:200])) from None
+    if refusal:
+        raise UsageError(refusal)
+    try:
+        load_checkpoint(tensors, saved, model, optimizer, scaler)
+        return {k: saved[k] for k in state}
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as error:
+        raise UsageError(advice.format(str(error)[:200])) from None
+
+
 def _small(record: dict) -> dict:
     return {k: record[k] for k in ("name", "parent_cache", "parent_key", "starting_head", "arch")}
 
@@ -458,35 +341,3 @@ def _summary(state: dict) -> dict:
     best = state["history"][state["best_epoch"]]
     return {"epochs_done": state["epoch"], "best_epoch": state["best_epoch"], "best_val_top1": best["val_top1"],
             "history": state["history"]}
-
-
-def read_finetune_record(cache: Cache, name: str) -> dict:
-    check_head_name(name, "finetune run")
-    path = cache.path / FINETUNE_DIR / name / FINETUNE_RECORD
-    try:
-        return read_sealed_json(path, "finetune record", "run featurecache finetune again with --restart")
-    except FileNotFoundError:
-        known = sorted(p.name for p in (cache.path / FINETUNE_DIR).glob(f"*/{HEAD_FILE}"))
-        raise HeadError(f"no finetune run {name!r} on {cache.path.name} (runs: {', '.join(known) or 'none yet'}); "
-                        "run featurecache finetune first") from None
-
-
-def load_finetuned_predictor(cache: Cache | str | Path, name: str) -> Predictor:
-    """The fine-tuned backbone and classifier of `finetune/<name>/` as a Predictor (predict, export)."""
-    cache = cache if isinstance(cache, Cache) else open_cache(cache)
-    record = read_finetune_record(cache, name)
-    if record.get("parent_key") != cache.key:
-        raise MismatchError(f"finetune run {name!r} was made from other features (cache key "
-                            f"{str(record.get('parent_key'))[:12]}, this cache is {cache.key[:12]}); run it again")
-    directory = cache.path / FINETUNE_DIR / name
-    backbone, preprocessing = cache_backbone(cache)
-    try:
-        load_network_state(backbone, _read_safetensors(directory / BACKBONE_FILE)[0])
-        tensors, metadata = _read_safetensors(directory / HEAD_FILE)
-        head_meta = json.loads(metadata[HEAD_METADATA])
-        head = head_from_saved(head_meta["config"], tensors)
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise CorruptCacheError(f"finetune run {directory} does not hold a valid backbone and head "
-                                f"({type(error).__name__}: {str(error)[:160]}); run it again with --restart") from None
-    return Predictor(backbone.eval().to(memory_format=torch.channels_last), preprocessing, "pool",
-                     head.as_module().eval(), cache.classes, cache.manifest["dtype"])
