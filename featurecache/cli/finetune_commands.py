@@ -43,7 +43,9 @@ def finetune_command(
     extract --weights), head.safetensors and finetune.json (provenance and per-epoch
     metrics). The best validation epoch is kept; epoch 0 is the starting head itself.
     --from-cache cannot use image augmentation; it needs the tap at the input of the
-    unfrozen blocks (extract --tap layer3 for --unfreeze layer4).
+    unfrozen blocks (extract --tap layer3 for --unfreeze layer4). A run stopped early is
+    unfinished: the same command resumes it (other settings are refused, naming them);
+    export refuses it, predict uses its best epoch so far with a warning.
 
     Example: featurecache finetune cache/digits-resnet18-0123456789ab --unfreeze layer4 --epochs 3 --no-hflip
     """
