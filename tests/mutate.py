@@ -445,6 +445,28 @@ MUTATIONS = [
     Mutation("finetune-from-cache-augmentation-compared", "finetune/spec.py",
              '(_AUGMENTATION if settings.get("from_cache") else ())', "()", (FINETUNE, "-k", "interrupted_run"),
              "--from-cache resumes over augmentation settings it never uses"),
+    # -o refuses what it would break (report, compare, export, export-features, predict, pipelines).
+    Mutation("output-inside-entry-allowed", "cache/integrity.py", "        if _entry_folder(folder):", "        if False:",
+             ("tests/test_fit.py", "-k", "refuse_an_output_path"), "no -o inside a cache entry"),
+    Mutation("output-dash-allowed", "cache/integrity.py", '    if str(output) == "-":', "    if False:",
+             ("tests/test_fit.py", "-k", "refuse_an_output_path"), "-o - is refused"),
+    Mutation("output-link-to-folder-unresolved", "cache/integrity.py",
+             "output.resolve() if output.is_dir() else output.parent.resolve() / output.name",
+             "output.parent.resolve() / output.name", ("tests/test_export_features.py", "-k", "break"),
+             "a link to a folder inside an entry is refused"),
+    Mutation("page-figures-overwritten", "report/page.py", "    taken = None if overwrite else",
+             "    taken = None if True else", ("tests/test_report.py", "-k", "replaces_a_file"),
+             "report -o replaces a file only with --overwrite"),
+    Mutation("pipeline-report-replaces-any-file", "pipeline/runner.py",
+             "    if Path(output).is_file() and not is_report_page(Path(output)):", "    if False:",
+             ("tests/test_pipeline.py", "-k", "own_page"), "a pipeline replaces only its own page"),
+    Mutation("report-hash-overwrite", "report/page.py", '    del shown["overwrite"]', "    pass",
+             ("tests/test_pipeline.py", "-k", "own_page"), "an unchanged report step stays cached"),
+    Mutation("export-features-repeated-split", "serve/export_features.py", "        if split in chosen[:i]:",
+             "        if False:", ("tests/test_export_features.py", "-k", "repeated"), "a repeated --split is refused"),
+    Mutation("export-features-leaves-partial", "serve/export_features.py",
+             "            shutil.rmtree(output, ignore_errors=True)", "            pass",
+             ("tests/test_export_features.py", "-k", "failed"), "a failed export leaves nothing"),
 ]
 
 
