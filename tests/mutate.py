@@ -467,6 +467,19 @@ MUTATIONS = [
     Mutation("export-features-leaves-partial", "serve/export_features.py",
              "            shutil.rmtree(output, ignore_errors=True)", "            pass",
              ("tests/test_export_features.py", "-k", "failed"), "a failed export leaves nothing"),
+    Mutation("split-alias-last-wins", "data/sources.py", "                if split in split_dirs:", "                if False:",
+             ("tests/test_layout.py", "-k", "one_split"), "val/ and validation/ together are refused"),
+    Mutation("beside-splits-unread", "data/layout_checks.py", "    if unread:\n", "    if False:\n",
+             ("tests/test_layout.py", "-k", "beside_the_split"), "folders beside the split folders are not dropped"),
+    Mutation("beside-splits-loose", "data/layout_checks.py", "    if loose:\n        raise SourceError(f\"{root}: {loose}",
+             "    if False:\n        raise SourceError(f\"{root}: {loose}", ("tests/test_layout.py", "-k", "beside_the_split"),
+             "images beside the split folders are not dropped"),
+    Mutation("twin-unicode", "data/layout_checks.py", 'text = unicodedata.normalize("NFC", name).strip()',
+             "text = name", ("tests/test_layout.py", "-k", "two_ways"), "cafe in NFC and NFD are one class"),
+    Mutation("tiny-val-repeated", "data/named.py", "        if fields[0] in annotated:", "        if False:",
+             ("tests/test_named_sources.py", "-k", "listed_twice"), "a Tiny-ImageNet val image listed twice is refused"),
+    Mutation("array-label-range", "data/sources.py", "        if outside.size:", "        if False:",
+             ("tests/test_layout.py", "-k", "beyond_the_class"), "a label beyond the class names is an error"),
 ]
 
 

@@ -3,6 +3,7 @@ what to use instead; --allow-layout reads them anyway."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -129,7 +130,7 @@ def test_csv_listing_a_file_twice_is_refused(tmp_path, rows, fragment):
 def test_labels_spelt_two_ways_are_refused(tmp_path, labels, twins, allowed):
     """`1` and `1.0`, or `Dog` and `dog`, silently became two classes splitting one class's images."""
     rows = "".join(f"a{i}.png,{label},train\n" for i, label in enumerate(labels))
-    _refused(_csv(tmp_path, "twins.csv", rows), f"labels {twins} differ only in case or number format")
+    _refused(_csv(tmp_path, "twins.csv", rows), f"labels {twins} differ only in case, number format")
     assert open_source(str(tmp_path / "twins.csv"), allow_layout=True).classes == allowed
     assert open_source(_csv(tmp_path, "fine.csv", "a0.png,1,train\na1.png,10,train\na2.png,2,train\n")).classes == \
         ["1", "2", "10"]
@@ -138,6 +139,10 @@ def test_labels_spelt_two_ways_are_refused(tmp_path, labels, twins, allowed):
 def test_class_folders_spelt_two_ways_are_refused(tmp_path):
     _folder(tmp_path / "d", {"train/Dog": 1, "train/dog": 1, "train/cat": 1})
     _refused(str(tmp_path / "d"), "class folders 'Dog' and 'dog' differ only in case")
+    _folder(tmp_path / "u", {"caf\u00e9": 1, "cafe\u0301": 1, "cat": 1})  # NFC beside NFD (a macOS zip)
+    _refused(str(tmp_path / "u"), "Unicode form")
+    rows = "a0.png,cat,train\na1.png,\"cat \",train\na2.png,dog,train\n"
+    assert open_source(_csv(tmp_path, "spaces.csv", rows)).classes == ["cat", "dog"]  # the CSV reader strips
 
 
 def test_csv_labelled_rows_in_an_unknown_split_are_refused(tmp_path):
@@ -180,3 +185,33 @@ def test_a_class_whose_train_images_were_all_skipped_is_warned_about(tmp_path):
     again = runner.invoke(app, ["extract", str(root), "--weights", "random", "--model", "resnet18", "--image-size",
                                 "32", "--workers", "0", "--root", str(cache_root)])
     assert "cache hit" in again.stdout and warning in again.stderr  # said again on a hit
+
+
+def test_two_folders_naming_one_split_are_refused(tmp_path):
+    """val/ and validation/: the last one listed won, and the other's images vanished (exit 0)."""
+    _folder(tmp_path / "d", {"train/cat": 1, "train/dog": 1, "val/cat": 1, "val/dog": 1, "validation/cat": 1,
+                             "validation/dog": 1})
+    _refused(str(tmp_path / "d"), "folders val/ and validation/ both name the val split")
+    with pytest.raises(SourceError, match="both name the val split"):
+        open_source(str(tmp_path / "d"), allow_layout=True)
+
+
+@pytest.mark.parametrize("layout, fragment", [
+    ({"train/cat": 1, "train/dog": 1, "val/cat": 1, "val/dog": 1, "holdout/cat": 2, "holdout/dog": 1},
+     "folder(s) holdout sit beside the split folder(s) train/, val/ but are not train, val or test, so their 3 image"),
+    ({"bus": 1, "car": 1, "train": 1}, "folder(s) bus, car sit beside the split folder(s) train/"),
+    ({"train/cat": 1, "train/dog": 1, "test/cat": 1, "test/dog": 1, ".": 2}, "2 image(s) lie beside the split"),
+])
+def test_images_beside_the_split_folders_are_not_dropped_silently(tmp_path, layout, fragment):
+    """A holdout/ folder, a flat layout with a class named train, loose images at the top: unread, no word said."""
+    _refused(str(_folder(tmp_path / "d", layout)), fragment)
+    _folder(tmp_path / "fine", {"train/cat": 1, "train/dog": 1, "meta": 0})  # a folder without images is no loss
+    assert open_source(str(tmp_path / "fine")).split_counts() == {"train": 2}
+
+
+def test_a_label_beyond_the_class_names_is_an_error_not_a_traceback(tmp_path):
+    from featurecache.data.sources import ArraySource
+
+    images = np.zeros((3, 8, 8, 3), np.uint8)
+    with pytest.raises(SourceError, match=r"t/train/000002 has label 2, but 2 class names are given"):
+        ArraySource("t", "t", ["a", "b"], images, np.array([0, 1, 2]), ["train"] * 3)

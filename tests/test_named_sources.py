@@ -87,6 +87,20 @@ def test_tinyimagenet_incomplete_root_is_one_error_naming_the_layout(tmp_path, d
     assert "wnids.txt, words.txt, train/<wnid>/images/" in lines[0]
 
 
+@pytest.mark.parametrize("repeat", ["same", "other-wnid"])
+def test_tinyimagenet_val_image_listed_twice_is_refused(tmp_path, repeat):
+    """A repeated line counted one image twice in val's denominator (3/7 for 3/6), or under two classes."""
+    replicas.tiny_imagenet(tmp_path)
+    annotations = tmp_path / "tiny-imagenet-200" / "val" / "val_annotations.txt"
+    first = annotations.read_text().splitlines()[0]
+    other = first.replace(first.split("\t")[1], "n01443537" if "n01443537" not in first else "n01629819")
+    annotations.write_text(annotations.read_text() + (first if repeat == "same" else other) + "\n")
+    result = runner.invoke(app, ["extract", f"tinyimagenet:{tmp_path}", "--weights", "random"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"error: {annotations}:10: val_0.JPEG is listed again; each val image needs exactly one line"]
+
+
 @pytest.mark.parametrize("damage, fragment", [
     (lambda b: (b / "meta" / "test.txt").unlink(), "no meta/test.txt"),
     (lambda b: (b / "images" / "baklava" / sorted((b / "images" / "baklava").iterdir())[0].name).unlink(),

@@ -17,6 +17,7 @@ that really is laid out that way.
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 from ..errors import SourceError
@@ -30,22 +31,25 @@ def _first(names: list[str], count: int = 3) -> str:
 
 
 def _spelling_key(name: str) -> str:
+    # NFC: macOS writes "café" decomposed; strip: "cat " beside "cat"
+    text = unicodedata.normalize("NFC", name).strip()
     try:
-        value = float(name)
+        value = float(text)
     except ValueError:
-        return name.casefold()
-    return repr(value) if value == value else name.casefold()  # "1", "01", "1.0" -> 1.0
+        return text.casefold()
+    return repr(value) if value == value else text.casefold()  # "1", "01", "1.0" -> 1.0
 
 
 def refuse_spelling_twins(where: str, names, *, what: str = "class") -> None:
-    """Names that differ only in case or number format (`Dog`/`dog`, `1`/`1.0`, `2`/`02`) would
-    be separate classes, each with part of the images: almost always one class typed two ways."""
+    """Names that differ only in case, number format, surrounding spaces or Unicode form (`Dog`/`dog`,
+    `1`/`1.0`, `2`/`02`, `cat `/`cat`) would be separate classes, each with part of the images:
+    almost always one class typed two ways."""
     seen: dict[str, str] = {}
     for name in sorted(names):
         twin = seen.setdefault(_spelling_key(name), name)
         if twin != name:
-            raise SourceError(f"{where}: {what}s {twin!r} and {name!r} differ only in case or number format and "
-                              f"would be two classes; write them the same way, or {OVERRIDE}")
+            raise SourceError(f"{where}: {what}s {twin!r} and {name!r} differ only in case, number format, spaces "
+                              f"or Unicode form and would be two classes; write them the same way, or {OVERRIDE}")
 
 
 def known_layout(root: Path) -> tuple[str, str] | None:
@@ -65,6 +69,23 @@ def known_layout(root: Path) -> tuple[str, str] | None:
         if (base / "meta").is_file() and ((base / "train").is_file() or (base / "test").is_file()):
             return f"cifar100:{given}", "CIFAR-100's python batches (train, test, meta)"
     return None
+
+
+def check_beside_splits(root: Path, split_dirs: dict[str, Path], others: dict[str, int], loose: int) -> None:
+    """With split folders, nothing else at the top is read: folders of images beside them (a
+    `holdout/`, or the other classes of a flat layout that has a class named `train`) and
+    images lying there vanished without a word."""
+    splits = ", ".join(f"{d.name}/" for d in split_dirs.values())
+    unread = sorted(name for name, count in others.items() if count)
+    if unread:
+        count = sum(others[name] for name in unread)
+        raise SourceError(f"{root}: folder(s) {_first(unread)} sit beside the split folder(s) {splits} but are not "
+                          f"train, val or test, so their {count} image(s) would not be read. If they are classes of "
+                          f"a flat layout, a class named like a split ({splits}) made it look split: rename that "
+                          f"class folder; otherwise move them away, or {OVERRIDE}")
+    if loose:
+        raise SourceError(f"{root}: {loose} image(s) lie beside the split folder(s) {splits}, in no split, and would "
+                          f"not be read; move them into a split's class folders, or {OVERRIDE}")
 
 
 def check_known_layout(root: Path) -> None:

@@ -118,6 +118,9 @@ def tinyimagenet_source(root: Path, *, content_hash: bool = False) -> Source:
         if not file.is_file():
             raise _incomplete("tinyimagenet", root, TINY_LAYOUT, f"val/images/{fields[0]} of val_annotations.txt "
                                                                   f"line {number} is missing")
+        if fields[0] in annotated:  # counted twice in val's denominator, or one image under two classes
+            raise SourceError(f"{base / 'val' / 'val_annotations.txt'}:{number}: {fields[0]} is listed again; "
+                              "each val image needs exactly one line")
         annotated.add(fields[0])
         add(file, fields[1], "val")
     if unannotated := [f.name for f in _images(base / "val" / "images") if f.name not in annotated]:

@@ -164,8 +164,22 @@ class ImageFolderSource(FileSource):
         if not allow_layout:
             check_known_layout(root)
         try:
-            split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in sorted(root.iterdir())
-                          if d.is_dir() and d.name.lower() in SPLIT_ALIASES}
+            entries = sorted(root.iterdir())
+            split_dirs: dict[str, Path] = {}
+            for d in (d for d in entries if d.is_dir() and d.name.lower() in SPLIT_ALIASES):
+                split = SPLIT_ALIASES[d.name.lower()]
+                if split in split_dirs:  # the last one won, and the other's images vanished
+                    raise SourceError(f"{root}: folders {split_dirs[split].name}/ and {d.name}/ both name the "
+                                      f"{split} split; merge them into one, or rename one")
+                split_dirs[split] = d
+            if split_dirs and not allow_layout:
+                from .layout_checks import check_beside_splits
+
+                check_beside_splits(root, split_dirs, {d.name: len(_image_files(d)) for d in entries if d.is_dir()
+                                                       and d.name.lower() not in SPLIT_ALIASES
+                                                       and not d.name.startswith(".")},
+                                    sum(f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                                        and not f.name.startswith(".") for f in entries))
         except OSError as error:
             _unreadable_folder(error)
         unlabeled_splits = {SPLIT_ALIASES.get(u.lower(), u.lower()) for u in unlabeled}
@@ -250,6 +264,13 @@ class ArraySource(Source):
         if len(set(paths)) != len(paths):
             raise SourceError(f"{name}: two images have the same name; names must be unique")
         self._position = {paths[i]: i for i in range(len(labels))}
+        given = np.asarray(labels, dtype=np.int64)
+        outside = np.flatnonzero((given != UNLABELED) & ((given < 0) | (given >= len(classes))))
+        if outside.size:  # a label beyond the names: a traceback, or a row under another class
+            i = int(outside[0])
+            raise SourceError(f"{name}: {paths[i]} has label {given[i]}, but {len(classes)} class names are given "
+                              f"(labels 0..{len(classes) - 1}); {outside.size} row(s) like it. The labels and the "
+                              "class names do not belong together")
         samples = [
             Sample(paths[i], int(labels[i]), splits[i],
                    _fingerprint(hashlib.sha256(np.ascontiguousarray(images[i]).tobytes()).hexdigest(),
