@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import torchvision
 from typer.testing import CliRunner
 
 import featurecache
 from featurecache import FitSpec, fit_head, open_cache
 from featurecache.cli import app
+from featurecache.data.python_objects import from_python
 from featurecache.errors import SourceError
 from featurecache.serve.predict import predict_split
 
@@ -106,3 +108,85 @@ def test_a_python_cache_cannot_be_reopened_from_its_manifest(tmp_path):
 
     with pytest.raises(SourceError, match="extracted from a Python object"):
         reopen_source(cache.manifest["spec"])
+
+
+def _folders(root, layout: dict[str, list[str]]):
+    """root/<split>/<class>/<class>_<i>.png, two images per class, a colour per class."""
+    colours = {"cat": 0, "dog": 1, "fox": 2, "owl": 3}
+    for split, names in layout.items():
+        for name in names:
+            for i in range(2):
+                replicas.class_image(root / split / name / f"{name}_{i}.png", colours[name], colours[name] * 10 + i,
+                                     size=24)
+    return {split: torchvision.datasets.ImageFolder(str(root / split)) for split in layout}
+
+
+def _rows(cache, split):
+    return list(zip(cache.paths(split), [cache.classes[label] for label in cache.labels(split)]))
+
+
+def test_a_split_lacking_a_class_keeps_each_image_its_own_class(tmp_path):
+    # torchvision numbers each split's classes by that split's own folders: test's dog is its 0
+    parts = _folders(tmp_path / "d", {"train": ["cat", "dog", "fox"], "test": ["dog", "fox"]})
+    assert parts["test"].class_to_idx == {"dog": 0, "fox": 1}
+    cache = open_cache(featurecache.extract(source=parts, root=str(tmp_path / "cache"), **SETTINGS).path)
+    assert cache.classes == ["cat", "dog", "fox"]
+    assert _rows(cache, "train") == [(f"train/{c}/{c}_{i}.png", c) for c in ("cat", "dog", "fox") for i in range(2)]
+    assert _rows(cache, "test") == [(f"test/{c}/{c}_{i}.png", c) for c in ("dog", "fox") for i in range(2)]
+
+
+def test_splits_numbering_classes_differently_are_read_by_their_own_names(tmp_path):
+    # val lacks the first class, test lacks the middle one: three numberings of the same names
+    parts = _folders(tmp_path / "d", {"train": ["cat", "dog", "fox", "owl"], "val": ["dog", "fox", "owl"],
+                                      "test": ["cat", "fox", "owl"]})
+    source = from_python(parts)
+    assert source.classes == ["cat", "dog", "fox", "owl"]
+    rows = [(s.split, s.path, source.classes[s.label]) for s in source.samples]
+    expected = [(split, f"{split}/{c}/{c}_{i}.png", c) for split in ("train", "val", "test")
+                for c in {"train": ["cat", "dog", "fox", "owl"], "val": ["dog", "fox", "owl"],
+                          "test": ["cat", "fox", "owl"]}[split] for i in range(2)]
+    assert rows == expected
+
+
+def test_a_class_only_in_test_is_refused_unless_allow_layout(tmp_path):
+    parts = _folders(tmp_path / "d", {"train": ["cat", "dog"], "test": ["dog", "owl"]})
+    with pytest.raises(SourceError, match="owl appear in test but not in train"):
+        featurecache.extract(source=parts, root=str(tmp_path / "cache"), **SETTINGS)
+    source = from_python(parts, allow_layout=True)
+    assert source.classes == ["cat", "dog", "owl"]
+    assert [(s.path, source.classes[s.label]) for s in source.samples if s.split == "test"] == [
+        ("test/dog/dog_0.png", "dog"), ("test/dog/dog_1.png", "dog"),
+        ("test/owl/owl_0.png", "owl"), ("test/owl/owl_1.png", "owl")]
+
+
+class _Named(torch.utils.data.Dataset):
+    def __init__(self, labels, classes=None):
+        self.targets, self.data = list(labels), np.zeros((len(labels), 8, 8, 3), dtype=np.uint8)
+        for i in range(len(labels)):
+            self.data[i, 0, 0, 0] = i  # each image its own pixels
+        if classes is not None:
+            self.classes = classes
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        return self.data[i], self.targets[i]
+
+
+def test_a_label_outside_its_own_split_names_is_one_error_naming_the_split():
+    parts = {"train": _Named([0, 1, 2], ["a", "b", "c"]), "test": _Named([0, 2], ["b", "c"])}
+    with pytest.raises(SourceError, match=r"^python: test item 1 has label 2 but the test dataset names only 2 "
+                                          r"classes$"):
+        from_python(parts, name="python")
+
+
+def test_a_split_without_names_keeps_its_labels_but_not_past_the_class_count():
+    same = from_python({"train": _Named([0, 1, 2], ["a", "b", "c"]), "test": _Named([2, 0])})
+    assert [(s.split, same.classes[s.label]) for s in same.samples] == [
+        ("train", "a"), ("train", "b"), ("train", "c"), ("test", "c"), ("test", "a")]
+    with pytest.raises(SourceError, match="test item 0 has label 3 but there are 3 classes"):
+        from_python({"train": _Named([0, 1, 2], ["a", "b", "c"]), "test": _Named([3])})
+    with pytest.raises(SourceError, match="test dataset has no class names and the other splits number"):
+        from_python({"train": _Named([0, 1, 2], ["a", "b", "c"]), "val": _Named([0, 1], ["b", "c"]),
+                     "test": _Named([0])})

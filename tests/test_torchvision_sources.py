@@ -78,3 +78,44 @@ def test_missing_torchvision_root_is_one_error_naming_the_layout(tmp_path, prefi
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and layout in lines[0], result.output
+
+
+def _rows(source, split):
+    return [(os.path.basename(s.path), source.classes[s.label]) for s in source.samples if s.split == split]
+
+
+def test_dtd_split_whose_label_file_lacks_a_class_keeps_each_image_its_class(tmp_path):
+    truth = replicas.dtd(tmp_path)
+    listing = tmp_path / "dtd" / "dtd" / "labels" / "test1.txt"  # torchvision numbers test's classes by this file
+    listing.write_text("".join(line for line in listing.read_text().splitlines(True) if not line.startswith("banded")))
+    source = open_source(f"dtd:{tmp_path}")
+    assert source.classes == ["banded", "blotchy", "braided"]
+    assert _rows(source, "train") == truth["train"] and _rows(source, "val") == truth["val"]
+    assert _rows(source, "test") == truth["test"][1:] == [("blotchy_0008.jpg", "blotchy"),
+                                                          ("braided_0009.jpg", "braided")]
+
+
+def test_imagenet_val_lacking_a_wnid_keeps_each_image_its_class(tmp_path):
+    import shutil
+
+    truth = replicas.imagenet(tmp_path)
+    shutil.rmtree(tmp_path / "val" / "n01440764")  # val's folders then number goldfish 0
+    source = open_source(f"imagenet:{tmp_path}")
+    assert source.classes == ["tench", "goldfish", "great white shark"]
+    assert source.class_ids == ["n01440764", "n01443537", "n01484850"]
+    assert _rows(source, "train") == truth["train"]
+    assert _rows(source, "val") == truth["val"][2:] == [("ILSVRC2012_val_00000011.JPEG", "goldfish"),
+                                                         ("ILSVRC2012_val_00000012.JPEG", "goldfish"),
+                                                         ("ILSVRC2012_val_00000021.JPEG", "great white shark"),
+                                                         ("ILSVRC2012_val_00000022.JPEG", "great white shark")]
+
+
+def test_oxford_pet_split_lacking_a_breed_keeps_each_image_its_breed(tmp_path):
+    truth = replicas.oxford_pet(tmp_path)
+    listing = tmp_path / "oxford-iiit-pet" / "annotations" / "trainval.txt"
+    listing.write_text("".join(line for line in listing.read_text().splitlines(True)
+                               if not line.startswith("american_bulldog")))
+    source = open_source(f"oxfordiiitpet:{tmp_path}")
+    assert source.classes == ["Abyssinian", "American Bulldog", "American Pit Bull Terrier"]
+    assert _rows(source, "train") == [row for row in truth["train"] if row[1] != "American Bulldog"]
+    assert _rows(source, "test") == truth["test"]

@@ -120,7 +120,7 @@ class DatasetSource(Source):
     """Items of dataset objects (torchvision's or any `(image, label)` sequence), by split."""
 
     def __init__(self, name: str, parts: Mapping[str, object], *, kind: str = "python:dataset",
-                 classes: list[str] | None = None, root: str | None = None) -> None:
+                 classes: list[str] | None = None, root: str | None = None, allow_layout: bool = False) -> None:
         self.kind = kind
         self.parts = {_split_name(split): _without_transforms(ds) for split, ds in parts.items()}
         self._files: dict[str, list[str] | None] = {}
@@ -134,7 +134,7 @@ class DatasetSource(Source):
             self._pixels[split] = None if self._files[split] else _pixel_rows(dataset)
             found = _label_list(dataset)
             labels[split] = found if found is not None else [self._read(split, i)[1] for i in range(len(dataset))]
-        classes = classes or self._classes(labels)
+        classes, labels = self._union_classes(name, labels, classes)
         roots = [str(root or getattr(ds, "root", "") or "") for ds in self.parts.values()]
         self.base = os.path.commonpath([r for r in roots if r]) if any(roots) else ""
         samples: list[Sample] = []
@@ -147,18 +147,58 @@ class DatasetSource(Source):
                 samples.append(self._sample(split, i, label, classes, len(samples)))
         if len({s.path for s in samples}) != len(samples):
             samples = [Sample(f"{s.split}/{s.index:06d}", s.label, s.split, s.fingerprint, s.index) for s in samples]
+        if not allow_layout:  # a class only in val/test, one class, Dog/dog: as for a CSV (allow_layout=True skips)
+            from .layout_checks import check_classes
+
+            check_classes(name, classes, samples)
         super().__init__(name, self.base or name, classes, samples)
         self._position = {s.path: (s.split, s.index) for s in samples}
         self._fingerprint_kind = "stat" if all(self._files.values()) else "content"
 
-    def _classes(self, labels: dict[str, list[int]]) -> list[str]:
-        for dataset in self.parts.values():
-            for name in ("classes", "categories"):
-                found = getattr(dataset, name, None)
-                if isinstance(found, Sequence) and found and all(isinstance(c, str) for c in found):
-                    return [str(c) for c in found]
-        top = max((label for values in labels.values() for label in values if label is not None), default=-1)
-        return [str(i) for i in range(top + 1)]
+    def _union_classes(self, name: str, labels: dict[str, list[int]], given: list[str] | None
+                       ) -> tuple[list[str], dict[str, list[int]]]:
+        """One class list for every split, and each split's labels as indices into it.
+
+        torchvision builds `classes` per split (DTD from that split's label file, ImageFolder
+        and ImageNet from that split's folders), so a split lacking a class numbers the rest
+        differently: each split's labels are read through its own names, then placed in the
+        union of the names. A split without names keeps its integer labels."""
+        own: dict[str, dict[int, str]] = {}
+        for split, dataset in self.parts.items():
+            names = _own_names(dataset, labels[split])
+            if names is None:
+                continue
+            for i, label in enumerate(labels[split]):
+                if label is not None and label >= 0 and label not in names:
+                    raise SourceError(f"{name}: {split} item {i} has label {label} but the {split} dataset names only "
+                                      f"{len(names)} classes")
+            own[split] = names
+        first = next(iter(own.values()), None)
+        if given is None and first is not None and all(names == first for names in own.values()) \
+                and sorted(first) == list(range(len(first))):
+            classes = [first[i] for i in range(len(first))]  # every split numbers them alike: as they are
+            if not any(label is not None and label >= len(classes) for values in labels.values() for label in values):
+                return classes, labels
+        if given is not None:
+            classes = [str(c) for c in given]
+        elif not own:
+            top = max((label for values in labels.values() for label in values if label is not None), default=-1)
+            return [str(i) for i in range(top + 1)], labels
+        else:
+            classes = _merge_names(list(own.values()))
+        index = {c: i for i, c in enumerate(classes)}
+        nameless = [split for split in self.parts if split not in own]
+        if nameless and own and any([names.get(i) for i in range(len(classes))] != classes for names in own.values()):
+            raise SourceError(f"{name}: the {', '.join(nameless)} dataset has no class names and the other splits "
+                              "number their classes differently, so its labels cannot be placed; give it `classes`")
+        remapped = dict(labels)
+        for split, names in own.items():
+            missing = sorted(set(names.values()) - set(index))
+            if missing:
+                raise SourceError(f"{name}: the {split} dataset's class(es) {', '.join(missing[:3])} are not among the "
+                                  "class names given")
+            remapped[split] = [label if label is None or label < 0 else index[names[label]] for label in labels[split]]
+        return classes, remapped
 
     def _read(self, split: str, i: int):
         item = self.parts[split][i]
@@ -191,6 +231,62 @@ class DatasetSource(Source):
         if files:
             return load_rgb(Path(files[i]))
         return _to_image(self._read(split, i)[0])
+
+
+def _own_names(dataset, labels: list[int]) -> dict[int, str] | None:
+    """{label: class name} as this dataset (one split) names its own labels, or None."""
+    wnids = getattr(dataset, "wnid_to_idx", None)  # torchvision's ImageNet: classes are tuples of synonyms
+    if isinstance(wnids, Mapping) and wnids and all(isinstance(k, str) for k in wnids):
+        return {int(i): str(w) for w, i in wnids.items()}
+    classes = None
+    for attr in ("classes", "categories"):
+        found = getattr(dataset, attr, None)
+        if isinstance(found, Sequence) and found and all(isinstance(c, str) for c in found):
+            classes = [str(c) for c in found]
+            break
+    if classes is not None and type(dataset).__name__ == "OxfordIIITPet":
+        # its labels are the official class ids - 1, its classes only those in this split, in id order
+        present = sorted({label for label in labels if label is not None and label >= 0})
+        if len(present) == len(classes):
+            return dict(zip(present, classes))
+    mapping = getattr(dataset, "class_to_idx", None)
+    if (isinstance(mapping, Mapping) and mapping and all(isinstance(k, str) for k in mapping)
+            and sorted(_as_int(v) for v in mapping.values()) == list(range(len(mapping)))):
+        return {_as_int(i): str(c) for c, i in mapping.items()}
+    return None if classes is None else dict(enumerate(classes))
+
+
+def _as_int(value) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
+
+
+def _merge_names(splits: list[dict[int, str]]) -> list[str]:
+    """The union of the splits' class names: as they number them where they all agree
+    (so the class list is what it always was), else sorted when each split's list is."""
+    names = {c for names in splits for c in names.values()}
+    by_label: dict[int, str] = {}
+    agree = True
+    for own in splits:
+        for label, c in own.items():
+            agree &= by_label.setdefault(label, c) == c
+    agree &= len(set(by_label.values())) == len(by_label)
+    if agree:
+        return [by_label[label] for label in sorted(by_label)]
+    lists = [[own[label] for label in sorted(own)] for own in splits]
+    if all(order == sorted(order) for order in lists):
+        return sorted(names)
+    if all(order == sort_labels(set(order)) for order in lists):
+        return sort_labels(names)
+    merged: list[str] = []
+    for order in lists:  # keep each split's order, a new name after the one before it
+        for k, c in enumerate(order):
+            if c not in merged:
+                before = [merged.index(o) for o in order[:k] if o in merged]
+                merged.insert(max(before) + 1 if before else len(merged) if k else 0, c)
+    return merged
 
 
 class PathListSource(Source):
@@ -263,7 +359,7 @@ def _arrays_source(name: str, parts: Mapping[str, object], classes: list[str] | 
 
 
 def from_python(obj: object, *, name: str | None = None, unlabeled=(),
-                columns: Mapping[str, str] | None = None) -> Source:
+                columns: Mapping[str, str] | None = None, allow_layout: bool = False) -> Source:
     """A Source for a Python object (see the module's docstring for what is accepted);
     `columns` ({"image": ..., "label": ...}) names a Hugging Face dataset's columns."""
     if _is_huggingface(obj) or (isinstance(obj, Mapping) and obj and _is_huggingface(next(iter(obj.values())))):
@@ -286,20 +382,20 @@ def from_python(obj: object, *, name: str | None = None, unlabeled=(),
         parts = {k: v for k, v in obj.items() if k != "classes"}
         source = _arrays_source(name or "arrays", parts, obj.get("classes"))
     elif isinstance(obj, Mapping) and obj:
-        source = _dataset_source(obj, name)
+        source = _dataset_source(obj, name, allow_layout)
     elif isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], (tuple, list)) and isinstance(obj[0][0], (str, Path)):
         source = PathListSource(name or "paths", obj)
     elif hasattr(obj, "__getitem__") and hasattr(obj, "__len__") and not isinstance(obj, (str, bytes, list, tuple)):
-        source = _dataset_source({"train": obj}, name)
+        source = _dataset_source({"train": obj}, name, allow_layout)
     else:
         raise SourceError(f"cannot read a dataset from a {type(obj).__name__}; pass a torchvision dataset (or a dict "
                           "of them by split), a list of (path, label) pairs, or (images, labels) uint8 arrays")
     return source
 
 
-def _dataset_source(parts: Mapping, name: str | None) -> DatasetSource:
+def _dataset_source(parts: Mapping, name: str | None, allow_layout: bool = False) -> DatasetSource:
     first = next(iter(parts.values()))
-    return DatasetSource(name or type(first).__name__.lower(), parts)
+    return DatasetSource(name or type(first).__name__.lower(), parts, allow_layout=allow_layout)
 
 
 def _is_huggingface(obj: object) -> bool:

@@ -44,7 +44,9 @@ class TorchvisionDataset:
             reason = str(error).split("\n")[0].replace("You can use download=True to download it", "").strip(" .")
             raise SourceError(f"{prefix}:{root} is not a complete {self.title} root ({reason or type(error).__name__}); "
                               f"expected {self.layout}") from None
-        source = DatasetSource(prefix, parts, kind=prefix, classes=list(self.classes) if self.classes else None)
+        # an official split's classes are the dataset's own: no layout guess to check (open_named has no allow_layout)
+        source = DatasetSource(prefix, parts, kind=prefix, classes=list(self.classes) if self.classes else None,
+                               allow_layout=True)
         if prefix == "imagenet":
             _imagenet_names(source, parts)
         return source
@@ -54,10 +56,10 @@ def _imagenet_names(source: Source, parts: dict) -> None:
     """ImageNet's classes are tuples of synonyms: name each by its first, keep the wnids."""
     from .named import _unique_names
 
-    dataset = next(iter(parts.values()))
-    wnids = list(dataset.wnids)
+    synonyms = {w: names for dataset in parts.values() for w, names in zip(dataset.wnids, dataset.classes)}
+    wnids = list(source.classes)  # the union of the splits' wnids (DatasetSource reads each split's own)
     source.class_ids = wnids
-    source.classes = _unique_names(wnids, {w: names[0] for w, names in zip(wnids, dataset.classes)})
+    source.classes = _unique_names(wnids, {w: synonyms[w][0] for w in wnids})
 
 
 def _splits(make: Callable[[str], object], splits: dict[str, str]) -> dict:

@@ -169,7 +169,7 @@ def extract(spec: ExtractSpec | None = None, *, progress: Callable[[int, int], N
 
             columns = {key: settings.pop(f"{key}_column") for key in ("image", "label") if f"{key}_column" in settings}
             prepared = from_python(source, name=settings.get("name"), unlabeled=settings.get("unlabeled", ()),
-                                   columns=columns)
+                                   columns=columns, allow_layout=settings.get("allow_layout", False))
             kind = prepared.kind.removeprefix("python:")
             spec = ExtractSpec(source=f"python:{kind}:{prepared.name}", **settings)
     elif source is not None or settings:
