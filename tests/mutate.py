@@ -480,6 +480,11 @@ MUTATIONS = [
              ("tests/test_named_sources.py", "-k", "listed_twice"), "a Tiny-ImageNet val image listed twice is refused"),
     Mutation("array-label-range", "data/sources.py", "        if outside.size:", "        if False:",
              ("tests/test_layout.py", "-k", "beyond_the_class"), "a label beyond the class names is an error"),
+    Mutation("class-depth-unchecked", "data/layout_checks.py", "    if depths and not any(depths.values()):",
+             "    if False:", ("tests/test_layout.py", "-k", "only_subfolders"),
+             "class folders holding only subfolders are refused"),
+    Mutation("sun397-layout-unknown", "data/layout_checks.py", '        if (base / "ClassName.txt").is_file():',
+             "        if False:", ("tests/test_layout.py", "-k", "only_subfolders"), "SUN397's folder suggests sun397:"),
 ]
 
 

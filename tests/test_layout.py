@@ -215,3 +215,14 @@ def test_a_label_beyond_the_class_names_is_an_error_not_a_traceback(tmp_path):
     images = np.zeros((3, 8, 8, 3), np.uint8)
     with pytest.raises(SourceError, match=r"t/train/000002 has label 2, but 2 class names are given"):
         ArraySource("t", "t", ["a", "b"], images, np.array([0, 1, 2]), ["train"] * 3)
+
+
+def test_class_folders_holding_only_subfolders_are_refused(tmp_path):
+    """SUN397's a/abbey/*.jpg read as an image folder gave the classes a and b, exit 0."""
+    _folder(tmp_path / "SUN397", {"a/abbey": 2, "a/airport": 2, "b/badlands": 2})
+    _refused(str(tmp_path / "SUN397"), "no class folder holds an image directly (a, b hold only subfolders)")
+    (tmp_path / "SUN397" / "ClassName.txt").write_text("/a/abbey\n/a/airport\n/b/badlands\n")
+    for given in (tmp_path, tmp_path / "SUN397"):
+        _refused(str(given), "SUN397's layout", f"sun397:{tmp_path}")
+    _folder(tmp_path / "nested", {"cat/day1": 1, "cat": 1, "dog/day1": 2})  # one class holding images: read
+    assert open_source(str(tmp_path / "nested")).classes == ["cat", "dog"]

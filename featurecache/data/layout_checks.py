@@ -55,7 +55,7 @@ def refuse_spelling_twins(where: str, names, *, what: str = "class") -> None:
 def known_layout(root: Path) -> tuple[str, str] | None:
     """(named source to use, what was recognised) when `root` is a known dataset's folder."""
     candidates = [(root, root)] + [(root / name, root) for name in
-                                   ("tiny-imagenet-200", "food-101", "cifar-10-batches-py", "cifar-100-python")]
+                                   ("tiny-imagenet-200", "food-101", "cifar-10-batches-py", "cifar-100-python", "SUN397")]
     for base, given in candidates:
         if not base.is_dir():
             continue
@@ -64,6 +64,9 @@ def known_layout(root: Path) -> tuple[str, str] | None:
             return f"tinyimagenet:{given}", "the Tiny-ImageNet layout (wnids.txt, train/<wnid>/images/, val/val_annotations.txt)"
         if (base / "meta" / "classes.txt").is_file() and (base / "images").is_dir():
             return f"food101:{given}", "the Food-101 layout (images/<class>/, meta/classes.txt, meta/train.txt, meta/test.txt)"
+        if (base / "ClassName.txt").is_file():
+            return f"sun397:{root if base == root / 'SUN397' else root.parent}", \
+                "SUN397's layout (ClassName.txt, <letter>/<class>/*.jpg)"
         if (base / "batches.meta").is_file() or (base / "data_batch_1").is_file():
             return f"cifar10:{given}", "CIFAR-10's python batches (data_batch_1..5, test_batch, batches.meta)"
         if (base / "meta").is_file() and ((base / "train").is_file() or (base / "test").is_file()):
@@ -86,6 +89,18 @@ def check_beside_splits(root: Path, split_dirs: dict[str, Path], others: dict[st
     if loose:
         raise SourceError(f"{root}: {loose} image(s) lie beside the split folder(s) {splits}, in no split, and would "
                           f"not be read; move them into a split's class folders, or {OVERRIDE}")
+
+
+def check_class_depth(root: Path, depths: dict[str, bool]) -> None:
+    """`depths[class folder]`: whether it holds an image directly. When none does, the images
+    sit a level deeper everywhere (`a/abbey/*.jpg`) and the classes read are that level's
+    grouping (the letters a, b, ...), not the classes."""
+    if depths and not any(depths.values()):
+        names = sorted(depths)
+        raise SourceError(f"{root}: no class folder holds an image directly ({_first(names)} hold only subfolders), "
+                          "so every image would be labelled with the folder above its own; point at the folder whose "
+                          f"subfolders are the classes, use a named source (featurecache sources lists them), or "
+                          f"{OVERRIDE}")
 
 
 def check_known_layout(root: Path) -> None:

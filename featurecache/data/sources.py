@@ -201,6 +201,10 @@ class ImageFolderSource(FileSource):
                               "its class name cannot be stored; rename it")
         files = {(split, d.name): _image_files(d) for split, dirs in class_dirs.items() for d in dirs}
         if not allow_layout:
+            from .layout_checks import check_class_depth
+
+            check_class_depth(root, {d.relative_to(root).as_posix(): any(f.parent == d for f in files[split, d.name])
+                                     for split, dirs in class_dirs.items() for d in dirs if files[split, d.name]})
             loose = {split: [f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")
                              and f.suffix.lower() in IMAGE_EXTENSIONS]
                      for split, path in split_dirs.items() if split not in unlabeled_splits}
