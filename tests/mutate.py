@@ -485,6 +485,12 @@ MUTATIONS = [
              "class folders holding only subfolders are refused"),
     Mutation("sun397-layout-unknown", "data/layout_checks.py", '        if (base / "ClassName.txt").is_file():',
              "        if False:", ("tests/test_layout.py", "-k", "only_subfolders"), "SUN397's folder suggests sun397:"),
+    Mutation("split-own-class-names", "data/python_objects.py",
+             "remapped[split] = [label if label is None or label < 0 else index[names[label]] for label in labels[split]]",
+             "remapped[split] = labels[split]",
+             ("tests/test_python_sources.py::test_a_split_lacking_a_class_keeps_each_image_its_own_class",
+              "tests/test_torchvision_sources.py::test_dtd_split_whose_label_file_lacks_a_class_keeps_each_image_its_class"),
+             "each split's labels are read through its own class names"),
 ]
 
 
