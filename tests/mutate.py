@@ -491,6 +491,9 @@ MUTATIONS = [
              ("tests/test_python_sources.py::test_a_split_lacking_a_class_keeps_each_image_its_own_class",
               "tests/test_torchvision_sources.py::test_dtd_split_whose_label_file_lacks_a_class_keeps_each_image_its_class"),
              "each split's labels are read through its own class names"),
+    Mutation("hf-relative-paths", "data/hf.py", '            if self.kind == "hf" and not Path(file).is_absolute():',
+             "            if False:", ("tests/test_hf_sources.py", "-k", "relative"),
+             "relative image paths of an hf: folder are refused"),
 ]
 
 

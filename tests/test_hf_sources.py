@@ -257,6 +257,21 @@ def test_undecodable_bytes_in_an_image_column_and_bad_paths(tmp_path):
                                                                    "test"])
 
 
+def test_relative_image_paths_of_an_hf_folder_are_refused(tmp_path, monkeypatch):
+    """Relative paths were read from the current folder: from elsewhere every row was skipped, and
+    from a folder holding other files of those names they would have been read silently."""
+    rows = _folder(tmp_path)
+    monkeypatch.chdir(tmp_path / "folder")
+    relative = [(file.relative_to(tmp_path / "folder"), label) for file, label in rows["train"]]
+    (tmp_path / "rel" / "data").mkdir(parents=True)
+    _dataset(relative, embed=False).to_parquet(str(tmp_path / "rel" / "data" / "train-0.parquet"))
+    assert "train row 0 names its image by the relative path 'train/" in _one_error([f"hf:{tmp_path / 'rel'}"])
+    absolute = tmp_path / "abs" / "data"
+    absolute.mkdir(parents=True)
+    _dataset(rows["train"], embed=False).to_parquet(str(absolute / "train-0.parquet"))
+    assert open_source(f"hf:{tmp_path / 'abs'}").split_counts() == {"train": 9}
+
+
 def test_sources_lists_hf():
     result = runner.invoke(app, ["sources"])
     assert result.exit_code == 0 and "hf:PATH" in result.output

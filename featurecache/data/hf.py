@@ -247,6 +247,10 @@ class HfSource(Source):
                      content_hash: bool) -> str:
         data, file = value
         if data is None and file:
+            if self.kind == "hf" and not Path(file).is_absolute():
+                raise SourceError(f"{where}: {split} row {row} names its image by the relative path {file!r}, which "
+                                  "would be read from whatever folder featurecache runs in, not from the dataset's; "
+                                  "store absolute paths or the image bytes in the dataset")
             self._files.add(path)
             return _file_fingerprint(Path(file), f"{path}\0{file}", class_name, split, content_hash)
         if not data:
