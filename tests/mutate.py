@@ -494,6 +494,9 @@ MUTATIONS = [
     Mutation("hf-relative-paths", "data/hf.py", '            if self.kind == "hf" and not Path(file).is_absolute():',
              "            if False:", ("tests/test_hf_sources.py", "-k", "relative"),
              "relative image paths of an hf: folder are refused"),
+    Mutation("csv-empty-split-is-train", "data/csv_source.py", '                if not given and "split" in header:',
+             "                if False:", ("tests/test_layout.py", "-k", "unknown_split"),
+             "an empty split cell is refused, not read as train"),
 ]
 
 

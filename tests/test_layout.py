@@ -150,6 +150,8 @@ def test_csv_labelled_rows_in_an_unknown_split_are_refused(tmp_path):
     source = _csv(tmp_path, "split.csv", "a0.png,x,train\na1.png,y,train\na2.png,x,tset\n")
     _refused(source, "split.csv:4: split 'tset' is not train, val or test", "never be scored")
     assert open_source(source, allow_layout=True).split_counts() == {"train": 2, "tset": 1}
+    _refused(_csv(tmp_path, "blank.csv", "a0.png,x,train\na1.png,y,train\na2.png,x,\n"),
+             "blank.csv:4: the split cell is empty; with a split column, every row names its split")
     aliases = open_source(_csv(tmp_path, "aliases.csv", "a0.png,x,Training\na1.png,y,train\na2.png,x,VALID\n"
                                                           "a3.png,y,testing\n"))
     assert aliases.split_counts() == {"train": 2, "val": 1, "test": 1}

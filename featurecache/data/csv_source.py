@@ -81,6 +81,9 @@ def _read_csv_rows(csv_path: Path) -> list[tuple[int, str, str, str]]:
             for line_number, row in enumerate(reader, start=2):
                 path, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
                 given = (row.get("split") or "").strip().lower()
+                if not given and "split" in header:  # a forgotten cell put a test image in train
+                    raise SourceError(f"{csv_path}:{line_number}: the split cell is empty; with a split column, "
+                                      "every row names its split (train, val or test)")
                 split = SPLIT_ALIASES.get(given or "train", given or "train")
                 if not path:
                     raise SourceError(f"{csv_path}:{line_number}: every row needs a path")

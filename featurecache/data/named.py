@@ -213,7 +213,7 @@ def describe_sources() -> list[tuple[str, str, str]]:
         ("DIR", "an image folder: DIR/<class>/*.jpg or DIR/{train,val,test}/<class>/*.jpg "
                 "(--unlabeled SPLIT for a split of images without classes)", "train, or the split folders"),
         ("FILE.csv", "header path,label[,split]; paths relative to the CSV; an empty label makes an "
-                     "unlabelled row (its split must be named)", "from the split column (default train)"),
+                     "unlabelled row (its split must be named)", "from the split column (train without one)"),
         ("digits", "scikit-learn's 1,797 8x8 digits, embedded", "train 1,078, val 359, test 360 (seeded)"),
         ("cifar10:ROOT", "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)", "train 50,000, test 10,000"),
         ("cifar100:ROOT", "cifar-100-python/ (train, test, meta); fine labels", "train 50,000, test 10,000"),
