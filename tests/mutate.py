@@ -497,6 +497,8 @@ MUTATIONS = [
     Mutation("csv-empty-split-is-train", "data/csv_source.py", '                if not given and "split" in header:',
              "                if False:", ("tests/test_layout.py", "-k", "unknown_split"),
              "an empty split cell is refused, not read as train"),
+    Mutation("same-file-twice", "data/layout_checks.py", "        if first != relpath:", "        if False:",
+             ("tests/test_layout.py", "-k", "reached_twice"), "one file reached twice (a link) is refused"),
 ]
 
 

@@ -228,3 +228,22 @@ def test_class_folders_holding_only_subfolders_are_refused(tmp_path):
         _refused(str(given), "SUN397's layout", f"sun397:{tmp_path}")
     _folder(tmp_path / "nested", {"cat/day1": 1, "cat": 1, "dog/day1": 2})  # one class holding images: read
     assert open_source(str(tmp_path / "nested")).classes == ["cat", "dog"]
+
+
+def test_one_file_reached_twice_is_refused(tmp_path):
+    """A test image linked to a train image (a leak scored as accuracy), a symlinked class folder
+    (two classes of identical images), a hard link in a CSV: each listed silently."""
+    import os
+
+    root = _folder(tmp_path / "d", {"train/cat": 2, "train/dog": 2, "test/cat": 1, "test/dog": 1})
+    os.symlink(root / "train" / "cat" / "1.png", root / "test" / "dog" / "leak.png")
+    _refused(str(root), "train/cat/1.png and test/dog/leak.png are the same file")
+    flat = _folder(tmp_path / "flat", {"cat": 2, "dog": 2})
+    os.symlink("cat", flat / "cat2")
+    _refused(str(flat), "cat/0.png and cat2/0.png are the same file")
+    assert open_source(str(flat), allow_layout=True).classes == ["cat", "cat2", "dog"]
+    rows = "a0.png,x,train\na1.png,y,train\nhard.png,x,test\n"
+    _csv(tmp_path, "list.csv", "")
+    os.link(tmp_path / "a0.png", tmp_path / "hard.png")
+    (tmp_path / "list.csv").write_text("path,label,split\n" + rows)
+    _refused(str(tmp_path / "list.csv"), "a0.png and hard.png are the same file")

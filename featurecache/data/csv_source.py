@@ -46,9 +46,10 @@ class CsvSource(FileSource):
                                   fingerprint, index))
         samples.sort(key=lambda s: split_sort_key(s.split))  # stable: CSV order within a split
         if not allow_layout:
-            from .layout_checks import check_classes
+            from .layout_checks import check_classes, refuse_same_files
 
             check_classes(str(csv_path), classes, samples, what="label")
+            refuse_same_files(str(csv_path), base, [s.path for s in samples])
         super().__init__(csv_path.stem, str(base), classes, samples)
         self.csv_path = str(csv_path)
 

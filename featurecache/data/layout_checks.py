@@ -103,6 +103,22 @@ def check_class_depth(root: Path, depths: dict[str, bool]) -> None:
                           f"{OVERRIDE}")
 
 
+def refuse_same_files(where: str, root: Path, relpaths: list[str]) -> None:
+    """One file reached twice (a symlinked class folder `cat2 -> cat`, a test image linked to a
+    train one, a hard link): it trains on itself, or leaks into the scores. Found by inode; an
+    unreadable file is left to extraction, which skips it with its reason."""
+    seen: dict[tuple[int, int], str] = {}
+    for relpath in relpaths:
+        try:
+            status = (root / relpath).stat()
+        except OSError:
+            continue
+        first = seen.setdefault((status.st_dev, status.st_ino), relpath)
+        if first != relpath:
+            raise SourceError(f"{where}: {first} and {relpath} are the same file (a link), so one image would be "
+                              f"listed twice, across splits or classes; remove the link, or {OVERRIDE}")
+
+
 def check_known_layout(root: Path) -> None:
     """Refuse to read a known dataset's folder as an image folder."""
     found = known_layout(root)

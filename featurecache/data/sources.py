@@ -226,6 +226,10 @@ class ImageFolderSource(FileSource):
                     relpath = file.relative_to(root).as_posix()
                     fingerprint = _file_fingerprint(file, relpath, class_dir.name, split, content_hash)
                     samples.append(Sample(relpath, classes.index(class_dir.name), split, fingerprint, len(samples)))
+        if not allow_layout:
+            from .layout_checks import refuse_same_files
+
+            refuse_same_files(str(root), root, [s.path for s in samples])
         super().__init__(root.name, str(root), classes, samples)
         self.unlabeled = tuple(sorted(unlabeled_splits, key=split_sort_key))
 
