@@ -149,3 +149,19 @@ def test_unsafe_pickle_checkpoint_is_refused(tmp_path):
     assert result.exit_code == 2
     assert "refused" in _one_line_error(result) or "cannot read checkpoint" in result.stderr
     assert not marker.exists()
+
+
+def test_library_warnings_print_as_warning_lines(tmp_path):
+    """A library warning (Food-101's unlisted images, a resealed manifest) printed bare, unlike the
+    CLI's own `warning:` lines; scripts grepping for `warning:` missed it. Own process: logging is
+    configured once per process."""
+    import subprocess
+    import sys
+
+    script = ("import logging\nfrom featurecache.cli.app import app\n"
+              "@app.command('say')\ndef say():\n"
+              "    logging.getLogger('featurecache').warning('%d images unlisted', 3)\n"
+              "    logging.getLogger('featurecache').info('not shown')\n"
+              "app(['say'])\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stderr == "warning: 3 images unlisted\n", result.stderr

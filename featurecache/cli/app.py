@@ -91,8 +91,17 @@ def _main(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     _state["debug"] = debug
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
-                        stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_WarningsSaySo())
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
+
+
+class _WarningsSaySo(logging.Formatter):
+    """The library's warnings print as `warning: ...`, like the CLI's own; info lines as they are."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return f"warning: {text}" if record.levelno >= logging.WARNING else text
 
 
 def handle_errors(function):
