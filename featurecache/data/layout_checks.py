@@ -6,10 +6,12 @@ mislabels it (Tiny-ImageNet's `val/images/` becomes a class called "images", Foo
 becomes two classes, `images` and `meta`). So before anything is listed or computed:
 
 - a folder matching a known dataset's layout is refused with the named source to use
-  (`tinyimagenet:`, `food101:`, `cifar10:`, `cifar100:`);
+  (`tinyimagenet:`, `food101:`, `sun397:`, `cifar10:`, `cifar100:`);
 - a class folder named `images`, a class folder holding no image, classes that appear
-  only in val/test, a single class, classes spelt two ways (`Dog`/`dog`, `1`/`1.0`) and
-  images lying outside any class folder are refused with the reason.
+  only in val/test, a single class, classes spelt two ways (`Dog`/`dog`, `1`/`1.0`),
+  images lying outside any class folder, folders or images beside the split folders,
+  class folders holding only subfolders, and one file reached twice through a link are
+  refused with the reason.
 
 `--allow-layout` (`ExtractSpec.allow_layout`) skips these checks for the rare folder
 that really is laid out that way.
