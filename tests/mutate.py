@@ -499,6 +499,10 @@ MUTATIONS = [
              "an empty split cell is refused, not read as train"),
     Mutation("same-file-twice", "data/layout_checks.py", "        if first != relpath:", "        if False:",
              ("tests/test_layout.py", "-k", "reached_twice"), "one file reached twice (a link) is refused"),
+    Mutation("hidden-folder-class", "data/python_objects.py", "        if hidden:  # torchvision", "        if False:  # torchvision",
+             ("tests/test_torchvision_sources.py", "-k", "hidden"), "a hidden folder is not a class"),
+    Mutation("unlabeled-drops-labels", "data/layout_checks.py", "    if len(holding) > 1:", "    if False:",
+             ("tests/test_layout.py", "-k", "unlabeled_on"), "--unlabeled on a split of class folders is refused"),
 ]
 
 

@@ -247,3 +247,13 @@ def test_one_file_reached_twice_is_refused(tmp_path):
     os.link(tmp_path / "a0.png", tmp_path / "hard.png")
     (tmp_path / "list.csv").write_text("path,label,split\n" + rows)
     _refused(str(tmp_path / "list.csv"), "a0.png and hard.png are the same file")
+
+
+def test_unlabeled_on_a_split_of_class_folders_is_refused(tmp_path):
+    """--unlabeled val on a val/ of class folders dropped its labels without a word."""
+    root = _folder(tmp_path / "d", {"train/cat": 2, "train/dog": 2, "val/cat": 1, "val/dog": 1})
+    _refused(str(root), "val/ holds 2 folders of images (cat, dog), which look like class folders; "
+                        "--unlabeled val would drop their labels", extra=["--unlabeled", "val"])
+    assert open_source(str(root), unlabeled=("val",), allow_layout=True).unlabeled_splits == ["val"]
+    _folder(tmp_path / "t", {"train/cat": 2, "train/dog": 2, "test/images": 2})  # one container folder: fine
+    assert open_source(str(tmp_path / "t"), unlabeled=("test",)).split_counts() == {"train": 4, "test": 2}

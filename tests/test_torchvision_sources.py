@@ -119,3 +119,17 @@ def test_oxford_pet_split_lacking_a_breed_keeps_each_image_its_breed(tmp_path):
     assert source.classes == ["Abyssinian", "American Bulldog", "American Pit Bull Terrier"]
     assert _rows(source, "train") == [row for row in truth["train"] if row[1] != "American Bulldog"]
     assert _rows(source, "test") == truth["test"]
+
+
+def test_a_hidden_folder_is_not_a_class(tmp_path):
+    """torchvision's EuroSAT lists every folder: a notebook's .ipynb_checkpoints became a fourth class."""
+    replicas.eurosat(tmp_path)
+    hidden = tmp_path / "eurosat" / "2750" / ".ipynb_checkpoints"
+    replicas._jpeg(hidden / "Forest_1-checkpoint.jpg", 1, 99, size=64)
+    result = CliRunner().invoke(app, ["extract", f"eurosat:{tmp_path}", "--weights", "random"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: eurosat: class '.ipynb_checkpoints' is a hidden folder (a notebook's or "
+                                     "the system's), not a class; remove it from the dataset's folder")
+    hidden.joinpath("Forest_1-checkpoint.jpg").unlink()
+    hidden.rmdir()
+    assert open_source(f"eurosat:{tmp_path}").classes == ["AnnualCrop", "Forest", "HerbaceousVegetation"]

@@ -135,6 +135,10 @@ class DatasetSource(Source):
             found = _label_list(dataset)
             labels[split] = found if found is not None else [self._read(split, i)[1] for i in range(len(dataset))]
         classes, labels = self._union_classes(name, labels, classes)
+        hidden = [c for c in classes if str(c).startswith(".")]
+        if hidden:  # torchvision's folder parsers list every folder: a notebook's checkpoints became a class
+            raise SourceError(f"{name}: class {hidden[0]!r} is a hidden folder (a notebook's or the system's), not a "
+                              "class; remove it from the dataset's folder")
         roots = [str(root or getattr(ds, "root", "") or "") for ds in self.parts.values()]
         self.base = os.path.commonpath([r for r in roots if r]) if any(roots) else ""
         samples: list[Sample] = []

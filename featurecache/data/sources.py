@@ -188,6 +188,13 @@ class ImageFolderSource(FileSource):
             raise SourceError(f"--unlabeled {missing[0]}: {root} has no {missing[0]}/ split folder "
                               f"(it has: {', '.join(sorted(split_dirs)) or 'no train/val/test folders'}); "
                               "--unlabeled names a split folder of an image folder with splits")
+        if not allow_layout:
+            from .layout_checks import refuse_labelled_as_unlabeled
+
+            for split in sorted(unlabeled_splits):
+                refuse_labelled_as_unlabeled(root, split_dirs[split], split, {
+                    d.name: len(_image_files(d)) for d in sorted(split_dirs[split].iterdir())
+                    if d.is_dir() and not d.name.startswith(".")})
         if not split_dirs:
             split_dirs = {"train": root}
         try:
