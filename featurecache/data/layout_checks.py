@@ -93,11 +93,11 @@ def check_beside_splits(root: Path, split_dirs: dict[str, Path], others: dict[st
                           f"not be read; move them into a split's class folders, or {OVERRIDE}")
 
 
-def refuse_labelled_as_unlabeled(root: Path, folder: Path, split: str, subfolders: dict[str, int]) -> None:
-    """`--unlabeled SPLIT` on a split whose images sit in several folders: those look like class
-    folders, and their labels would be dropped without a word (one folder, as Tiny-ImageNet's
-    `test/images/`, is a container)."""
-    holding = sorted(name for name, count in subfolders.items() if count)
+def refuse_labelled_as_unlabeled(root: Path, folder: Path, split: str, subfolders: set[str]) -> None:
+    """`--unlabeled SPLIT` on a split whose images sit in several folders (`subfolders`: those of
+    `folder` holding images): they look like class folders, and their labels would be dropped
+    without a word (one folder, as Tiny-ImageNet's `test/images/`, is a container)."""
+    holding = sorted(subfolders)
     if len(holding) > 1:
         raise SourceError(f"{root}: {folder.name}/ holds {len(holding)} folders of images ({_first(holding)}), which "
                           f"look like class folders; --unlabeled {split} would drop their labels. Leave out "

@@ -188,13 +188,14 @@ class ImageFolderSource(FileSource):
             raise SourceError(f"--unlabeled {missing[0]}: {root} has no {missing[0]}/ split folder "
                               f"(it has: {', '.join(sorted(split_dirs)) or 'no train/val/test folders'}); "
                               "--unlabeled names a split folder of an image folder with splits")
+        unlabeled_files = {split: _image_files(split_dirs[split]) for split in sorted(unlabeled_splits)}
         if not allow_layout:
             from .layout_checks import refuse_labelled_as_unlabeled
 
-            for split in sorted(unlabeled_splits):
-                refuse_labelled_as_unlabeled(root, split_dirs[split], split, {
-                    d.name: len(_image_files(d)) for d in sorted(split_dirs[split].iterdir())
-                    if d.is_dir() and not d.name.startswith(".")})
+            for split, found in unlabeled_files.items():
+                inside = [f.relative_to(split_dirs[split]).parts for f in found]
+                refuse_labelled_as_unlabeled(root, split_dirs[split], split, {parts[0] for parts in inside
+                                                                              if len(parts) > 1})
         if not split_dirs:
             split_dirs = {"train": root}
         try:
@@ -223,7 +224,7 @@ class ImageFolderSource(FileSource):
         samples: list[Sample] = []
         for split in sorted(split_dirs, key=split_sort_key):
             if split in unlabeled_splits:
-                for file in _image_files(split_dirs[split]):
+                for file in unlabeled_files[split]:
                     relpath = file.relative_to(root).as_posix()
                     fingerprint = _file_fingerprint(file, relpath, "", split, content_hash)
                     samples.append(Sample(relpath, UNLABELED, split, fingerprint, len(samples)))
