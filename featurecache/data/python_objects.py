@@ -351,9 +351,7 @@ def _arrays_source(name: str, parts: Mapping[str, object], classes: list[str] | 
         raise SourceError(f"every split's images must have the same shape, got {sorted(shapes)}")
     labels_all = np.concatenate(labels)
     top = int(labels_all.max(initial=-1))
-    classes = list(classes) if classes is not None else [str(i) for i in range(top + 1)]
-    if top >= len(classes):
-        raise SourceError(f"label {top} but only {len(classes)} class names")
+    classes = list(classes) if classes is not None else [str(i) for i in range(top + 1)]  # ArraySource checks the range
     names = []
     for split in dict.fromkeys(splits):
         names += [f"{split}/{i:06d}" for i in range(splits.count(split))]
