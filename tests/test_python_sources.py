@@ -190,3 +190,19 @@ def test_a_split_without_names_keeps_its_labels_but_not_past_the_class_count():
     with pytest.raises(SourceError, match="test dataset has no class names and the other splits number"):
         from_python({"train": _Named([0, 1, 2], ["a", "b", "c"]), "val": _Named([0, 1], ["b", "c"]),
                      "test": _Named([0])})
+
+
+def test_splits_with_their_own_unsorted_orders_keep_each_order_and_every_label():
+    # neither numbered alike nor sorted: each split's order is kept, a new name placed after
+    # the name before it in its own split, and every item keeps its own class name
+    source = from_python({"train": _Named([0, 1, 2, 1], ["zebra", "mango", "apple"]),
+                          "test": _Named([1, 0], ["zebra", "apple"])})
+    assert source.classes == ["zebra", "mango", "apple"]
+    assert [(s.split, source.classes[s.label]) for s in source.samples] == [
+        ("train", "zebra"), ("train", "mango"), ("train", "apple"), ("train", "mango"),
+        ("test", "apple"), ("test", "zebra")]
+    inserted = from_python({"train": _Named([1, 0], ["zebra", "apple"]),
+                            "test": _Named([2, 1, 0], ["zebra", "mango", "apple"])}, allow_layout=True)
+    assert inserted.classes == ["zebra", "mango", "apple"]
+    assert [(s.split, inserted.classes[s.label]) for s in inserted.samples] == [
+        ("train", "apple"), ("train", "zebra"), ("test", "apple"), ("test", "mango"), ("test", "zebra")]
