@@ -199,19 +199,25 @@ class Cache:
                          self.manifest["dtype"])
 
     def _column(self, split: str, name: str) -> list:
-        values: list = []
+        """One column of every shard of a split, in row order: a list per shard."""
+        parts: list = []
         for shard in self._shards(split):
             path = self.path / shard["file"]
             try:
                 with open_shard(path, shard["rows"], {}, shard["split"]) as handle:
-                    values.extend(read_paths(handle[name], path) if name == "paths" else handle[name][:])
+                    parts.append(read_paths(handle[name], path) if name == "paths" else handle[name][:])
             except OSError as error:  # a fletcher32 mismatch
                 raise CorruptCacheError(f"shard {path} is damaged ({error}); run featurecache verify") from None
-        return values
+        return parts
+
+    def _integer_column(self, split: str, name: str) -> np.ndarray:
+        # one concatenation: a list extended by NumPy scalars cost a Python step per row
+        return np.concatenate([np.asarray(part, dtype=np.int64) for part in self._column(split, name)] or
+                              [np.zeros(0, np.int64)])
 
     def labels(self, split: str) -> np.ndarray:
         """Class indices 0..C-1 of a split's rows (-1 marks a row without a label)."""
-        return self._check_labels(np.asarray(self._column(split, "labels"), dtype=np.int64), split)
+        return self._check_labels(self._integer_column(split, "labels"), split)
 
     def _check_labels(self, labels: np.ndarray, split: str) -> np.ndarray:
         if labels.size and (labels.min() < -1 or labels.max() >= len(self.classes)):
@@ -221,14 +227,15 @@ class Cache:
         return labels
 
     def index(self, split: str) -> np.ndarray:
-        return np.asarray(self._column(split, "index"), dtype=np.int64)
+        return self._integer_column(split, "index")
 
     def paths(self, split: str) -> list[str]:
-        return self._column(split, "paths")
+        return [path for part in self._column(split, "paths") for path in part]
 
     def fingerprints(self, split: str) -> list[str]:
         """Each row's file fingerprint (see `fingerprint_kind`): equal fingerprints, the same file."""
-        return [f.decode("ascii") if isinstance(f, bytes) else f for f in self._column(split, "fingerprints")]
+        return [f.decode("ascii") if isinstance(f, bytes) else f for part in self._column(split, "fingerprints")
+                for f in part]
 
     @property
     def fingerprint_kind(self) -> str:
