@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -151,8 +151,9 @@ def read_record(cache: Cache, name: str) -> dict:
     return read_record_with_checksum(cache, name)[0]
 
 
-def stale_members(cache: Cache, record: dict) -> list[str]:
-    """The members of an ensemble that changed (or vanished) since it was made; [] for other heads."""
+def stale_members(cache: Cache, record: dict, current: dict[str, str | None] | None = None) -> list[str]:
+    """The members of an ensemble that changed (or vanished) since it was made; [] for other heads.
+    `current`: the members' checksums as `member_checksums` read them, else they are read here."""
     if record.get("head") == CROSS_ENSEMBLE:
         return cross_member_changes(cache, record)
     if record.get("head") != "ensemble":
@@ -160,15 +161,26 @@ def stale_members(cache: Cache, record: dict) -> list[str]:
     recorded = record.get("member_checksums")
     if recorded is None:
         return list(record["members"])  # made before members were tracked: cannot tell, so stale
-    changed = []
-    for member in record["members"]:
+    if current is None:
+        current = member_checksums(cache, record["members"], damage_raises=False)
+    return [member for member in record["members"]
+            if current[member] is None or recorded.get(member) != current[member]]
+
+
+def member_checksums(cache: Cache, members: Sequence[str], *, damage_raises: bool) -> dict[str, str | None]:
+    """Each member's current checksum, None where it vanished or cannot be read. With
+    `damage_raises`, a damaged member raises its own error (refit it) instead."""
+    current: dict[str, str | None] = {}
+    for member in members:
         try:
-            current = read_record_with_checksum(cache, member)[1]
+            current[member] = read_record_with_checksum(cache, member)[1]
+        except (CorruptCacheError, InvalidRecordError):
+            if damage_raises:
+                raise
+            current[member] = None
         except FeatureCacheError:
-            current = None
-        if current is None or recorded.get(member) != current:
-            changed.append(member)
-    return changed
+            current[member] = None
+    return current
 
 
 def cross_member_changes(cache: Cache, record: dict) -> list[str]:
@@ -260,14 +272,8 @@ def load_head(cache: Cache, name: str, _seen: tuple[str, ...] = ()) -> tuple[Hea
                             "the head again with featurecache fit-head --overwrite")
     members = None
     if record["head"] == "ensemble":
-        for member in record["members"]:  # a damaged member is named as damaged (refit it), not as changed
-            try:
-                read_record_with_checksum(cache, member)
-            except (CorruptCacheError, InvalidRecordError):
-                raise
-            except FeatureCacheError:
-                pass  # vanished or otherwise unreadable: stale_members says so
-        changed = stale_members(cache, record)
+        # a damaged member is named as damaged (refit it), not as changed
+        changed = stale_members(cache, record, member_checksums(cache, record["members"], damage_raises=True))
         if changed:
             raise stale_error(cache, name, record, repr(changed[0]))
         members = [load_head(cache, member, (*_seen, name))[0] for member in record["members"]]
