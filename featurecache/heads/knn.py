@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..errors import HeadError, MismatchError, UsageError
 from ..device import resolve_device
 from .base import BLOCK_ELEMENTS, Head
+from .probabilities_module import ProbabilitiesModule
 
 
 logger = logging.getLogger("featurecache")
@@ -100,25 +101,6 @@ class KNNModule(nn.Module):
                                  self.temperature, self.uniform)
         no_direction = torch.linalg.vector_norm(x, 2.0, dim=1, keepdim=True) < 1e-12
         return torch.where(no_direction, torch.full_like(probabilities, float("nan")), probabilities)
-
-
-class StreamedKNNModule(nn.Module):
-    """Features -> probabilities of a k-NN head whose bank is read from disk at each call.
-
-    Usable for prediction; TorchScript (script or trace, hence export) is refused with
-    the head's reason, since the bank is not in the module."""
-
-    def __init__(self, head: KNNHead) -> None:
-        super().__init__()
-        self.head = head
-
-    def __prepare_scriptable__(self) -> nn.Module:
-        raise HeadError(self.head.export_refusal())
-
-    def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_tracing():
-            raise HeadError(self.head.export_refusal())
-        return torch.from_numpy(self.head.predict_proba(x.detach().cpu().numpy()))
 
 
 class KNNHead(Head):
@@ -240,7 +222,7 @@ class KNNHead(Head):
     def as_module(self) -> nn.Module:
         check_is_fitted(self)
         if getattr(self, "bank_source_", None):
-            return StreamedKNNModule(self).eval()
+            return ProbabilitiesModule(self, self.export_refusal()).eval()  # the bank is not in a module
         return self._module(self.best_params_["k"], len(self.classes_)).eval()
 
     def to_tensors(self) -> dict[str, Tensor]:

@@ -20,6 +20,7 @@ from ..errors import CacheNotFoundError, HeadError, SourceError
 from ..cache.schema import CROSS_ENSEMBLE
 from ..fit.cross_ensemble import cross_split_probabilities, load_cross_ensemble
 from ..fit.headstore import load_head, read_record
+from ..heads.probabilities_module import ProbabilitiesModule
 from ..data.images import ImageDecodeError, load_rgb
 from ..backbones.preprocess import normalize_batch, prepare_image
 from ..data.sources import IMAGE_EXTENSIONS, printable_path
@@ -85,30 +86,6 @@ class CrossPredictor:
         return sum(parts[1:], parts[0])
 
 
-class HeadProbabilities(nn.Module):
-    """Features -> probabilities through a head's own `predict_proba`, for heads with no torch
-    module (a scikit-learn estimator that is not a softmax of a linear map): they predict on
-    new images as they do on cached features. Export (tracing) is refused with `refusal`;
-    rows with NaN or inf features get NaN probabilities, as a module would give."""
-
-    def __init__(self, head, refusal: str) -> None:
-        super().__init__()
-        self.fitted, self.refusal = head, refusal
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_tracing() or torch.jit.is_scripting():
-            raise HeadError(self.refusal)
-        values = x.detach().cpu().float().numpy()
-        finite = np.isfinite(values).all(axis=1)
-        out = np.full((len(values), len(self.fitted.classes_)), np.nan, dtype=np.float32)
-        if finite.any():
-            out[finite] = self.fitted.predict_proba(values[finite])
-        return torch.from_numpy(out)
-
-    def __prepare_scriptable__(self) -> nn.Module:
-        raise HeadError(self.refusal)
-
-
 def _head_module(head) -> nn.Module:
     """The head as a module: its own, or its predict_proba where it has none."""
     try:
@@ -116,7 +93,7 @@ def _head_module(head) -> nn.Module:
     except HeadError as error:
         if getattr(head, "exportable_", True):  # not the no-module case: a real error
             raise
-        return HeadProbabilities(head, str(error))
+        return ProbabilitiesModule(head, str(error))
 
 
 def _predictor(cache: Cache, head, record: dict) -> Predictor:
