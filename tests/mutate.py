@@ -503,6 +503,13 @@ MUTATIONS = [
              ("tests/test_torchvision_sources.py", "-k", "hidden"), "a hidden folder is not a class"),
     Mutation("unlabeled-drops-labels", "data/layout_checks.py", "    if len(holding) > 1:", "    if False:",
              ("tests/test_layout.py", "-k", "unlabeled_on"), "--unlabeled on a split of class folders is refused"),
+    Mutation("merge-names-appends", "data/python_objects.py",
+             "merged.insert(max(before) + 1 if before else len(merged) if k else 0, c)", "merged.append(c)",
+             ("tests/test_python_sources.py", "-k", "unsorted_orders"),
+             "splits with their own unsorted class orders keep each order, a new name after its predecessor"),
+    Mutation("member-damage-as-stale", "fit/headstore.py", "            if damage_raises:\n                raise",
+             "            if False:\n                raise", ("tests/test_hostile_cache.py", "-k", "damaged_head"),
+             "an ensemble names a damaged member as damaged (refit it), not as changed since"),
 ]
 
 
