@@ -1,0 +1,121 @@
+"""Byte-identical images across splits or classes (featurecache/data/copies.py): reported as
+warnings, found by size then by hash, never by name."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from featurecache.data import copies
+from featurecache.data.copies import copy_records, copy_warnings, find_copies, merge_records
+from featurecache.data.sources import Sample
+
+from helpers import write_image
+
+
+def _listing(root: Path, layout: dict[str, list[tuple[str, int]]]) -> list[Sample]:
+    """root/<split>/<class>/<n>.png for (class, seed) pairs; the same seed, the same bytes."""
+    classes = sorted({c for items in layout.values() for c, _ in items})
+    samples = []
+    for split, items in layout.items():
+        for n, (name, seed) in enumerate(items):
+            relpath = f"{split}/{name}/{n}.png"
+            write_image(root / relpath, seed)
+            samples.append(Sample(relpath, classes.index(name), split, "", len(samples)))
+    return samples
+
+
+def _pairs(found) -> list[tuple[str, str]]:
+    return [(pair.copy.path, pair.original.path) for pair in found]
+
+
+def test_copies_across_splits_and_classes_are_found_by_content(tmp_path):
+    samples = _listing(tmp_path, {"train": [("cat", 1), ("cat", 2), ("dog", 3), ("dog", 1)],
+                                  "test": [("cat", 2), ("cat", 4), ("dog", 3), ("dog", 5)]})
+    found = find_copies(samples, lambda s: tmp_path / s.path)
+    # train/dog/3 copies train/cat/0 (another class); test/cat/0 and test/dog/2 copy train images
+    assert _pairs(found) == [("test/cat/0.png", "train/cat/1.png"), ("test/dog/2.png", "train/dog/2.png"),
+                             ("train/dog/3.png", "train/cat/0.png")]
+    warnings = copy_warnings(copy_records(found, ["cat", "dog"]))
+    assert warnings == [
+        "2 test image(s) are byte-identical copies of train images (test/cat/0.png = train/cat/1.png, "
+        "test/dog/2.png = train/dog/2.png): they are scored on images a head was fitted on, so test figures "
+        "read high; remove the copies from one split",
+        "1 train image(s) are byte-identical copies of train images under another class (train/dog/3.png = "
+        "train/cat/0.png; e.g. dog and cat): one label of each pair is wrong; remove or relabel the copies"]
+
+
+def test_copies_in_one_class_of_one_split_are_no_concern_and_not_read(tmp_path, monkeypatch):
+    samples = _listing(tmp_path, {"train": [("cat", 1), ("cat", 1), ("dog", 2)], "test": [("cat", 3)]})
+    monkeypatch.setattr(copies, "_digest", lambda content, limit: pytest.fail(f"{content} was read"))
+    assert find_copies(samples, lambda s: tmp_path / s.path) == []
+
+
+def test_same_size_other_bytes_are_not_copies_even_past_the_first_pass(tmp_path, monkeypatch):
+    # one byte differs after the first pass's prefix: only the whole-file pass tells them apart
+    monkeypatch.setattr(copies, "HEAD_BYTES", 64)
+    samples = _listing(tmp_path, {"train": [("cat", 1)], "test": [("cat", 1), ("cat", 1)]})
+    changed = tmp_path / "test/cat/1.png"
+    data = bytearray(changed.read_bytes())
+    data[-20] ^= 0xFF
+    changed.write_bytes(bytes(data))
+    assert len(data) > 64
+    assert _pairs(find_copies(samples, lambda s: tmp_path / s.path)) == [("test/cat/0.png", "train/cat/0.png")]
+
+
+def test_only_groups_with_a_new_row_are_read(tmp_path, monkeypatch):
+    samples = _listing(tmp_path, {"train": [("cat", 1), ("dog", 2)], "test": [("cat", 1), ("dog", 2)]})
+    read: list[str] = []
+    real = copies._digest
+    monkeypatch.setattr(copies, "_digest", lambda content, limit: read.append(Path(content).name) or
+                        real(content, limit))
+    new = {"test/cat/0.png"}
+    found = find_copies(samples, lambda s: tmp_path / s.path, new=lambda s: s.path in new)
+    assert _pairs(found) == [("test/cat/0.png", "train/cat/0.png")]
+    assert sorted(read) == ["0.png", "0.png"]  # the cat pair only: the dog pair holds no new row
+    # alike in size, but only the copies holding a new row are reported
+    monkeypatch.undo()
+    samples = [Sample(f"x/{i}", 0, split, "", i) for i, split in enumerate(["train", "train", "test", "test"])]
+    pixels = {0: b"a" * 300, 1: b"b" * 300, 2: b"a" * 300, 3: b"b" * 300}
+    found = find_copies(samples, lambda s: pixels[s.index], new=lambda s: s.index == 3)
+    assert _pairs(found) == [("x/3", "x/1")]
+
+
+def test_unreadable_and_missing_files_are_left_to_extraction(tmp_path):
+    samples = _listing(tmp_path, {"train": [("cat", 1)], "test": [("cat", 1), ("dog", 1)]})
+    (tmp_path / "test/cat/0.png").unlink()
+    shutil.copy(tmp_path / "train/cat/0.png", tmp_path / "test/dog/1.png")
+    assert _pairs(find_copies(samples, lambda s: tmp_path / s.path)) == [("test/dog/1.png", "train/cat/0.png")]
+
+
+def test_in_memory_images_are_compared_as_bytes():
+    samples = [Sample(f"x/{i}", label, split, "", i) for i, (label, split) in
+               enumerate([(0, "train"), (1, "train"), (0, "test"), (1, "test")])]
+    pixels = {0: b"a" * 300, 1: b"b" * 300, 2: b"b" * 300, 3: b"c" * 300}
+    assert _pairs(find_copies(samples, lambda s: pixels[s.index])) == [("x/2", "x/1")]
+
+
+def test_a_warning_names_a_few_pairs(tmp_path):
+    samples = _listing(tmp_path, {"train": [("cat", i) for i in range(5)], "test": [("cat", i) for i in range(5)]})
+    (warning,) = copy_warnings(copy_records(find_copies(samples, lambda s: tmp_path / s.path), ["cat"]))
+    assert warning.startswith("5 test image(s) are byte-identical copies of train images (test/cat/0.png = "
+                              "train/cat/0.png, test/cat/1.png = train/cat/1.png, test/cat/2.png = train/cat/2.png, ...)")
+
+
+def test_an_earlier_runs_records_are_kept_only_while_both_images_are_unchanged():
+    def record(path, original):
+        return {"path": path, "split": "test", "label": "cat", "original": original, "original_split": "train",
+                "original_label": "cat"}
+
+    listed = [Sample(p, 0, p.split("/")[0], "", i) for i, p in
+              enumerate(["train/a", "train/b", "train/c", "train/z", "test/a", "test/b", "test/c"])]
+    previous = [record("test/a", "train/a"), record("test/b", "train/b"), record("test/c", "train/c"),
+                record("test/gone", "train/a")]
+    # a new train/z alike test/a and train/a: their group is read again and the pair found again
+    fresh = [record("test/a", "train/a"), record("test/c", "train/a")]
+    merged = merge_records(previous, fresh, listed, new=lambda s: s.path in ("train/b", "test/c", "train/z"))
+    # test/b: its original was read again (and found no longer alike); test/c: read again, a new pair;
+    # test/gone: no longer listed; test/a once
+    assert merged == [record("test/a", "train/a"), record("test/c", "train/a")]
