@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 
 import numpy as np
 import pytest
@@ -188,6 +189,35 @@ def test_run_twice_does_no_work_the_second_time(pipeline_file, tmp_path):
     assert {s.step: s.cached for s in third.steps} == {
         "extract": True, "head logistic": True, "head knn": False, "ensemble vote": False,
         "finetune logistic-layer4-cache": True, "report": False}
+
+
+def test_a_from_cache_finetune_is_kept_when_only_its_unused_augmentation_changes(pipeline_file):
+    """--from-cache trains on cached activations, never augmented: the pipeline compared the
+    augmentation settings anyway, and an edit of them discarded the finished run and trained it
+    again. It now compares what the finetune command's resume check compares."""
+    text = _edit('[[heads]]\nhead = "knn"\nparams = { k = [1, 3] }\n\n[ensemble]\nname = "vote"\n'
+                 'members = ["logistic", "knn"]\n\n', "").replace("worst = 4", "worst = 0")
+    pipeline_file.write_text(text)
+    first = run_pipeline(load_pipeline(pipeline_file))
+    run = first.cache_path / "finetune" / "logistic-layer4-cache"
+    files = sorted(p for p in run.iterdir() if p.is_file())
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    assert {"checkpoint.safetensors", "finetune.json"} <= set(before)
+
+    pipeline_file.write_text(text.replace("from_cache = true", "from_cache = true\naugment = false\nhflip = false\n"
+                                          "crop_scale = [0.5, 1.0]"))
+    kept = runner.invoke(app, ["run", str(pipeline_file)])
+    assert kept.exit_code == 0, kept.output
+    assert [line.split()[:3] for line in kept.stdout.splitlines() if line.startswith("finetune")] == [
+        ["finetune", "logistic-layer4-cache", "cached"]]
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == before  # the run is untouched
+
+    pipeline_file.write_text(text.replace("epochs = 1", "epochs = 1\nlr = 0.001"))  # a setting it uses
+    redone = run_pipeline(load_pipeline(pipeline_file))
+    assert {s.step: s.cached for s in redone.steps}["finetune logistic-layer4-cache"] is False
+    record = json.loads((run / "finetune.json").read_text())
+    assert (record["spec"]["lr"], record["complete"], record["epochs_done"]) == (0.001, True, 1)
+    assert (run / "checkpoint.safetensors").read_bytes() != before["checkpoint.safetensors"][1]
 
 
 def test_a_report_output_is_rewritten_only_when_it_is_the_pipelines_own_page(pipeline_file, tmp_path):

@@ -32,9 +32,6 @@ from ..cache.integrity import refuse_inside_cache
 from ..cache.layout import FINETUNE_DIR, FINETUNE_RECORD, finetune_run_name
 from ..cache.store import Cache, open_cache
 
-#: FinetuneSpec fields that do not change the result (finetune.py ignores them on resume too).
-_FINETUNE_FREE = ("workers", "restart", "device")
-
 
 @dataclass(frozen=True, kw_only=True)
 class EnsembleStep:
@@ -336,12 +333,22 @@ def _ensemble_is_current(cache: Cache, step: EnsembleStep) -> bool:
             and all(abs(a - b / total) < 1e-9 for a, b in zip(record["weights"], weights)))
 
 
+def _finetune_same(saved: dict, spec) -> bool:
+    """Whether a finetune record's spec holds `spec`'s settings as the finetune command's own resume
+    check compares them (finetune/spec.py: not those that leave the numbers as they are, nor the
+    augmentation a --from-cache run never uses), and names the same run."""
+    from ..finetune.spec import resume_settings, spec_dict
+
+    settings = spec_dict(spec)
+    return _same_settings(saved, spec, tuple(set(settings) - set(resume_settings(settings)) - {"name"}))
+
+
 def _finetune_done(cache: Cache, spec) -> dict | None:
     from ..report.page import finetune_records
 
     for record in finetune_records(cache):
         if (record.get("complete") and record.get("parent_key") == cache.key
-                and _same_settings(record.get("spec") or {}, spec, _FINETUNE_FREE)):
+                and _finetune_same(record.get("spec") or {}, spec)):
             return record
     return None
 
@@ -358,7 +365,7 @@ def _finetune_differs(cache: Cache, spec) -> bool:
         saved = json.loads(path.read_text(encoding="utf-8")).get("spec", {})
     except (OSError, json.JSONDecodeError):
         return True
-    return not _same_settings(saved, spec, _FINETUNE_FREE)
+    return not _finetune_same(saved, spec)
 
 
 def _pct(value) -> str:
