@@ -252,3 +252,47 @@ def test_an_unreadable_manifest_tells_verify_users_to_extract_again(text, damage
     repaired = runner.invoke(app, ["verify", str(entry), "--repair"])
     assert repaired.exit_code == 1 and "run featurecache verify" not in repaired.output
     assert f"delete {entry} and run featurecache extract again" in repaired.output
+
+
+def test_an_unfinished_finetune_run_is_a_warning_with_the_command_that_finishes_it(damaged):
+    """verify said "ok" (exit 0) of an entry whose finetune run had stopped after 1 of 2 epochs,
+    a run export refuses. It now warns as predict does (the run, its epochs, the command that
+    finishes it) and exits 1, as for an extraction that has not finished; it is not damage, so
+    --repair leaves it alone, and once the run is finished the entry is ok."""
+    import shlex
+
+    from featurecache.finetune.stage import FinetuneSpec, finetune
+    from featurecache.fit.stage import FitSpec, fit_head
+    from helpers import stderr_lines
+
+    _, entry = damaged(lambda entry: None)
+    fit_head(open_cache(entry), FitSpec(head="logistic"))
+
+    def stop(event):
+        if event["phase"] == "train" and event["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(entry, FinetuneSpec(head="logistic", epochs=2, batch_size=4, workers=0, augment=False, name="half"),
+                 progress=stop)
+    (entry / "finetune" / "early").mkdir()  # a run stopped before its first record
+    run = entry / "finetune" / "half"
+    files = {p: p.read_bytes() for p in run.iterdir()}
+    for args in (["verify", str(entry)], ["verify", str(entry), "--repair"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, result.output
+        early, half = stderr_lines(result)
+        assert early == ("warning: finetune run 'early' has no record yet: it was stopped before its first evaluation "
+                         "ended, or is still running; rerun the finetune command (with --name early) to finish it")
+        assert half.startswith("warning: finetune run 'half' is unfinished (1 of 2 epochs); rerun the finetune "
+                               f"command to finish it: featurecache finetune {entry} --name half --head logistic ")
+        assert result.stdout.splitlines()[-1].endswith(
+            "other artifacts checked; no damage, but 2 finetune run(s) unfinished (rerun the finetune command)")
+        assert "problem" not in result.stdout and "repaired" not in result.stdout
+        assert {p: p.read_bytes() for p in run.iterdir()} == files  # --repair left the run as it was
+
+    finished = runner.invoke(app, shlex.split(half.split("to finish it: ", 1)[1])[1:] + ["--quiet"])
+    assert finished.exit_code == 0 and "resumed after epoch 1" in finished.stdout, finished.output
+    (entry / "finetune" / "early").rmdir()
+    result = runner.invoke(app, ["verify", str(entry)])
+    assert (result.exit_code, result.stderr) == (0, "") and result.stdout.rstrip().endswith("checked; ok")

@@ -6,7 +6,8 @@ recorded size and SHA-256, its split and row count, the expected datasets, shape
 dtypes, no links to other files, the features' XXH3 and the columns' fletcher32
 checksums, labels inside the class list), files in `shards/` the manifest does not
 list, the backbone checkpoint under `_weights/` (its tensors must hash to its name),
-every head (record schema, checksum, tensors), every finetune run's outputs, every
+every head (record schema, checksum, tensors), every finetune run's outputs (and
+whether it is finished: an unfinished run is not damage, but is reported apart), every
 view set under `views/` (its sealed manifest, each view shard as a plain one, files
 it does not list; cache/views.py), and temporary files left by killed writers
 anywhere in the entry. It reports every problem, not the first.
@@ -28,7 +29,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CorruptCacheError, FeatureCacheError, InvalidRecordError, MismatchError
+from ..errors import CacheIncompleteError, CorruptCacheError, FeatureCacheError, InvalidRecordError, MismatchError
 from ..cache.atomic import is_temporary, write_json_atomic
 from ..cache.layout import (FINETUNE_DIR, FINETUNE_RECORD, FOLDERS_WITH_TEMPORARIES, HEAD_FILE, HEAD_JSON, HEADS_DIR,
                             MANIFEST, SHARDS_DIR, WEIGHTS_DIR, shard_file, weights_file)
@@ -64,6 +65,7 @@ class VerifyReport:
     bad_view_sets: list[str] = field(default_factory=list)  # view set folders whose manifest is unreadable
     manifest_unsealed: bool = False  # the manifest's checksum is missing or wrong
     head_copies: dict[str, dict] = field(default_factory=dict)  # head.json files that differ: path -> sealed record
+    unfinished_runs: list[str] = field(default_factory=list)  # finetune runs stopped or running: not damage, unusable
     shards_checked: int = 0
     rows_checked: int = 0
     artifacts_checked: int = 0  # checkpoint, heads, finetune outputs
@@ -166,7 +168,11 @@ def _check_head_copy(report: VerifyReport, directory: Path, record: dict) -> Non
         report.head_copies[relative] = record
 
 
-def _check_finetune_runs(report: VerifyReport) -> None:
+def _check_finetune_runs(report: VerifyReport, cache: Cache) -> None:
+    """Each run's outputs and record, checked; a sound run that has not done every epoch asked
+    for (stopped, or still running) is not damage, but export refuses it: said, with its command."""
+    from ..finetune.runs import read_finetune_record, unfinished
+
     folder = report.path / FINETUNE_DIR
     for directory in sorted(folder.iterdir()) if folder.is_dir() else []:
         if not directory.is_dir():
@@ -183,6 +189,14 @@ def _check_finetune_runs(report: VerifyReport) -> None:
                 report.problems.append(Problem(f"{FINETUNE_DIR}/{directory.name}/{file.name}",
                                                str(error).split(";")[0] + "; run featurecache finetune again "
                                                "with --restart"))
+        try:
+            warning = unfinished(cache, read_finetune_record(cache, directory.name))
+        except CacheIncompleteError as error:  # no record yet: stopped before its first one, or running
+            warning = str(error)
+        except FeatureCacheError:
+            continue  # a damaged record is reported above
+        if warning:
+            report.unfinished_runs.append(warning)
 
 
 def _temporaries(report: VerifyReport) -> None:
@@ -252,7 +266,7 @@ def verify_entry(name: str | Path, *, root: Path | None = None, lock_timeout: fl
         _check_checkpoint(report, manifest)
         cache = Cache(path, manifest)
         _check_heads(report, cache)
-        _check_finetune_runs(report)
+        _check_finetune_runs(report, cache)
         _check_views(report, shapes, len(manifest["classes"]))
     return report
 
