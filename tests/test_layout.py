@@ -12,7 +12,7 @@ from featurecache.errors import SourceError
 from featurecache.data.sources import open_source
 
 import replicas
-from helpers import write_image
+from helpers import stderr_lines, write_image
 
 runner = CliRunner()
 
@@ -257,3 +257,71 @@ def test_unlabeled_on_a_split_of_class_folders_is_refused(tmp_path):
     assert open_source(str(root), unlabeled=("val",), allow_layout=True).unlabeled_splits == ["val"]
     _folder(tmp_path / "t", {"train/cat": 2, "train/dog": 2, "test/images": 2})  # one container folder: fine
     assert open_source(str(tmp_path / "t"), unlabeled=("test",)).split_counts() == {"train": 4, "test": 2}
+
+
+def _extract(root, *extra: str):
+    return runner.invoke(app, ["extract", str(root), "--weights", "random", *extra])
+
+
+def _extract_warnings(root, log, *extra: str) -> list[str]:
+    """`extract` in its own process (logging is configured once per process, so the library's
+    warnings print there as they do for a user), tiny backbone; its warning lines."""
+    from processes import run_cli
+
+    argv = ["extract", str(root), "--model", "tiny", "--weights", "random", "--image-size", "32", "--workers", "0",
+            "-q", "--root", str(log.parent / "cache"), *extra]
+    assert run_cli(argv, log) == 0, log.read_text()
+    return [line for line in log.read_text().splitlines() if line.startswith(("warning:", "error:"))]
+
+
+def test_symlinked_folders_inside_a_class_are_followed_but_never_back_up(tmp_path):
+    """cat/more -> /elsewhere/cats was not followed: its images vanished without a word (ImageFolder
+    reads them). A link back up to a folder above (train/dog/up -> ..) would loop, or read the other
+    classes as dog: not followed, with a warning."""
+    import os
+
+    root = _folder(tmp_path / "d", {"train/cat": 1, "train/dog": 2, "test/cat": 1, "test/dog": 1})
+    _folder(tmp_path / "elsewhere", {"cats": 2})
+    os.symlink(tmp_path / "elsewhere" / "cats", root / "train" / "cat" / "more")
+    os.symlink("..", root / "train" / "dog" / "up")
+    assert _extract_warnings(root, tmp_path / "extract.log") == [
+        f"warning: {root}/train/dog/up links back to a folder above it (a loop); it is not followed"]
+    source = open_source(str(root))
+    assert [(s.path, source.classes[s.label]) for s in source.samples if s.split == "train"] == [
+        ("train/cat/0.png", "cat"), ("train/cat/more/0.png", "cat"), ("train/cat/more/1.png", "cat"),
+        ("train/dog/0.png", "dog"), ("train/dog/1.png", "dog")]
+    os.symlink(root / "train" / "dog", root / "train" / "cat" / "dogs")  # dog's images under cat too: refused
+    _refused(str(root), "train/cat/dogs/0.png and train/dog/0.png are the same file")
+
+
+def test_an_empty_split_folder_is_refused(tmp_path):
+    """A test/ left empty (a copy that stopped short) was dropped without a word: the cache had no test
+    split, and heads were scored on val as if nothing were missing."""
+    root = _folder(tmp_path / "d", {"train/cat": 2, "train/dog": 2, "val/cat": 1, "val/dog": 1, "test": 0})
+    refusal = (f"error: {root}: the split folder(s) test/ hold no image, so the cache would have no such split and "
+               "heads would be scored without it; put its images there (a copy that stopped short?), remove the "
+               "empty folder, or pass --allow-layout if this really is the layout you mean")
+    for extra in ([], ["--unlabeled", "test"]):
+        result = _extract(root, *extra)
+        assert result.exit_code == 2 and stderr_lines(result) == [refusal], result.output
+    _folder(root, {"test/cat": 0, "test/dog": 0})  # class folders, none holding an image: the same refusal
+    result = _extract(root)
+    assert result.exit_code == 2 and stderr_lines(result) == [refusal], result.output
+    assert not (tmp_path / "cache").exists()  # refused before anything was written
+    assert _extract_warnings(root, tmp_path / "allowed.log", "--allow-layout") == [
+        f"warning: {root}: no image found in test/; the cache has no such split"]
+    assert open_source(str(root), allow_layout=True).split_counts() == {"train": 4, "val": 2}
+
+
+def test_an_empty_class_folder_of_one_split_says_which_and_what_to_do(tmp_path):
+    """test/dog/ empty while train/dog/ has images was refused as 'a class nothing is labelled with',
+    which dog is not: the message now says test would score no dog, and what to do."""
+    root = _folder(tmp_path / "d", {"train/cat": 2, "train/dog": 2, "test/cat": 1, "test/dog": 0})
+    result = _extract(root)
+    assert result.exit_code == 2
+    assert stderr_lines(result) == [
+        f"error: {root}: the class folder test/dog/ holds no image, though dog has images in train/, so test would "
+        "score no dog; put its test images there (a copy that stopped short?), remove the empty folder, or pass "
+        "--allow-layout if this really is the layout you mean"]
+    source = open_source(str(root), allow_layout=True)
+    assert source.classes == ["cat", "dog"] and source.split_counts() == {"train": 4, "test": 1}

@@ -105,3 +105,12 @@ def test_digits_fixed_splits():
     image = source.load(source.samples[0])
     assert image.size == (8, 8) and image.mode == "RGB"
     assert np.asarray(image).max() == 255  # 0..16 scaled to 0..255
+
+
+def test_jpegs_by_their_other_names_are_extracted(tmp_path, tiny_spec):
+    """A .jfif (what browsers save JPEGs as) or .jpe was not listed: the image vanished without a word."""
+    for i, name in enumerate(("cat/0.jpg", "cat/1.jfif", "dog/0.jpg", "dog/1.JPE", "dog/2.jif", "dog/3.pnm")):
+        write_image(tmp_path / "pets" / name, i, fmt="PPM" if name.endswith(".pnm") else "JPEG")
+    cache = open_cache(extract(tiny_spec(tmp_path / "pets")).path)
+    assert cache.paths("train") == ["cat/0.jpg", "cat/1.jfif", "dog/0.jpg", "dog/1.JPE", "dog/2.jif", "dog/3.pnm"]
+    assert cache.labels("train").tolist() == [0, 0, 1, 1, 1, 1] and cache.manifest["skipped"] == []

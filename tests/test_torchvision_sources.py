@@ -5,6 +5,7 @@ each image's official label and split."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torchvision.datasets as tv
@@ -12,9 +13,11 @@ from typer.testing import CliRunner
 
 from featurecache import extract, open_cache
 from featurecache.cli import app
+from featurecache.errors import SourceError
 from featurecache.data.sources import open_source
 
 import replicas
+from helpers import stderr_lines
 
 # Replicas cannot match the md5 sums torchvision checks these datasets' real files against.
 MD5_CHECKED = {"svhn": tv.SVHN, "stl10": tv.STL10, "flowers102": tv.Flowers102}
@@ -41,7 +44,8 @@ def test_named_torchvision_dataset_official_labels_and_splits(prefix, tmp_path, 
     build, folder = CASES[prefix]
     truth = build(tmp_path / "root")
     for root in [tmp_path / "root"] + ([tmp_path / "root" / folder] if folder else []):
-        source = open_source(f"{prefix}:{root}")
+        # allow_layout: some miniatures (MNIST's 6 images) lack a class in train, which is refused by default
+        source = open_source(f"{prefix}:{root}", allow_layout=True)
         assert source.split_counts() == {split: len(items) for split, items in truth.items()}
         for split, expected in truth.items():
             got = [s for s in source.samples if s.split == split]
@@ -115,7 +119,7 @@ def test_oxford_pet_split_lacking_a_breed_keeps_each_image_its_breed(tmp_path):
     listing = tmp_path / "oxford-iiit-pet" / "annotations" / "trainval.txt"
     listing.write_text("".join(line for line in listing.read_text().splitlines(True)
                                if not line.startswith("american_bulldog")))
-    source = open_source(f"oxfordiiitpet:{tmp_path}")
+    source = open_source(f"oxfordiiitpet:{tmp_path}", allow_layout=True)  # a breed only in test is refused by default
     assert source.classes == ["Abyssinian", "American Bulldog", "American Pit Bull Terrier"]
     assert _rows(source, "train") == [row for row in truth["train"] if row[1] != "American Bulldog"]
     assert _rows(source, "test") == truth["test"]
@@ -133,3 +137,61 @@ def test_a_hidden_folder_is_not_a_class(tmp_path):
     hidden.joinpath("Forest_1-checkpoint.jpg").unlink()
     hidden.rmdir()
     assert open_source(f"eurosat:{tmp_path}").classes == ["AnnualCrop", "Forest", "HerbaceousVegetation"]
+
+
+def test_caltech101_lists_the_images_each_category_holds(tmp_path):
+    """torchvision's Caltech101 counts a category folder's entries and assumes image_0001..N.jpg: a
+    .DS_Store became a phantom image_0004.jpg, skipped as missing, and a gap in the numbers left the
+    last image unread. Hidden entries and non-image files are ignored now, as ImageFolder does."""
+    replicas.caltech101(tmp_path)
+    base = tmp_path / "caltech101" / "101_ObjectCategories"
+    (base / "Faces" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (base / "Faces" / "Thumbs.db").write_bytes(b"\xd0\xcf")
+    (base / "airplanes" / "._image_0001.jpg").write_bytes(b"\0\5\26\7")  # macOS's AppleDouble twin
+    (base / "accordion" / "image_0001.jpg").unlink()  # accordion holds image_0002.jpg only
+    expected = [("image_0001.jpg", "Faces"), ("image_0002.jpg", "Faces"), ("image_0003.jpg", "Faces"),
+                ("image_0002.jpg", "accordion"), ("image_0001.jpg", "airplanes"), ("image_0002.jpg", "airplanes")]
+    source = open_source(f"caltech101:{tmp_path / 'caltech101'}")
+    assert source.classes == ["Faces", "accordion", "airplanes"] and _rows(source, "train") == expected
+    assert not (tmp_path / "caltech101" / "caltech101").exists()  # torchvision made this folder in the user's data
+    replicas._jpeg(base / ".ipynb_checkpoints" / "image_0001-checkpoint.jpg", 1, 99)  # a hidden folder: no class
+    result = CliRunner().invoke(app, ["extract", f"caltech101:{tmp_path}", "--weights", "random", "--model",
+                                      "resnet18", "--image-size", "32", "--workers", "0"])
+    assert result.exit_code == 0 and "rows: train 6; skipped: 0" in result.stdout, result.output
+
+
+@pytest.mark.parametrize("stray, message", [
+    (".DS_Store", "101_ObjectCategories/.DS_Store is a file among the category folders, which torchvision's "
+                  "Caltech101 reads as a category; remove it"),
+    ("Faces/extra.png", "101_ObjectCategories/Faces/extra.png is not an image_NNNN.jpg file, the only kind "
+                        "torchvision's Caltech101 reads; rename it, or move it out of the dataset"),
+])
+def test_caltech101_refuses_what_it_cannot_read(tmp_path, stray, message):
+    """A file among the category folders was a traceback inside torchvision ('not a complete root'); an
+    image of another name was never read."""
+    replicas.caltech101(tmp_path)
+    replicas._jpeg(tmp_path / "caltech101" / "101_ObjectCategories" / stray, 1, 99)
+    result = CliRunner().invoke(app, ["extract", f"caltech101:{tmp_path}", "--weights", "random"])
+    assert result.exit_code == 2
+    assert stderr_lines(result) == [f"error: caltech101:{tmp_path / 'caltech101'}: {message}"]
+
+
+def test_named_sources_get_the_class_checks_unless_allow_layout(tmp_path):
+    """A named dataset's classes were never checked (open_named took no --allow-layout): a DTD whose
+    train list lacks a class extracted with exit 0, that class never learnt but scored in val and test."""
+    replicas.dtd(tmp_path)
+    listing = tmp_path / "dtd" / "dtd" / "labels" / "train1.txt"
+    listing.write_text("".join(line for line in listing.read_text().splitlines(True) if not line.startswith("banded")))
+    refused = CliRunner().invoke(app, ["extract", f"dtd:{tmp_path}", "--weights", "random"])
+    assert refused.exit_code == 2
+    assert stderr_lines(refused) == [f"error: dtd:{tmp_path}: class(s) banded appear in val but not in train, so no "
+                                     "head can learn them, or pass --allow-layout if this really is the layout you mean"]
+    allowed = CliRunner().invoke(app, ["extract", f"dtd:{tmp_path}", "--weights", "random", "--allow-layout",
+                                       "--model", "resnet18", "--image-size", "32", "--workers", "0"])
+    assert allowed.exit_code == 0 and "rows: train 2, val 3, test 3; skipped: 0" in allowed.stdout, allowed.output
+    replicas.caltech101(tmp_path / "one")
+    for category in ("accordion", "airplanes"):  # Faces alone (BACKGROUND_Google is not a class)
+        shutil.rmtree(tmp_path / "one" / "caltech101" / "101_ObjectCategories" / category)
+    with pytest.raises(SourceError, match=r"every row has the same class \('Faces'\); a classifier needs two"):
+        open_source(f"caltech101:{tmp_path / 'one'}")
+    assert open_source(f"caltech101:{tmp_path / 'one'}", allow_layout=True).classes == ["Faces"]

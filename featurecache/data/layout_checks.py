@@ -10,21 +10,26 @@ becomes two classes, `images` and `meta`). So before anything is listed or compu
 - a class folder named `images`, a class folder holding no image, classes that appear
   only in val/test, a single class, classes spelt two ways (`Dog`/`dog`, `1`/`1.0`),
   images lying outside any class folder, folders or images beside the split folders,
-  class folders holding only subfolders, and one file reached twice through a link are
-  refused with the reason.
+  class folders holding only subfolders, a split folder holding no image, and one file
+  reached twice through a link are refused with the reason.
 
-`--allow-layout` (`ExtractSpec.allow_layout`) skips these checks for the rare folder
-that really is laid out that way.
+Named datasets (`caltech101:`, `dtd:`, `tinyimagenet:`, ...) get the checks that apply
+to any labelled listing (`check_classes`): a damaged or partial copy shows as one class,
+or a class only in val/test. `--allow-layout` (`ExtractSpec.allow_layout`) skips these
+checks for the rare dataset that really is laid out that way (an empty split folder is
+then a warning).
 """
 
 from __future__ import annotations
 
+import logging
 import unicodedata
 from pathlib import Path
 
 from ..errors import SourceError
 
 OVERRIDE = "pass --allow-layout if this really is the layout you mean"
+log = logging.getLogger("featurecache")
 
 
 def _first(names: list[str], count: int = 3) -> str:
@@ -104,6 +109,22 @@ def refuse_labelled_as_unlabeled(root: Path, folder: Path, split: str, subfolder
                           f"--unlabeled {split}, or {OVERRIDE}")
 
 
+def refuse_empty_splits(root: Path, split_dirs: dict[str, Path], images: dict[str, int], *,
+                        allow_layout: bool) -> None:
+    """`images[split]`: the images found in that split folder. One holding none (a copy or unzip that
+    stopped short) was dropped without a word: the cache had no such split, and heads were scored on
+    another (val for test) as if nothing were missing. With `allow_layout`, a warning."""
+    empty = [f"{split_dirs[split].name}/" for split, found in images.items() if not found]
+    if not empty or not any(images.values()):
+        return  # no image at all: the caller says so
+    if allow_layout:
+        log.warning("%s: no image found in %s; the cache has no such split", root, _first(empty))
+        return
+    raise SourceError(f"{root}: the split folder(s) {_first(empty)} hold no image, so the cache would have no such "
+                      f"split and heads would be scored without it; put its images there (a copy that stopped "
+                      f"short?), remove the empty folder, or {OVERRIDE}")
+
+
 def check_class_depth(root: Path, depths: dict[str, bool]) -> None:
     """`depths[class folder]`: whether it holds an image directly. When none does, the images
     sit a level deeper everywhere (`a/abbey/*.jpg`) and the classes read are that level's
@@ -157,10 +178,19 @@ def check_image_folder(root: Path, counts: dict[str, dict[str, int]], loose: dic
                     f"classes, use a named source (featurecache sources lists them), or {OVERRIDE}")
     if not loose and not any(n for classes in counts.values() for n in classes.values()):
         return  # no image at all: the caller says so
-    empty = [where(split, name) for split, classes in counts.items() for name, n in classes.items() if n == 0]
-    if empty:
-        raise SourceError(f"{root}: {len(empty)} class folder(s) hold no image ({_first(empty)}); each would count "
+    held = {name: [f"{split}/" for split, classes in counts.items() if classes.get(name)]
+            for classes in counts.values() for name in classes}
+    empty = [(split, name) for split, classes in counts.items() for name, n in classes.items() if n == 0]
+    unused = [where(split, name) for split, name in empty if not held[name]]
+    if unused:
+        raise SourceError(f"{root}: {len(unused)} class folder(s) hold no image ({_first(unused)}); each would count "
                           f"as a class nothing is labelled with. Remove them or {OVERRIDE}")
+    if empty:  # a test/bees/ left empty while train/bees/ has images: test would score no bees
+        split, name = empty[0]
+        more = f" (and {len(empty) - 1} more empty class folder(s))" if len(empty) > 1 else ""
+        raise SourceError(f"{root}: the class folder {where(split, name)}/ holds no image{more}, though {name} has "
+                          f"images in {', '.join(held[name])}, so {split} would score no {name}; put its {split} "
+                          f"images there (a copy that stopped short?), remove the empty folder, or {OVERRIDE}")
     for split, count in loose.items():
         folder = where(split) or "the top folder"
         hint = (f"pass --unlabeled {split} to cache them as an unlabelled split to predict on" if has_splits

@@ -200,11 +200,18 @@ def _register_torchvision() -> None:
 _register_torchvision()
 
 
-def open_named(prefix: str, root: Path, *, content_hash: bool = False) -> Source:
+def open_named(prefix: str, root: Path, *, content_hash: bool = False, allow_layout: bool = False) -> Source:
+    """A named dataset; its classes are checked as an image folder's are (a single class, a class
+    only in val/test, Dog/dog: a damaged or partial copy) unless `allow_layout`."""
     named = NAMED[prefix]
     if not root.is_dir():
         raise SourceError(f"{prefix}:{root}: no such folder; expected {named.layout}")
-    return named.open(root.resolve(), content_hash=content_hash)
+    source = named.open(root.resolve(), content_hash=content_hash)
+    if not allow_layout:
+        from .layout_checks import check_classes
+
+        check_classes(f"{prefix}:{root}", source.classes, source.samples)
+    return source
 
 
 def describe_sources() -> list[tuple[str, str, str]]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import pickle
 from dataclasses import dataclass
@@ -29,11 +30,16 @@ from PIL import Image
 from ..errors import SourceError
 from .images import ImageDecodeError, decode_array, load_rgb
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+# JPEG's other names (.jfif: what browsers save) and .pnm decode in every Pillow; formats that need
+# a codec Pillow may lack (AVIF, JPEG 2000, HEIC) are not listed
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".jif", ".jfi", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                    ".ppm", ".pgm", ".pbm", ".pnm"}
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
 SPLIT_ORDER = ("train", "val", "test")
 UNLABELED = -1  # the label of every row of an unlabeled split
+
+log = logging.getLogger("featurecache")
 
 
 @dataclass(frozen=True)
@@ -137,11 +143,31 @@ def _unreadable_folder(error: OSError) -> None:
                       f"{(error.strerror or str(error)).lower()}; fix its permissions or move it out of the dataset")
 
 
+def _folder_id(path: str) -> tuple[int, int]:
+    try:
+        status = os.stat(path)
+    except OSError as error:
+        _unreadable_folder(error)
+    return status.st_dev, status.st_ino
+
+
 def _image_files(directory: Path) -> list[Path]:
+    """The image files at any depth under `directory`, following symlinked folders (as ImageFolder
+    does; one file reached twice is `refuse_same_files`'s) but never one back to a folder above it
+    (a loop, or the other classes read into this one). An unreadable folder is an error, never a
+    silently empty class."""
     files = []
-    # does not follow symlinked dirs; an unreadable folder is an error, never a silently empty class
-    for dirpath, dirnames, filenames in os.walk(directory, onerror=_unreadable_folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    above = {os.fspath(directory): {_folder_id(os.fspath(p)) for p in (directory, *directory.parents)}}
+    for dirpath, dirnames, filenames in os.walk(directory, onerror=_unreadable_folder, followlinks=True):
+        chain, kept = above.pop(dirpath), []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            path = os.path.join(dirpath, name)
+            if (folder := _folder_id(path)) in chain:
+                log.warning("%s links back to a folder above it (a loop); it is not followed", printable_path(path))
+                continue
+            above[path] = chain | {folder}
+            kept.append(name)
+        dirnames[:] = kept
         files += [Path(dirpath) / f for f in sorted(filenames)
                   if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
     return files
@@ -208,14 +234,21 @@ class ImageFolderSource(FileSource):
             raise SourceError(f"the class folder {printable_path(undecodable[0])!r} is not named in valid UTF-8, so "
                               "its class name cannot be stored; rename it")
         files = {(split, d.name): _image_files(d) for split, dirs in class_dirs.items() for d in dirs}
+        loose = {split: [f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")
+                         and f.suffix.lower() in IMAGE_EXTENSIONS]
+                 for split, path in split_dirs.items() if split not in unlabeled_splits}
+        if split_dirs != {"train": root}:
+            from .layout_checks import refuse_empty_splits
+
+            found = {split: len(unlabeled_files[split]) if split in unlabeled_splits
+                     else len(loose[split]) + sum(len(files[split, d.name]) for d in class_dirs[split])
+                     for split in sorted(split_dirs, key=split_sort_key)}
+            refuse_empty_splits(root, split_dirs, found, allow_layout=allow_layout)
         if not allow_layout:
             from .layout_checks import check_class_depth
 
             check_class_depth(root, {d.relative_to(root).as_posix(): any(f.parent == d for f in files[split, d.name])
                                      for split, dirs in class_dirs.items() for d in dirs if files[split, d.name]})
-            loose = {split: [f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")
-                             and f.suffix.lower() in IMAGE_EXTENSIONS]
-                     for split, path in split_dirs.items() if split not in unlabeled_splits}
             check_image_folder(root, {split: {d.name: len(files[split, d.name]) for d in dirs}
                                       for split, dirs in class_dirs.items()},
                                {split: len(found) for split, found in loose.items() if found},
@@ -430,7 +463,7 @@ def open_source(spec: str, *, content_hash: bool = False, allow_layout: bool = F
     if prefix in NAMED and rest:
         if unlabeled:
             raise SourceError(f"--unlabeled applies to an image folder; {prefix}: has its own splits")
-        return open_named(prefix, Path(rest).expanduser(), content_hash=content_hash)
+        return open_named(prefix, Path(rest).expanduser(), content_hash=content_hash, allow_layout=allow_layout)
     path = Path(spec).expanduser()
     if path.is_dir():
         return ImageFolderSource(path.resolve(), content_hash=content_hash, unlabeled=unlabeled,

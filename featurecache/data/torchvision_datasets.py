@@ -9,12 +9,14 @@ validation from it. torchvision is imported only when such a source is opened.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SourceError
-from .sources import Source
+from .sources import IMAGE_EXTENSIONS, Source
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class TorchvisionDataset:
             reason = str(error).split("\n")[0].replace("You can use download=True to download it", "").strip(" .")
             raise SourceError(f"{prefix}:{root} is not a complete {self.title} root ({reason or type(error).__name__}); "
                               f"expected {self.layout}") from None
-        # an official split's classes are the dataset's own: no layout guess to check (open_named has no allow_layout)
+        # open_named checks the classes (one class, a class only in val/test, Dog/dog) unless --allow-layout
         source = DatasetSource(prefix, parts, kind=prefix, classes=list(self.classes) if self.classes else None,
                                allow_layout=True)
         if prefix == "imagenet":
@@ -60,6 +62,39 @@ def _imagenet_names(source: Source, parts: dict) -> None:
     wnids = list(source.classes)  # the union of the splits' wnids (DatasetSource reads each split's own)
     source.class_ids = wnids
     source.classes = _unique_names(wnids, {w: synonyms[w][0] for w in wnids})
+
+
+def _caltech101(d, r: str) -> dict:
+    """torchvision's Caltech101 counts each category folder's entries and assumes they are
+    image_0001.jpg to image_N.jpg: a .DS_Store became a phantom image (skipped as missing), a gap
+    in the numbers a phantom while the last image went unread, and a file among the category
+    folders a traceback. Here each category's images are its image_NNNN.jpg files; hidden entries
+    and non-image files are ignored (as ImageFolder does), anything else is refused."""
+    folder = Path(r) / "caltech101" / "101_ObjectCategories"
+    if not folder.is_dir():  # torchvision would first create r/caltech101/ in the user's folder
+        raise RuntimeError("Dataset not found or corrupted")
+    where = f"caltech101:{folder.parent}: 101_ObjectCategories/"
+    for entry in sorted(folder.iterdir()):
+        if not entry.is_dir():
+            raise SourceError(f"{where}{entry.name} is a file among the category folders, which torchvision's "
+                              "Caltech101 reads as a category; remove it")
+    dataset = d.Caltech101(r, target_type="category", download=False)
+    kept = [k for k, name in enumerate(dataset.categories) if not name.startswith(".")]
+    dataset.categories = [dataset.categories[k] for k in kept]
+    dataset.annotation_categories = [dataset.annotation_categories[k] for k in kept]
+    dataset.index, dataset.y = [], []
+    for label, category in enumerate(dataset.categories):
+        for entry in sorted(os.scandir(folder / category), key=lambda e: e.name):
+            other = entry.is_file() and Path(entry.name).suffix.lower() not in IMAGE_EXTENSIONS  # Thumbs.db
+            if entry.name.startswith(".") or other:
+                continue
+            number = re.fullmatch(r"image_(\d+)\.jpg", entry.name)
+            if not (entry.is_file() and number and entry.name == f"image_{int(number[1]):04d}.jpg"):
+                raise SourceError(f"{where}{category}/{entry.name} is not an image_NNNN.jpg file, the only kind "
+                                  "torchvision's Caltech101 reads; rename it, or move it out of the dataset")
+            dataset.index.append(int(number[1]))
+            dataset.y.append(label)
+    return {"train": dataset}
 
 
 def _splits(make: Callable[[str], object], splits: dict[str, str]) -> dict:
@@ -97,7 +132,7 @@ TORCHVISION: dict[str, TorchvisionDataset] = {
     "caltech101": TorchvisionDataset(
         "Caltech101", "caltech101", "caltech101/101_ObjectCategories/<category>/image_NNNN.jpg",
         "train 8,677 (no official split)",
-        lambda d, r: {"train": d.Caltech101(r, target_type="category", download=False)}),
+        _caltech101),
     "sun397": TorchvisionDataset(
         "SUN397", "SUN397", "SUN397/ holding ClassName.txt and <letter>/<class>/sun_*.jpg",
         "train 108,753 (no official split)",
