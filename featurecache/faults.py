@@ -12,7 +12,9 @@ created, no row written), `after_append` (rows written to the temporary file, sh
 unfinished), `before_rename` (shard closed and fsynced under its temporary name),
 `after_rename` (shard in place, not yet in the manifest), `before_manifest_rename`
 (new manifest written to its temporary file), `after_manifest` (manifest lists the
-shard), and `worker_load` (a DataLoader worker decoding an image).
+shard), and `worker_load` (a DataLoader worker decoding an image). `export-features`
+meets `export_split` (a split's files written in its temporary folder) and
+`export_rename` (every file written and fsynced, before the folder's rename).
 Under torchrun, `FEATURECACHE_FAULT_RANK=<rank>` limits the fault to that rank.
 `FEATURECACHE_FAULT_PAUSE="<point>:<seconds>"` instead sleeps at every pass of a point,
 so that a test can signal a run from outside at a known stage even on a loaded machine.

@@ -69,7 +69,9 @@ class Journal:
         monkeypatch.setattr(os, "replace", replace)
 
     def published(self) -> set[str]:
-        """Final paths written correctly: temp file fsynced, renamed, then its folder fsynced."""
+        """Final paths written correctly: temp file fsynced, renamed, then its folder fsynced. A
+        temporary folder renamed into place (export-features) publishes every file under it
+        that was fsynced before the rename."""
         done = set()
         for i, (kind, src, dst) in enumerate(self.events):
             if kind != "replace":
@@ -78,6 +80,8 @@ class Journal:
             assert ("fsync", src, "") in self.events[:i], f"{dst} was renamed before its data was fsynced"
             assert ("fsync", str(Path(dst).parent), "") in self.events[i + 1:], f"{dst}: folder never fsynced"
             done.add(dst)
+            done.update(dst + path[len(src):] for kind, path, _ in self.events[:i]
+                        if kind == "fsync" and path.startswith(src + os.sep))
         return done
 
 

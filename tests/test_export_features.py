@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import featurecache
 from featurecache import open_cache
 from featurecache.cli import app
 from helpers import flip_feature_byte, stderr_lines
+from processes import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -137,3 +139,41 @@ def test_a_failed_export_leaves_nothing_behind(cache, tmp_path):
         result = CliRunner().invoke(app, ["export-features", str(cache.path), "-o", str(out)])
         assert result.exit_code == 1 and "fails its checksum" in result.stderr, result.output
         assert not (tmp_path / "new").exists() and list(empty.iterdir()) == []
+
+
+def _files(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("fault, given_empty", [("export_split:1", False), ("export_split:2", True),
+                                                ("export_rename:1", False)])
+def test_a_killed_export_leaves_no_output_and_the_next_one_completes(cache, tmp_path, fault, given_empty):
+    """SIGKILLed after the first split, after the second, and with every file written and fsynced
+    just before the rename: the old export left a half-written folder, which the next export
+    refused ('not an empty folder'). Now -o is absent (or still the empty folder it was given),
+    the killed run's hidden temporary folder is all that is left, and the rerun removes it and
+    writes the same bytes as an uninterrupted export."""
+    out = tmp_path / "new" / "features"
+    if given_empty:
+        out.mkdir(parents=True)
+    arguments = ["export-features", str(cache.path), "-o", str(out)]
+    assert run_cli(arguments, tmp_path / "killed.log", fault=fault) == -signal.SIGKILL
+    assert list(out.iterdir()) == [] if given_empty else not out.exists()
+    leftovers = [p.name for p in out.parent.iterdir() if p != out]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".features.tmp-"), leftovers
+    assert run_cli(arguments, tmp_path / "rerun.log") == 0, (tmp_path / "rerun.log").read_text()
+    assert [p.name for p in out.parent.iterdir()] == ["features"]  # the leftover is gone
+    reference = featurecache.export_features(cache, tmp_path / "reference")
+    assert _files(out) == _files(reference) and "train/features.npy" in _files(out)
+
+
+def test_the_temporary_folder_of_a_running_export_is_left_alone(cache, tmp_path):
+    """Only a dead writer's temporary folder is removed: one whose pid is alive (here this
+    process's own, as for an export running beside it) may still be filled and renamed."""
+    import os
+
+    live = tmp_path / f".features.tmp-{os.getpid()}-0123abcd"
+    (live / "train").mkdir(parents=True)
+    featurecache.export_features(cache, tmp_path / "features")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "c") == [live.name, "features"]
+    assert (live / "train").is_dir()

@@ -9,19 +9,26 @@ into its own temporary file and finishes through `publish`), weights, heads, fin
 outputs, exports and reports all go through here; no other module renames or fsyncs
 (tests/test_atomic.py checks the source).
 
+A folder written as a whole (`export-features -o DIR`) is filled under a temporary name
+beside it (`atomic_folder`), every file and folder in it fsynced, then renamed into
+place: a killed writer leaves only its hidden temporary folder, which the next write of
+the same folder removes.
+
 A failed write (full disk, read-only file system, permission) becomes one
 `StorageError` naming the file, and leaves nothing under the final name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import json
 import os
+import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import StorageError
@@ -81,6 +88,26 @@ def _owner_alive(name: str) -> bool:
     return True
 
 
+def _dead_leftovers(directory: Path, wanted: Callable[[Path], bool]) -> list[Path]:
+    """The temporaries in `directory` (those `wanted`) whose writer died, by the pid in their
+    name, or that are older than a day (the pid was reused)."""
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return []
+    dead = []
+    for entry in entries:
+        if not is_temporary(entry.name) or not wanted(entry):
+            continue
+        try:
+            old = time.time() - entry.stat().st_mtime > STALE_SECONDS
+        except OSError:
+            continue
+        if old or not _owner_alive(entry.name):
+            dead.append(entry)
+    return dead
+
+
 def remove_stale_temporaries(directory: Path, names: tuple[str, ...] | None = None) -> list[str]:
     """Delete temporary files in `directory` left by writers that died; returns their names.
 
@@ -88,24 +115,21 @@ def remove_stale_temporaries(directory: Path, names: tuple[str, ...] | None = No
     featurecache's own, such as the folder of `export -o`). A file whose writer (by the
     pid in its name) is still running is left alone, unless it is older than a day (the
     pid was reused)."""
-    removed = []
-    try:
-        entries = list(directory.iterdir())
-    except OSError:
-        return removed
-    for file in entries:
-        if not is_temporary(file.name) or not file.is_file():
-            continue
-        if names is not None and not any(file.name.startswith(f".{name}.tmp-") for name in names):
-            continue
-        try:
-            old = time.time() - file.stat().st_mtime > STALE_SECONDS
-        except OSError:
-            continue
-        if old or not _owner_alive(file.name):
-            file.unlink(missing_ok=True)
-            removed.append(file.name)
-    return removed
+    dead = _dead_leftovers(directory, lambda file: file.is_file() and (
+        names is None or any(file.name.startswith(f".{name}.tmp-") for name in names)))
+    for file in dead:
+        file.unlink(missing_ok=True)
+    return [file.name for file in dead]
+
+
+def remove_stale_folders(directory: Path, name: str) -> list[str]:
+    """Delete the temporary folders of the folder `name` in `directory` that writers which died
+    left (`atomic_folder`); returns their names. As for files: a live writer's is left alone."""
+    dead = _dead_leftovers(directory, lambda folder: folder.name.startswith(f".{name}.tmp-")
+                           and not folder.is_symlink() and folder.is_dir())
+    for folder in dead:
+        shutil.rmtree(folder, ignore_errors=True)
+    return [folder.name for folder in dead]
 
 
 def fsync_directory(directory: Path) -> None:
@@ -130,6 +154,34 @@ def publish(tmp: Path, path: Path, fault: str | None = None) -> None:
         fault_point(fault)
     os.replace(tmp, path)
     fsync_directory(path.parent)
+
+
+def publish_folder(tmp: Path, path: Path, fault: str | None = None) -> None:
+    """fsync every file and folder under the temporary folder `tmp`, rename it over `path` (absent,
+    or an empty folder), then fsync the parent folder."""
+    for folder, _, files in os.walk(tmp, topdown=False):
+        for name in files:
+            fsync_file(Path(folder) / name)
+        fsync_directory(Path(folder))
+    publish(tmp, path, fault)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path, what: str, fault: str | None = None) -> Iterator[Path]:
+    """Write the folder `path` complete or not at all: yields a new temporary folder beside it
+    to fill, which is published over `path` (absent, or an empty folder) when the block ends
+    well, and removed when it fails. The temporary folders of writers that died are removed
+    first. A failed write (OSError, in the block too) becomes one StorageError naming `path`."""
+    remove_stale_folders(path.parent, path.name)
+    tmp = temporary_path(path)
+    try:
+        os.mkdir(tmp)
+        yield tmp
+        publish_folder(tmp, path, fault)
+    except OSError as error:
+        raise storage_error(error, path, what) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing there once published
 
 
 @functools.cache

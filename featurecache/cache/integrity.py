@@ -17,11 +17,13 @@ the same folder and reported by `featurecache verify`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import xxhash
@@ -90,25 +92,60 @@ def prepare_output_file(output: Path, what: str, example: str, *, overwrite: boo
                         entry_file: bool = False) -> None:
     """Check `-o` before any work: `_check_path`, then refuse a folder where a file is wanted, an
     existing file unless `overwrite` (one typo could replace an image), and a folder that cannot
-    be written; make the file's folder."""
+    be written. Missing folders are made only with the result (`output_parents`): a command that
+    fails leaves none behind."""
     _check_path(output, example, entry_file)
     if output.is_dir():
         raise UsageError(f"-o {output} is a folder; give a file name such as {example}")
     if output.exists() and not overwrite:
         raise UsageError(f"-o {output} exists; pass --overwrite to replace it, or choose another name")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise storage_error(error, output.parent, what) from None
-    if not os.access(output.parent, os.W_OK | os.X_OK):
+    _check_writable(output, what)
+
+
+def _check_writable(output: Path, what: str) -> None:
+    """Refuse `output` when its folder, or the nearest existing one above it (where the missing
+    ones would be made), cannot be written. Nothing is made here: `output_parents` makes them."""
+    existing = next((folder for folder in (output.parent, *output.parent.parents) if folder.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
         raise storage_error(OSError(errno.EACCES, "permission denied"), output.parent, what)
 
 
-def prepare_output_folder(output: Path, example: str) -> None:
-    """Check a folder `-o` before any work: `_check_path`, then refuse a file or a folder that is not empty."""
+def prepare_output_folder(output: Path, example: str, what: str) -> None:
+    """Check a folder `-o` before any work: `_check_path`, then refuse a file, a folder that is not
+    empty, the current folder (the folder is written whole, then renamed into place) and a
+    place that cannot be written."""
     _check_path(output, example)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UsageError(f"{output} exists and is not an empty folder; choose a new one")
+    if output.exists() and output.resolve() == Path.cwd().resolve():
+        raise UsageError(f"-o {output} is the folder you are in, which the output replaces once complete; "
+                         f"give a new folder such as {example}")
+    _check_writable(output, what)
+
+
+@contextlib.contextmanager
+def output_parents(output: Path, what: str) -> Iterator[None]:
+    """Make the missing folders above `output` for the write in the block; remove them again
+    when it fails, so that a failed command leaves no empty folder behind."""
+    missing = []
+    folder = output.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    try:
+        try:
+            for folder in reversed(missing):
+                folder.mkdir(exist_ok=True)
+        except OSError as error:
+            raise storage_error(error, output.parent, what) from None
+        yield
+    except BaseException:
+        for folder in missing:  # the deepest first; one no longer empty stops it
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 def tensors_digest(tensors: dict) -> str:

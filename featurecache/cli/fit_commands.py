@@ -235,6 +235,7 @@ def predict_command(
         results, n_classes = predict(predictor, list(paths), top_k=top_k), len(predictor.classes)
     if output is not None:
         from ..cache.atomic import write_atomic
+        from ..cache.integrity import output_parents
 
         columns = min(top_k, n_classes)  # also when no image got a prediction: scripts expect the columns
 
@@ -247,7 +248,8 @@ def predict_command(
                     cells = [c for cls, p in r.top for c in (cls, f"{p:.6f}")]
                     writer.writerow([r.path] + cells + [""] * (2 * columns - len(cells)) + [r.error])
 
-        write_atomic(Path(output), write_csv, "the predictions")
+        with output_parents(Path(output), "the predictions' folder"):  # made only now that there is a result
+            write_atomic(Path(output), write_csv, "the predictions")
         console.print(f"wrote {len(results)} predictions to {output}", markup=False, highlight=False)
     else:
         table = Table("path", "prediction", "probability", "runners-up")

@@ -30,7 +30,7 @@ from ..cache.schema import CROSS_ENSEMBLE
 from ..fit.cross_ensemble import cross_split_probabilities
 from ..fit.headstore import cross_member_changes, list_heads, load_head, read_record
 from ..cache.atomic import remove_stale_temporaries, write_bytes_atomic
-from ..cache.integrity import prepare_output_file, read_sealed_json
+from ..cache.integrity import output_parents, prepare_output_file, read_sealed_json
 from ..cache.layout import FINETUNE_DIR, FINETUNE_RECORD, HEAD_FILE, HEADS_DIR, REPORT_DIR, REPORT_FILE
 from ..cache.store import Cache, open_cache
 
@@ -444,17 +444,19 @@ def write_page(output: Path, *, heading: str, title: str, subtitle: str, section
 
     `subtitle`, `sections` and `meta` are HTML already; `figure_names`: every figure the page
     can have (temporaries a dead writer left of any of them are removed)."""
-    remove_stale_temporaries(output.parent, (output.name, *(figure_path(output, name).name for name in figure_names)))
-    paths = []
-    for name, png in figures.items():
-        path = figure_path(output, name)
-        write_bytes_atomic(path, png, f"the {what} figure")
-        paths.append(path)
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8>{meta}"
             f'<meta name=viewport content="width=device-width,initial-scale=1"><title>{_e(heading)}: {_e(title)}'
             f"</title><style>{CSS}</style></head><body><main><h1>{_e(heading)}</h1>"
             f"<p class=sub>{subtitle}</p>" + "".join(sections) + "</main></body></html>\n")
-    write_bytes_atomic(output, page.encode("utf-8"), f"the {what}")
+    paths = []
+    with output_parents(output, f"the {what}'s folder"):  # made only now that there is a page to write
+        remove_stale_temporaries(output.parent, (output.name, *(figure_path(output, name).name
+                                                                for name in figure_names)))
+        for name, png in figures.items():
+            path = figure_path(output, name)
+            write_bytes_atomic(path, png, f"the {what} figure")
+            paths.append(path)
+        write_bytes_atomic(output, page.encode("utf-8"), f"the {what}")
     return paths
 
 

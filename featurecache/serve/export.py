@@ -21,7 +21,7 @@ from torch import nn
 from .. import __version__
 from ..errors import HeadError, StorageError
 from ..cache.atomic import remove_stale_temporaries, write_atomic
-from ..cache.integrity import prepare_output_file
+from ..cache.integrity import output_parents, prepare_output_file
 from .predict import CrossPredictor, Predictor
 
 METADATA_FILE = "featurecache.json"
@@ -89,10 +89,11 @@ def export_model(predictor: Predictor, output: str | Path, *, provenance: dict |
             warnings.simplefilter("ignore", FutureWarning)
             torch.jit.save(model, str(tmp), _extra_files={METADATA_FILE: json.dumps(metadata)})
 
-    remove_stale_temporaries(output.parent, (output.name,))
-    try:
-        write_atomic(output, write, "the exported model")
-    except RuntimeError as error:  # torch.jit.save reports a failed write (disk full) as a RuntimeError
-        raise StorageError(f"cannot write the exported model {output}: {str(error).splitlines()[0][:200]}; "
-                           "nothing was written under that name") from None
+    with output_parents(output, "the export folder"):  # made only now, removed again if the write fails
+        remove_stale_temporaries(output.parent, (output.name,))
+        try:
+            write_atomic(output, write, "the exported model")
+        except RuntimeError as error:  # torch.jit.save reports a failed write (disk full) as a RuntimeError
+            raise StorageError(f"cannot write the exported model {output}: {str(error).splitlines()[0][:200]}; "
+                               "nothing was written under that name") from None
     return output

@@ -12,26 +12,27 @@
   `Array2D`..`Array5D` of the tap's shape), `label` (a `ClassLabel` with the cache's
   class names; -1 in an unlabeled split), `index`, `path`; plus the same `dataset.json`.
 
-Features are written in the cache's storage dtype, bit for bit.
+Features are written in the cache's storage dtype, bit for bit. The folder appears whole
+or not at all (see `export_features`).
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UsageError
-from ..cache.atomic import write_atomic, write_json_atomic
-from ..cache.integrity import prepare_output_folder
+from ..faults import fault_point
+from ..cache.atomic import atomic_folder, json_text
+from ..cache.integrity import output_parents, prepare_output_folder
 from ..cache.store import Cache
 
 FORMATS = ("npy", "parquet", "hf")
 
 
 def _save_npy(path: Path, values: np.ndarray) -> None:
-    with open(path, "wb") as handle:  # a handle: np.save would add ".npy" to the temporary name
+    with open(path, "wb") as handle:
         np.save(handle, values, allow_pickle=False)
 
 
@@ -43,11 +44,27 @@ def _describe(cache: Cache, tap: str) -> dict:
 
 def export_features(cache: Cache | str | Path, output: str | Path, *, format: str = "npy", tap: str = "pool",
                     splits: list[str] | None = None) -> Path:
-    """Write `cache`'s features of `tap` (every split, or `splits`) under `output`; returns it."""
+    """Write `cache`'s features of `tap` (every split, or `splits`) under `output`; returns it.
+
+    The folder appears complete or not at all: it is written under a temporary name beside it
+    and renamed into place once every file is fsynced (a killed export leaves only that hidden
+    folder, which the next export to the same place removes). Missing folders above it are made
+    only then, and removed again if the export fails."""
     from ..cache.store import open_cache
 
     cache = cache if isinstance(cache, Cache) else open_cache(cache)
     output = Path(output)
+    chosen = _check_request(cache, format, tap, splits)
+    prepare_output_folder(output, "features/", "the export")
+    library = _format_library(format)
+    final = output.resolve() if output.is_symlink() else output  # a link to an empty folder: fill its target
+    with output_parents(final, "the export's folder"), atomic_folder(final, "the export", "export_rename") as tmp:
+        _write_export(cache, tap, chosen, format, library, tmp)
+    return output
+
+
+def _check_request(cache: Cache, format: str, tap: str, splits: list[str] | None) -> list[str]:
+    """The splits to write, once the format, the tap and the splits are known good."""
     if format not in FORMATS:
         raise UsageError(f"unknown --format {format!r}; use one of {', '.join(FORMATS)}")
     if tap not in cache.tap_shapes:
@@ -58,59 +75,47 @@ def export_features(cache: Cache | str | Path, output: str | Path, *, format: st
             raise UsageError(f"split {split!r} is not in {cache.path.name}; it has: {', '.join(cache.splits)}")
         if split in chosen[:i]:
             raise UsageError(f"--split {split} is given twice; name each split once")
-    prepare_output_folder(output, "features/")
+    return chosen
+
+
+def _format_library(format: str):
+    """The module the format writes with: pyarrow (its parquet imported), datasets, or None for npy."""
     if format == "parquet":
         try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+            import pyarrow
+            import pyarrow.parquet  # noqa: F401 (pyarrow.parquet.write_table)
         except ImportError:
             raise UsageError("--format parquet needs pyarrow: pip install pyarrow") from None
+        return pyarrow
     if format == "hf":
         try:
             import datasets
         except ImportError:
             raise UsageError('--format hf needs datasets: pip install "featurecache[hf]"') from None
-    created = not output.exists()
-    output.mkdir(parents=True, exist_ok=True)
-    try:
-        description = _describe(cache, tap)
-        if format == "hf":
-            _save_hf(datasets, cache, tap, chosen, output)
-        for split in chosen if format != "hf" else []:
-            arrays = cache.arrays(split, tap)
-            if format == "npy":
-                folder = output / split
-                folder.mkdir()
-                for name, values in arrays.items():
-                    write_atomic(folder / f"{name}.npy", lambda tmp, values=values: _save_npy(tmp, values),
-                                 "the export")
-            elif format == "parquet":
-                flat = arrays["features"].reshape(len(arrays["features"]), -1)
-                width = flat.shape[1]
-                features = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), width)
-                table = pa.table({"features": features, "label": arrays["labels"], "index": arrays["index"],
-                                  "path": arrays["paths"].tolist()})
-                write_atomic(output / f"{split}.parquet", lambda tmp, table=table: pq.write_table(table, str(tmp)),
-                             "the export")
-        # (hf: beside dataset_dict.json, which is all load_from_disk reads)
-        write_json_atomic(output / "dataset.json", {**description, "format": format, "exported_splits": chosen},
-                          "the export's description")
-    except BaseException:  # a damaged shard, a full disk, Ctrl-C: no half-written export is left behind
-        if created:
-            shutil.rmtree(output, ignore_errors=True)
-        else:
-            _empty(output)
-        raise
-    return output
+        return datasets
+    return None
 
 
-def _empty(folder: Path) -> None:
-    """Remove what the export wrote into a folder that was empty before it."""
-    for child in folder.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
+def _write_export(cache: Cache, tap: str, chosen: list[str], format: str, library, folder: Path) -> None:
+    """Every file of the export, into the (temporary) `folder`."""
+    if format == "hf":
+        _save_hf(library, cache, tap, chosen, folder)  # (dataset.json beside dataset_dict.json, all load_from_disk reads)
+    for split in chosen if format != "hf" else []:
+        arrays = cache.arrays(split, tap)
+        if format == "npy":
+            (folder / split).mkdir()
+            for name, values in arrays.items():
+                _save_npy(folder / split / f"{name}.npy", values)
         else:
-            child.unlink(missing_ok=True)
+            pa = library
+            flat = arrays["features"].reshape(len(arrays["features"]), -1)
+            features = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+            table = pa.table({"features": features, "label": arrays["labels"], "index": arrays["index"],
+                              "path": arrays["paths"].tolist()})
+            pa.parquet.write_table(table, str(folder / f"{split}.parquet"))
+        fault_point("export_split")
+    description = {**_describe(cache, tap), "format": format, "exported_splits": chosen}
+    (folder / "dataset.json").write_text(json_text(description), encoding="utf-8")
 
 
 def _save_hf(datasets, cache: Cache, tap: str, splits: list[str], output: Path) -> None:
