@@ -211,7 +211,10 @@ def test_killed_dataloader_worker_fails_cleanly(kill_data, references, tmp_path)
     log = (tmp_path / "worker.log").read_text()
     assert code == 1 and "error: a data-loading worker died" in log, log
     assert "Traceback" not in log and time.monotonic() - started < 60
-    check_after_kill(entry_of(root))
+    entries = [p for p in root.iterdir() if p.is_dir() and p.name != "_weights"]
+    # an entry is left only if a shard was stored before the worker died (a failed run that stored
+    # no row leaves none; which it is depends on the writer thread's timing)
+    assert all(check_after_kill(entry) > 0 for entry in entries), entries
     assert run_cli(cli_args(kill_data, root, 0), tmp_path / "rerun.log") == 0
     assert_same(entry_of(root), references[0])
 

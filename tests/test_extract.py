@@ -216,6 +216,7 @@ def test_too_many_consecutive_failures_abort(tmp_path, tiny_spec):
         (tmp_path / "bad" / "a" / f"{i}.jpg").write_bytes(b"junk")
     with pytest.raises(ExtractionError, match="in a row"):
         extract(tiny_spec(tmp_path / "bad", max_consecutive_failures=5, allow_layout=True))  # one class
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["_weights"]  # no entry of 0 rows is left
 
 
 def test_dataloader_workers_give_the_same_features(image_folder, tiny_spec):

@@ -3,7 +3,9 @@
 Only rows the entry lacks are computed: a rerun with the same inputs is a cache hit,
 new or changed files are added incrementally, removed files drop out, and a run that
 died resumes after its last committed shard. The manifest is the commit marker: it is
-rewritten atomically after every shard, and only shards it lists count.
+rewritten atomically after every shard, and only shards it lists count. A run that
+stores no row (no image could be read, or it failed first) leaves the cache as it found
+it: no 0-row entry, no empty folder.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +26,8 @@ from ..backbones.registry import StagedBackbone, build_network, get_backbone, st
 from .distributed import Group, join_group
 from ..device import resolve_precision
 from .engine import default_workers, run_backbone
-from ..errors import CacheNotFoundError, CorruptCacheError, ExtractionError, UnreadableImageError, UsageError
+from ..errors import (CacheNotFoundError, CorruptCacheError, ExtractionError, FeatureCacheError, SourceError,
+                      UnreadableImageError, UsageError)
 from ..faults import fault_point
 from ..options import COMPRESSIONS, CROP_MODES, DECODES, DTYPES, ON_ERROR, choices
 from ..cache.atomic import storage_error
@@ -32,7 +36,7 @@ from .plan import Plan, make_plan
 from .writer import ShardPipeline
 from ..data.sources import FileSource, open_source
 from ..cache.layout import MANIFEST, SHARDS_DIR, WEIGHTS_DIR, weights_file
-from ..cache.manifest import new_manifest
+from ..cache.manifest import new_manifest, write_manifest
 from ..cache.views import check_view_count, parse_policy
 from ..cache.coverage import untaught_classes_of
 from ..cache.store import (content_key, default_root, entry_dir_name, entry_id, entry_lock, open_cache,
@@ -232,8 +236,8 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
         fault_point("after_lock")
         previous = read_manifest(path) if group.leader and (path / MANIFEST).exists() else None
         damaged_checkpoint = bool(previous) and group.leader and not _checkpoint_intact(root, previous)
-        hit = (previous and previous.get("complete") and previous["key"] == key and _shards_present(path, previous)
-               and not damaged_checkpoint)
+        hit = (previous and previous.get("complete") and previous["key"] == key and _holds_rows(previous)
+               and _shards_present(path, previous) and not damaged_checkpoint)
         plan = None if hit or not group.leader else make_plan(path, previous, source, spec.shard_size,
                                                               entry_id=entry_hash)
         hit, plan = group.share_plan(key, previous if hit else None, plan, source)
@@ -265,21 +269,27 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
             taps={t: tap_shape(entry, t, preprocessing.crop_size) for t in taps},
             created=(previous or {}).get("created"), unlabeled_splits=list(source.unlabeled_splits),
             fingerprints="content" if spec.content_hash else source.fingerprint_kind, class_ids=source.class_ids)
-        if group.leader:
-            store_weights(root / WEIGHTS_DIR, entry.name, weights)
-        plan = group.assign(plan)  # this rank's shards: all of them outside torchrun
-        pipeline = ShardPipeline(path, manifest, plan, spec, publish=group.leader)
-        pipeline.carry_over()
-        computed = 0
-        if plan.shards:
-            computed = _compute(model_factory(), source, plan, pipeline, spec, taps, device, precision,
-                                preprocessing, workers, progress)
-        computed = group.collect(pipeline, computed)  # waits for every rank; rank 0 lists their shards
-        final = group.share(pipeline.finish())
+        pipeline = None
+        try:
+            if group.leader:
+                store_weights(root / WEIGHTS_DIR, entry.name, weights)
+            plan = group.assign(plan)  # this rank's shards: all of them outside torchrun
+            pipeline = ShardPipeline(path, manifest, plan, spec, publish=group.leader)
+            pipeline.carry_over()
+            computed = 0
+            if plan.shards:
+                computed = _compute(model_factory(), source, plan, pipeline, spec, taps, device, precision,
+                                    preprocessing, workers, progress)
+            computed = group.collect(pipeline, computed)  # waits for every rank; rank 0 lists their shards
+            if group.share(group.leader and not _holds_rows(pipeline.manifest)):
+                raise _nothing_readable(spec.source, pipeline.manifest["skipped"])
+            final = group.share(pipeline.finish())
+        except BaseException:
+            if group.leader:
+                _leave_as_found(path, previous, pipeline and pipeline.manifest)
+            raise
         if group.leader:
             pipeline.remove_unreferenced()
-    if not any(final["splits"].values()):
-        raise ExtractionError(f"no image in {spec.source} could be read; see the skipped list in {path / MANIFEST}")
     notes = [f"restored the backbone checkpoint {root / WEIGHTS_DIR / weights_file(weights.sha256)} "
              "(it was missing or damaged)"] if damaged_checkpoint else []
     result = ExtractResult(path, key, False, final["splits"], computed, final["skipped"], time.perf_counter() - started,
@@ -300,6 +310,33 @@ def _with_views(result: ExtractResult, manifest: dict, spec: ExtractSpec, source
                                 model_factory=model_factory, taps=taps, device=device, precision=precision,
                                 preprocessing=preprocessing, workers=workers, progress=progress)
     return result
+
+
+def _holds_rows(manifest: dict) -> bool:
+    return any(record["rows"] for record in manifest.get("shards", []))
+
+
+def _nothing_readable(source: str, skipped: list[dict]) -> SourceError:
+    shown = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
+    more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+    return SourceError(f"no image of {source} could be read ({len(skipped)} tried: {shown}{more}), so nothing was "
+                       "cached; check that it is the dataset you meant, and replace or remove the unreadable files")
+
+
+def _leave_as_found(path: Path, previous: dict | None, manifest: dict | None) -> None:
+    """After a failed run that stored no row (`manifest`: the run's own, None before it began):
+    the previous manifest back when it listed rows, else no entry at all, so that neither a
+    0-row entry nor an empty folder is left. An entry holding rows or a shard file is kept."""
+    if manifest is not None and _holds_rows(manifest):
+        return  # an ordinary interrupted run: the next one resumes it
+    try:
+        if previous is not None and _holds_rows(previous):
+            if manifest is not None:  # this run rewrote the manifest
+                write_manifest(path, previous)
+        elif not any((path / SHARDS_DIR).glob("*.h5")):
+            shutil.rmtree(path)
+    except (OSError, FeatureCacheError) as error:
+        log.warning("could not leave %s as it was: %s", path, error)
 
 
 def _checkpoint_intact(root: Path, manifest: dict) -> bool:
