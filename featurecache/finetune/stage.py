@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,18 +171,31 @@ def _missing_tap_message(cache: Cache, spec: FinetuneSpec, tap: str | None) -> s
                 f"{cache.manifest['config']['arch']} can store (a ResNet's stem output is not; a timm model other "
                 "than a ViT, ConvNeXt, EfficientNet or ResNet runs its features as one stage, so no tap holds a "
                 "block's input); unfreeze fewer blocks, or drop --from-cache")
-    made = cache.manifest["spec"]
-    command = f"featurecache extract {made['source']} --model {made['model']} --weights {made['weights']}"
-    if made.get("seed"):
-        command += f" --seed {made['seed']}"
-    if made.get("image_size"):
-        command += f" --image-size {made['image_size']}"
-    for option in ("dtype", "precision"):
-        command += f" --{option} {made[option]}"
-    command += " " + " ".join(f"--tap {t}" for t in dict.fromkeys([*cache.taps, tap]))
+    command = _extract_command(cache, [*cache.taps, tap])
     return (f"--from-cache with --unfreeze {spec.unfreeze} trains from the activations of tap {tap}, which "
             f"{cache.path.name} lacks (it has {', '.join(cache.taps)}); run: {command}, then fit-head and "
             "finetune that entry, or drop --from-cache")
+
+
+def _extract_command(cache: Cache, taps: list[str]) -> str:
+    """The extract command that makes `cache`'s entry again with `taps`, in its own cache root,
+    ready to paste into a shell."""
+    from ..cache.store import default_root
+
+    made = cache.manifest["spec"]
+    words = ["featurecache", "extract", made["source"], "--model", made["model"], "--weights", made["weights"]]
+    for option in ("seed", "image_size", "crop_mode", "name"):
+        if made.get(option):
+            words += [f"--{option.replace('_', '-')}", str(made[option])]
+    if made.get("decode", "pil") != "pil":
+        words += ["--decode", made["decode"]]
+    words += [flag for flag, on in (("--draft", made.get("draft")), ("--content-hash", made.get("content_hash")),
+                                    ("--allow-layout", made.get("allow_layout"))) if on]
+    words += [word for split in made.get("unlabeled") or () for word in ("--unlabeled", split)]
+    words += ["--dtype", made["dtype"], "--precision", made["precision"]]
+    if cache.path.parent.resolve() != default_root().resolve():  # else it would land in the default root
+        words += ["--root", str(cache.path.parent)]
+    return shlex.join(words + [word for t in dict.fromkeys(taps) for word in ("--tap", t)])
 
 
 def model_preprocessing(cache: Cache) -> Preprocessing:
