@@ -94,6 +94,56 @@ def test_after_a_finetune(cache, tmp_path):
     assert 'alt="learning curves"' in html
 
 
+def test_an_unfinished_finetune_run_is_marked_where_its_numbers_are(cache, tmp_path, monkeypatch):
+    """A run stopped after 1 of 2 epochs was listed like a finished one (epochs 1, its best val
+    top-1 as its score) with only "no (resumable)" at the row's end: its row, epochs, score and
+    curve now say unfinished, and a warning under the table gives the command that finishes it."""
+    import html as escape
+    import json
+    import re
+
+    from featurecache.finetune.stage import FinetuneSpec, finetune
+    from featurecache.report import plots
+
+    labels = []
+    drawn = plots.learning_curves
+    monkeypatch.setattr(plots, "learning_curves", lambda curves: labels.append([c["label"] for c in curves])
+                        or drawn(curves))
+    fit_head(cache, FitSpec(head="logistic"))
+    spec = FinetuneSpec(head="logistic", unfreeze="layer4", epochs=2, from_cache=True, batch_size=5, workers=0,
+                        name="half")
+
+    def stop(event):
+        if event["phase"] == "train" and event["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cache, spec, progress=stop)
+
+    def row_and_warnings():
+        page = _build(cache, tmp_path, worst=0, overwrite=True)[1]
+        row = re.search(r"<tr><td>half[^<]*</td>.*?</tr>", page).group(0)
+        return re.findall(r"<td[^>]*>(.*?)</td>", row), re.findall(r"<p class=warn>(.*?)</p>", page)
+
+    record = json.loads((cache.path / "finetune" / "half" / "finetune.json").read_text())
+    before, best = (f"{100 * v:.1f}" for v in (record["history"][0]["val_top1"], record["best_val_top1"]))
+    cells, warnings = row_and_warnings()
+    assert cells == ["half (unfinished)", "logistic", "layer4 (2 blocks)", "cached activations", "1 of 2", before,
+                     f"{best} so far", "–", "no (resumable)"]
+    command = f"featurecache finetune {cache.path} --name half --head logistic --unfreeze layer4 --epochs 2 " \
+              "--batch-size 5 --from-cache"
+    assert warnings[1:] == [escape.escape(  # the first: random weights
+        f"finetune run 'half' is unfinished (1 of 2 epochs); rerun the finetune command to finish it: {command}; "
+        "until then its numbers are those of its best epoch so far, not a result.")]
+    assert labels[-1] == ["finetune half (unfinished)"]
+
+    record = finetune(cache, spec).record  # finished: shown as a result, nothing said
+    cells, warnings = row_and_warnings()
+    assert cells == ["half", "logistic", "layer4 (2 blocks)", "cached activations", "2", before,
+                     f"{100 * record['best_val_top1']:.1f}", f"{100 * record['test_metrics']['top1']:.1f}", "yes"]
+    assert len(warnings) == 1 and labels[-1] == ["finetune half"]
+
+
 def test_cli_report_command(cache, tmp_path):
     result = runner.invoke(app, ["report", str(cache.path), "--worst", "0"])
     assert result.exit_code == 0, result.output

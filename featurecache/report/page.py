@@ -251,6 +251,17 @@ def _blocks(names: list[str]) -> str:
     return f"{' + '.join(stages)} ({len(names)} blocks)" if names else "–"
 
 
+def _finetune_row(run: dict, warning: str | None) -> list:
+    """A finetune run's row; an unfinished one (stopped, or running) says so where its numbers are."""
+    done = run.get("epochs_done", "–")
+    return [run["name"] + (" (unfinished)" if warning else ""), run.get("starting_head", "–"),
+            _blocks(run.get("trainable_blocks", [])), run.get("path", "–"),
+            f"{done} of {(run.get('spec') or {}).get('epochs')}" if warning else done,
+            _pct(run.get("history", [{}])[0].get("val_top1")), _pct(run.get("best_val_top1"))
+            + (" so far" if warning else ""), _pct((run.get("test_metrics") or {}).get("top1")),
+            "no (resumable)" if warning else "yes"]
+
+
 def _pct(value) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
@@ -337,13 +348,14 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
         sections.append(f"<p>No head fitted yet. Fit one with <code>featurecache fit-head {_e(cache.path.name)} "
                         "--head logistic</code> and build the report again.</p>")
     if runs:
-        rows = [[r["name"], r.get("starting_head", "–"), _blocks(r.get("trainable_blocks", [])),
-                 r.get("path", "–"), r.get("epochs_done", "–"), _pct(r.get("history", [{}])[0].get("val_top1")),
-                 _pct(r.get("best_val_top1")), _pct((r.get("test_metrics") or {}).get("top1")),
-                 "yes" if r.get("complete") else "no (resumable)"] for r in runs]
+        from ..finetune.runs import unfinished
+
+        warnings = [unfinished(cache, r) for r in runs]  # None for a finished run
         sections.append("<h3>Finetune runs</h3>" + _table(
             ["run", "from head", "unfrozen", "trained on", "epochs", "val top-1 % before", "best val top-1 %",
-             "test top-1 %", "complete"], rows, {4, 5, 6, 7}))
+             "test top-1 %", "complete"], [_finetune_row(r, w) for r, w in zip(runs, warnings)], {4, 5, 6, 7}))
+        sections += [f"<p class=warn>{_e(warning)}; until then its numbers are those of its best epoch so far, "
+                     "not a result.</p>" for warning in warnings if warning]
 
     # The chosen head
     sections.append("<h2 id=head>Where the best head goes wrong</h2>")
@@ -391,7 +403,8 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
     sections.append("<h2 id=curves>Learning curves</h2>")
     curves = [{"label": f"mlp {name}", "history": read_record(cache, name)["config"].get("history_") or []}
               for name in (r["name"] for r in board if r["head"] == "mlp")]
-    curves += [{"label": f"finetune {r['name']}", "history": r.get("history", [])} for r in runs]
+    curves += [{"label": f"finetune {r['name']}" + ("" if r.get("complete") else " (unfinished)"),
+                "history": r.get("history", [])} for r in runs]
     curves = [c for c in curves if c["history"]]
     if curves:
         figures["curves"] = plots.learning_curves(curves)
