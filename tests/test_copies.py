@@ -12,7 +12,7 @@ from featurecache.data import copies
 from featurecache.data.copies import copy_records, copy_warnings, find_copies, merge_records
 from featurecache.data.sources import Sample
 
-from helpers import write_image
+from helpers import stderr_lines, write_image, write_photo_folder
 
 
 def _listing(root: Path, layout: dict[str, list[tuple[str, int]]]) -> list[Sample]:
@@ -36,8 +36,8 @@ def test_copies_across_splits_and_classes_are_found_by_content(tmp_path):
                                   "test": [("cat", 2), ("cat", 4), ("dog", 3), ("dog", 5)]})
     found = find_copies(samples, lambda s: tmp_path / s.path)
     # train/dog/3 copies train/cat/0 (another class); test/cat/0 and test/dog/2 copy train images
-    assert _pairs(found) == [("test/cat/0.png", "train/cat/1.png"), ("test/dog/2.png", "train/dog/2.png"),
-                             ("train/dog/3.png", "train/cat/0.png")]
+    assert _pairs(found) == [("train/dog/3.png", "train/cat/0.png"), ("test/cat/0.png", "train/cat/1.png"),
+                             ("test/dog/2.png", "train/dog/2.png")]  # in listing order
     warnings = copy_warnings(copy_records(found, ["cat", "dog"]))
     assert warnings == [
         "2 test image(s) are byte-identical copies of train images (test/cat/0.png = train/cat/1.png, "
@@ -119,3 +119,102 @@ def test_an_earlier_runs_records_are_kept_only_while_both_images_are_unchanged()
     # test/b: its original was read again (and found no longer alike); test/c: read again, a new pair;
     # test/gone: no longer listed; test/a once
     assert merged == [record("test/a", "train/a"), record("test/c", "train/a")]
+
+
+def _extract(runner, root: Path, cache_root: Path):
+    from featurecache.cli import app
+
+    return runner.invoke(app, ["extract", str(root), "--weights", "random", "--model", "resnet18", "--image-size",
+                               "32", "--workers", "0", "--root", str(cache_root)])
+
+
+def _warnings(result) -> list[str]:
+    return [line for line in stderr_lines(result) if line.startswith("warning:")]
+
+
+def test_extract_fit_head_and_the_report_say_which_images_are_copies(tmp_path):
+    """A test image copied from train is scored on what the head learnt; nothing said so."""
+    from typer.testing import CliRunner
+
+    from featurecache import open_cache
+    from featurecache.cli import app
+    from featurecache.fit.headstore import read_record
+
+    runner = CliRunner()
+    root = write_photo_folder(tmp_path / "d", (("train", 3), ("test", 2)))
+    shutil.copy(root / "train/ants/ants_0.png", root / "test/ants/copy.png")
+    shutil.copy(root / "train/bees/bees_1.png", root / "train/ants/relabelled.png")
+    cache_root = tmp_path / "cache"
+    across = ("warning: 1 test image(s) are byte-identical copies of train images (test/ants/copy.png = "
+              "train/ants/ants_0.png): they are scored on images a head was fitted on, so test figures read high; "
+              "remove the copies from one split")
+    relabelled = ("warning: 1 train image(s) are byte-identical copies of train images under another class "
+                  "(train/bees/bees_1.png = train/ants/relabelled.png; e.g. bees and ants): one label of each pair is "
+                  "wrong; remove or relabel the copies")
+    first = _extract(runner, root, cache_root)
+    assert first.exit_code == 0, first.output
+    assert _warnings(first) == [across, relabelled]
+    entry = next(p for p in cache_root.iterdir() if p.name != "_weights")
+    assert [(c["path"], c["original"]) for c in open_cache(entry).manifest["copies"]] == [
+        ("train/bees/bees_1.png", "train/ants/relabelled.png"), ("test/ants/copy.png", "train/ants/ants_0.png")]
+    again = _extract(runner, root, cache_root)
+    assert "cache hit" in again.stdout and _warnings(again) == [across, relabelled]  # said again on a hit
+    fitted = runner.invoke(app, ["fit-head", str(entry), "--head", "knn"])
+    assert fitted.exit_code == 0, fitted.output
+    assert _warnings(fitted) == [across, relabelled]
+    assert read_record(open_cache(entry), "knn")["notes"] == [across[9:], relabelled[9:]]
+    report = runner.invoke(app, ["report", str(entry)])
+    assert report.exit_code == 0, report.output
+    page = (entry / "report" / "report.html").read_text()
+    assert "test/ants/copy.png = train/ants/ants_0.png" in page and "one label of each pair is wrong" in page
+    # the copies removed: the next run computes nothing new, reads no file again, and says nothing
+    (root / "test/ants/copy.png").unlink()
+    (root / "train/ants/relabelled.png").unlink()
+    cleaned = _extract(runner, root, cache_root)
+    assert cleaned.exit_code == 0 and _warnings(cleaned) == []
+    assert open_cache(entry).manifest["copies"] == []
+
+
+def test_a_copy_added_later_is_found_and_the_earlier_ones_kept(tmp_path):
+    from typer.testing import CliRunner
+
+    from featurecache import open_cache
+
+    runner = CliRunner()
+    root = write_photo_folder(tmp_path / "d", (("train", 3), ("test", 2)))
+    shutil.copy(root / "train/ants/ants_0.png", root / "test/ants/copy.png")
+    cache_root = tmp_path / "cache"
+    assert _extract(runner, root, cache_root).exit_code == 0
+    shutil.copy(root / "train/bees/bees_2.png", root / "test/bees/later.png")
+    added = _extract(runner, root, cache_root)
+    assert added.exit_code == 0, added.output
+    assert _warnings(added)[0].startswith("warning: 2 test image(s) are byte-identical copies of train images "
+                                          "(test/ants/copy.png = train/ants/ants_0.png, test/bees/later.png = "
+                                          "train/bees/bees_2.png)")
+    entry = next(p for p in cache_root.iterdir() if p.name != "_weights")
+    assert [c["path"] for c in open_cache(entry).manifest["copies"]] == ["test/ants/copy.png", "test/bees/later.png"]
+
+
+def test_every_kind_of_source_is_compared(tmp_path):
+    """Arrays are compared by their pixels, torchvision datasets and path lists by their files."""
+    import numpy as np
+    import torchvision
+
+    from featurecache.data.python_objects import from_python
+
+    rng = np.random.default_rng(0)
+    train, labels = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), np.array([0, 1, 0, 1])
+    test = np.stack([train[1], rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)])
+    arrays = from_python({"train": (train, labels), "test": (test, np.array([1, 0]))})
+    assert _pairs(find_copies(arrays.samples, arrays.content)) == [(arrays.samples[4].path, arrays.samples[1].path)]
+
+    root = write_photo_folder(tmp_path / "d", (("train", 2), ("test", 1)))
+    shutil.copy(root / "train/bees/bees_1.png", root / "test/bees/copy.png")
+    parts = {split: torchvision.datasets.ImageFolder(str(root / split)) for split in ("train", "test")}
+    folders = from_python(parts)
+    assert _pairs(find_copies(folders.samples, folders.content)) == [("test/bees/copy.png", "train/bees/bees_1.png")]
+    listed = from_python([(str(root / "train/bees/bees_1.png"), "bees", "train"),
+                          (str(root / "train/ants/ants_0.png"), "ants", "train"),
+                          (str(root / "test/bees/copy.png"), "bees", "test")])
+    assert [(p.copy.split, p.original.split) for p in find_copies(listed.samples, listed.content)] == [
+        ("test", "train")]

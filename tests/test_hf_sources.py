@@ -313,3 +313,15 @@ def test_datasets_is_offline_while_featurecache_reads_and_restored_after(tmp_pat
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     assert open_source(f"hf:{tmp_path / 'pq'}").split_counts() == {"train": 9}
     assert seen == [True] and datasets.config.HF_HUB_OFFLINE is False
+
+
+@pytest.mark.parametrize("embed", [True, False])
+def test_copies_across_splits_are_found_in_bytes_and_in_files(tmp_path, embed):
+    from featurecache.data.copies import find_copies
+
+    rows = _folder(tmp_path)
+    rows["val"][1] = rows["train"][3]  # a val row that is a train image
+    source = from_huggingface({"train": _dataset(rows["train"], embed=embed), "val": _dataset(rows["val"],
+                                                                                              embed=embed)})
+    found = [(pair.copy.split, pair.original.split) for pair in find_copies(source.samples, source.content)]
+    assert found == [("val", "train")]

@@ -37,7 +37,7 @@ def _now() -> str:
 def new_manifest(*, tool_version: str, entry_id: str, key: str, config: dict, weights_spec: str,
                  weights_description: str, weights_sha256: str, spec: dict, classes: list[str], dtype: str,
                  taps: dict[str, list[int]], created: str | None, unlabeled_splits: list[str], fingerprints: str,
-                 class_ids: list[str] | None = None) -> dict:
+                 class_ids: list[str] | None = None, copies: list[dict] = ()) -> dict:
     """The manifest of an extraction that has not written a shard yet (`created`: keep an earlier run's)."""
     manifest = {
         "format_version": FORMAT_VERSION, "tool_version": tool_version, "entry_id": entry_id, "key": key,
@@ -51,6 +51,7 @@ def new_manifest(*, tool_version: str, entry_id: str, key: str, config: dict, we
         # Rows of these splits carry label -1: cached, never fitted or scored (predict --split reads them).
         "unlabeled_splits": list(unlabeled_splits),
         "fingerprints": fingerprints,
+        "copies": list(copies),  # byte-identical images across splits or classes (data/copies.py)
     }
     if class_ids:
         manifest["class_ids"] = list(class_ids)

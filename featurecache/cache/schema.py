@@ -85,6 +85,17 @@ class SkipRecord(Record):
     fingerprint: str
 
 
+class CopyRecord(Record):
+    """An image whose bytes are another's, in another split or under another class."""
+
+    path: str
+    split: SplitName
+    label: str  # its class name; "" when unlabelled
+    original: str
+    original_split: SplitName
+    original_label: str
+
+
 class WeightsRecord(Record):
     spec: str
     description: str
@@ -172,6 +183,7 @@ class Manifest(Record):
     shards: list[ShardRecord]
     skipped: list[SkipRecord]
     splits: dict[SplitName, Count]
+    copies: list[CopyRecord] = []  # byte-identical images across splits or classes (data/copies.py)
     updated: str | None = None
     checksum: Checksum | None = None
 

@@ -79,7 +79,9 @@ def find_copies(samples: Iterable[Sample], content_of: Callable[[Sample], Conten
     one `new` sample (rows already checked when they were computed are not read again).
     The original of a pair is the first of its bytes in listing order (train before val and test)."""
     by_size: dict[int, list[tuple[Sample, Content]]] = defaultdict(list)
+    position: dict[tuple[str, str], int] = {}  # listing order (a sample's index may count per split)
     for sample in samples:
+        position[(sample.split, sample.path)] = len(position)
         content = content_of(sample)
         size = None if content is None else _size(content)
         if size is not None:
@@ -94,11 +96,11 @@ def find_copies(samples: Iterable[Sample], content_of: Callable[[Sample], Conten
         for bucket in alike:
             if not any(new(sample) for sample, _ in bucket):
                 continue
-            ordered = sorted((sample for sample, _ in bucket), key=lambda s: s.index)
+            ordered = sorted((sample for sample, _ in bucket), key=lambda s: position[(s.split, s.path)])
             original = ordered[0]
             pairs += [CopyPair(original, sample) for sample in ordered[1:]
                       if (sample.split, sample.label) != (original.split, original.label)]
-    return sorted(pairs, key=lambda pair: (pair.copy.split, pair.copy.index))
+    return sorted(pairs, key=lambda pair: position[(pair.copy.split, pair.copy.path)])
 
 
 def copy_records(pairs: list[CopyPair], classes: list[str]) -> list[dict]:
@@ -112,13 +114,16 @@ def copy_records(pairs: list[CopyPair], classes: list[str]) -> list[dict]:
 
 def merge_records(previous: list[dict], fresh: list[dict], current: Iterable[Sample],
                   new: Callable[[Sample], bool]) -> list[dict]:
-    """An earlier run's records whose two images are still listed and were not read again
-    (unchanged), then this run's."""
+    """This run's records and an earlier run's whose two images are still listed and were not
+    read again (unchanged), in listing order."""
+    current = list(current)
+    position = {(sample.split, sample.path): i for i, sample in enumerate(current)}
     unchanged = {(sample.split, sample.path) for sample in current if not new(sample)}
     kept = [r for r in previous
             if (r["split"], r["path"]) in unchanged and (r["original_split"], r["original"]) in unchanged]
     seen = {(r["split"], r["path"]) for r in fresh}
-    return fresh + [r for r in kept if (r["split"], r["path"]) not in seen]
+    merged = fresh + [r for r in kept if (r["split"], r["path"]) not in seen]
+    return sorted(merged, key=lambda r: position[(r["split"], r["path"])])
 
 
 def copy_warnings(records: list[dict]) -> list[str]:

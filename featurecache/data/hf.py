@@ -277,6 +277,14 @@ class HfSource(Source):
             return load_rgb(file)
         return load_rgb_bytes(data, sample.path)
 
+    def content(self, sample: Sample) -> Path | bytes | None:
+        split, i = self._position[sample.path]
+        value = self.parts[split][i][self.image_column]
+        data, file = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+        if isinstance(data, bytes):
+            return data
+        return Path(file) if isinstance(file, str) and file else None
+
 
 # ----------------------------------------------------------------------------- from Python
 

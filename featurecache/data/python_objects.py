@@ -236,6 +236,13 @@ class DatasetSource(Source):
             return load_rgb(Path(files[i]))
         return _to_image(self._read(split, i)[0])
 
+    def content(self, sample: Sample) -> Path | bytes | None:
+        split, i = self._position[sample.path]
+        files, pixels = self._files[split], self._pixels[split]
+        if files:
+            return Path(files[i])
+        return None if pixels is None else np.ascontiguousarray(pixels[i]).tobytes()
+
 
 def _own_names(dataset, labels: list[int]) -> dict[int, str] | None:
     """{label: class name} as this dataset (one split) names its own labels, or None."""
@@ -330,6 +337,9 @@ class PathListSource(Source):
 
     def load(self, sample: Sample) -> Image.Image:
         return load_rgb(Path(self.base) / sample.path)
+
+    def content(self, sample: Sample) -> Path:
+        return Path(self.base) / sample.path
 
 
 def _arrays_source(name: str, parts: Mapping[str, object], classes: list[str] | None) -> ArraySource:

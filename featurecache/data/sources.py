@@ -17,10 +17,8 @@ row whenever its fingerprint is unchanged, which makes extraction incremental.
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +105,10 @@ class Source:
     def load(self, sample: Sample) -> Image.Image:
         raise NotImplementedError
 
+    def content(self, sample: Sample) -> Path | bytes | None:
+        """The image's file or bytes, for finding copies (data/copies.py); None: not comparable."""
+        return None
+
     def split_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for sample in self.samples:
@@ -124,6 +126,9 @@ class FileSource(Source):
             raise ImageDecodeError("file name is not valid UTF-8; rename it to include it",
                                    printable_path(sample.path))
         return load_rgb(Path(self.root) / sample.path, draft_size=self.draft_size)
+
+    def content(self, sample: Sample) -> Path:
+        return Path(self.root) / sample.path
 
 
 def _file_fingerprint(path: Path, relpath: str, class_name: str, split: str, content_hash: bool) -> str:
@@ -332,6 +337,9 @@ class ArraySource(Source):
     def load(self, sample: Sample) -> Image.Image:
         return decode_array(self.images[self._position[sample.path]], max_value=self.max_value)
 
+    def content(self, sample: Sample) -> bytes:
+        return np.ascontiguousarray(self.images[self._position[sample.path]]).tobytes()
+
 
 def digits_source() -> ArraySource:
     """scikit-learn's 1,797 real 8x8 handwritten digits, split 60/20/20 with a fixed seed."""
@@ -350,88 +358,8 @@ def digits_source() -> ArraySource:
                        data.images.astype(np.float32), data.target, splits, max_value=16.0)
 
 
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """CIFAR's batches are pickles; allow only what a dict of numpy arrays needs."""
-
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refused to load {module}.{name}")
-        return super().find_class(module, name)
-
-
-def _load_batch(path: Path) -> dict:
-    try:
-        with open(path, "rb") as handle:
-            data = _ArrayOnlyUnpickler(io.BytesIO(handle.read()), encoding="latin1").load()
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as error:
-        raise SourceError(f"cannot read CIFAR batch {path}: {error}") from None
-    return {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
-
-
 CIFAR_VARIANTS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python",
-                  "cifar100-coarse": "cifar-100-python"}
-
-
-def _text(value: object) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def cifar_base(root: Path, variant: str) -> Path:
-    folder = CIFAR_VARIANTS[variant]
-    return root if (root / ("batches.meta" if variant == "cifar10" else "meta")).exists() else root / folder
-
-
-def cifar_source(root: Path, variant: str) -> ArraySource:
-    """CIFAR-10 or CIFAR-100 (fine or coarse labels) from the python batches under `root`.
-
-    Never downloaded. Rows are named by the batches' own `filenames` and indexed by their
-    position in their split (train 0..49,999, test 0..9,999); class names are decoded
-    whether the pickles hold them as bytes or str.
-    """
-    folder = CIFAR_VARIANTS[variant]
-    base = cifar_base(root, variant)
-    if variant == "cifar10":
-        parts, meta, names_key, labels_key = ([f"data_batch_{i}" for i in range(1, 6)], "test_batch"), "batches.meta", "label_names", "labels"
-    else:
-        fine = variant == "cifar100"
-        parts, meta = (["train"], "test"), "meta"
-        names_key, labels_key = ("fine_label_names", "fine_labels") if fine else ("coarse_label_names", "coarse_labels")
-    if not (base / meta).exists():
-        raise SourceError(
-            f"{variant} not found under {root} (expected {folder}/ with the python batches: "
-            f"{', '.join([*parts[0], parts[1], meta])}); download it on a connected machine and pass "
-            f"{variant}:/path/to/its/parent"
-        )
-    classes = [_text(n) for n in _load_batch(base / meta)[names_key]]
-    images, labels, splits, names, indices = [], [], [], [], []
-    for split, files in (("train", parts[0]), ("test", [parts[1]])):
-        position = 0
-        for file in files:
-            if not (base / file).exists():
-                raise SourceError(f"{variant} under {root} is incomplete: {base / file} is missing (expected "
-                                  f"{folder}/ with {', '.join([*parts[0], parts[1], meta])})")
-            batch = _load_batch(base / file)
-            if "data" not in batch or labels_key not in batch:
-                raise SourceError(f"CIFAR batch {base / file} has no {'data' if 'data' not in batch else labels_key}")
-            data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-            own = [_text(n) for n in batch.get("filenames", [])]
-            images.append(data)
-            labels += list(batch[labels_key])
-            splits += [split] * len(data)
-            for i in range(len(data)):
-                names.append(f"{split}/{own[i]}" if len(own) == len(data) else f"{split}/{position + i:05d}")
-                indices.append(position + i)
-            position += len(data)
-    if len(set(names)) != len(names):  # filenames not unique: fall back to positions
-        names = [f"{split}/{index:05d}" for split, index in zip(splits, indices)]
-    source = ArraySource(variant, str(base.resolve()), classes, np.concatenate(images), np.asarray(labels), splits,
-                         names=names, indices=indices)
-    source.identity_extra = {"rows": "filenames, per-split index"}
-    return source
+                  "cifar100-coarse": "cifar-100-python"}  # read by data/cifar.py
 
 
 def open_source(spec: str, *, content_hash: bool = False, allow_layout: bool = False,
@@ -450,6 +378,8 @@ def open_source(spec: str, *, content_hash: bool = False, allow_layout: bool = F
     if unlabeled and (prefix in CIFAR_VARIANTS or prefix == "digits"):
         raise SourceError("--unlabeled applies to an image folder with split folders")
     if prefix in CIFAR_VARIANTS and rest:
+        from .cifar import cifar_source
+
         return cifar_source(Path(rest).expanduser(), prefix)
     if prefix == "hf":
         if unlabeled:

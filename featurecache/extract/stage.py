@@ -39,6 +39,7 @@ from ..cache.layout import MANIFEST, SHARDS_DIR, WEIGHTS_DIR, weights_file
 from ..cache.manifest import new_manifest, write_manifest
 from ..cache.views import check_view_count, parse_policy
 from ..cache.coverage import untaught_classes_of
+from ..data.copies import copy_records, copy_warnings, find_copies, merge_records
 from ..cache.store import (content_key, default_root, entry_dir_name, entry_id, entry_lock, open_cache,
                     read_manifest, shard_size_problem)
 from ..backbones.weights import read_checkpoint, resolve_weights, store_weights
@@ -262,13 +263,15 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
             lock.close()  # views take the lock themselves
             return _with_views(result, hit, spec, source, model_factory, taps, device, precision, preprocessing,
                                workers, progress)
+        copies = _copies(source, plan, previous) if group.leader else []
         manifest = new_manifest(
             tool_version=__version__, entry_id=entry_hash, key=key, config=config, weights_spec=spec.weights,
             weights_description=weights.description, weights_sha256=weights.sha256, spec=dataclasses.asdict(spec),
             classes=source.classes, dtype=spec.dtype,
             taps={t: tap_shape(entry, t, preprocessing.crop_size) for t in taps},
             created=(previous or {}).get("created"), unlabeled_splits=list(source.unlabeled_splits),
-            fingerprints="content" if spec.content_hash else source.fingerprint_kind, class_ids=source.class_ids)
+            fingerprints="content" if spec.content_hash else source.fingerprint_kind, class_ids=source.class_ids,
+            copies=copies)
         pipeline = None
         try:
             if group.leader:
@@ -298,10 +301,22 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
                        progress)
 
 
+def _copies(source, plan, previous: dict | None) -> list[dict]:
+    """The manifest's `copies`: byte-identical images across splits or classes, read again only
+    where a group of alike files holds a row this run computes; an earlier run's still hold."""
+    fresh = {sample.fingerprint for sample in plan.to_compute}
+
+    def new(sample) -> bool:
+        return sample.fingerprint in fresh
+
+    found = copy_records(find_copies(source.samples, source.content, new), source.classes)
+    return merge_records((previous or {}).get("copies") or [], found, source.samples, new)
+
+
 def _with_views(result: ExtractResult, manifest: dict, spec: ExtractSpec, source, model_factory, taps, device,
                 precision, preprocessing, workers, progress) -> ExtractResult:
     """The plain entry is complete: say what it cannot teach, then add the views asked for."""
-    result.warnings = untaught_classes_of(open_cache(result.path))
+    result.warnings = untaught_classes_of(open_cache(result.path)) + copy_warnings(manifest.get("copies") or [])
     if not spec.views:
         return result
     from .views import extend_views

@@ -25,6 +25,7 @@ from ..heads.registry import EnsembleHead, Head, SklearnHead, make_head, streami
 from .headstore import leaderboard  # noqa: F401  (public as featurecache.fit.leaderboard too)
 from ..heads.metrics import classification_metrics
 from ..cache.coverage import untaught_classes_of
+from ..data.copies import copy_warnings
 from ..cache.store import Cache, open_cache
 from ..cache.streaming import available_memory, in_memory_bytes, streamed_probabilities
 from ..heads.streaming import StreamedData
@@ -230,7 +231,7 @@ def fit_head(cache: Cache | str | Path, spec: FitSpec) -> FitResult:
                         f"--tap {cache.taps[0]}, or extract again with --tap {spec.tap}")
     started = time.perf_counter()
     streaming = _needs_streaming(cache, spec)
-    notes = untaught_classes_of(cache)
+    notes = untaught_classes_of(cache) + copy_warnings(cache.manifest.get("copies") or [])
     augmenting = spec.views is not None or any(spec.params.get(p) for p in ("feature_noise", "feature_mixup"))
     if streaming and augmenting:
         raise HeadError("views and feature-space augmentation need the features in memory; raise --max-memory")

@@ -33,6 +33,8 @@ from ..cache.atomic import remove_stale_temporaries, write_bytes_atomic
 from ..cache.integrity import output_parents, prepare_output_file, read_sealed_json
 from ..cache.layout import FINETUNE_DIR, FINETUNE_RECORD, HEAD_FILE, HEADS_DIR, REPORT_DIR, REPORT_FILE
 from ..cache.store import Cache, open_cache
+from ..cache.coverage import untaught_classes_of
+from ..data.copies import copy_warnings
 
 log = logging.getLogger("featurecache")
 
@@ -300,6 +302,10 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
     if manifest["weights"]["description"].startswith("random"):
         sections.append("<p class=warn><b>Random weights.</b> This backbone was not pretrained, so these "
                         "figures are a random-feature baseline; with ImageNet weights expect far better ones.</p>")
+    data_warnings = untaught_classes_of(cache) + copy_warnings(manifest.get("copies") or [])
+    if data_warnings:  # the figures below are read in their light
+        sections.append("<div class=warn><b>Before reading the figures:</b><ul>"
+                        + "".join(f"<li>{_e(w)}</li>" for w in data_warnings) + "</ul></div>")
     # The dataset
     counts = _class_counts(cache)
     splits = list(counts)
