@@ -660,6 +660,13 @@ MUTATIONS = [
     Mutation("report-unfinished-curve-unmarked", "report/page.py", '("" if r.get("complete") else " (unfinished)")', '""',
              ("tests/test_report.py::test_an_unfinished_finetune_run_is_marked_where_its_numbers_are",),
              "an unfinished run's learning curve is labelled unfinished"),
+    Mutation("verify-deletes-live-temporaries", "maintain/verify.py",
+             "file.is_file() and (folder in locked or abandoned(file)):", "file.is_file():",
+             ("tests/test_verify.py::test_a_running_writers_temporary_files_are_left_alone",),
+             "verify --repair leaves a running writer's temporary files alone"),
+    Mutation("repair-keeps-emptied-head-folder", "maintain/verify.py", "                    folder.rmdir()",
+             "                    pass", ("tests/test_verify.py::test_a_running_writers_temporary_files_are_left_alone",),
+             "repair removes a head folder a killed first fit left empty"),
 ]
 
 

@@ -296,3 +296,34 @@ def test_an_unfinished_finetune_run_is_a_warning_with_the_command_that_finishes_
     (entry / "finetune" / "early").rmdir()
     result = runner.invoke(app, ["verify", str(entry)])
     assert (result.exit_code, result.stderr) == (0, "") and result.stdout.rstrip().endswith("checked; ok")
+
+
+def test_a_running_writers_temporary_files_are_left_alone(damaged):
+    """fit-head, finetune and report write without the entry lock (and other entries' extract into
+    _weights/): verify --repair deleted their temporary files under their feet, and their renames
+    failed. A dead writer's are still reported and removed."""
+    import subprocess
+    import sys
+
+    _, entry = damaged(lambda entry: None)
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = [entry / "heads" / "knn" / f".head.safetensors.tmp-{writer.pid}-0123abcd",
+                 entry / "report" / f".report.html.tmp-{writer.pid}-0123abcd",
+                 entry.parent / "_weights" / f".x.safetensors.tmp-{writer.pid}-0123abcd"]
+        for name in names:
+            name.parent.mkdir(parents=True, exist_ok=True)
+            name.write_bytes(b"being written")
+        repaired = runner.invoke(app, ["verify", str(entry), "--repair"])
+        assert repaired.exit_code == 0, repaired.output
+        assert all(name.read_bytes() == b"being written" for name in names)
+        assert verify_entry(entry).ok
+    finally:
+        writer.kill()
+        writer.wait()
+    report = verify_entry(entry)  # the writer died: what it left is a leftover
+    assert sorted(p.file for p in report.problems) == [
+        "../_weights/" + names[2].name, f"heads/knn/{names[0].name}", f"report/{names[1].name}"]
+    repaired = runner.invoke(app, ["verify", str(entry), "--repair"])
+    assert repaired.exit_code == 0, repaired.output
+    assert not any(name.exists() for name in names) and verify_entry(entry).ok

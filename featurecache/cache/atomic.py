@@ -88,24 +88,24 @@ def _owner_alive(name: str) -> bool:
     return True
 
 
+def abandoned(temporary: Path) -> bool:
+    """Whether a temporary file or folder was left by a writer that died (by the pid in its
+    name), or is older than a day (the pid was reused); False while its writer runs, or once
+    it is gone."""
+    try:
+        old = time.time() - temporary.stat().st_mtime > STALE_SECONDS
+    except OSError:
+        return False
+    return old or not _owner_alive(temporary.name)
+
+
 def _dead_leftovers(directory: Path, wanted: Callable[[Path], bool]) -> list[Path]:
-    """The temporaries in `directory` (those `wanted`) whose writer died, by the pid in their
-    name, or that are older than a day (the pid was reused)."""
+    """The temporaries in `directory` (those `wanted`) that were `abandoned`."""
     try:
         entries = list(directory.iterdir())
     except OSError:
         return []
-    dead = []
-    for entry in entries:
-        if not is_temporary(entry.name) or not wanted(entry):
-            continue
-        try:
-            old = time.time() - entry.stat().st_mtime > STALE_SECONDS
-        except OSError:
-            continue
-        if old or not _owner_alive(entry.name):
-            dead.append(entry)
-    return dead
+    return [entry for entry in entries if is_temporary(entry.name) and wanted(entry) and abandoned(entry)]
 
 
 def remove_stale_temporaries(directory: Path, names: tuple[str, ...] | None = None) -> list[str]:

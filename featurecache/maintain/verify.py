@@ -23,14 +23,16 @@ recomputed without refitting it; the report says so.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import CacheIncompleteError, CorruptCacheError, FeatureCacheError, InvalidRecordError, MismatchError
-from ..cache.atomic import is_temporary, write_json_atomic
+from ..cache.atomic import abandoned, is_temporary, write_json_atomic
 from ..cache.layout import (FINETUNE_DIR, FINETUNE_RECORD, FOLDERS_WITH_TEMPORARIES, HEAD_FILE, HEAD_JSON, HEADS_DIR,
                             MANIFEST, SHARDS_DIR, WEIGHTS_DIR, shard_file, weights_file)
 from ..cache.integrity import read_safetensors, read_sealed_json
@@ -200,23 +202,19 @@ def _check_finetune_runs(report: VerifyReport, cache: Cache) -> None:
 
 
 def _temporaries(report: VerifyReport) -> None:
-    """Temporary files of killed writers, in every folder featurecache writes to."""
-    folders = [report.path / name for name in FOLDERS_WITH_TEMPORARIES]
-    for parent in (HEADS_DIR, FINETUNE_DIR):
-        if (report.path / parent).is_dir():
-            folders += sorted(p for p in (report.path / parent).iterdir() if p.is_dir())
-    for folder in folders:
+    """Temporary files of killed writers, in every folder featurecache writes to. A running
+    writer's (fit-head, finetune, another entry's extract into _weights/: the entry lock
+    does not stop them) is not damage, and --repair must not delete it under its feet."""
+    locked = [report.path, report.path / SHARDS_DIR]  # written only under the entry lock verify holds
+    unlocked = [report.path / name for name in FOLDERS_WITH_TEMPORARIES if name not in (".", SHARDS_DIR)]
+    unlocked += [p for parent in (HEADS_DIR, FINETUNE_DIR) if (report.path / parent).is_dir()
+                 for p in sorted((report.path / parent).iterdir()) if p.is_dir()]
+    for folder in [*locked, *unlocked, report.path.parent / WEIGHTS_DIR]:
         for file in sorted(folder.iterdir()) if folder.is_dir() else []:
-            if is_temporary(file.name) and file.is_file():
-                relative = file.relative_to(report.path).as_posix()
+            if is_temporary(file.name) and file.is_file() and (folder in locked or abandoned(file)):
+                relative = Path(os.path.relpath(file, report.path)).as_posix()  # ../_weights/ for the checkpoints
                 report.problems.append(Problem(relative, "temporary file left by an interrupted run"))
                 report.stray_files.append(relative)
-    weights = report.path.parent / WEIGHTS_DIR
-    for file in sorted(weights.iterdir()) if weights.is_dir() else []:
-        if is_temporary(file.name) and file.is_file():
-            relative = f"../{WEIGHTS_DIR}/{file.name}"
-            report.problems.append(Problem(relative, "temporary file left by an interrupted run"))
-            report.stray_files.append(relative)
 
 
 def verify_entry(name: str | Path, *, root: Path | None = None, lock_timeout: float = 10.0) -> VerifyReport:
@@ -404,6 +402,10 @@ def repair_entry(name: str | Path, *, root: Path | None = None, progress=None) -
         for relative in before.stray_files:
             (path / relative).unlink(missing_ok=True)
             log.info("removed %s", relative)
+            folder = (path / relative).parent
+            if folder.parent.name in (HEADS_DIR, FINETUNE_DIR) and folder.parent.parent == path:
+                with contextlib.suppress(OSError):  # a killed first fit's folder, now empty
+                    folder.rmdir()
         for relative, record in before.head_copies.items():
             write_json_atomic(path / relative, record, "the head's copy")
             log.info("wrote %s again from the head's sealed record", relative)
