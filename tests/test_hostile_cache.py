@@ -799,6 +799,11 @@ def test_per_class_chart_draws_what_it_says_and_keeps_labels(tmp_path):
     (["--head", "sklearn:ensemble.RandomForestClassifier", "--param", "n_estimators=2"], "cannot be saved"),
     (["--val-fraction", "1.5"], "val-fraction"),
     (["--val-fraction", "0"], "val-fraction"),
+    # refit as a parameter refitted on train + val while the record said val was never trained on
+    (["--head", "logistic", "--param", "refit=true"], "refit is not a head parameter: pass --refit"),
+    (["--head", "logistic", "--refit", "--param", "refit=false"], "refit is not a head parameter"),  # a traceback
+    (["--head", "logistic", "--param", "n_classes=3"], "n_classes is not a head parameter"),  # ignored, recorded
+    (["--head", "logistic", "--param", "C=1", "--param", "C=2"], "--param C is given twice"),  # the last won
 ])
 def test_bad_head_parameters_are_one_error_line(arguments, fragment, entry):
     assert_error(cli("fit-head", entry, "--name", "bad", *arguments), 2, fragment)

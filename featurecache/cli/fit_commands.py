@@ -22,6 +22,8 @@ def _parse_params(values: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise UsageError(f"--param {item!r} is not key=value (e.g. --param C=0.1 or --param hidden_sizes=[256])")
+        if key in params:  # the last would win without a word
+            raise UsageError(f"--param {key} is given twice; give each parameter once (a grid: --param {key}=[a,b])")
         try:
             params[key] = json.loads(raw)
         except json.JSONDecodeError:

@@ -198,6 +198,11 @@ def check_fit_spec(spec: FitSpec) -> None:
     """Refuse bad settings before any work: types, ranges, the name, the head's parameters."""
     if not isinstance(spec.params, dict):
         raise HeadError(f"head parameters must be a table of name = value, got {spec.params!r}")
+    if "refit" in spec.params:  # the record would say validation was never trained on
+        raise HeadError("refit is not a head parameter: pass --refit (in a pipeline, refit = true beside params), "
+                        "so the head's record says its validation rows were trained on")
+    if "n_classes" in spec.params:
+        raise HeadError("n_classes is not a head parameter: the classes are the cache's")
     if spec.val_fraction is not None and not (isinstance(spec.val_fraction, (int, float))
                                               and not isinstance(spec.val_fraction, bool)
                                               and 0 < spec.val_fraction < 1):
