@@ -4,9 +4,32 @@ from __future__ import annotations
 
 import numpy as np
 
-from featurecache.errors import MismatchError
+from featurecache.errors import HeadError, MismatchError
 
 _EPSILON = 1e-12
+DISTRIBUTION_TOL = 1e-3  # |sum - 1| allowed: float32 softmax over 1,000 classes sums within about 1e-5
+
+
+def not_distributions(probabilities: np.ndarray) -> np.ndarray:
+    """Which rows are not probability distributions: NaN or inf, negative, or not summing to 1."""
+    finite = np.isfinite(probabilities).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        sums = probabilities.sum(axis=1, dtype=np.float64)
+        bad = (probabilities < 0).any(axis=1) | (np.abs(sums - 1.0) > DISTRIBUTION_TOL)
+    return ~finite | bad
+
+
+def _check_distributions(probabilities: np.ndarray, where: str) -> None:
+    """Scores of rows that are not distributions would be argmax's guesses (NaN ranks class 0
+    first): refuse them, as predict refuses to rank such a row."""
+    bad = np.flatnonzero(not_distributions(probabilities))
+    if bad.size:
+        row = probabilities[bad[0]]
+        what = ("NaN or inf" if not np.isfinite(row).all()
+                else f"probabilities summing to {float(row.sum(dtype=np.float64)):.4g}")
+        raise HeadError(f"the head gives no probability distribution for {bad.size} of {len(probabilities)} {where} "
+                        f"(row {bad[0]}: {what}), so its scores would be guesses: it diverged or a parameter breaks "
+                        "it (a tiny knn temperature, a huge mlp lr); change the parameters and fit it again")
 
 
 def _check(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -37,12 +60,13 @@ def log_loss(probabilities: np.ndarray, labels: np.ndarray) -> float:
 
 
 def classification_metrics(
-    probabilities: np.ndarray, labels: np.ndarray, class_names: list[str]
+    probabilities: np.ndarray, labels: np.ndarray, class_names: list[str], where: str = "rows"
 ) -> dict:
     """Top-1 (and top-5 when there are at least 5 classes), per-class accuracy,
     confusion matrix (rows: true class, columns: predicted), log-loss and count."""
     probabilities, labels = _check(probabilities, labels)
     n, n_classes = probabilities.shape
+    _check_distributions(probabilities, where)
     if len(class_names) != n_classes:
         raise MismatchError(f"{len(class_names)} class names for {n_classes} probability columns")
     predicted = probabilities.argmax(axis=1)

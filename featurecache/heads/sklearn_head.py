@@ -186,9 +186,15 @@ class SklearnHead(Head):
         expected = self._probabilities(standardized, int(seen.max()) + 1)[:, seen]
         return bool(np.allclose(_softmax(logits), expected, atol=1e-5))
 
+    def _standardized(self, X: np.ndarray) -> np.ndarray:
+        # float64: scikit-learn computes in the input's precision, and GaussianNB's joint
+        # log-likelihood (about -3e18 on standardised features) cancelled in float32 into
+        # "probabilities" summing to 2-5
+        return (np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_
+
     def _fit(self, X, y, X_val, y_val, n_classes: int) -> None:
         self.mean_, self.scale_ = (statistic.numpy() for statistic in standardization(X))
-        standardized = (X - self.mean_) / self.scale_
+        standardized = self._standardized(X)
         self.estimator_ = self._new_estimator()
         try:
             self.estimator_.fit(standardized, y)
@@ -198,7 +204,7 @@ class SklearnHead(Head):
 
     def _predict_proba(self, X: np.ndarray) -> np.ndarray:
         try:
-            return self._probabilities((X - self.mean_) / self.scale_, len(self.classes_))
+            return self._probabilities(self._standardized(X), len(self.classes_))
         except (TypeError, ValueError, AttributeError, IndexError) as error:
             # e.g. QuadraticDiscriminantAnalysis saved and loaded: its lists of arrays come
             # back as nested lists (fit-head's check_saveable refuses it only when its probe fits)
