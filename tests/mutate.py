@@ -667,6 +667,21 @@ MUTATIONS = [
     Mutation("repair-keeps-emptied-head-folder", "maintain/verify.py", "                    folder.rmdir()",
              "                    pass", ("tests/test_verify.py::test_a_running_writers_temporary_files_are_left_alone",),
              "repair removes a head folder a killed first fit left empty"),
+    # Stop 29: a reviewer's silent wrong answers in fit-head.
+    Mutation("non-distributions-scored", "heads/metrics.py", "    _check_distributions(probabilities, where)",
+             "    pass", ("tests/test_metrics.py", "tests/test_hostile_cache.py", "-k",
+                         "not_distributions or bad_head_parameters"),
+             "a head whose probabilities are NaN or not distributions is refused, not scored as class 0"),
+    Mutation("sklearn-float32", "heads/sklearn_head.py",
+             "return (np.asarray(X, dtype=np.float64) - self.mean_) / self.scale_",
+             "return (X - self.mean_) / self.scale_", ("tests/test_heads.py", "-k", "float64"),
+             "scikit-learn heads compute in float64 (GaussianNB's probabilities summed to 5 in float32)"),
+    Mutation("refit-as-param", "fit/stage.py", '    if "refit" in spec.params:  # the record', "    if False:  # the record",
+             ("tests/test_hostile_cache.py", "-k", "bad_head_parameters"),
+             "refit as a head parameter is refused (its record said val was never trained on)"),
+    Mutation("param-twice-last-wins", "cli/fit_commands.py", "        if key in params:  # the last would win without a word",
+             "        if False:  # the last would win without a word",
+             ("tests/test_hostile_cache.py", "-k", "bad_head_parameters"), "a --param given twice is refused"),
 ]
 
 

@@ -474,3 +474,22 @@ def test_ensemble_weights_must_be_non_negative_numbers(weights):
                                .predict_proba(TEST[0]),
                                0.75 * fitted("logistic").predict_proba(TEST[0]) + 0.25 * fitted("knn").predict_proba(TEST[0]),
                                atol=1e-7)
+
+
+def test_scikit_learn_heads_compute_in_float64():
+    """GaussianNB on standardised float32 features: its joint log-likelihood (about -1e18 on sparse
+    columns) cancelled, and its 'probabilities' summed to 5; an ensemble scored them."""
+    from sklearn.naive_bayes import GaussianNB
+
+    rng = np.random.default_rng(0)
+    y = np.arange(50) % 5
+    X = np.maximum(rng.normal(0, 1, (50, 512)) + y[:, None] * 0.1, 0)
+    X[:, :100] = (rng.random((50, 100)) < 0.05) * rng.random((50, 100)) * 5  # sparse columns
+    test = np.maximum(rng.normal(0, 1, (30, 512)), 0)
+    test[:, :100] = (rng.random((30, 100)) < 0.05) * 5
+    X, test = X.astype(np.float32), test.astype(np.float32)  # as the cache holds them
+    mean, scale = X.mean(0), X.std(0) + 1e-6
+    in_float32 = GaussianNB().fit((X - mean) / scale, y).predict_proba((test - mean) / scale)
+    assert np.abs(in_float32.sum(1) - 1).max() > 1  # the data bites: float32 breaks here
+    head = make_head("sklearn:naive_bayes.GaussianNB").fit(X, y, n_classes=5)
+    np.testing.assert_allclose(head.predict_proba(test).sum(1), 1.0, atol=1e-6)

@@ -804,6 +804,10 @@ def test_per_class_chart_draws_what_it_says_and_keeps_labels(tmp_path):
     (["--head", "logistic", "--refit", "--param", "refit=false"], "refit is not a head parameter"),  # a traceback
     (["--head", "logistic", "--param", "n_classes=3"], "n_classes is not a head parameter"),  # ignored, recorded
     (["--head", "logistic", "--param", "C=1", "--param", "C=2"], "--param C is given twice"),  # the last won
+    # NaN probabilities were scored by argmax as class 0 and saved with exit 0
+    (["--head", "knn", "--param", "temperature=1e-300", "--param", "k=[1,2]"], "no probability distribution for"),
+    (["--head", "mlp", "--param", "lr=1e30", "--param", "epochs=3", "--param", "weight_decay=0"],
+     "no probability distribution for"),
 ])
 def test_bad_head_parameters_are_one_error_line(arguments, fragment, entry):
     assert_error(cli("fit-head", entry, "--name", "bad", *arguments), 2, fragment)

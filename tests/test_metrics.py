@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from featurecache.errors import MismatchError
+from featurecache.errors import HeadError, MismatchError
 from featurecache.heads.metrics import classification_metrics, log_loss
 
 PROBABILITIES = np.array([
@@ -60,3 +60,16 @@ def test_empty_input():
 def test_mismatches_raise(probabilities, labels, names):
     with pytest.raises(MismatchError):
         classification_metrics(probabilities, labels, names)
+
+
+@pytest.mark.parametrize("row, what", [
+    ([np.nan, 0.5, 0.5], "NaN or inf"), ([np.inf, 0.0, 0.0], "NaN or inf"),
+    ([1.0, 1.0, 0.0], "probabilities summing to 2"), ([1.2, -0.2, 0.0], "probabilities summing to 1"),
+])
+def test_rows_that_are_not_distributions_are_refused_not_scored(row, what):
+    """argmax ranks NaN first: an all-NaN head scored the share of class 0 as its top-1."""
+    probabilities = np.array([[0.2, 0.5, 0.3], row, [0.1, 0.1, 0.8]])
+    with pytest.raises(HeadError, match=rf"no probability distribution for 1 of 3 test rows \(row 1: {what}"):
+        classification_metrics(probabilities, np.array([1, 0, 2]), ["a", "b", "c"], "test rows")
+    within = np.array([[0.2, 0.5, 0.3 + 9e-4]])  # float32 softmax sums: within DISTRIBUTION_TOL
+    assert classification_metrics(within, np.array([1]), ["a", "b", "c"])["top1"] == 1.0
