@@ -682,6 +682,10 @@ MUTATIONS = [
     Mutation("param-twice-last-wins", "cli/fit_commands.py", "        if key in params:  # the last would win without a word",
              "        if False:  # the last would win without a word",
              ("tests/test_hostile_cache.py", "-k", "bad_head_parameters"), "a --param given twice is refused"),
+    Mutation("sklearn-warnings-raw", "heads/sklearn_head.py",
+             '            with _warnings_in_one_line(self.name, say=not getattr(self, "_probe", False)):',
+             "            with contextlib.nullcontext():", ("tests/test_heads.py", "-k", "one_line_each"),
+             "scikit-learn's warnings are one line each, said once"),
 ]
 
 

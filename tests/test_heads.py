@@ -493,3 +493,21 @@ def test_scikit_learn_heads_compute_in_float64():
     assert np.abs(in_float32.sum(1) - 1).max() > 1  # the data bites: float32 breaks here
     head = make_head("sklearn:naive_bayes.GaussianNB").fit(X, y, n_classes=5)
     np.testing.assert_allclose(head.predict_proba(test).sum(1), 1.0, atol=1e-6)
+
+
+def test_scikit_learns_warnings_are_one_line_each_and_the_probe_keeps_quiet(caplog):
+    """A ConvergenceWarning printed a dozen lines (links, a source line) on stderr, twice."""
+    import logging
+    import warnings
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 8)).astype(np.float32), np.arange(60) % 3
+    head = make_head("sklearn:linear_model.LogisticRegression", max_iter=1)
+    with warnings.catch_warnings(record=True) as escaped, caplog.at_level(logging.WARNING, "featurecache"):
+        warnings.simplefilter("always")
+        head.check_saveable(X, y, 3)
+        assert caplog.messages == []  # the probe's warnings are the real fit's to give
+        head.fit(X, y, n_classes=3)
+    assert [w for w in escaped if "converge" in str(w.message)] == []
+    assert caplog.messages == ["sklearn:linear_model.LogisticRegression: ConvergenceWarning: lbfgs failed to converge "
+                               "after 1 iteration(s) (status=1): STOP: TOTAL NO. OF ITERATIONS REACHED LIMIT"]

@@ -7,7 +7,10 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import contextlib
 import logging
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -20,6 +23,22 @@ from ..errors import HeadError, MismatchError
 from .base import Head, Standardize, jsonable, standardization
 
 logger = logging.getLogger("featurecache")
+
+
+@contextlib.contextmanager
+def _warnings_in_one_line(name: str, say: bool = True) -> Iterator[None]:
+    """scikit-learn's warnings (ConvergenceWarning: a dozen lines with links and a source line)
+    as one `warning:` line each (the message's first paragraph), once per message, naming the
+    head; `say=False` (a probe fit) keeps them quiet."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    seen = set()
+    for warning in caught:
+        text = " ".join(str(warning.message).strip().split("\n\n")[0].split())
+        if say and text not in seen:
+            seen.add(text)
+            logger.warning("%s: %s: %s", name, warning.category.__name__, text[:300])
 
 SKLEARN_PREFIX = "sklearn:"
 
@@ -138,6 +157,7 @@ class SklearnHead(Head):
         picked = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:per_class] for c in np.unique(y)])
         sample, labels = X[np.sort(picked)], y[np.sort(picked)]
         probe = SklearnHead(estimator=self.estimator, params=self.params, n_classes=n_classes)
+        probe._probe = True  # its warnings are the real fit's to give
         try:
             probe.fit(sample, labels, n_classes=n_classes)
         except Exception:  # noqa: BLE001 - the sample was too small for it: the real fit decides
@@ -197,7 +217,8 @@ class SklearnHead(Head):
         standardized = self._standardized(X)
         self.estimator_ = self._new_estimator()
         try:
-            self.estimator_.fit(standardized, y)
+            with _warnings_in_one_line(self.name, say=not getattr(self, "_probe", False)):
+                self.estimator_.fit(standardized, y)
         except (ValueError, TypeError) as error:  # sklearn's own validation of parameters and data
             raise HeadError(f"{self.name} could not be fitted: {str(error).splitlines()[0][:300]}") from None
         self.exportable_ = self._is_linear_softmax(standardized[:256])
