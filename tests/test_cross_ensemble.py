@@ -208,7 +208,8 @@ def test_carved_validation_scores_the_carved_rows_only(entries):
     assert 0 < carved < a.splits["train"] // 2  # the same train rows in both entries: the same carved rows
     assert record["metrics"]["val (from train)"]["n"] == carved
     assert record["alignment"]["val (from train)"]["left_out"] == 0
-    assert record["validation"] == {"split": "train", "fraction": 0.4, "seed": 3, "trained_on": False}
+    assert record["validation"] == {"split": "train", "fraction": 0.4, "seed": 3, "carve": "path",
+                                    "trained_on": False}
     with pytest.raises(HeadError, match="validated on different rows"):
         make_ensemble(a, ["carved", (b.path.name, "logistic")], name="mixed")
 

@@ -321,10 +321,9 @@ def test_views_of_validation_rows_never_reach_training(with_views, monkeypatch):
     """With validation carved from train, poisoning the views of the carved rows changes nothing;
     poisoning the views of training rows does: views are looked up by training row."""
     from featurecache.fit import views as fit_views
-    from featurecache.fit.stage import _stratified_split
+    from featurecache.fit.carve import carve
 
-    labels = open_cache(with_views).labels("train")
-    _, val_rows = _stratified_split(labels, 0.25, 0)
+    _, val_rows = carve(open_cache(with_views), 0.25, 0)  # the rows fit-head carves: by path
     original = fit_views.load_views
 
     def poisoned(rows):

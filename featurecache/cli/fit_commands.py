@@ -172,9 +172,15 @@ def ensemble_command(
     console.print(f"ensemble {result.name} of {', '.join(members)}: {headline['split']} top-1 "
                   f"{_percent(headline['top1'])}% ({headline['note']})", markup=False, highlight=False)
     for split, part in (result.record.get("alignment") or {}).items():
-        if part["left_out"]:
-            console.print(f"  warning: {part['left_out']} {split} row(s) are not in every member's entry and were "
-                          f"left out; scored on the {part['rows']} rows all hold", markup=False, highlight=False)
+        carved = part.get("carved_into_training", 0)
+        if part["left_out"] - carved:
+            console.print(f"  warning: {part['left_out'] - carved} {split} row(s) are not in every member's entry and "
+                          f"were left out; scored on the {part['rows']} rows all hold", markup=False, highlight=False)
+        if carved:
+            console.print(f"  warning: {carved} {split} row(s) were carved into training by another member's entry "
+                          "(the entries' train splits hold other files, so the same --val-fraction and --seed carve "
+                          f"other rows) and were left out; scored on the {part['rows']} rows every member held out",
+                          markup=False, highlight=False)
 
 
 def _predictor(cache: str, head: Optional[str], finetune: Optional[str], root: Optional[Path],

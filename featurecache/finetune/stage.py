@@ -204,7 +204,8 @@ def model_preprocessing(cache: Cache) -> Preprocessing:
 
 def _split_rows(cache: Cache, record: dict) -> dict[str, tuple[str, np.ndarray | None]]:
     """train/val(/test) as (cache split, row subset): the starting head's own validation rows."""
-    from ..fit.stage import _stratified_split
+    from ..fit.carve import BY_PATH, carved_rows
+    from ..fit.stage import head_validation
 
     labeled = cache.labeled_splits  # unlabeled splits are neither trained nor scored on
     selection = record.get("selection_split") or ("val" if labeled.get("val") else "val (from train)")
@@ -212,9 +213,12 @@ def _split_rows(cache: Cache, record: dict) -> dict[str, tuple[str, np.ndarray |
     if selection == "val" and labeled.get("val"):
         rows = {"train": ("train", None), "val": ("val", None)}
     else:
-        head_spec = record.get("spec") or {}
-        fraction = head_spec.get("val_fraction") or 0.2
-        train, val = _stratified_split(cache.labels("train"), fraction, head_spec.get("seed", 0))
+        validation = head_validation(record)  # by path, or by position for a head fitted before
+        if validation["split"] != "train":  # chosen on a val split this entry no longer has labelled
+            head_spec = record.get("spec") or {}
+            validation = {"fraction": head_spec.get("val_fraction") or 0.2, "seed": head_spec.get("seed", 0),
+                          "carve": BY_PATH}
+        train, val = carved_rows(cache, validation)
         rows = {"train": ("train", np.sort(train)), "val": ("train", np.sort(val))}
     if labeled.get("test"):
         rows["test"] = ("test", None)

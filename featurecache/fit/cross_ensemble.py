@@ -179,13 +179,46 @@ def vote(members: list[tuple[Member, object, str]], weights: np.ndarray, split: 
     return Voted(common, labels if labels is not None else np.zeros(0, np.int64), total, missing_from)
 
 
-def _warn_left_out(name: str, split: str, voted: Voted) -> None:
-    if voted.missing_from:
-        part = voted.alignment()
-        log.warning("ensemble %s: %d %s row(s) are not in every member's entry and were left out (%s; e.g. %s); "
-                    "it is scored on the %d rows they all hold", name, part["left_out"], split,
-                    ", ".join(f"{n} missing from {m}" for m, n in part["missing"].items()),
-                    ", ".join(part["examples"][:3]), part["rows"])
+def _carved_to_training(split: str, voted: Voted, members: list[Member]) -> dict[str, list[str]]:
+    """Left-out paths of a carved split that a member's entry holds but carved into its training rows."""
+    if split != "val (from train)":
+        return {}
+    trained: dict[str, list[str]] = {}
+    for member in members:
+        held = set(member.cache.paths("train"))
+        for path, lacking in voted.missing_from.items():
+            if member.label in lacking and path in held:
+                trained.setdefault(path, []).append(member.label)
+    return trained
+
+
+def _warn_left_out(name: str, split: str, voted: Voted, trained: dict[str, list[str]]) -> None:
+    """Say which rows were left out and why: not in an entry, or carved into a member's training rows."""
+    if not voted.missing_from:
+        return
+    absent = {path: [m for m in lacking if m not in trained.get(path, [])]
+              for path, lacking in voted.missing_from.items()}
+    absent = {path: lacking for path, lacking in absent.items() if lacking}
+    parts = []
+    if absent:
+        counts: dict[str, int] = {}
+        for lacking in absent.values():
+            for member in lacking:
+                counts[member] = counts.get(member, 0) + 1
+        parts.append(f"{len(absent)} not in every member's entry ("
+                     + ", ".join(f"{n} missing from {m}" for m, n in counts.items())
+                     + f"; e.g. {', '.join(sorted(absent)[:3])})")
+    if trained:
+        counts = {}
+        for lacking in trained.values():
+            for member in lacking:
+                counts[member] = counts.get(member, 0) + 1
+        parts.append(f"{len(trained)} carved into training by another member's entry ("
+                     + ", ".join(f"{n} trained on by {m}" for m, n in counts.items())
+                     + f"; e.g. {', '.join(sorted(trained)[:3])}): the entries' train splits hold other files, "
+                     "so the same --val-fraction and --seed carve other rows from them")
+    log.warning("ensemble %s: %d %s row(s) were left out: %s; it is scored on the %d rows every member held out",
+                name, len(voted.missing_from), split, "; ".join(parts), len(voted.paths))
 
 
 def make_cross_ensemble(cache: Cache | str | Path, members: list[MemberRef], *, name: str,
@@ -212,7 +245,14 @@ def make_cross_ensemble(cache: Cache | str | Path, members: list[MemberRef], *, 
     for split in ensemble_splits([member.cache for member in resolved], validation):
         voted = vote(voters, normalised, split, validation)
         alignment[split] = voted.alignment()
-        _warn_left_out(name, split, voted)
+        trained = _carved_to_training(split, voted, resolved)
+        if trained:  # in every entry, but some member trained on them: its train split holds other files
+            alignment[split]["carved_into_training"] = len(trained)
+            missing = alignment[split]["missing"]  # what an entry lacks, not what it carved otherwise
+            for member in (m for lacking in trained.values() for m in lacking):
+                missing[member] -= 1
+            alignment[split]["missing"] = {m: n for m, n in missing.items() if n}
+        _warn_left_out(name, split, voted, trained)
         if voted.paths:
             metrics[split] = classification_metrics(voted.probabilities, voted.labels, home.classes)
     if not metrics:

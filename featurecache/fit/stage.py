@@ -30,6 +30,7 @@ from ..cache.store import Cache, open_cache
 from ..cache.streaming import available_memory, in_memory_bytes, streamed_probabilities
 from ..heads.streaming import StreamedData
 from .views import check_views_spec, fit_with_views, train_views
+from .carve import BY_PATH, carve, carved_rows, stratified_split as _stratified_split  # noqa: F401
 
 log = logging.getLogger("featurecache")
 
@@ -70,38 +71,6 @@ def _features(cache: Cache, split: str, tap: str) -> np.ndarray:
     return values
 
 
-def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row indices (train, val), sorted: `fraction` of the rows to validation, spread over the
-    classes in proportion to their size (largest remainders, ties broken by `seed`).
-
-    Works for any number of classes: a class too small for its share gets no validation
-    row rather than failing the split, and a class with a single row always stays in
-    train (a class needs a training row to be learned at all)."""
-    if not 0 < fraction < 1:
-        raise HeadError(f"--val-fraction must be between 0 and 1 (exclusive), got {fraction}")
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    rows = {c: rng.permutation(np.flatnonzero(labels == c)) for c in classes}
-    eligible = [c for c in classes if len(rows[c]) >= 2]
-    target = int(round(fraction * sum(len(rows[c]) for c in eligible)))
-    quota = {c: fraction * len(rows[c]) for c in eligible}
-    take = {c: min(int(quota[c]), len(rows[c]) - 1) for c in eligible}
-    order = sorted(eligible, key=lambda c: (-(quota[c] - int(quota[c])), rng.random()))
-    for c in order:  # hand out the remaining rows, largest remainder first, never emptying a class
-        if sum(take.values()) >= target:
-            break
-        if take[c] < len(rows[c]) - 1:
-            take[c] += 1
-    val = [rows[c][: take.get(c, 0)] for c in classes]
-    train = [rows[c][take.get(c, 0):] for c in classes]
-    val_rows = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
-    if len(val_rows) == 0:
-        raise HeadError(f"{len(labels)} training rows are too few to carve a validation split of {fraction:g} "
-                        "(every class needs two rows to give one to validation); extract a val split, or pass "
-                        "--val-fraction larger")
-    return np.sort(np.concatenate(train)), val_rows
-
-
 def single_row_classes(labels: np.ndarray, classes: list[str]) -> list[str]:
     counts = np.bincount(labels[labels >= 0], minlength=len(classes))
     return [classes[i] for i in np.flatnonzero(counts == 1)]
@@ -121,7 +90,7 @@ def _splits(cache: Cache, spec: FitSpec) -> dict[str, tuple[np.ndarray, np.ndarr
         data["val"] = (_features(cache, "val", spec.tap), cache.labels("val"))
     else:
         fraction = spec.val_fraction if spec.val_fraction is not None else 0.2
-        train, val = _stratified_split(y, fraction, spec.seed)
+        train, val = carve(cache, fraction, spec.seed)  # by path: the same rows whatever the shard order
         single = single_row_classes(y, cache.classes)
         if single:
             log.warning("%d class(es) have a single training image and get no validation row (%s%s)", len(single),
@@ -280,7 +249,7 @@ def _train_rows(cache: Cache, spec: FitSpec) -> np.ndarray:
     labels = cache.labels("train")
     if spec.val_fraction is None and cache.labeled_splits.get("val", 0) > 0:
         return np.arange(len(labels))
-    return _stratified_split(labels, spec.val_fraction if spec.val_fraction is not None else 0.2, spec.seed)[0]
+    return carve(cache, spec.val_fraction if spec.val_fraction is not None else 0.2, spec.seed)[0]
 
 
 def _validation(val_name: str, spec: FitSpec) -> dict:
@@ -288,7 +257,8 @@ def _validation(val_name: str, spec: FitSpec) -> dict:
     if val_name == "val":
         return {"split": "val", "trained_on": bool(spec.refit)}
     fraction = spec.val_fraction if spec.val_fraction is not None else 0.2
-    return {"split": "train", "fraction": float(fraction), "seed": int(spec.seed), "trained_on": bool(spec.refit)}
+    return {"split": "train", "fraction": float(fraction), "seed": int(spec.seed), "carve": BY_PATH,
+            "trained_on": bool(spec.refit)}
 
 
 def head_validation(record: dict) -> dict:
@@ -305,7 +275,8 @@ def head_validation(record: dict) -> dict:
 def _describe_validation(validation: dict) -> str:
     if validation["split"] == "val":
         return "the cache's val split"
-    return f"{validation['fraction']:g} of train with seed {validation['seed']}"
+    how = "" if validation.get("carve") == BY_PATH else " (carved by row position: fitted before carving went by path)"
+    return f"{validation['fraction']:g} of train with seed {validation['seed']}{how}"
 
 
 def shared_validation(records: dict[str, dict]) -> dict:
@@ -343,7 +314,7 @@ def ensemble_splits(caches: list[Cache], validation: dict) -> list[str]:
 def ensemble_rows(cache: Cache, split: str, validation: dict | None) -> tuple[str, np.ndarray | None]:
     """(the cache's split, its rows; None: all) that an ensemble's scoring split `split` names."""
     if split == "val (from train)":
-        return "train", _stratified_split(cache.labels("train"), validation["fraction"], validation["seed"])[1]
+        return "train", carved_rows(cache, validation)[1]
     return split, None
 
 
