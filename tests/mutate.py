@@ -686,6 +686,16 @@ MUTATIONS = [
              '            with _warnings_in_one_line(self.name, say=not getattr(self, "_probe", False)):',
              "            with contextlib.nullcontext():", ("tests/test_heads.py", "-k", "one_line_each"),
              "scikit-learn's warnings are one line each, said once"),
+    Mutation("content-hash-dropped-torchvision", "data/torchvision_datasets.py",
+             "                               allow_layout=True, content_hash=content_hash)",
+             "                               allow_layout=True)", ("tests/test_torchvision_sources.py", "-k", "content_hash_reaches"),
+             "--content-hash reaches torchvision-parsed datasets"),
+    Mutation("content-hash-dropped-paths", "data/python_objects.py",
+             'PathListSource(name or "paths", obj, content_hash=content_hash)', 'PathListSource(name or "paths", obj)',
+             ("tests/test_cache_key.py", "-k", "reaches_python"), "content_hash reaches a Python list of paths"),
+    Mutation("draft-recorded-unapplied", "extract/stage.py", '**({"jpeg_draft": True} if draft else {}),',
+             '**({"jpeg_draft": True} if spec.draft else {}),', ("tests/test_torchvision_sources.py", "-k", "draft_is_recorded"),
+             "the key records --draft only where it decodes"),
 ]
 
 

@@ -194,3 +194,25 @@ def test_content_hash_sees_new_content_behind_the_same_size_and_mtime(tmp_path, 
     assert not after.cache_hit and after.computed == 1
     fresh = _rows_by_path(open_cache(extract(replace_spec(by_content, root=str(tmp_path / "fresh"))).path))
     _assert_same_image(_rows_by_path(open_cache(after.path))["train/ants/2.bmp"], fresh["train/ants/2.bmp"])
+
+
+@pytest.mark.parametrize("kind", ["torchvision", "paths"])
+def test_content_hash_reaches_python_and_torchvision_parsed_sources(tmp_path, kind):
+    """--content-hash was dropped for torchvision-parsed datasets (dtd:, caltech101: ...) and Python
+    objects: rows were fingerprinted by size and mtime while the manifest said "content"."""
+    import torchvision
+
+    from featurecache.data.python_objects import from_python
+
+    folder = _bmp_folder(tmp_path / "photos")
+    if kind == "torchvision":
+        obj = {"train": torchvision.datasets.ImageFolder(str(folder / "train"))}
+    else:
+        obj = [(str(p), p.parent.name) for p in sorted((folder / "train").rglob("*.bmp"))]
+    by_stat, by_content = from_python(obj), from_python(obj, content_hash=True)
+    assert (by_stat.fingerprint_kind, by_content.fingerprint_kind) == ("stat", "content")
+    _rewrite(folder / "train" / "ants" / "2.bmp", seed=200, keep_stat=True)
+    changed = [a.fingerprint != b.fingerprint for a, b in
+               zip(by_content.samples, from_python(obj, content_hash=True).samples)]
+    assert changed == [s.path.endswith("ants/2.bmp") for s in by_content.samples] and sum(changed) == 1
+    assert [s.fingerprint for s in by_stat.samples] == [s.fingerprint for s in from_python(obj).samples]

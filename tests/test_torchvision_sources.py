@@ -195,3 +195,33 @@ def test_named_sources_get_the_class_checks_unless_allow_layout(tmp_path):
     with pytest.raises(SourceError, match=r"every row has the same class \('Faces'\); a classifier needs two"):
         open_source(f"caltech101:{tmp_path / 'one'}")
     assert open_source(f"caltech101:{tmp_path / 'one'}", allow_layout=True).classes == ["Faces"]
+
+
+def test_content_hash_reaches_torchvision_parsed_datasets(tmp_path):
+    """dtd: with --content-hash fingerprinted its files by size and mtime; the manifest said "content"."""
+    replicas.dtd(tmp_path)
+    by_stat = open_source(f"dtd:{tmp_path}", allow_layout=True)
+    by_content = open_source(f"dtd:{tmp_path}", content_hash=True, allow_layout=True)
+    assert (by_stat.fingerprint_kind, by_content.fingerprint_kind) == ("stat", "content")
+    first = tmp_path / "dtd" / "dtd" / by_content.samples[0].path.split("dtd/dtd/", 1)[1]
+    before = first.stat()
+    data = bytearray(first.read_bytes())
+    data[-3] ^= 0xFF  # new bytes behind the same size and mtime
+    first.write_bytes(bytes(data))
+    os.utime(first, ns=(before.st_atime_ns, before.st_mtime_ns))
+    again = open_source(f"dtd:{tmp_path}", content_hash=True, allow_layout=True)
+    assert [a.fingerprint == b.fingerprint for a, b in zip(by_content.samples, again.samples)] == \
+        [i != 0 for i in range(len(again.samples))]
+
+
+def test_draft_is_recorded_only_where_it_decodes(tmp_path, tiny_spec, caplog):
+    """dtd: --draft decoded at full size (a dataset object, not files) yet the key said jpeg_draft."""
+    import logging
+
+    replicas.dtd(tmp_path)
+    with caplog.at_level(logging.WARNING, "featurecache"):
+        drafted = open_cache(extract(tiny_spec(f"dtd:{tmp_path}", draft=True, allow_layout=True)).path)
+    assert "jpeg_draft" not in drafted.manifest["config"]["preprocessing"]
+    assert any(m.startswith("--draft applies to image files") for m in caplog.messages), caplog.messages
+    plain = extract(tiny_spec(f"dtd:{tmp_path}", allow_layout=True))
+    assert plain.cache_hit and plain.path == drafted.path  # the same features: the same entry

@@ -120,8 +120,9 @@ class DatasetSource(Source):
     """Items of dataset objects (torchvision's or any `(image, label)` sequence), by split."""
 
     def __init__(self, name: str, parts: Mapping[str, object], *, kind: str = "python:dataset",
-                 classes: list[str] | None = None, root: str | None = None, allow_layout: bool = False) -> None:
-        self.kind = kind
+                 classes: list[str] | None = None, root: str | None = None, allow_layout: bool = False,
+                 content_hash: bool = False) -> None:
+        self.kind, self._content_hash = kind, content_hash
         self.parts = {_split_name(split): _without_transforms(ds) for split, ds in parts.items()}
         self._files: dict[str, list[str] | None] = {}
         self._pixels: dict[str, np.ndarray | None] = {}
@@ -157,7 +158,7 @@ class DatasetSource(Source):
             check_classes(name, classes, samples)
         super().__init__(name, self.base or name, classes, samples)
         self._position = {s.path: (s.split, s.index) for s in samples}
-        self._fingerprint_kind = "stat" if all(self._files.values()) else "content"
+        self._fingerprint_kind = "stat" if all(self._files.values()) and not content_hash else "content"
 
     def _union_classes(self, name: str, labels: dict[str, list[int]], given: list[str] | None
                        ) -> tuple[list[str], dict[str, list[int]]]:
@@ -220,7 +221,8 @@ class DatasetSource(Source):
         if files:
             file = Path(files[i])
             relpath = os.path.relpath(file, self.base) if self.base else str(file)
-            return Sample(Path(relpath).as_posix(), label, split, _file_fingerprint(file, relpath, name, split, False), i)
+            return Sample(Path(relpath).as_posix(), label, split,
+                          _file_fingerprint(file, relpath, name, split, self._content_hash), i)
         pixels = self._pixels[split]
         content = _pixel_hash(pixels[i]) if pixels is not None else _pixel_hash(np.asarray(_to_image(self._read(split, i)[0])))
         return Sample(f"{split}/{i:06d}", label, split, _fingerprint(content, name, split), i)
@@ -334,6 +336,7 @@ class PathListSource(Source):
                                   _file_fingerprint(path, relpath, name, split, content_hash), number))
         samples.sort(key=lambda s: split_sort_key(s.split))
         super().__init__(name, self.base, classes, samples)
+        self._fingerprint_kind = "content" if content_hash else "stat"
 
     def load(self, sample: Sample) -> Image.Image:
         return load_rgb(Path(self.base) / sample.path)
@@ -371,7 +374,8 @@ def _arrays_source(name: str, parts: Mapping[str, object], classes: list[str] | 
 
 
 def from_python(obj: object, *, name: str | None = None, unlabeled=(),
-                columns: Mapping[str, str] | None = None, allow_layout: bool = False) -> Source:
+                columns: Mapping[str, str] | None = None, allow_layout: bool = False,
+                content_hash: bool = False) -> Source:
     """A Source for a Python object (see the module's docstring for what is accepted);
     `columns` ({"image": ..., "label": ...}) names a Hugging Face dataset's columns."""
     if _is_huggingface(obj) or (isinstance(obj, Mapping) and obj and _is_huggingface(next(iter(obj.values())))):
@@ -394,20 +398,22 @@ def from_python(obj: object, *, name: str | None = None, unlabeled=(),
         parts = {k: v for k, v in obj.items() if k != "classes"}
         source = _arrays_source(name or "arrays", parts, obj.get("classes"))
     elif isinstance(obj, Mapping) and obj:
-        source = _dataset_source(obj, name, allow_layout)
+        source = _dataset_source(obj, name, allow_layout, content_hash)
     elif isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], (tuple, list)) and isinstance(obj[0][0], (str, Path)):
-        source = PathListSource(name or "paths", obj)
+        source = PathListSource(name or "paths", obj, content_hash=content_hash)
     elif hasattr(obj, "__getitem__") and hasattr(obj, "__len__") and not isinstance(obj, (str, bytes, list, tuple)):
-        source = _dataset_source({"train": obj}, name, allow_layout)
+        source = _dataset_source({"train": obj}, name, allow_layout, content_hash)
     else:
         raise SourceError(f"cannot read a dataset from a {type(obj).__name__}; pass a torchvision dataset (or a dict "
                           "of them by split), a list of (path, label) pairs, or (images, labels) uint8 arrays")
     return source
 
 
-def _dataset_source(parts: Mapping, name: str | None, allow_layout: bool = False) -> DatasetSource:
+def _dataset_source(parts: Mapping, name: str | None, allow_layout: bool = False,
+                    content_hash: bool = False) -> DatasetSource:
     first = next(iter(parts.values()))
-    return DatasetSource(name or type(first).__name__.lower(), parts, allow_layout=allow_layout)
+    return DatasetSource(name or type(first).__name__.lower(), parts, allow_layout=allow_layout,
+                         content_hash=content_hash)
 
 
 def _is_huggingface(obj: object) -> bool:

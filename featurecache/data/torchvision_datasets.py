@@ -48,7 +48,7 @@ class TorchvisionDataset:
                               f"expected {self.layout}") from None
         # open_named checks the classes (one class, a class only in val/test, Dog/dog) unless --allow-layout
         source = DatasetSource(prefix, parts, kind=prefix, classes=list(self.classes) if self.classes else None,
-                               allow_layout=True)
+                               allow_layout=True, content_hash=content_hash)
         if prefix == "imagenet":
             _imagenet_names(source, parts)
         return source

@@ -174,7 +174,8 @@ def extract(spec: ExtractSpec | None = None, *, progress: Callable[[int, int], N
 
             columns = {key: settings.pop(f"{key}_column") for key in ("image", "label") if f"{key}_column" in settings}
             prepared = from_python(source, name=settings.get("name"), unlabeled=settings.get("unlabeled", ()),
-                                   columns=columns, allow_layout=settings.get("allow_layout", False))
+                                   columns=columns, allow_layout=settings.get("allow_layout", False),
+                                   content_hash=settings.get("content_hash", False))
             kind = prepared.kind.removeprefix("python:")
             spec = ExtractSpec(source=f"python:{kind}:{prepared.name}", **settings)
     elif source is not None or settings:
@@ -206,15 +207,19 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
         preprocessing = preprocessing.with_image_size(spec.image_size)
     if spec.crop_mode is not None:
         preprocessing = dataclasses.replace(preprocessing, crop_mode=spec.crop_mode)
-    if spec.draft and isinstance(source, FileSource):
+    draft = spec.draft and isinstance(source, FileSource)
+    if draft:
         # libjpeg decodes at the smallest 1/2..1/8 scale whose shorter side still covers the resize.
         source.draft_size = (preprocessing.resize_size, preprocessing.resize_size)
+    elif spec.draft:  # the key must not record a decoding that never happened
+        log.warning("--draft applies to image files read from a folder, a CSV or a named file layout; %s is read "
+                    "through a dataset object, so its images are decoded at full size", spec.source)
 
     config = {
         "arch": entry.name,
         "weights_sha256": weights.sha256,
         "taps": list(taps),
-        "preprocessing": {**preprocessing.to_dict(), **({"jpeg_draft": True} if spec.draft else {}),
+        "preprocessing": {**preprocessing.to_dict(), **({"jpeg_draft": True} if draft else {}),
                           **({"decode": "torch"} if spec.decode == "torch" else {})},
         "dtype": spec.dtype,
         "precision": precision,
