@@ -156,7 +156,7 @@ def _folder_id(path: str) -> tuple[int, int]:
     return status.st_dev, status.st_ino
 
 
-def _image_files(directory: Path) -> list[Path]:
+def image_files_under(directory: Path) -> list[Path]:
     """The image files at any depth under `directory`, following symlinked folders (as ImageFolder
     does; one file reached twice is `refuse_same_files`'s) but never one back to a folder above it
     (a loop, or the other classes read into this one). An unreadable folder is an error, never a
@@ -206,7 +206,7 @@ class ImageFolderSource(FileSource):
             if split_dirs and not allow_layout:
                 from .layout_checks import check_beside_splits
 
-                check_beside_splits(root, split_dirs, {d.name: len(_image_files(d)) for d in entries if d.is_dir()
+                check_beside_splits(root, split_dirs, {d.name: len(image_files_under(d)) for d in entries if d.is_dir()
                                                        and d.name.lower() not in SPLIT_ALIASES
                                                        and not d.name.startswith(".")},
                                     sum(f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
@@ -219,7 +219,7 @@ class ImageFolderSource(FileSource):
             raise SourceError(f"--unlabeled {missing[0]}: {root} has no {missing[0]}/ split folder "
                               f"(it has: {', '.join(sorted(split_dirs)) or 'no train/val/test folders'}); "
                               "--unlabeled names a split folder of an image folder with splits")
-        unlabeled_files = {split: _image_files(split_dirs[split]) for split in sorted(unlabeled_splits)}
+        unlabeled_files = {split: image_files_under(split_dirs[split]) for split in sorted(unlabeled_splits)}
         if not allow_layout:
             from .layout_checks import refuse_labelled_as_unlabeled
 
@@ -238,7 +238,7 @@ class ImageFolderSource(FileSource):
         if undecodable:
             raise SourceError(f"the class folder {printable_path(undecodable[0])!r} is not named in valid UTF-8, so "
                               "its class name cannot be stored; rename it")
-        files = {(split, d.name): _image_files(d) for split, dirs in class_dirs.items() for d in dirs}
+        files = {(split, d.name): image_files_under(d) for split, dirs in class_dirs.items() for d in dirs}
         loose = {split: [f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")
                          and f.suffix.lower() in IMAGE_EXTENSIONS]
                  for split, path in split_dirs.items() if split not in unlabeled_splits}

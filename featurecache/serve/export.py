@@ -1,8 +1,9 @@
 """Export a Predictor as one TorchScript file that loads in plain PyTorch.
 
 The file holds the backbone (up to the head's tap), the normalisation and the head;
-its input is a uint8 or float [0, 1] batch already resized and centre-cropped as in
-`featurecache.json`, which is stored inside the file with the class names:
+its input is a uint8 or float [0, 1] batch already decoded, resized and centre-cropped as in
+`featurecache.json` (its preprocessing's `decode`, `decoding`, `jpeg_draft` and `draft_size`
+say how extract decoded the files), which is stored inside the file with the class names:
 
     extra = {"featurecache.json": ""}
     model = torch.jit.load("model.pt", _extra_files=extra)
@@ -56,6 +57,24 @@ class _Classifier(nn.Module):
         return self.head(features)
 
 
+DECODING = {  # how extract decoded the entry's files: what an exported file's users repeat to see its features
+    "pil": "PIL (featurecache.data.images.load_rgb: RGB, EXIF orientation), resized with PIL",
+    "torch": "torchvision.io.decode_image (RGB, EXIF orientation), resized with torchvision's antialiased "
+             "tensor resize (featurecache.backbones.tensor_decode)",
+    "torch-pixels": "PIL (RGB, EXIF orientation), resized with torchvision's antialiased tensor resize "
+                    "(featurecache.backbones.tensor_decode)",
+}
+
+
+def preprocessing_record(predictor: Predictor) -> dict:
+    """The preprocessing with how files were decoded: `decode`, and `jpeg_draft` with its `draft_size`
+    (a JPEG at least twice that size in both sides decoded by libjpeg at 1/2, 1/4 or 1/8 scale,
+    PIL's Image.draft("RGB", draft_size)), which change the features as much as the resize does."""
+    draft = predictor.draft_size
+    return {**predictor.preprocessing.to_dict(), "decode": predictor.decode, "decoding": DECODING[predictor.decode],
+            "jpeg_draft": draft is not None, **({"draft_size": list(draft)} if draft is not None else {})}
+
+
 def export_model(predictor: Predictor, output: str | Path, *, provenance: dict | None = None,
                  overwrite: bool = False) -> Path:
     """Write a TorchScript file (atomically) and return its path.
@@ -79,8 +98,9 @@ def export_model(predictor: Predictor, output: str | Path, *, provenance: dict |
         traced = torch.jit.trace(_Classifier(predictor).eval(), torch.rand(2, 3, size, size), check_trace=False)
         model = torch.jit.script(nn.Sequential(normalize, traced).eval())
     metadata = {
-        "classes": predictor.classes, "preprocessing": predictor.preprocessing.to_dict(),
-        "input": "uint8 or float in [0,1], shape (B, 3, S, S), resized and centre-cropped as in preprocessing",
+        "classes": predictor.classes, "preprocessing": preprocessing_record(predictor),
+        "input": "uint8 or float in [0,1], shape (B, 3, S, S), decoded, resized and centre-cropped as in "
+                 "preprocessing (its decode says how the cached features' files were decoded)",
         "output": "class probabilities (B, C)", "tap": predictor.tap, "tool_version": __version__,
         **(provenance or {}),
     }

@@ -23,7 +23,7 @@ from ..fit.headstore import load_head, read_record
 from ..heads.probabilities_module import ProbabilitiesModule
 from ..data.images import ImageDecodeError, load_rgb
 from ..backbones.preprocess import normalize_batch, prepare_image
-from ..data.sources import IMAGE_EXTENSIONS, printable_path
+from ..data.sources import image_files_under, printable_path
 from ..cache.layout import WEIGHTS_DIR
 from ..cache.store import Cache, open_cache
 from ..backbones.weights import read_checkpoint
@@ -48,6 +48,10 @@ class Predictor:
     head: nn.Module  # tap features (B, D) -> probabilities (B, C)
     classes: list[str]
     storage_dtype: str = "float32"  # features are rounded like the cache's, so heads see the same inputs
+    # How the entry's extract decoded its files (see `file_decoding`): libjpeg draft scale, and
+    # "pil" or "torch" (torchvision decode and tensor resize; "torch-pixels": PIL decode, tensor resize).
+    draft_size: tuple[int, int] | None = None
+    decode: str = "pil"
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images (B, 3, S, S), already resized and cropped -> flat tap features."""
@@ -64,6 +68,16 @@ class Predictor:
         """A decoded RGB image, resized and cropped as this backbone's cache was."""
         return prepare_image(image, self.preprocessing)
 
+    def prepare_file(self, path: str | os.PathLike) -> torch.Tensor:
+        """An image file decoded, resized and cropped as the entry's extract did (its `--draft`, its
+        `--decode`); raises ImageDecodeError for a file that cannot be read."""
+        if self.decode == "pil":
+            return self.prepare(load_rgb(path, draft_size=self.draft_size))
+        from ..backbones import tensor_decode
+
+        item = tensor_decode.read_encoded(path) if self.decode == "torch" else tensor_decode.pixels(load_rgb(path))
+        return tensor_decode.resize_crop(tensor_decode.decode_one(item), self.preprocessing)
+
     def predict_prepared(self, prepared: list[torch.Tensor]) -> np.ndarray:
         return self.predict_proba(torch.stack(prepared))
 
@@ -77,8 +91,8 @@ class CrossPredictor:
     labels: list[str]  # ENTRY:HEAD, one per member
     classes: list[str]
 
-    def prepare(self, image) -> tuple[torch.Tensor, ...]:
-        return tuple(member.prepare(image) for member in self.members)
+    def prepare_file(self, path: str | os.PathLike) -> tuple[torch.Tensor, ...]:
+        return tuple(member.prepare_file(path) for member in self.members)
 
     def predict_prepared(self, prepared: list[tuple[torch.Tensor, ...]]) -> np.ndarray:
         parts = [weight * member.predict_prepared([item[index] for item in prepared])
@@ -96,10 +110,28 @@ def _head_module(head) -> nn.Module:
         return ProbabilitiesModule(head, str(error))
 
 
+# Sources whose rows extract reads as files (data/sources.py FileSource and its subclasses): only
+# these get `--draft`, and `--decode torch` hands their bytes to torchvision; the others' images are
+# decoded by PIL (a Hugging Face dataset's bytes, a Python dataset's files or arrays), then resized.
+FILE_SOURCE_KINDS = frozenset({"imagefolder", "csv", "tinyimagenet", "food101"})
+
+
+def file_decoding(cache: Cache) -> tuple[tuple[int, int] | None, str]:
+    """(draft_size, decode) that reproduce the entry's extract on an image file: what
+    extract/stage.py and extract/engine.py applied for the entry's recorded `jpeg_draft` and `decode`."""
+    recorded = cache.manifest["config"]["preprocessing"]
+    files = cache.manifest["config"]["source"]["kind"] in FILE_SOURCE_KINDS
+    if recorded.get("decode", "pil") == "torch":
+        return None, "torch" if files else "torch-pixels"
+    resize = int(recorded["resize_size"])
+    return ((resize, resize) if recorded.get("jpeg_draft") and files else None), "pil"
+
+
 def _predictor(cache: Cache, head, record: dict) -> Predictor:
     backbone, preprocessing = cache_backbone(cache)
+    draft_size, decode = file_decoding(cache)
     return Predictor(backbone.to(memory_format=torch.channels_last), preprocessing, record["tap"],
-                     _head_module(head), cache.classes, cache.manifest["dtype"])
+                     _head_module(head), cache.classes, cache.manifest["dtype"], draft_size, decode)
 
 
 def load_predictor(cache: Cache | str | Path, head_name: str) -> Predictor | CrossPredictor:
@@ -114,11 +146,13 @@ def load_predictor(cache: Cache | str | Path, head_name: str) -> Predictor | Cro
 
 
 def image_files(paths: list[str | Path]) -> list[Path]:
-    """Files as given, and the image files inside any folder given, in sorted order."""
+    """Files as given, and the image files inside any folder given, listed as extract lists a
+    class folder (`image_files_under`: hidden files and folders skipped, symlinked folders followed,
+    a broken symlink kept, to be reported unreadable)."""
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            files += image_files_under(path)
         elif path.exists() or os.path.islink(path):
             files.append(path)
         else:
@@ -162,7 +196,7 @@ def predict(predictor: Predictor | CrossPredictor, paths: list[str | Path], *, t
         for position, file in enumerate(chunk, start):
             shown = printable_path(str(file))  # a name that is not UTF-8 still prints
             try:
-                tensors.append(predictor.prepare(load_rgb(file)))
+                tensors.append(predictor.prepare_file(file))
                 good.append((position, shown))
             except ImageDecodeError as error:
                 results.append((position, Prediction(shown, [], f"unreadable: {error.reason}")))
