@@ -511,3 +511,19 @@ def test_scikit_learns_warnings_are_one_line_each_and_the_probe_keeps_quiet(capl
     assert [w for w in escaped if "converge" in str(w.message)] == []
     assert caplog.messages == ["sklearn:linear_model.LogisticRegression: ConvergenceWarning: lbfgs failed to converge "
                                "after 1 iteration(s) (status=1): STOP: TOTAL NO. OF ITERATIONS REACHED LIMIT"]
+
+
+def test_a_knn_k_beyond_the_training_rows_is_said(caplog):
+    """k=1000 on 50 rows silently became k=50: a vote of every training row."""
+    import logging
+
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(50, 8)).astype(np.float32), np.arange(50) % 2
+    with caplog.at_level(logging.WARNING, "featurecache"):
+        head = make_head("knn", k=[5, 1000, 2000]).fit(X, y, X[:10], y[:10], n_classes=2)
+    assert caplog.messages == ["knn: k=1000, 2000 exceeds the 50 training rows; k=50 (every row) is used instead"]
+    assert head.best_params_["k"] in (5, 50)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "featurecache"):
+        make_head("knn", k=[5, 50]).fit(X, y, X[:10], y[:10], n_classes=2)
+    assert caplog.messages == []

@@ -154,8 +154,17 @@ class KNNHead(Head):
         or reported another top-1, when predict searched for k alone)."""
         return max(self.best_params_["k"], getattr(self, "search_k_", None) or 0)
 
+    def bank_ks(self, rows: int) -> list[int]:
+        """The k grid for a bank of `rows` rows, sorted: a k beyond the rows becomes `rows`, said
+        in a warning (it votes with every training row, which a k chosen so may not mean)."""
+        beyond = sorted(k for k in self._ks() if k > rows)
+        if beyond:
+            logger.warning("knn: k=%s exceeds the %d training rows; k=%d (every row) is used instead",
+                           ", ".join(map(str, beyond)), rows, rows)
+        return sorted({min(k, rows) for k in self._ks()})
+
     def _fit(self, X, y, X_val, y_val, n_classes: int) -> None:
-        ks = sorted({min(k, len(X)) for k in self._ks()})
+        ks = self.bank_ks(len(X))
         if len(ks) > 1 and X_val is None:
             raise HeadError("knn needs validation data to choose k from a grid (or pass one k)")
         self.bank_ = directions(torch.from_numpy(X), "training")

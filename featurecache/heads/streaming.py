@@ -203,6 +203,6 @@ def fit_streaming_knn(head: KNNHead, data: StreamedData) -> KNNHead:
                          "bytes": in_memory_bytes(cache, tap, list(cache.labeled_splits))}
     head.bank_reader_ = bank_reader(cache, "train", tap)
     head.classes_, head.n_features_in_ = np.arange(n_classes), math.prod(cache.tap_shapes[tap])
-    head.choose_k(sorted({min(k, rows) for k in head._ks()}), split_blocks(cache, val_split, tap, block_rows),
+    head.choose_k(head.bank_ks(rows), split_blocks(cache, val_split, tap, block_rows),
                   n_classes)
     return head
