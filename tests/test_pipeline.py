@@ -133,11 +133,43 @@ def test_a_good_file_loads_into_specs(pipeline_file):
     ('name = "tiny"', 'name = "tiny"\nroot = "colours/train/red/0.png/cache"',  # the run failed: Not a directory
      "bad.toml:4: pipeline.root: {tmp}/colours/train/red/0.png/cache is under {tmp}/colours/train/red/0.png, a file"),
     ('source = "colours"', 'source = "loop"', "bad.toml:6: extract.source: no such folder or CSV file {tmp}/loop"),
+    # caught only after extract before: a tap not extracted, a report head not made, an ensemble across validations
+    ('[[heads]]\nhead = "logistic"', '[[heads]]\nhead = "logistic"\ntap = "layer2"',
+     "bad.toml:17: heads[1].tap: tap 'layer2' is not made by the extract step (its taps: pool, layer3)"),
+    ('worst = 4', 'worst = 4\nhead = "nonexistent"',
+     "bad.toml:36: report.head: 'nonexistent' is not a head of this pipeline (heads: logistic, knn, vote)"),
+    ('params = { k = [1, 3] }', 'params = { k = [1, 3] }\nval_fraction = 0.2',
+     "bad.toml:25: ensemble.members: 'logistic' is chosen on the val split and 'knn' on 0.2 of train with seed 0"),
+    ('params = { k = [1, 3] }', 'params = { k = [1, 3] }\nval_fraction = 0.2\nseed = 1',  # val split or not
+     "bad.toml:26: ensemble.members: 'logistic' is chosen on the val split and 'knn' on 0.2 of train with seed 1"),
 ])
 def test_errors_name_the_file_the_line_and_the_field(tmp_path, old, new, expected):
     _colour_folder(tmp_path / "colours")
     (tmp_path / "loop").symlink_to(tmp_path / "loop")  # Path.resolve raised RuntimeError: a traceback
     assert expected.format(tmp=tmp_path) in _error(tmp_path, _edit(old, new))
+
+
+def test_heads_chosen_on_the_same_rows_and_a_report_on_a_pipeline_head_pass_the_check(tmp_path):
+    """The check refuses only what would fail: without a val split, a head with no val_fraction carves
+    0.2 of train with its seed, the rows val_fraction = 0.2 carves; the ensemble may be reported."""
+    import shutil
+
+    _colour_folder(tmp_path / "colours")
+    both = _edit('params = { k = [1, 3] }', 'params = { k = [1, 3] }\nval_fraction = 0.2').replace(
+        'worst = 4', 'worst = 4\nhead = "vote"')
+    (tmp_path / "ok.toml").write_text(both.replace('[[heads]]\nhead = "logistic"',
+                                                   '[[heads]]\nhead = "logistic"\nval_fraction = 0.2'))
+    assert load_pipeline(tmp_path / "ok.toml").report.head == "vote"
+    shutil.rmtree(tmp_path / "colours" / "val")  # no val split: no val_fraction means 0.2 of train, seed 0
+    (tmp_path / "train-only.toml").write_text(both)
+    assert load_pipeline(tmp_path / "train-only.toml").heads[1].val_fraction == 0.2
+
+
+def test_run_refuses_an_ensemble_across_validations_before_extract(pipeline_file):
+    pipeline_file.write_text(_edit('params = { k = [1, 3] }', 'params = { k = [1, 3] }\nval_fraction = 0.2'))
+    result = runner.invoke(app, ["run", str(pipeline_file)])
+    assert result.exit_code == 2 and len(stderr_lines(result)) == 1 and "ensemble.members" in result.stderr
+    assert not (pipeline_file.parent / "cache").exists()
 
 
 def test_a_weights_file_without_a_suffix_is_found_beside_the_pipeline(pipeline_file, tmp_path, monkeypatch):

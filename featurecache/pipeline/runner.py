@@ -24,6 +24,7 @@ from typing import Any
 
 from ..errors import FeatureCacheError, UsageError
 from .tables import PipelineText, spec_from_table
+from .consistency import check_ensemble_validation, check_report_head, check_taps
 from ..extract.stage import ExtractSpec, extract
 from ..fit.stage import FitSpec, fit_head, make_ensemble
 from ..fit.headstore import default_head_name, read_record, stale_members
@@ -171,6 +172,7 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
             raise source.error(f"a second head named {name!r}; give one a different name", "heads", i, "head",
                                f"heads[{i + 1}].name")
         names.append(name)
+    check_taps(source, extract_spec.taps, heads)
     ensemble = None
     if "ensemble" in data:
         ensemble = spec_from_table(source, EnsembleStep, data["ensemble"], "ensemble")
@@ -179,6 +181,7 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
         if unknown:
             raise source.error(f"{unknown[0]!r} is not a head of this pipeline (heads: {', '.join(names) or 'none'})",
                                "ensemble", 0, "members")
+        check_ensemble_validation(source, extract_spec, heads, names, ensemble)
     finetune = None
     if "finetune" in data:
         from ..finetune.stage import FinetuneSpec
@@ -202,6 +205,7 @@ def load_pipeline(path: str | Path, *, root: str | Path | None = None) -> Pipeli
     if report.max_points < 10 or report.worst < 0:
         key = "max_points" if report.max_points < 10 else "worst"
         raise source.error("max_points must be at least 10 and worst at least 0", "report", 0, key, f"report.{key}")
+    check_report_head(source, report.head, names, ensemble)
     if report.output:
         report = dataclasses.replace(report, output=_resolve_path(report.output, base))
     return Pipeline(path=path, name=settings.get("name", path.stem), extract=extract_spec, heads=heads,
