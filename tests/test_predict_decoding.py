@@ -124,3 +124,35 @@ def test_a_folder_is_listed_as_extract_lists_one_and_a_broken_link_is_reported(e
     assert [r.path for r in results] == [str(target / name) for name in ("a.jpg", "gone.jpg", "sub/b.jpg")]
     assert results[1].top == [] and results[1].error.startswith("unreadable: ")
     assert not results[0].error and not results[2].error
+
+
+def _subclasses(cls):
+    return {cls} | {sub for direct in cls.__subclasses__() for sub in _subclasses(direct)}
+
+
+def test_the_sources_predict_drafts_for_are_the_ones_extract_drafts(tmp_path):
+    """extract drafts a FileSource's files only; predict tells them by the manifest's source kind,
+    so every FileSource kind must be in FILE_SOURCE_KINDS and no other kind."""
+    import replicas
+    from helpers import write_photo_folder
+
+    from featurecache.data import csv_source, named  # noqa: F401  every FileSource subclass defined
+    from featurecache.data.python_objects import from_python
+    from featurecache.data.sources import FileSource, open_source
+    from featurecache.serve.predict import FILE_SOURCE_KINDS
+
+    folder = write_photo_folder(tmp_path / "photos")
+    listing = tmp_path / "photos" / "listing.csv"
+    listing.write_text("path,label,split\n" + "".join(f"{p.relative_to(folder).as_posix()},{p.parent.name},train\n"
+                                                      for p in sorted(folder.rglob("*.png"))))
+    replicas.tiny_imagenet(tmp_path / "tiny")
+    replicas.food101(tmp_path / "food")
+    sources = [open_source(str(folder)), open_source(str(listing)), open_source(f"tinyimagenet:{tmp_path / 'tiny'}"),
+               open_source(f"food101:{tmp_path / 'food'}"),
+               from_python([(str(p), p.parent.name) for p in sorted(folder.rglob("*.png"))]),
+               from_python((np.zeros((2, 8, 8, 3), np.uint8), np.array([0, 1])))]
+    assert {type(s).__name__ for s in sources if isinstance(s, FileSource)} == {
+        cls.__name__ for cls in _subclasses(FileSource) if cls is not FileSource}  # a new kind joins this test
+    for source in sources:
+        assert (source.kind in FILE_SOURCE_KINDS) == isinstance(source, FileSource), source.kind
+    assert FILE_SOURCE_KINDS == {s.kind for s in sources if isinstance(s, FileSource)}
