@@ -465,7 +465,7 @@ def test_an_estimator_whose_state_does_not_survive_saving_is_an_error_not_a_trac
 
 
 @pytest.mark.parametrize("weights", [{"a": 1}, [True, False], [1, "2"], [1.0, -1.0], [0, 0], [1.0, float("nan")], [1.0],
-                                     [1e308, 1e308]])
+                                     [1.0, float("inf")]])
 def test_ensemble_weights_must_be_non_negative_numbers(weights):
     """A dict gave numpy's TypeError, and booleans passed as 1 and 0."""
     with pytest.raises(HeadError, match="ensemble weights must be 2 non-negative numbers, not all zero; got"):
@@ -474,6 +474,19 @@ def test_ensemble_weights_must_be_non_negative_numbers(weights):
                                .predict_proba(TEST[0]),
                                0.75 * fitted("logistic").predict_proba(TEST[0]) + 0.25 * fitted("knn").predict_proba(TEST[0]),
                                atol=1e-7)
+
+
+def test_huge_ensemble_weights_are_relative_weights():
+    """1e308 twice summed to inf: a NumPy overflow warning, then a refusal that said the weights
+    were not non-negative numbers."""
+    import warnings
+
+    from featurecache.heads.ensemble import normalized_weights
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_allclose(normalized_weights([1e308, 1e308], 2), [0.5, 0.5])
+        np.testing.assert_allclose(normalized_weights([1e308, 1e307], 2), [1 / 1.1, 0.1 / 1.1])
 
 
 def test_scikit_learn_heads_compute_in_float64():

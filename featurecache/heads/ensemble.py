@@ -22,9 +22,9 @@ def normalized_weights(weights: Sequence[float] | None, count: int) -> np.ndarra
     numbers = weights is None or isinstance(weights, (list, tuple, np.ndarray)) and all(
         isinstance(w, (int, float, np.integer, np.floating)) and not isinstance(w, (bool, np.bool_)) for w in weights)
     values = np.empty(0) if not numbers else np.ones(count) if weights is None else np.asarray(weights, np.float64)
-    if (values.shape != (count,) or not np.isfinite(values).all() or (values < 0).any() or values.sum() <= 0
-            or not np.isfinite(values.sum())):  # 1e308 twice sums to inf and every weight to 0
+    if values.shape != (count,) or not np.isfinite(values).all() or (values < 0).any() or not values.any():
         raise HeadError(f"ensemble weights must be {count} non-negative numbers, not all zero; got {weights!r}")
+    values = values / values.max()  # relative weights: 1e308 twice would sum to inf
     return values / values.sum()
 
 
