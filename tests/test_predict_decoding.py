@@ -51,9 +51,11 @@ def entries(tmp_path_factory):
                     batch_size=8, workers=0, root=str(base / "cache"))
     for name, options in (("draft", {"draft": True}), ("torch", {"decode": "torch"})):
         made[name] = open_cache(extract(ExtractSpec(source=str(folder), **settings, **options)).path)
-    # A list of paths from Python: extract records --draft but its PIL loads do not apply it.
+    # A list of paths from Python, read through PIL without draft. Extract recorded --draft for it
+    # all the same until 551fce2; entries made then keep the record (here put back in memory).
     pairs = [(str(path), path.parent.name, path.parts[-3]) for path in sorted(folder.rglob("*.jpg"))]
-    made["paths"] = open_cache(extract(source=pairs, name="paths", draft=True, **settings).path)
+    made["paths"] = open_cache(extract(source=pairs, name="paths", **settings).path)
+    made["paths"].manifest["config"]["preprocessing"]["jpeg_draft"] = True
     for cache in made.values():
         fit_head(cache, FitSpec(head="logistic"))
     make_ensemble(made["draft"], ["logistic", (made["torch"].path.name, "logistic")], name="vote", weights=[1.0, 3.0])

@@ -118,7 +118,8 @@ FILE_SOURCE_KINDS = frozenset({"imagefolder", "csv", "tinyimagenet", "food101"})
 
 def file_decoding(cache: Cache) -> tuple[tuple[int, int] | None, str]:
     """(draft_size, decode) that reproduce the entry's extract on an image file: what
-    extract/stage.py and extract/engine.py applied for the entry's recorded `jpeg_draft` and `decode`."""
+    extract/stage.py and extract/engine.py applied for the entry's recorded `jpeg_draft` and `decode`
+    (entries made before extract recorded `jpeg_draft` only where it applied hold it for any source)."""
     recorded = cache.manifest["config"]["preprocessing"]
     files = cache.manifest["config"]["source"]["kind"] in FILE_SOURCE_KINDS
     if recorded.get("decode", "pil") == "torch":
