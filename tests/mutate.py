@@ -696,6 +696,8 @@ MUTATIONS = [
     Mutation("draft-recorded-unapplied", "extract/stage.py", '**({"jpeg_draft": True} if draft else {}),',
              '**({"jpeg_draft": True} if spec.draft else {}),', ("tests/test_torchvision_sources.py", "-k", "draft_is_recorded"),
              "the key records --draft only where it decodes"),
+    Mutation("hf-classes-unchecked", "data/hf.py", "    if not allow_layout:  # one class", "    if False:  # one class",
+             ("tests/test_hf_sources.py", "-k", "class_checks"), "hf:PATH gets the class checks unless --allow-layout"),
 ]
 
 

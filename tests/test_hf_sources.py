@@ -325,3 +325,14 @@ def test_copies_across_splits_are_found_in_bytes_and_in_files(tmp_path, embed):
                                                                                               embed=embed)})
     found = [(pair.copy.split, pair.original.split) for pair in find_copies(source.samples, source.content)]
     assert found == [("val", "train")]
+
+
+def test_hf_path_gets_the_class_checks_unless_allow_layout(tmp_path):
+    """hf:PATH whose val held a class train never had extracted with exit 0 (folders and CSVs refuse it)."""
+    rows = _folder(tmp_path)
+    rows["train"] = [row for row in rows["train"] if row[1] != 2]  # no blue in train
+    datasets.DatasetDict({"train": _dataset(rows["train"]), "validation": _dataset(rows["val"])}).save_to_disk(
+        str(tmp_path / "saved"))
+    with pytest.raises(SourceError, match=r"blue appear in val but not in train.*--allow-layout"):
+        open_source(f"hf:{tmp_path / 'saved'}")
+    assert open_source(f"hf:{tmp_path / 'saved'}", allow_layout=True).split_counts() == {"train": 6, "val": 3}

@@ -350,7 +350,7 @@ def _parquet_splits(root: Path) -> dict[str, list[Path]]:
     return splits
 
 
-def open_hf(rest: str, *, content_hash: bool = False) -> HfSource:
+def open_hf(rest: str, *, content_hash: bool = False, allow_layout: bool = False) -> HfSource:
     """`hf:PATH[?image=COLUMN&label=COLUMN]`: a dataset saved with save_to_disk, or a local parquet folder."""
     text, options = parse_spec(rest)
     if not text:
@@ -383,4 +383,8 @@ def open_hf(rest: str, *, content_hash: bool = False) -> HfSource:
                                       f"{type(error).__name__}: {str(error)[:120]}") from None
     source = HfSource(root.name, str(root), parts, kind="hf", where=where, image=options.get("image"),
                       label=options.get("label"), content_hash=content_hash)
+    if not allow_layout:  # one class, a class only in val/test, Dog/dog: as for a folder or a CSV
+        from .layout_checks import check_classes
+
+        check_classes(where, source.classes, source.samples)
     return source

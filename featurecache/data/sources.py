@@ -387,7 +387,7 @@ def open_source(spec: str, *, content_hash: bool = False, allow_layout: bool = F
                               "column (or with every label -1) is unlabelled")
         from .hf import open_hf
 
-        return open_hf(rest, content_hash=content_hash)
+        return open_hf(rest, content_hash=content_hash, allow_layout=allow_layout)
     from .named import NAMED, open_named
 
     if prefix in NAMED and rest:
