@@ -698,6 +698,9 @@ MUTATIONS = [
              "the key records --draft only where it decodes"),
     Mutation("hf-classes-unchecked", "data/hf.py", "    if not allow_layout:  # one class", "    if False:  # one class",
              ("tests/test_hf_sources.py", "-k", "class_checks"), "hf:PATH gets the class checks unless --allow-layout"),
+    Mutation("copies-bytes-held", "data/copies.py", "        if isinstance(content, bytes):\n            content = _Digest(",
+             "        if False:\n            content = _Digest(", ("tests/test_copies.py", "-k", "all_held"),
+             "in-memory images are hashed as listed, not all held at once"),
 ]
 
 

@@ -218,3 +218,23 @@ def test_every_kind_of_source_is_compared(tmp_path):
                           (str(root / "test/bees/copy.png"), "bees", "test")])
     assert [(p.copy.split, p.original.split) for p in find_copies(listed.samples, listed.content)] == [
         ("test", "train")]
+
+
+def test_in_memory_images_are_not_all_held_at_once():
+    """Each array image's bytes were kept until the end: an HF dataset's whole image column in memory."""
+    import tracemalloc
+
+    import numpy as np
+
+    from featurecache.data.sources import ArraySource
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2000, 64, 64, 3), dtype=np.uint8)  # 24 MB, every image one size
+    source = ArraySource("a", "a", ["x", "y"], images, np.arange(2000) % 2, ["train"] * 1500 + ["test"] * 500)
+    tracemalloc.start()
+    try:
+        assert find_copies(source.samples, source.content) == []
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < images.nbytes / 4, (peak, images.nbytes)

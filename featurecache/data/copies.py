@@ -23,6 +23,10 @@ SHOWN = 3  # pairs named in a warning
 Content = Path | bytes  # an image file, or an in-memory image's bytes
 
 
+class _Digest(str):
+    """An in-memory image's digest, taken when it was listed so its bytes are not all held at once."""
+
+
 @dataclass(frozen=True)
 class CopyPair:
     """`copy` holds the same bytes as `original`, in another split or under another class."""
@@ -34,10 +38,9 @@ class CopyPair:
 def _digest(content: Content, limit: int | None) -> str | None:
     import xxhash
 
+    if isinstance(content, _Digest):
+        return content  # the whole image's: stricter than a first pass, the same as the second
     hasher = xxhash.xxh3_128()
-    if isinstance(content, bytes):
-        hasher.update(content[:limit] if limit else content)
-        return hasher.hexdigest()
     try:
         with open(content, "rb") as handle:
             if limit:
@@ -78,12 +81,16 @@ def find_copies(samples: Iterable[Sample], content_of: Callable[[Sample], Conten
     """Pairs of byte-identical samples in two splits or under two labels, each with at least
     one `new` sample (rows already checked when they were computed are not read again).
     The original of a pair is the first of its bytes in listing order (train before val and test)."""
+    import xxhash
+
     by_size: dict[int, list[tuple[Sample, Content]]] = defaultdict(list)
     position: dict[tuple[str, str], int] = {}  # listing order (a sample's index may count per split)
     for sample in samples:
         position[(sample.split, sample.path)] = len(position)
         content = content_of(sample)
         size = None if content is None else _size(content)
+        if isinstance(content, bytes):
+            content = _Digest(xxhash.xxh3_128_hexdigest(content))
         if size is not None:
             by_size[size].append((sample, content))
     pairs = []
