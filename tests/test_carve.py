@@ -129,3 +129,8 @@ def test_rows_carved_into_training_by_another_entry_are_said_so(tmp_path, caplog
     said = " ".join(result.output.split())  # the console wraps long lines
     assert "1 val (from train) row(s) are not in every member's entry" in said
     assert "1 val (from train) row(s) were carved into training by another member's entry" in said
+    from featurecache.report.page import ReportSpec, build_report
+
+    html = build_report(first, ReportSpec(output=str(tmp_path / "page.html"), worst=0, max_points=10)).path.read_text()
+    assert "1 val (from train) row(s) not in every entry were left out" in html
+    assert "1 val (from train) row(s) carved into training by another member's entry" in html

@@ -348,7 +348,7 @@ def leaderboard(cache: Cache | str | Path) -> list[dict]:
     def damaged(name: str, why: str) -> dict:
         return {"name": name, "head": "", "tap": "", "split": "", "top1": None, "top5": None, "val_top1": None,
                 "chosen": None, "fit_seconds": None, "stale": True, "note": "", "views": "", "entries": [],
-                "left_out": {}, "damaged": why}
+                "left_out": {}, "carved_apart": {}, "damaged": why}
 
     # head.json is written after the head file: a folder with it and without the file lost its head
     rows = [damaged(name, f"its {HEAD_FILE} is missing; {_advice(name)}") for name in _headless(cache)]
@@ -372,6 +372,8 @@ def leaderboard(cache: Cache | str | Path) -> list[dict]:
             "entries": [f"{m['entry']}:{m['head']}" for m in record.get("cross_members") or []],
             "left_out": {split: part["left_out"] for split, part in (record.get("alignment") or {}).items()
                          if part["left_out"]},
+            "carved_apart": {split: part["carved_into_training"] for split, part in (record.get("alignment") or {}).items()
+                             if part.get("carved_into_training")},  # of left_out: a member trained on them
             "damaged": "",
         })
     return sorted(rows, key=lambda r: (bool(r["damaged"]), r["stale"], -(r["top1"] or 0.0)))

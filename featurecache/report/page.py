@@ -346,8 +346,11 @@ def build_report(cache: Cache | str | Path, spec: ReportSpec = ReportSpec()) -> 
         sections.append(f"<p class=note>Best first. Hyper-parameters are chosen on validation; "
                         f"{_e(board[0]['note'])}.</p>")
         sections += [f"<p class=note>{_e(r['name'])} votes across entries: {_e(', '.join(r['entries']))}"
-                     + "".join(f"; {n} {_e(split)} row(s) not in every entry were left out"
-                               for split, n in r["left_out"].items()) + ".</p>" for r in board if r["entries"]]
+                     + "".join(f"; {n - r['carved_apart'].get(split, 0)} {_e(split)} row(s) not in every entry were "
+                               "left out" for split, n in r["left_out"].items() if n - r["carved_apart"].get(split, 0))
+                     + "".join(f"; {n} {_e(split)} row(s) carved into training by another member's entry (their "
+                               "train splits hold other files) were left out" for split, n in r["carved_apart"].items())
+                     + ".</p>" for r in board if r["entries"]]
         sections += [f"<p class=warn>{_e(r['name'])} is damaged and left out: {_e(r['damaged'])}</p>"
                      for r in board if r["damaged"]]
     else:
