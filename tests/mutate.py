@@ -48,6 +48,7 @@ KEY = "tests/test_cache_key.py"
 CROSS = "tests/test_cross_ensemble.py"
 VIT = "tests/test_timm_fast_path.py"
 FINETUNE = "tests/test_finetune.py"
+DECODING = "tests/test_predict_decoding.py"
 MUTATIONS = [
     # The cache key: each field that changes the numbers, dropped from the entry's config.
     Mutation("key-weights", "extract/stage.py", '"weights_sha256": weights.sha256,', "",
@@ -64,7 +65,7 @@ MUTATIONS = [
              (f"{KEY}::test_key_field_forward_precision",), "the forward precision is in the key"),
     Mutation("key-dtype", "extract/stage.py", '"dtype": spec.dtype,\n        "precision"', '"precision"',
              (f"{KEY}::test_key_field_storage_dtype",), "the storage dtype is in the key"),
-    Mutation("key-draft", "extract/stage.py", '**({"jpeg_draft": True} if spec.draft else {})', "",
+    Mutation("key-draft", "extract/stage.py", '**({"jpeg_draft": True} if draft else {})', "",
              (f"{KEY}::test_key_field_draft",), "--draft is in the key"),
     # Fingerprints and planning: which rows are reused.
     Mutation("fingerprint-mtime", "data/sources.py", "stat.st_size, stat.st_mtime_ns, class_name", "stat.st_size, class_name",
@@ -289,8 +290,8 @@ MUTATIONS = [
     Mutation("cross-on-one-entry", "fit/headstore.py", "    if record[\"head\"] == CROSS_ENSEMBLE:\n        entries",
              "    if False:\n        entries", (CROSS, "-k", "not_applied"),
              "a vote across entries is never applied to one entry's features"),
-    Mutation("cross-one-preprocessing", "serve/predict.py", "tuple(member.prepare(image) for member in self.members)",
-             "tuple(self.members[0].prepare(image) for member in self.members)", (CROSS, "-k", "predict_on_images"),
+    Mutation("cross-one-preprocessing", "serve/predict.py", "tuple(member.prepare_file(path) for member in self.members)",
+             "tuple(self.members[0].prepare_file(path) for member in self.members)", (CROSS, "-k", "predict_on_images"),
              "predict runs each member's backbone with its own preprocessing"),
     Mutation("cross-split-rows-hidden", "serve/predict.py", "for path in home + [p for p in voted.missing_from if p not in listed]:",
              "for path in voted.paths:", (CROSS, "-k", "predict_split"), "predict --split names the rows left out"),
@@ -587,8 +588,8 @@ MUTATIONS = [
     Mutation("export-leftover-kept", "cache/atomic.py", "    remove_stale_folders(path.parent, path.name)\n", "",
              ("tests/test_export_features.py::test_a_killed_export_leaves_no_output_and_the_next_one_completes",),
              "the next export removes a killed export's temporary folder"),
-    Mutation("stale-despite-live-owner", "cache/atomic.py", "        if old or not _owner_alive(entry.name):",
-             "        if True:",
+    Mutation("stale-despite-live-owner", "cache/atomic.py", "    return old or not _owner_alive(temporary.name)",
+             "    return True",
              ("tests/test_export_features.py::test_the_temporary_folder_of_a_running_export_is_left_alone",),
              "a running writer's temporary folder is left alone"),
     Mutation("export-folder-no-fsync", "cache/atomic.py", "            fsync_file(Path(folder) / name)\n",
@@ -701,6 +702,31 @@ MUTATIONS = [
     Mutation("copies-bytes-held", "data/copies.py", "        if isinstance(content, bytes):\n            content = _Digest(",
              "        if False:\n            content = _Digest(", ("tests/test_copies.py", "-k", "all_held"),
              "in-memory images are hashed as listed, not all held at once"),
+    # Stop 29: predict decodes files as the entry's extract did.
+    Mutation("predict-decodes-as-pil", "serve/predict.py", "tensors.append(predictor.prepare_file(file))",
+             "tensors.append(predictor.prepare(load_rgb(file)))", (DECODING, "-k", "same_files"),
+             "predict decodes image files as the entry's extract did (--draft, --decode torch)"),
+    Mutation("predict-draft-ignored", "serve/predict.py",
+             "return self.prepare(load_rgb(path, draft_size=self.draft_size))", "return self.prepare(load_rgb(path))",
+             (DECODING, "-k", "same_files or vote"), "predict decodes an entry's JPEGs at extract's --draft scale"),
+    Mutation("predict-torch-decode-ignored", "serve/predict.py", '        if self.decode == "pil":\n', "        if True:\n",
+             (DECODING, "-k", "same_files or vote"),
+             "predict decodes and resizes with torchvision where extract did (--decode torch)"),
+    Mutation("predict-draft-any-source", "serve/predict.py",
+             'files = cache.manifest["config"]["source"]["kind"] in FILE_SOURCE_KINDS', "files = True",
+             (DECODING, "-k", "same_files"), "predict drafts only the sources extract drafted (files, not a path list)"),
+    Mutation("predict-file-kinds-short", "serve/predict.py", '{"imagefolder", "csv", "tinyimagenet", "food101"}',
+             '{"imagefolder", "tinyimagenet", "food101"}', (DECODING, "-k", "sources_predict"),
+             "every file source's kind is one predict drafts and torch-decodes"),
+    Mutation("cross-one-decoding", "serve/predict.py", "tuple(member.prepare_file(path) for member in self.members)",
+             "tuple(self.members[0].prepare_file(path) for member in self.members)", (DECODING, "-k", "vote"),
+             "a vote across entries decodes files as each member's entry did"),
+    Mutation("export-no-decoding", "serve/export.py", '"preprocessing": preprocessing_record(predictor),',
+             '"preprocessing": predictor.preprocessing.to_dict(),', (DECODING, "-k", "export"),
+             "an exported model records how extract decoded the files (decode, jpeg_draft, draft_size)"),
+    Mutation("predict-lists-by-rglob", "serve/predict.py", "files += image_files_under(path)",
+             'files += sorted(p for p in path.rglob("*") if p.is_file())', (DECODING, "-k", "folder_is_listed"),
+             "predict FOLDER lists files as extract does (no hidden ones) and reports a broken link"),
 ]
 
 
