@@ -20,6 +20,7 @@ from ..errors import CacheNotFoundError, HeadError, SourceError
 from ..cache.schema import CROSS_ENSEMBLE
 from ..fit.cross_ensemble import cross_split_probabilities, load_cross_ensemble
 from ..fit.headstore import load_head, read_record
+from ..heads.metrics import DISTRIBUTION_TOL
 from ..heads.probabilities_module import ProbabilitiesModule
 from ..data.images import ImageDecodeError, load_rgb
 from ..backbones.preprocess import normalize_batch, prepare_image
@@ -163,7 +164,6 @@ def image_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-DISTRIBUTION_TOL = 1e-3  # |sum - 1| allowed: float32 softmax over 1,000 classes sums within about 1e-5
 
 
 @dataclass
