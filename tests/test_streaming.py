@@ -116,6 +116,9 @@ def test_streamed_knn_predicts_from_the_cache_and_refuses_export(digits_cache, t
 def test_heads_that_cannot_stream_say_so(digits_cache):
     with pytest.raises(HeadError, match="memory budget.*logistic, mlp, knn"):
         fit_head(open_cache(digits_cache), FitSpec(head="sklearn:svm.LinearSVC", max_memory=BUDGET))
+    # a streamed fit never carves: it would choose on the val split while the record said a carved fraction
+    with pytest.raises(HeadError, match="memory budget.*without --refit or --val-fraction"):
+        fit_head(open_cache(digits_cache), FitSpec(head="logistic", max_memory=BUDGET, val_fraction=0.2))
 
 
 # Peak memory of a streamed fit, in a child process: the rise of peak RSS over the RSS before
