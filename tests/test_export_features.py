@@ -139,6 +139,8 @@ def test_a_failed_export_leaves_nothing_behind(cache, tmp_path):
         result = CliRunner().invoke(app, ["export-features", str(cache.path), "-o", str(out)])
         assert result.exit_code == 1 and "fails its checksum" in result.stderr, result.output
         assert not (tmp_path / "new").exists() and list(empty.iterdir()) == []
+        # nor a temporary folder beside it: a failed run (not a killed one) cleans up after itself
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def _files(folder) -> dict:
