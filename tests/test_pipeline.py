@@ -329,3 +329,21 @@ def test_shipped_pipelines_are_valid(tmp_path):
     assert [h.head for h in cifar.heads] == ["logistic", "mlp"] and cifar.ensemble.members == ("logistic", "mlp")
     with pytest.raises(UsageError, match=r"imagefolder.toml:\d+: extract.source: no such folder"):
         load_pipeline(tmp_path / "pipelines" / "imagefolder.toml")
+
+
+def test_a_head_that_carved_by_position_is_fitted_again(tmp_path, monkeypatch):
+    """A head fitted before carving went by path (no `carve` in its record) is not current: left as it
+    was, an ensemble with a head fitted since would be refused as validated on other rows."""
+    from featurecache.fit import stage
+
+    _colour_folder(tmp_path / "colours")
+    path = tmp_path / "carved.toml"
+    path.write_text(PIPELINE.split("[[heads]]")[0] + '[[heads]]\nhead = "knn"\nparams = { k = 3 }\n'
+                    'val_fraction = 0.3\n\n[report]\nworst = 0\n')
+    validation = stage._validation
+    monkeypatch.setattr(stage, "_validation", lambda *a: {k: v for k, v in validation(*a).items() if k != "carve"})
+    assert not run_pipeline(load_pipeline(path)).steps[1].cached
+    monkeypatch.setattr(stage, "_validation", validation)
+    second = run_pipeline(load_pipeline(path)).steps[1]
+    assert second.step == "head knn" and not second.cached
+    assert run_pipeline(load_pipeline(path)).steps[1].cached

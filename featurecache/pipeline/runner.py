@@ -26,7 +26,7 @@ from ..errors import FeatureCacheError, UsageError
 from .tables import PipelineText, spec_from_table
 from .consistency import check_ensemble_validation, check_report_head, check_taps
 from ..extract.stage import ExtractSpec, extract
-from ..fit.stage import FitSpec, fit_head, make_ensemble
+from ..fit.stage import FitSpec, fit_head, head_validation, make_ensemble
 from ..fit.headstore import default_head_name, read_record, stale_members
 from ..report.page import ReportSpec, build_report, default_output, is_current, is_report_page, report_inputs
 from ..cache.integrity import refuse_inside_cache
@@ -320,8 +320,9 @@ def _head_is_current(cache: Cache, spec: FitSpec) -> bool:
         record = read_record(cache, spec.name or default_head_name(spec.head))
     except FeatureCacheError:  # missing or damaged: fit it (again)
         return False
-    return record.get("cache_key") == cache.key and _same_settings(record.get("spec") or {}, spec,
-                                                                   ("name", "overwrite"))
+    validation = head_validation(record)  # a head that carved by position is fitted again, by path
+    return (record.get("cache_key") == cache.key and (validation["split"] != "train" or "carve" in validation)
+            and _same_settings(record.get("spec") or {}, spec, ("name", "overwrite")))
 
 
 def _ensemble_is_current(cache: Cache, step: EnsembleStep) -> bool:
