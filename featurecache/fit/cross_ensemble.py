@@ -254,7 +254,7 @@ def make_cross_ensemble(cache: Cache | str | Path, members: list[MemberRef], *, 
             alignment[split]["missing"] = {m: n for m, n in missing.items() if n}
         _warn_left_out(name, split, voted, trained)
         if voted.paths:
-            metrics[split] = classification_metrics(voted.probabilities, voted.labels, home.classes)
+            metrics[split] = classification_metrics(voted.probabilities, voted.labels, home.classes, f"{split} rows")
     if not metrics:
         raise HeadError("no row is left to score the ensemble honestly: the members' entries share no validation "
                         "or test path")

@@ -105,7 +105,7 @@ def _splits(cache: Cache, spec: FitSpec) -> dict[str, tuple[np.ndarray, np.ndarr
 
 
 def _evaluate(head: Head, data: dict, classes: list[str]) -> dict[str, dict]:
-    return {split: classification_metrics(head.predict_proba(X), y, classes)
+    return {split: classification_metrics(head.predict_proba(X), y, classes, f"{split} rows")
             for split, (X, y) in data.items() if split != "train" and len(y)}
 
 
@@ -158,7 +158,7 @@ def _fit_streaming(cache: Cache, spec: FitSpec) -> tuple[Head, dict, str]:
         block_rows = max(1, _budget(spec) // (4 * 4 * math.prod(cache.tap_shapes[spec.tap])))
     head = head.fit_streamed(StreamedData(cache, spec.tap, "val", spec.seed, block_rows))
     metrics = {split: classification_metrics(*streamed_probabilities(head, cache, split, spec.tap, block_rows),
-                                             cache.classes)
+                                             cache.classes, f"{split} rows")
                for split in ("val", "test") if cache.labeled_splits.get(split)}
     return head, metrics, "val"
 
