@@ -558,7 +558,7 @@ MUTATIONS = [
              "an empty class folder of one split is named with what to do"),
     # Stop 29: byte-identical copies across splits or classes are said, wherever the figures are.
     Mutation("copies-not-recorded", "extract/stage.py",
-             "        copies = _copies(source, plan, previous) if group.leader else []", "        copies = []", ("tests/test_copies.py",), "extract records byte-identical copies in the manifest"),
+             "            copies = _copies(source, plan, previous) if group.leader else []", "            copies = []", ("tests/test_copies.py",), "extract records byte-identical copies in the manifest"),
     Mutation("copies-unsaid-by-extract", "extract/stage.py", ' + copy_warnings(manifest.get("copies") or [])', "",
              ("tests/test_copies.py",), "extract warns of copies, also on a cache hit"),
     Mutation("copies-forgotten", "extract/stage.py",
@@ -768,6 +768,13 @@ MUTATIONS = [
     Mutation("pipeline-keeps-position-carved-head", "pipeline/runner.py",
              'and (validation["split"] != "train" or "carve" in validation)', "and True",
              ("tests/test_pipeline.py", "-k", "carved_by_position"), "run refits a head carved by position"),
+    Mutation("copies-lost-with-their-original", "extract/stage.py", "        if pair & changed or not pair <= listed:",
+             "        if False:", ("tests/test_copies.py", "-k", "lost_its_original"),
+             "a recorded pair that lost one image is read again, so a third copy is still said"),
+    Mutation("sklearn-deprecations-said", "heads/sklearn_head.py",
+             "                if issubclass(warning.category, (DeprecationWarning, PendingDeprecationWarning)):",
+             "                if False:", ("tests/test_heads.py", "-k", "deprecation_warnings"),
+             "scikit-learn's deprecation warnings stay hidden, as Python hides them"),
 ]
 
 

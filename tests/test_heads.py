@@ -540,3 +540,22 @@ def test_a_knn_k_beyond_the_training_rows_is_said(caplog):
     with caplog.at_level(logging.WARNING, "featurecache"):
         make_head("knn", k=[5, 50]).fit(X, y, X[:10], y[:10], n_classes=2)
     assert caplog.messages == []
+
+
+def test_deprecation_warnings_stay_hidden_and_a_failed_fit_still_says_its_warnings(caplog, monkeypatch):
+    import logging
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+
+    def noisy_fit(self, X, y):
+        warnings.warn("internal API moved", DeprecationWarning)
+        warnings.warn("this will change", FutureWarning)
+        raise ValueError("could not fit")
+
+    monkeypatch.setattr(LogisticRegression, "fit", noisy_fit)
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(30, 4)).astype(np.float32), np.arange(30) % 3
+    with caplog.at_level(logging.WARNING, "featurecache"), pytest.raises(HeadError, match="could not fit"):
+        make_head("sklearn:linear_model.LogisticRegression").fit(X, y, n_classes=3)
+    assert caplog.messages == ["sklearn:linear_model.LogisticRegression: FutureWarning: this will change"]

@@ -35,7 +35,7 @@ from ..backbones.optimize import optimize_backbone, resolve_optimize
 from .plan import Plan, make_plan
 from .writer import ShardPipeline
 from ..data.sources import FileSource, open_source
-from ..cache.layout import MANIFEST, SHARDS_DIR, WEIGHTS_DIR, weights_file
+from ..cache.layout import LOCK, MANIFEST, SHARDS_DIR, WEIGHTS_DIR, weights_file
 from ..cache.manifest import new_manifest, write_manifest
 from ..cache.views import check_view_count, parse_policy
 from ..cache.coverage import untaught_classes_of
@@ -239,6 +239,8 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
     with contextlib.ExitStack() as lock:
         if group.leader:
             lock.enter_context(entry_lock(path, spec.lock_timeout))
+            # again: a run that read no image, holding the lock before us, removed the entry
+            path.joinpath(SHARDS_DIR).mkdir(parents=True, exist_ok=True)
         fault_point("after_lock")
         previous = read_manifest(path) if group.leader and (path / MANIFEST).exists() else None
         damaged_checkpoint = bool(previous) and group.leader and not _checkpoint_intact(root, previous)
@@ -268,17 +270,17 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
             lock.close()  # views take the lock themselves
             return _with_views(result, hit, spec, source, model_factory, taps, device, precision, preprocessing,
                                workers, progress)
-        copies = _copies(source, plan, previous) if group.leader else []
-        manifest = new_manifest(
-            tool_version=__version__, entry_id=entry_hash, key=key, config=config, weights_spec=spec.weights,
-            weights_description=weights.description, weights_sha256=weights.sha256, spec=dataclasses.asdict(spec),
-            classes=source.classes, dtype=spec.dtype,
-            taps={t: tap_shape(entry, t, preprocessing.crop_size) for t in taps},
-            created=(previous or {}).get("created"), unlabeled_splits=list(source.unlabeled_splits),
-            fingerprints="content" if spec.content_hash else source.fingerprint_kind, class_ids=source.class_ids,
-            copies=copies)
         pipeline = None
-        try:
+        try:  # from here a failure leaves the entry as it found it (the copy scan can take a while)
+            copies = _copies(source, plan, previous) if group.leader else []
+            manifest = new_manifest(
+                tool_version=__version__, entry_id=entry_hash, key=key, config=config, weights_spec=spec.weights,
+                weights_description=weights.description, weights_sha256=weights.sha256,
+                spec=dataclasses.asdict(spec), classes=source.classes, dtype=spec.dtype,
+                taps={t: tap_shape(entry, t, preprocessing.crop_size) for t in taps},
+                created=(previous or {}).get("created"), unlabeled_splits=list(source.unlabeled_splits),
+                fingerprints="content" if spec.content_hash else source.fingerprint_kind, class_ids=source.class_ids,
+                copies=copies)
             if group.leader:
                 store_weights(root / WEIGHTS_DIR, entry.name, weights)
             plan = group.assign(plan)  # this rank's shards: all of them outside torchrun
@@ -309,13 +311,20 @@ def _extract(spec: ExtractSpec, group: Group, progress: Callable[[int, int], Non
 def _copies(source, plan, previous: dict | None) -> list[dict]:
     """The manifest's `copies`: byte-identical images across splits or classes, read again only
     where a group of alike files holds a row this run computes; an earlier run's still hold."""
+    earlier = (previous or {}).get("copies") or []
     fresh = {sample.fingerprint for sample in plan.to_compute}
+    changed = {(s.split, s.path) for s in source.samples if s.fingerprint in fresh}
+    listed = {(s.split, s.path) for s in source.samples}
+    for record in earlier:  # a pair that lost one image: its other may still copy a third
+        pair = {(record["split"], record["path"]), (record["original_split"], record["original"])}
+        if pair & changed or not pair <= listed:
+            changed |= pair & listed
 
     def new(sample) -> bool:
-        return sample.fingerprint in fresh
+        return (sample.split, sample.path) in changed
 
     found = copy_records(find_copies(source.samples, source.content, new), source.classes)
-    return merge_records((previous or {}).get("copies") or [], found, source.samples, new)
+    return merge_records(earlier, found, source.samples, new)
 
 
 def _with_views(result: ExtractResult, manifest: dict, spec: ExtractSpec, source, model_factory, taps, device,
@@ -354,7 +363,14 @@ def _leave_as_found(path: Path, previous: dict | None, manifest: dict | None) ->
             if manifest is not None:  # this run rewrote the manifest
                 write_manifest(path, previous)
         elif not any((path / SHARDS_DIR).glob("*.h5")):
-            shutil.rmtree(path)
+            (path / MANIFEST).unlink(missing_ok=True)
+            shards = path / SHARDS_DIR
+            if shards.is_dir():
+                for leftover in shards.iterdir():  # temporaries of this run's own writer
+                    leftover.unlink()
+                shards.rmdir()
+            if {p.name for p in path.iterdir()} <= {LOCK}:  # heads/, report/ ... of an earlier entry stay
+                shutil.rmtree(path)
     except (OSError, FeatureCacheError) as error:
         log.warning("could not leave %s as it was: %s", path, error)
 

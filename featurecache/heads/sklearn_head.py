@@ -4,10 +4,10 @@ saved as tensors plus JSON (never pickle), exported as a torch module where it i
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
-import contextlib
 import logging
 import warnings
 from collections.abc import Iterator
@@ -32,13 +32,17 @@ def _warnings_in_one_line(name: str, say: bool = True) -> Iterator[None]:
     head; `say=False` (a probe fit) keeps them quiet."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        yield
-    seen = set()
-    for warning in caught:
-        text = " ".join(str(warning.message).strip().split("\n\n")[0].split())
-        if say and text not in seen:
-            seen.add(text)
-            logger.warning("%s: %s: %s", name, warning.category.__name__, text[:300])
+        try:
+            yield
+        finally:  # a fit that raises still says what it warned of
+            seen = set()
+            for warning in caught:
+                if issubclass(warning.category, (DeprecationWarning, PendingDeprecationWarning)):
+                    continue  # for library authors: Python hides them from users
+                text = " ".join(str(warning.message).strip().split("\n\n")[0].split())
+                if say and text not in seen:
+                    seen.add(text)
+                    logger.warning("%s: %s: %s", name, warning.category.__name__, text[:300])
 
 SKLEARN_PREFIX = "sklearn:"
 
