@@ -775,6 +775,10 @@ MUTATIONS = [
              "                if issubclass(warning.category, (DeprecationWarning, PendingDeprecationWarning)):",
              "                if False:", ("tests/test_heads.py", "-k", "deprecation_warnings"),
              "scikit-learn's deprecation warnings stay hidden, as Python hides them"),
+    Mutation("finetune-predictor-pil", "finetune/runs.py",
+             'file_decoding(cache) if (record.get("spec") or {}).get("from_cache") else (None, "pil")', '(None, "pil")',
+             (DECODING, "-k", "from_cache_finetune"),
+             "a --from-cache finetune run decodes files as its entry's extract did; a run on images as it trained"),
 ]
 
 

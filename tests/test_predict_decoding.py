@@ -158,3 +158,27 @@ def test_the_sources_predict_drafts_for_are_the_ones_extract_drafts(tmp_path):
     for source in sources:
         assert (source.kind in FILE_SOURCE_KINDS) == isinstance(source, FileSource), source.kind
     assert FILE_SOURCE_KINDS == {s.kind for s in sources if isinstance(s, FileSource)}
+
+
+def test_a_from_cache_finetune_predicts_on_files_decoded_as_its_activations_were(entries):
+    """A --from-cache run trains on the entry's cached activations (here decoded with --draft), yet
+    its predictor decoded files at full size with PIL; a run on images decodes as it trained (PIL)."""
+    from featurecache.finetune.stage import FinetuneSpec, finetune, load_finetuned_predictor
+
+    made, folder = entries
+    cache = open_cache(extract(ExtractSpec(source=str(folder), model="resnet18", weights="random", image_size=32,
+                                           precision="fp32", dtype="float32", batch_size=8, workers=0, draft=True,
+                                           taps=("pool", "layer3"), root=str(made["draft"].path.parent))).path)
+    fit_head(cache, FitSpec(head="logistic"))
+    files = [folder / p for p in cache.paths("test")]
+    entry_predictor = load_predictor(cache, "logistic")
+    base = dict(epochs=1, batch_size=8, workers=0, precision="fp32", device="cpu", hflip=False, head="logistic")
+    for from_cache in (True, False):
+        name = f"run-{from_cache}"
+        finetune(cache, FinetuneSpec(name=name, from_cache=from_cache, **base))
+        predictor = load_finetuned_predictor(cache, name)
+        expected = (entry_predictor.prepare_file if from_cache
+                    else lambda f: predictor.prepare(load_rgb(f)))  # the image path trained on PIL, full size
+        for file in files:
+            assert torch.equal(predictor.prepare_file(file), expected(file)), (from_cache, file)
+        assert (predictor.draft_size is not None) == from_cache

@@ -22,7 +22,7 @@ from ..cache.store import Cache, open_cache
 from ..errors import CacheIncompleteError, CacheNotFoundError, CorruptCacheError, HeadError, MismatchError
 from ..fit.headstore import check_head_name
 from ..heads.registry import head_from_saved
-from ..serve.predict import Predictor, cache_backbone
+from ..serve.predict import Predictor, cache_backbone, file_decoding
 from .spec import finetune_command
 
 STATE_METADATA = "featurecache.finetune"
@@ -163,8 +163,11 @@ def load_finetune_run(cache: Cache | str | Path, name: str, *,
                                        f"is {record.get('best_epoch')}); {warning.split('; ', 1)[1]}")
         raise CorruptCacheError(f"finetune run {directory} holds a {found}, but its record's best epoch is "
                                 f"{record.get('best_epoch')}; run it again with --restart")
+    # --from-cache trained on the entry's activations: decode files as its extract did; a run on
+    # images trained on PIL's full-size decode
+    draft_size, decode = file_decoding(cache) if (record.get("spec") or {}).get("from_cache") else (None, "pil")
     return Predictor(backbone.eval().to(memory_format=torch.channels_last), preprocessing, "pool",
-                     head.as_module().eval(), cache.classes, cache.manifest["dtype"]), warning
+                     head.as_module().eval(), cache.classes, cache.manifest["dtype"], draft_size, decode), warning
 
 
 def load_finetuned_predictor(cache: Cache | str | Path, name: str) -> Predictor:
