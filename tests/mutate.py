@@ -779,6 +779,9 @@ MUTATIONS = [
              'file_decoding(cache) if (record.get("spec") or {}).get("from_cache") else (None, "pil")', '(None, "pil")',
              (DECODING, "-k", "from_cache_finetune"),
              "a --from-cache finetune run decodes files as its entry's extract did; a run on images as it trained"),
+    Mutation("copies-unlabelled-warned", "data/copies.py", '        if not record["label"] or not record["original_label"]:',
+             "        if False:", ("tests/test_copies.py", "-k", "unlabelled_split"),
+             "copies in an unlabelled split (never scored) are not warned of"),
 ]
 
 

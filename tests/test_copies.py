@@ -259,3 +259,15 @@ def test_a_pair_that_lost_its_original_is_read_again(tmp_path):
     assert _warnings(again) == ["warning: 1 test image(s) are byte-identical copies of train images "
                                 "(test/dog/b.png = train/dog/d.png): they are scored on images a head was fitted on, "
                                 "so test figures read high; remove the copies from one split"]
+
+
+def test_copies_in_an_unlabelled_split_are_recorded_but_not_warned_of():
+    """An unlabelled split is never scored: a train image in it misleads no figure. Val is where a
+    head is chosen, not fitted."""
+    def record(split, label, original_split, original_label):
+        return {"path": f"{split}/x.png", "split": split, "label": label, "original": f"{original_split}/y.png",
+                "original_split": original_split, "original_label": original_label}
+
+    assert copy_warnings([record("pool", "", "train", "cat"), record("pool", "", "pool", "")]) == []
+    (warning,) = copy_warnings([record("test", "cat", "val", "cat")])
+    assert "they are scored on images a head was chosen on, so test figures read high" in warning

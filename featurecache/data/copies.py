@@ -135,7 +135,7 @@ def merge_records(previous: list[dict], fresh: list[dict], current: Iterable[Sam
 
 def copy_warnings(records: list[dict]) -> list[str]:
     """Warnings for `copies` records: copies across splits (scores read high) and copies
-    under another class in one split (a wrong label)."""
+    under another class in one split (a wrong label); none for an unlabelled split's."""
     def shown(chosen: list[dict]) -> str:
         named = ", ".join(f"{printable_path(r['path'])} = {printable_path(r['original'])}" for r in chosen[:SHOWN])
         return named + (", ..." if len(chosen) > SHOWN else "")
@@ -143,17 +143,18 @@ def copy_warnings(records: list[dict]) -> list[str]:
     across: dict[tuple[str, str], list[dict]] = defaultdict(list)
     relabelled: dict[str, list[dict]] = defaultdict(list)
     for record in records:
+        if not record["label"] or not record["original_label"]:
+            continue  # an unlabelled split is never scored: a copy there misleads no figure
         if record["split"] != record["original_split"]:
             across[(record["split"], record["original_split"])].append(record)
         else:
             relabelled[record["split"]].append(record)
     warnings = [f"{len(chosen)} {split} image(s) are byte-identical copies of {original} images ({shown(chosen)}): "
-                f"they are scored on images a head was fitted on, so {split} figures read high; remove the copies "
-                "from one split"
+                f"they are scored on images a head was {'fitted' if original == 'train' else 'chosen'} on, so "
+                f"{split} figures read high; remove the copies from one split"
                 for (split, original), chosen in sorted(across.items())]
     warnings += [f"{len(chosen)} {split} image(s) are byte-identical copies of {split} images under another class "
-                 f"({shown(chosen)}; e.g. {chosen[0]['label'] or 'no label'} and "
-                 f"{chosen[0]['original_label'] or 'no label'}): one label of each pair is wrong; remove or relabel "
-                 "the copies"
+                 f"({shown(chosen)}; e.g. {chosen[0]['label']} and {chosen[0]['original_label']}): one label of "
+                 "each pair is wrong; remove or relabel the copies"
                  for split, chosen in sorted(relabelled.items())]
     return warnings
