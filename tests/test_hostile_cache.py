@@ -26,7 +26,8 @@ from featurecache import extract, open_cache
 from featurecache.cli import app
 from featurecache.errors import CorruptCacheError, FeatureCacheError, HeadError, NameTakenError, SourceError, StaleError
 from featurecache.extract.stage import ExtractSpec
-from featurecache.fit.stage import FitSpec, _stratified_split, fit_head, leaderboard, make_ensemble
+from featurecache.fit.carve import stratified_split as _stratified_split
+from featurecache.fit.stage import FitSpec, fit_head, leaderboard, make_ensemble
 from featurecache.fit.headstore import load_head, read_record
 from featurecache.cache.integrity import seal, seal_json
 from featurecache.cache.shards import file_sha256

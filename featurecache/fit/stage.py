@@ -30,7 +30,7 @@ from ..cache.store import Cache, open_cache
 from ..cache.streaming import available_memory, in_memory_bytes, streamed_probabilities
 from ..heads.streaming import StreamedData
 from .views import check_views_spec, fit_with_views, train_views
-from .carve import BY_PATH, carve, carved_rows, stratified_split as _stratified_split  # noqa: F401
+from .carve import BY_PATH, carve, carved_rows
 
 log = logging.getLogger("featurecache")
 

@@ -164,8 +164,6 @@ def image_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
-
-
 @dataclass
 class Prediction:
     path: str
