@@ -782,6 +782,9 @@ MUTATIONS = [
     Mutation("copies-unlabelled-warned", "data/copies.py", '        if not record["label"] or not record["original_label"]:',
              "        if False:", ("tests/test_copies.py", "-k", "unlabelled_split"),
              "copies in an unlabelled split (never scored) are not warned of"),
+    Mutation("export-onto-mount-point", "serve/export_features.py", "    if os.path.ismount(final):  # the finished",
+             "    if False:  # the finished", ("tests/test_export_features.py", "-k", "mount_point"),
+             "export-features refuses a mount point before any work"),
 ]
 
 

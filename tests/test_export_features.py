@@ -179,3 +179,21 @@ def test_the_temporary_folder_of_a_running_export_is_left_alone(cache, tmp_path)
     featurecache.export_features(cache, tmp_path / "features")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "c") == [live.name, "features"]
     assert (live / "train").is_dir()
+
+
+def test_a_mount_point_is_refused_before_any_work(cache, tmp_path, monkeypatch):
+    """-o an empty mount point (docker -v host:/out): the export was written beside it, then its rename
+    onto the mount point failed after all the work."""
+    import os
+
+    mount = tmp_path / "out"
+    mount.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda path: str(path) == str(mount) or real(path))
+    result = CliRunner().invoke(app, ["export-features", str(cache.path), "-o", str(mount)])
+    assert result.exit_code == 2 and stderr_lines(result) == [
+        f"error: {mount} is a mount point, which the finished export cannot replace; give a new folder inside it "
+        f"(e.g. -o {mount / 'features'})"], result.output
+    assert list(mount.iterdir()) == [] and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    inside = CliRunner().invoke(app, ["export-features", str(cache.path), "-o", str(mount / "features")])
+    assert inside.exit_code == 0, inside.output

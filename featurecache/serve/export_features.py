@@ -18,6 +18,7 @@ or not at all (see `export_features`).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,9 @@ def export_features(cache: Cache | str | Path, output: str | Path, *, format: st
     prepare_output_folder(output, "features/", "the export")
     library = _format_library(format)
     final = output.resolve() if output.is_symlink() else output  # a link to an empty folder: fill its target
+    if os.path.ismount(final):  # the finished folder is renamed onto -o: a mount point cannot be replaced
+        raise UsageError(f"{output} is a mount point, which the finished export cannot replace; give a new folder "
+                         f"inside it (e.g. -o {Path(output) / 'features'})")
     with output_parents(final, "the export's folder"), atomic_folder(final, "the export", "export_rename") as tmp:
         _write_export(cache, tap, chosen, format, library, tmp)
     return output
