@@ -785,6 +785,12 @@ MUTATIONS = [
     Mutation("export-onto-mount-point", "serve/export_features.py", "    if os.path.ismount(final):  # the finished",
              "    if False:  # the finished", ("tests/test_export_features.py", "-k", "mount_point"),
              "export-features refuses a mount point before any work"),
+    Mutation("unlisted-formats-unsaid", "data/sources.py", "        warn_unlisted(root, unlisted)", "        pass",
+             ("tests/test_sources.py", "-k", "formats_not_read"),
+             "images in formats not read (.heic, .avif ...) are said, not dropped silently"),
+    Mutation("unlisted-formats-unsaid-by-predict", "serve/predict.py", "            warn_unlisted(path, unlisted)",
+             "            pass", ("tests/test_sources.py", "-k", "formats_not_read"),
+             "predict FOLDER says which images it leaves out for their format"),
 ]
 
 

@@ -114,3 +114,30 @@ def test_jpegs_by_their_other_names_are_extracted(tmp_path, tiny_spec):
     cache = open_cache(extract(tiny_spec(tmp_path / "pets")).path)
     assert cache.paths("train") == ["cat/0.jpg", "cat/1.jfif", "dog/0.jpg", "dog/1.JPE", "dog/2.jif", "dog/3.pnm"]
     assert cache.labels("train").tolist() == [0, 0, 1, 1, 1, 1] and cache.manifest["skipped"] == []
+
+
+def test_images_in_formats_not_read_are_said_not_dropped_silently(tmp_path, caplog):
+    """A phone's .heic photos beside its JPEGs vanished from the class without a word."""
+    import logging
+
+    from featurecache.serve.predict import image_files
+
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            write_image(tmp_path / "d" / split / label / "0.png", seed=len(label) + len(split))
+    (tmp_path / "d" / "train" / "cat" / "IMG_1.heic").write_bytes(b"not read")
+    (tmp_path / "d" / "train" / "cat" / "IMG_2.HEIC").write_bytes(b"not read")
+    (tmp_path / "d" / "test" / "dog" / "x.avif").write_bytes(b"not read")
+    (tmp_path / "d" / "train" / "dog" / "notes.txt").write_text("not an image: no word")
+    with caplog.at_level(logging.WARNING, "featurecache"):
+        source = open_source(str(tmp_path / "d"))
+    assert len(source.samples) == 4
+    assert caplog.messages == [
+        f"3 image file(s) under {tmp_path / 'd'} are in formats featurecache does not read (1 .avif, 2 .heic; "
+        "e.g. test/dog/x.avif) and are left out; convert them to JPEG or PNG to include them"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "featurecache"):
+        assert len(image_files([tmp_path / "d" / "train"])) == 2  # predict FOLDER says so too
+    assert caplog.messages == [f"2 image file(s) under {tmp_path / 'd' / 'train'} are in formats featurecache does "
+                               "not read (2 .heic; e.g. cat/IMG_1.heic) and are left out; convert them to JPEG or PNG "
+                               "to include them"]

@@ -32,6 +32,10 @@ from .images import ImageDecodeError, decode_array, load_rgb
 # a codec Pillow may lack (AVIF, JPEG 2000, HEIC) are not listed
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".jpe", ".jfif", ".jif", ".jfi", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                     ".ppm", ".pgm", ".pbm", ".pnm"}
+# images in formats featurecache does not list (Pillow lacks them, or decodes them only with plug-ins):
+# left out of a folder, and said so, as a phone's .heic photos would vanish without a word
+UNLISTED_IMAGE_EXTENSIONS = {".heic", ".heif", ".avif", ".jp2", ".j2k", ".jpx", ".jxl", ".dng", ".cr2", ".nef",
+                             ".arw", ".raw", ".svg", ".psd"}
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                  "validation": "val", "test": "test", "testing": "test"}
 SPLIT_ORDER = ("train", "val", "test")
@@ -156,11 +160,11 @@ def _folder_id(path: str) -> tuple[int, int]:
     return status.st_dev, status.st_ino
 
 
-def image_files_under(directory: Path) -> list[Path]:
+def image_files_under(directory: Path, unlisted: list[Path] | None = None) -> list[Path]:
     """The image files at any depth under `directory`, following symlinked folders (as ImageFolder
     does; one file reached twice is `refuse_same_files`'s) but never one back to a folder above it
     (a loop, or the other classes read into this one). An unreadable folder is an error, never a
-    silently empty class."""
+    silently empty class. Images in formats not listed (.heic ...) are added to `unlisted`."""
     files = []
     above = {os.fspath(directory): {_folder_id(os.fspath(p)) for p in (directory, *directory.parents)}}
     for dirpath, dirnames, filenames in os.walk(directory, onerror=_unreadable_folder, followlinks=True):
@@ -175,7 +179,22 @@ def image_files_under(directory: Path) -> list[Path]:
         dirnames[:] = kept
         files += [Path(dirpath) / f for f in sorted(filenames)
                   if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        if unlisted is not None:
+            unlisted += [Path(dirpath) / f for f in sorted(filenames)
+                         if not f.startswith(".") and Path(f).suffix.lower() in UNLISTED_IMAGE_EXTENSIONS]
     return files
+
+
+def warn_unlisted(root: Path, unlisted: list[Path]) -> None:
+    """One warning for the images left out for their format, counted by extension."""
+    if unlisted:
+        counts: dict[str, int] = {}
+        for file in unlisted:
+            counts[file.suffix.lower()] = counts.get(file.suffix.lower(), 0) + 1
+        kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(counts.items()))
+        log.warning("%d image file(s) under %s are in formats featurecache does not read (%s; e.g. %s) and are left "
+                    "out; convert them to JPEG or PNG to include them", len(unlisted), printable_path(str(root)),
+                    kinds, printable_path(unlisted[0].relative_to(root).as_posix()))
 
 
 class ImageFolderSource(FileSource):
@@ -219,7 +238,8 @@ class ImageFolderSource(FileSource):
             raise SourceError(f"--unlabeled {missing[0]}: {root} has no {missing[0]}/ split folder "
                               f"(it has: {', '.join(sorted(split_dirs)) or 'no train/val/test folders'}); "
                               "--unlabeled names a split folder of an image folder with splits")
-        unlabeled_files = {split: image_files_under(split_dirs[split]) for split in sorted(unlabeled_splits)}
+        unlisted: list[Path] = []
+        unlabeled_files = {split: image_files_under(split_dirs[split], unlisted) for split in sorted(unlabeled_splits)}
         if not allow_layout:
             from .layout_checks import refuse_labelled_as_unlabeled
 
@@ -238,7 +258,8 @@ class ImageFolderSource(FileSource):
         if undecodable:
             raise SourceError(f"the class folder {printable_path(undecodable[0])!r} is not named in valid UTF-8, so "
                               "its class name cannot be stored; rename it")
-        files = {(split, d.name): image_files_under(d) for split, dirs in class_dirs.items() for d in dirs}
+        files = {(split, d.name): image_files_under(d, unlisted) for split, dirs in class_dirs.items() for d in dirs}
+        warn_unlisted(root, unlisted)
         loose = {split: [f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")
                          and f.suffix.lower() in IMAGE_EXTENSIONS]
                  for split, path in split_dirs.items() if split not in unlabeled_splits}

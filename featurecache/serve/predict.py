@@ -24,7 +24,7 @@ from ..heads.metrics import DISTRIBUTION_TOL
 from ..heads.probabilities_module import ProbabilitiesModule
 from ..data.images import ImageDecodeError, load_rgb
 from ..backbones.preprocess import normalize_batch, prepare_image
-from ..data.sources import image_files_under, printable_path
+from ..data.sources import image_files_under, printable_path, warn_unlisted
 from ..cache.layout import WEIGHTS_DIR
 from ..cache.store import Cache, open_cache
 from ..backbones.weights import read_checkpoint
@@ -154,7 +154,9 @@ def image_files(paths: list[str | Path]) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            files += image_files_under(path)
+            unlisted: list[Path] = []
+            files += image_files_under(path, unlisted)
+            warn_unlisted(path, unlisted)
         elif path.exists() or os.path.islink(path):
             files.append(path)
         else:
