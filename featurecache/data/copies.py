@@ -14,13 +14,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import xxhash
+
 from .sources import Sample, printable_path
 
 HEAD_BYTES = 1 << 16  # the first pass reads this much of each candidate file
 CHUNK_BYTES = 1 << 20
 SHOWN = 3  # pairs named in a warning
 
-Content = Path | bytes  # an image file, or an in-memory image's bytes
+Content = Path | bytes  # an image file, or an in-memory image's bytes (a `_Digest` of them once listed)
 
 
 class _Digest(str):
@@ -36,8 +38,6 @@ class CopyPair:
 
 
 def _digest(content: Content, limit: int | None) -> str | None:
-    import xxhash
-
     if isinstance(content, _Digest):
         return content  # the whole image's: stricter than a first pass, the same as the second
     hasher = xxhash.xxh3_128()
@@ -81,8 +81,6 @@ def find_copies(samples: Iterable[Sample], content_of: Callable[[Sample], Conten
     """Pairs of byte-identical samples in two splits or under two labels, each with at least
     one `new` sample (rows already checked when they were computed are not read again).
     The original of a pair is the first of its bytes in listing order (train before val and test)."""
-    import xxhash
-
     by_size: dict[int, list[tuple[Sample, Content]]] = defaultdict(list)
     position: dict[tuple[str, str], int] = {}  # listing order (a sample's index may count per split)
     for sample in samples:

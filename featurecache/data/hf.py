@@ -269,18 +269,20 @@ class HfSource(Source):
         return {**super().identity(), "columns": {"image": self.image_column, "label": self.label_column},
                 "splits": {split: len(dataset) for split, dataset in self.parts.items()}}
 
-    def load(self, sample: Sample) -> Image.Image:
+    def _encoded(self, sample: Sample) -> tuple[object, object]:
+        """A row's image as (encoded bytes, file path); either may be None."""
         split, i = self._position[sample.path]
         value = self.parts[split][i][self.image_column]
-        data, file = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+        return (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+
+    def load(self, sample: Sample) -> Image.Image:
+        data, file = self._encoded(sample)
         if data is None and file:
             return load_rgb(file)
         return load_rgb_bytes(data, sample.path)
 
     def content(self, sample: Sample) -> Path | bytes | None:
-        split, i = self._position[sample.path]
-        value = self.parts[split][i][self.image_column]
-        data, file = (value.get("bytes"), value.get("path")) if isinstance(value, dict) else (value, None)
+        data, file = self._encoded(sample)
         if isinstance(data, bytes):
             return data
         return Path(file) if isinstance(file, str) and file else None

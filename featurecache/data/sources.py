@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,20 +178,19 @@ def image_files_under(directory: Path, unlisted: list[Path] | None = None) -> li
             above[path] = chain | {folder}
             kept.append(name)
         dirnames[:] = kept
-        files += [Path(dirpath) / f for f in sorted(filenames)
-                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
-        if unlisted is not None:
-            unlisted += [Path(dirpath) / f for f in sorted(filenames)
-                         if not f.startswith(".") and Path(f).suffix.lower() in UNLISTED_IMAGE_EXTENSIONS]
+        for name in sorted(f for f in filenames if not f.startswith(".")):
+            suffix = Path(name).suffix.lower()
+            if suffix in IMAGE_EXTENSIONS:
+                files.append(Path(dirpath) / name)
+            elif unlisted is not None and suffix in UNLISTED_IMAGE_EXTENSIONS:
+                unlisted.append(Path(dirpath) / name)
     return files
 
 
 def warn_unlisted(root: Path, unlisted: list[Path]) -> None:
     """One warning for the images left out for their format, counted by extension."""
     if unlisted:
-        counts: dict[str, int] = {}
-        for file in unlisted:
-            counts[file.suffix.lower()] = counts.get(file.suffix.lower(), 0) + 1
+        counts = Counter(file.suffix.lower() for file in unlisted)
         kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(counts.items()))
         log.warning("%d image file(s) under %s are in formats featurecache does not read (%s; e.g. %s) and are left "
                     "out; convert them to JPEG or PNG to include them", len(unlisted), printable_path(str(root)),

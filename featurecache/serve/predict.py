@@ -20,7 +20,7 @@ from ..errors import CacheNotFoundError, HeadError, SourceError
 from ..cache.schema import CROSS_ENSEMBLE
 from ..fit.cross_ensemble import cross_split_probabilities, load_cross_ensemble
 from ..fit.headstore import load_head, read_record
-from ..heads.metrics import DISTRIBUTION_TOL
+from ..heads.metrics import not_distributions
 from ..heads.probabilities_module import ProbabilitiesModule
 from ..data.images import ImageDecodeError, load_rgb
 from ..backbones.preprocess import normalize_batch, prepare_image
@@ -177,12 +177,12 @@ def _top(path: str, row: np.ndarray, classes: list[str], k: int) -> Prediction:
     """The `k` most probable classes of one row, best first (ties in class order); an error instead
     when the row is not a probability distribution (NaN would rank first, and a row summing to 2
     showed two classes at 1.000)."""
-    if not np.isfinite(row).all():
-        return Prediction(path, [], "no prediction: the model gave NaN or inf for this image")
-    total = float(row.sum(dtype=np.float64))
-    if row.min() < 0 or abs(total - 1.0) > DISTRIBUTION_TOL:
-        return Prediction(path, [], f"no prediction: the model's probabilities are not a distribution "
-                                    f"(they sum to {total:.4g}, the smallest is {float(row.min()):.3g})")
+    if not_distributions(row[None])[0]:  # fit-head's test of a probability row
+        if not np.isfinite(row).all():
+            return Prediction(path, [], "no prediction: the model gave NaN or inf for this image")
+        return Prediction(path, [], f"no prediction: the model's probabilities are not a distribution (they sum "
+                                    f"to {float(row.sum(dtype=np.float64)):.4g}, the smallest is "
+                                    f"{float(row.min()):.3g})")
     order = np.argsort(-row, kind="stable")[:k]
     return Prediction(path, [(classes[i], float(row[i])) for i in order])
 
