@@ -563,7 +563,7 @@ MUTATIONS = [
     Mutation("copies-unsaid-by-extract", "extract/stage.py", ' + copy_warnings(manifest.get("copies") or [])', "",
              ("tests/test_copies.py",), "extract warns of copies, also on a cache hit"),
     Mutation("copies-forgotten", "extract/stage.py",
-             '    return merge_records((previous or {}).get("copies") or [], found, source.samples, new)',
+             "    return merge_records(earlier, found, source.samples, new)",
              "    return found", ("tests/test_copies.py",), "an earlier run's copies are kept while unchanged"),
     Mutation("copies-unsaid-by-fit-head", "fit/stage.py", ' + copy_warnings(cache.manifest.get("copies") or [])', "",
              ("tests/test_copies.py",), "fit-head warns of copies and notes them in the head's record"),
@@ -725,7 +725,7 @@ MUTATIONS = [
     Mutation("export-no-decoding", "serve/export.py", '"preprocessing": preprocessing_record(predictor),',
              '"preprocessing": predictor.preprocessing.to_dict(),', (DECODING, "-k", "export"),
              "an exported model records how extract decoded the files (decode, jpeg_draft, draft_size)"),
-    Mutation("predict-lists-by-rglob", "serve/predict.py", "files += image_files_under(path)",
+    Mutation("predict-lists-by-rglob", "serve/predict.py", "files += image_files_under(path, unlisted)",
              'files += sorted(p for p in path.rglob("*") if p.is_file())', (DECODING, "-k", "folder_is_listed"),
              "predict FOLDER lists files as extract does (no hidden ones) and reports a broken link"),
     # Stop 29: --val-fraction carves by path; run --check checks across tables.
