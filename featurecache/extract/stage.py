@@ -34,7 +34,7 @@ from ..cache.atomic import storage_error
 from ..backbones.optimize import optimize_backbone, resolve_optimize
 from .plan import Plan, make_plan
 from .writer import ShardPipeline
-from ..data.sources import FileSource, open_source
+from ..data.sources import FileSource, open_source, printable_path
 from ..cache.layout import LOCK, MANIFEST, SHARDS_DIR, WEIGHTS_DIR, weights_file
 from ..cache.manifest import new_manifest, write_manifest
 from ..cache.views import check_view_count, parse_policy
@@ -346,7 +346,7 @@ def _holds_rows(manifest: dict) -> bool:
 
 
 def _nothing_readable(source: str, skipped: list[dict]) -> SourceError:
-    shown = "; ".join(f"{s['path']}: {s['reason']}" for s in skipped[:3])
+    shown = "; ".join(f"{printable_path(s['path'])}: {s['reason']}" for s in skipped[:3])  # names may not be UTF-8
     more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
     return SourceError(f"no image of {source} could be read ({len(skipped)} tried: {shown}{more}), so nothing was "
                        "cached; check that it is the dataset you meant, and replace or remove the unreadable files")
